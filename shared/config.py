@@ -1,0 +1,94 @@
+"""Engine configuration: one place for every default.
+
+Frozen dataclasses, one per concern, each with `validate()`. Field names follow vLLM's
+where vLLM has one (`max_num_seqs`, `max_num_batched_tokens`, `block_size`,
+`gpu_memory_utilization`) so its users feel at home. CLI flags are generated from these
+fields by `splitserve.cli`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """Hugging Face checkpoint directory. None serves the built-in demo checkpoint."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:N]'."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; defaults to the checkpoint's max_position_embeddings."""
+    load_format: str = "auto"
+    """'auto' reads *.safetensors; 'dummy' builds random weights from config.json alone (benchmarks)."""
+    seed: int = 0
+    """Seed of the global sampling generator and of dummy weights."""
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Fix the KV pool size in blocks; None sizes it from memory (see below)."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA: fraction of total device memory the engine may use (weights + activations + KV)."""
+    cpu_kv_cache_gib: float = 0.5
+    """On CPU: memory given to the KV pool."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes (chained block hashes, LRU eviction)."""
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ConfigError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps so decodes keep flowing."""
+    policy: str = "fcfs"
+    """'fcfs' or 'priority' (lower value first, then arrival)."""
+
+    def validate(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
