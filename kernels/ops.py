@@ -1,0 +1,99 @@
+"""The one entry point the model calls for every custom op.
+
+Dispatch rule: Triton kernels for CUDA tensors (when Triton imports), the plain-torch `*_ref`
+otherwise. Tests of the kernels on CPU call the Triton wrappers directly under
+`TRITON_INTERPRET=1`; setting `FORCE_TRITON = True` also routes CPU tensors here through the
+interpreter (it must be set before importing triton, so the flag refuses to work without it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from splitserve.kernels import activation, kv_cache_write, paged_attention as _attention, rms_norm as _norm, rotary
+from splitserve.kernels.rotary import compute_cos_sin_cache
+from splitserve.kernels.triton_import import HAS_TRITON
+
+# Route CPU tensors through the Triton interpreter too (tests / debugging only).
+FORCE_TRITON = False
+
+__all__ = [
+    "compute_cos_sin_cache",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "use_triton",
+    "write_kv_cache",
+]
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the op on `tensor` should run the Triton kernel rather than the reference."""
+    if not HAS_TRITON:
+        return False
+    if tensor.is_cuda:
+        return True
+    if FORCE_TRITON:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("ops.FORCE_TRITON on CPU tensors needs TRITON_INTERPRET=1 set before importing triton")
+        return True
+    return False
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """`q [T, Hq, D]` over the paged cache -> `[T, Hq, D]`; see `kernels/paged_attention.py`."""
+    fn = _attention.paged_attention if use_triton(q) else _attention.paged_attention_ref
+    return fn(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
+        max_query_len=max_query_len, max_seq_len=max_seq_len,
+    )
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter `k, v [T, Hkv, D]` into the cache at `slot_mapping [T]` (negative = skip), in place."""
+    fn = kv_cache_write.write_kv_cache if use_triton(k) else kv_cache_write.write_kv_cache_ref
+    fn(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x [T, H]` -> `[T, H]`, HF LlamaRMSNorm numerics."""
+    return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns `(rms_norm(x + residual), x + residual)` as new tensors."""
+    fn = _norm.fused_add_rms_norm if use_triton(x) else _norm.fused_add_rms_norm_ref
+    return fn(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary on `q [T, Hq, D]`, `k [T, Hkv, D]`; returns new tensors."""
+    fn = rotary.rotary_embedding if use_triton(q) else rotary.rotary_embedding_ref
+    return fn(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`x [T, 2I]` -> `silu(x[:, :I]) * x[:, I:]`."""
+    return (activation.silu_and_mul if use_triton(x) else activation.silu_and_mul_ref)(x)
