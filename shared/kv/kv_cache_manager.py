@@ -1,0 +1,180 @@
+"""`KVCacheManager`: each request's block table over one `BlockPool`, plus prefix-cache lookups.
+
+How the scheduler uses it for one request (all on the engine thread):
+
+    hit_blocks, num_hit_tokens = get_computed_blocks(token_ids)          # no references taken
+    table = allocate_slots(rid, token_ids, num_hit_tokens, n, hit_blocks)  # None: nothing changed
+    ... the runner computes n tokens ...
+    cache_computed_blocks(rid, token_ids, num_computed_tokens)           # register full blocks
+    allocate_slots(rid, token_ids, num_computed_tokens, n)               # next chunk / decode step
+    free(rid)                                                            # finish or preemption
+
+A request's slot for token position p is `table[p // block_size] * block_size + p % block_size`.
+The manager assumes it is the pool's only user, so `check_integrity()` can demand that every
+block's refcount equals the number of tables holding it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from splitserve.shared.kv.block_hash import BlockHash, hash_block_tokens
+from splitserve.shared.kv.block_pool import BlockPool, _require
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._tables: dict[str, list[int]] = {}
+        # Chained hashes of each request's leading full computed blocks, registered so far.
+        self._block_hashes: dict[str, list[BlockHash]] = {}
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by some request."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits_tokens / self.prefix_queries_tokens if self.prefix_queries_tokens else 0.0
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return list(self._tables.get(request_id, ()))
+
+    def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
+        """Blocks to add to the request's table so it covers `num_total_tokens` slots."""
+        num_held = len(self._tables.get(request_id, ()))
+        return max(0, -(-num_total_tokens // self.block_size) - num_held)
+
+    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Leading full blocks of `token_ids` already in the prefix cache: (block_ids, num_tokens).
+
+        Takes no references. Leaves at least one token to compute, since the model must run on
+        the last prompt token to produce logits. Counts toward the hit-rate stats on every call.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_hit_blocks = max(0, len(token_ids) - 1) // self.block_size
+        hit_blocks: list[int] = []
+        parent: BlockHash | None = None
+        for i in range(max_hit_blocks):
+            parent = hash_block_tokens(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block_id = self.pool.lookup(parent)
+            if block_id is None:
+                break
+            hit_blocks.append(block_id)
+        num_hit_tokens = len(hit_blocks) * self.block_size
+        self.prefix_queries_tokens += len(token_ids)
+        self.prefix_hits_tokens += num_hit_tokens
+        return hit_blocks, num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[int] = (),
+    ) -> list[int] | None:
+        """Grow the request's table to cover `num_computed_tokens + num_new_tokens` slots.
+
+        `num_computed_tokens` includes the prefix-hit tokens of `new_computed_blocks`, which are
+        adopted as the table's head and are only accepted while the table is empty. Returns a copy
+        of the whole table, or None when the pool is short, in which case nothing changed.
+        """
+        if num_computed_tokens < 0 or num_new_tokens < 0:
+            raise ValueError(f"token counts must be >= 0, got {num_computed_tokens} computed, {num_new_tokens} new")
+        if num_computed_tokens > len(token_ids):
+            raise ValueError(f"{num_computed_tokens} computed tokens but only {len(token_ids)} token ids")
+        table = self._tables.get(request_id, [])
+        hit_hashes: list[BlockHash] = []
+        if new_computed_blocks:
+            hit_hashes = self._verify_hit(request_id, token_ids, num_computed_tokens, new_computed_blocks)
+        num_new_blocks = self.num_blocks_needed(request_id, num_computed_tokens + num_new_tokens)
+        num_new_blocks = max(0, num_new_blocks - len(new_computed_blocks))
+        # An evictable hit block (refcount 0) is counted as free; adopting it uses it up.
+        num_evictable_hits = sum(1 for b in set(new_computed_blocks) if self.pool.refcount(b) == 0)
+        if num_new_blocks + num_evictable_hits > self.pool.num_free_blocks:
+            return None
+        self.pool.incref(new_computed_blocks)  # first, so allocate() cannot evict the hits
+        table.extend(new_computed_blocks)
+        table.extend(self.pool.allocate(num_new_blocks))
+        self._tables[request_id] = table
+        self._block_hashes.setdefault(request_id, []).extend(hit_hashes)
+        return list(table)
+
+    def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Register the hash of every block newly filled by computed tokens (O(new blocks))."""
+        if request_id not in self._tables:
+            raise KeyError(f"unknown request {request_id!r}")
+        if not self.enable_prefix_caching:
+            return
+        table, hashes = self._tables[request_id], self._block_hashes[request_id]
+        if num_computed_tokens > min(len(token_ids), len(table) * self.block_size):
+            raise ValueError(
+                f"request {request_id!r}: {num_computed_tokens} computed tokens exceed its "
+                f"{len(token_ids)} token ids or {len(table)} blocks"
+            )
+        bs = self.block_size
+        for i in range(len(hashes), num_computed_tokens // bs):
+            block_hash = hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
+            self.pool.cache_block(table[i], block_hash)
+            hashes.append(block_hash)
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks tail first, so its tail is evicted before its prefix."""
+        table = self._tables.pop(request_id, None)
+        self._block_hashes.pop(request_id, None)
+        if table:
+            self.pool.free(reversed(table))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        """Pool invariants, plus: each block's refcount equals the number of tables holding it,
+        and every hash a request registered matches what the pool holds for that block."""
+        self.pool.check_integrity()
+        holders = Counter(b for table in self._tables.values() for b in table)
+        for block_id in range(self.pool.num_blocks):
+            refcount = self.pool.refcount(block_id)
+            _require(refcount == holders[block_id], f"block {block_id}: refcount {refcount}, {holders[block_id]} tables")
+        for request_id, hashes in self._block_hashes.items():
+            table = self._tables[request_id]
+            _require(len(hashes) <= len(table), f"request {request_id!r} hashed more blocks than it holds")
+            for block_id, block_hash in zip(table, hashes):
+                cached = self.pool.cached_hash(block_id)
+                _require(cached in (None, block_hash), f"request {request_id!r}: block {block_id} holds another hash")
+
+    def _verify_hit(
+        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, hit_blocks: Sequence[int]
+    ) -> list[BlockHash]:
+        """Check that `hit_blocks` still hold this request's leading blocks; return their hashes.
+
+        Guards against a stale hit (a block evicted and reused between `get_computed_blocks` and
+        this call), which would otherwise silently serve another prompt's KV.
+        """
+        if self._tables.get(request_id):
+            raise ValueError(f"request {request_id!r} already holds blocks; prefix hits only on its first allocation")
+        if len(hit_blocks) * self.block_size > num_computed_tokens:
+            raise ValueError(
+                f"{len(hit_blocks)} hit blocks cover more than the {num_computed_tokens} computed tokens"
+            )
+        hashes: list[BlockHash] = []
+        bs = self.block_size
+        for i, block_id in enumerate(hit_blocks):
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+            if self.pool.cached_hash(block_id) != hashes[-1]:
+                raise ValueError(f"stale prefix hit: block {block_id} no longer holds block {i} of request {request_id!r}")
+        return hashes
