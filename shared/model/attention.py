@@ -1,0 +1,124 @@
+"""Attention over the paged KV cache, and the per-step metadata every attention layer reads.
+
+The runner builds one `AttentionMetadata` per step and passes it down `model.forward`
+explicitly. A layer writes this step's K/V into its cache views, then attends over the cache;
+which blocks hold a request's keys is the kernels' business, read from the metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from splitserve.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch layout (B requests, T new tokens); see docs/architecture.md."""
+
+    query_start_loc: torch.Tensor  # [B+1] int32, prefix sums of new-token counts
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (negative = skip)
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """From host lists: request b's new tokens are positions
+        `seq_lens[b] - query_lens[b] .. seq_lens[b] - 1`, stored in the blocks of `block_tables[b]`."""
+        if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+            raise ValueError("query_lens, seq_lens and block_tables must have one entry per request")
+        slots: list[int] = []
+        for b, (q_len, seq_len, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
+            if not 0 <= q_len <= seq_len or len(table) * block_size < seq_len:
+                raise ValueError(
+                    f"request {b}: query_len {q_len}, seq_len {seq_len} and {len(table)} blocks "
+                    f"of {block_size} tokens are inconsistent"
+                )
+            for pos in range(seq_len - q_len, seq_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), max_blocks),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+        )
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention of the new tokens' queries over layer `layer_idx`'s cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.scale = head_dim**-0.5
+        # [num_blocks, block_size, Hkv, D] strided views into the pool; set by bind_kv_cache.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """`kv_cache [num_blocks, num_layers, 2, block_size, Hkv, D]`: keep this layer's K and V views."""
+        if kv_cache.dim() != 6 or kv_cache.shape[4:] != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"kv_cache must be [num_blocks, num_layers, 2, block_size, {self.num_kv_heads}, "
+                f"{self.head_dim}], got {tuple(kv_cache.shape)}"
+            )
+        self.k_cache = kv_cache[:, self.layer_idx, 0]
+        self.v_cache = kv_cache[:, self.layer_idx, 1]
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        # q [T, Hq, D], k and v [T, Hkv, D] for this step's new tokens -> [T, Hq * D]
+        if self.k_cache is None:
+            raise RuntimeError("no KV cache bound: call model.bind_kv_cache(kv_cache) before forward")
+        ops.write_kv_cache(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
+        out = ops.paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            attn.query_start_loc,
+            attn.seq_lens,
+            attn.block_tables,
+            self.scale,
+            self.sliding_window,
+            max_query_len=attn.max_query_len,
+            max_seq_len=attn.max_seq_len,
+        )
+        return out.reshape(out.shape[0], -1)

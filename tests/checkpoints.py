@@ -1,0 +1,102 @@
+"""Tiny random Hugging Face checkpoints for tests, built with transformers itself.
+
+    build_checkpoint(tmp_dir, arch, **overrides) -> checkpoint directory
+
+`arch` is one of ARCHITECTURES ("llama", "mistral", "qwen2", "qwen3"). Every checkpoint holds
+the demo tokenizer (so vocab sizes match), fp32 safetensors and a config of a few layers.
+Keyword overrides go to the transformers config (e.g. `tie_word_embeddings=True`,
+`rope_parameters={...}`, `sliding_window=4`), except `max_shard_size`, which is passed to
+`save_pretrained` to write a sharded checkpoint.
+
+Weights are peaked on purpose (initializer_range 0.15, random norm weights and biases) so that
+greedy argmax is never decided by 1e-6 differences and every tensor's loading is exercised.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Shared small shape; qwen3 gets a head_dim that is not hidden/heads to exercise the attribute.
+BASE_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,
+)
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+}
+
+
+@functools.lru_cache(maxsize=1)
+def demo_tokenizer():
+    """The demo checkpoint's tokenizer (trained once per process)."""
+    from splitserve.shared.demo import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
+def _config_and_model_classes(arch: str):
+    import transformers
+
+    names = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    }
+    if arch not in names:
+        raise ValueError(f"unknown test architecture {arch!r}; choose from {ARCHITECTURES}")
+    config_name, model_name = names[arch]
+    return getattr(transformers, config_name), getattr(transformers, model_name)
+
+
+def build_checkpoint(
+    tmp_dir: str, arch: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides: Any
+) -> str:
+    """Write a tiny random `arch` checkpoint plus the demo tokenizer into `tmp_dir`; return it."""
+    import torch
+
+    config_cls, model_cls = _config_and_model_classes(arch)
+    tokenizer = demo_tokenizer()
+    kwargs = dict(
+        BASE_SHAPE,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(ARCH_DEFAULTS[arch])
+    kwargs.update(overrides)
+    config = config_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _perturb_norms_and_biases(model)
+    os.makedirs(tmp_dir, exist_ok=True)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(tmp_dir, **save_kwargs)
+    tokenizer.save_pretrained(tmp_dir)
+    return tmp_dir
+
+
+def _perturb_norms_and_biases(model) -> None:
+    """HF initialises norms to 1 and biases to 0; random values make a mix-up of them visible."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))

@@ -1,0 +1,52 @@
+"""Shared pytest fixtures: tiny random checkpoints and the demo checkpoint.
+
+Fixtures (all session-scoped, built once per test run):
+- `checkpoint_factory(arch, **overrides) -> dir`: cached `checkpoints.build_checkpoint`.
+- `tiny_checkpoint`: parametrized over ARCHITECTURES; a test using it runs once per arch and
+  gets `(arch, dir)`.
+- `demo_checkpoint_dir`: the demo checkpoint built into a temporary cache.
+
+torch and transformers are imported inside the fixtures only, so test modules that need
+neither (the gateway's) do not pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # make `checkpoints` importable from any test dir
+
+from checkpoints import ARCHITECTURES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory) -> Callable[..., str]:
+    """`checkpoint_factory(arch, **overrides)`: build (once per distinct arguments) and return the dir."""
+    from checkpoints import build_checkpoint
+
+    built: dict[str, str] = {}
+
+    def make(arch: str, **overrides) -> str:
+        key = repr((arch, sorted(overrides.items())))
+        if key not in built:
+            built[key] = build_checkpoint(str(tmp_path_factory.mktemp(f"ckpt-{arch}")), arch, **overrides)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def tiny_checkpoint(request, checkpoint_factory) -> tuple[str, str]:
+    """(arch, checkpoint dir) for each of the Llama-family architectures."""
+    return request.param, checkpoint_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_dir(tmp_path_factory) -> str:
+    from splitserve.shared.demo import ensure_demo_checkpoint
+
+    return ensure_demo_checkpoint(str(tmp_path_factory.mktemp("demo-cache")))
