@@ -48,3 +48,69 @@ def test_generate_rejects_a_broken_proto(tmp_path: Path) -> None:
     (proto_dir / "bad.proto").write_text('syntax = "proto3"; message { }')
     with pytest.raises(generate.ProtocError):
         generate.generate(tmp_path / "out", proto_root=tmp_path / "proto")
+
+
+# ---- convert.py: the one proto <-> dataclass boundary ------------------------------------------
+
+from types import SimpleNamespace
+
+from splitserve.shared.protocol import convert
+from splitserve.shared.sampling_params import SamplingParams
+
+
+def test_sampling_params_round_trip_keeps_every_worker_field() -> None:
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=0, presence_penalty=0.5,
+                            frequency_penalty=-0.3, repetition_penalty=1.1, max_tokens=7, min_tokens=2,
+                            stop=["x"], stop_token_ids=[3, 4], ignore_eos=True, logprobs=0)
+    back = convert.sampling_params_from_proto(convert.sampling_params_to_proto(params))
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs"):
+        assert getattr(back, name) == getattr(params, name), name
+    assert back.stop == [] and back.n == 1  # the gateway handles these
+
+
+def test_sampling_params_absent_optionals_stay_none() -> None:
+    back = convert.sampling_params_from_proto(convert.sampling_params_to_proto(SamplingParams(max_tokens=None)))
+    assert back.seed is None and back.max_tokens is None and back.logprobs is None
+
+
+def test_engine_output_becomes_chunk_and_back() -> None:
+    out = SimpleNamespace(request_id="r", new_token_ids=[5, 6], new_logprobs=[-0.5, -1.5], new_ranks=[1, 2],
+                          new_top_logprobs=[[(5, -0.5)], [(7, -1.0)]], finished=True, finish_reason="stop",
+                          stop_reason=6, num_prompt_tokens=9, num_cached_tokens=4, kv_bytes_received=1024,
+                          num_recomputed_tokens=0, kv_handle=None)
+    chunk = convert.chunk_from_proto(convert.engine_output_to_chunk(out))
+    assert chunk.token_ids == [5, 6] and chunk.logprobs == [-0.5, -1.5]
+    assert chunk.top_logprobs == [[(5, -0.5)], [(7, -1.0)]]
+    assert (chunk.finish_reason, chunk.stop_token_id, chunk.kv_bytes_received) == ("stop", 6, 1024)
+
+
+def test_prefill_output_without_handle_must_be_finished() -> None:
+    out = SimpleNamespace(request_id="r", new_token_ids=[5], new_logprobs=[-0.5], new_ranks=[1],
+                          new_top_logprobs=[[]], finished=False, finish_reason=None, stop_reason=None,
+                          num_prompt_tokens=3, num_cached_tokens=0, kv_handle=None)
+    with pytest.raises(ValueError, match="neither finished nor"):
+        convert.engine_output_to_prefill_response(out)
+    out.finished, out.finish_reason = True, "length"
+    first = convert.chunk_from_prefill_response(convert.engine_output_to_prefill_response(out))
+    assert first.token_ids == [5] and first.finish_reason == "length" and first.num_prompt_tokens == 3
+
+
+def test_kv_handle_round_trip() -> None:
+    handle_mod = pytest.importorskip("splitserve.shared.transfer.handle")
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(handle_mod.KvHandle)}
+    assert set(convert._KV_HANDLE_FIELDS) <= names, "KvHandle fields and the proto diverged"
+    msg = convert.kv_handle_to_proto(convert.kv_handle_from_proto(convert.pb.KvHandle(
+        version=1, instance_id="p0", request_id="r", block_ids=[3, 1], num_tokens=20, layout_hash="ab",
+        control_address="tcp://127.0.0.1:5555")))
+    assert list(msg.block_ids) == [3, 1] and msg.layout_hash == "ab" and msg.instance_id == "p0"
+
+
+def test_load_report_round_trip_and_bad_role() -> None:
+    load = convert.WorkerLoad("d0", "decode", "m", 2048, 16, num_waiting_tokens=99, num_free_blocks=7,
+                              counters={"num_preemptions": 2})
+    assert convert.load_from_proto(convert.load_to_proto(load)) == load
+    with pytest.raises(ValueError, match="role"):
+        convert.load_to_proto(convert.WorkerLoad("x", "router", "m", 1, 16))
