@@ -1,0 +1,264 @@
+"""The engine: one synchronous step loop, used by every service and by the offline `LLM` API.
+
+    step():  connector events ─▶ schedule ─▶ start KV loads ─▶ run + sample ─▶ update ─▶ outputs
+
+A request's life in one engine (see request.py for the statuses):
+
+    add_request ─▶ WAITING ─▶ RUNNING ─▶ finished ─▶ blocks freed
+                                            └─(hold KV)─▶ held until the decode side has them
+    add_request(kv handle) ─▶ WAITING_FOR_KV ─▶ (KV landed) RUNNING ─▶ ...
+                                            └─(failed) WAITING: recomputed here
+
+Single-threaded: only the thread calling `step()` touches the block pool. Token ids in,
+token ids out; text lives in the layers above (`llm.py`, the gateway).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.shared.config import EngineConfig
+from splitserve.shared.kv import KVCacheManager
+from splitserve.shared.request import Request, RequestStatus
+from splitserve.shared.runner import ModelRunner, SampledToken
+from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.scheduler import Scheduler, SchedulerOutput
+from splitserve.shared.engine_parts import EngineParts, build_engine_parts
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request cannot be served as given (too long, bad tokens, duplicate id); the message says why."""
+
+
+@dataclass(frozen=True)
+class KvTransferParams:
+    hold: bool = False
+    """Prefill side: keep the prompt's KV after the first token and return a handle to it."""
+    handle: object | None = None
+    """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
+
+
+@dataclass
+class EngineOutput:
+    """What one step produced for one request (deltas, not totals)."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    new_ranks: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_recomputed_tokens: int = 0
+    kv_bytes_received: int = 0
+    kv_handle: object | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_loading_kv: int
+    num_held_kv: int
+    num_waiting_tokens: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    prefix_hit_rate: float
+    num_preemptions: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, connector_factory=None) -> None:
+        config.validate()
+        self.config = config
+        parts: EngineParts = build_engine_parts(config)
+        self.model_info = parts.info
+        self.model_dir = parts.model_dir
+        self.max_model_len = parts.max_model_len
+        self.block_size = config.cache.block_size
+        self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device)
+        self.connector = connector_factory(parts) if connector_factory else None
+        self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
+        self._kv_bytes: dict[str, int] = {}
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    priority: int = 0, kv_transfer: KvTransferParams | None = None,
+                    first_token: SampledToken | None = None) -> None:
+        self._validate(request_id, prompt_token_ids)
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = frozenset() if params.ignore_eos else self.model_info.eos_token_ids
+        req = Request(request_id, list(prompt_token_ids), params, max_tokens, eos, priority, kv_transfer=kv_transfer)
+        if params.seed is not None:
+            self.runner.add_generator(request_id, params.seed)
+        if kv_transfer is not None and kv_transfer.handle is not None:
+            if self.connector is None:
+                raise RequestError("this engine has no KV connector, so it cannot load remote KV")
+            if first_token is None:
+                raise RequestError("a request with remote KV must carry the first token sampled by prefill")
+            req.status = RequestStatus.WAITING_FOR_KV
+            self._append_token(req, first_token)
+        elif kv_transfer is not None and kv_transfer.hold and self.connector is None:
+            raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _validate(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        if request_id in self.requests or request_id in self.held:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_info.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens (prompt plus at least one generated token)")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free (or release) its blocks. False if unknown."""
+        if request_id in self.held:
+            self.connector.abort(request_id)  # blocks are freed when the connector reports them released
+            return True
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if request_id in self.scheduler.loading and self.connector is not None:
+            self.connector.abort(request_id)
+        self.scheduler.remove(request_id)
+        self._finish(req, RequestStatus.FINISHED_ABORTED, hold=False)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self.held)
+
+    # ---- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
+        outputs: dict[str, EngineOutput] = {}
+        self._handle_connector_events(outputs)
+        sched = self.scheduler.schedule()
+        for req, block_ids in sched.kv_loads:
+            self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
+        tables = {s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled}
+        result = self.runner.execute(sched, tables)
+        self._update(sched, result.sampled, outputs)
+        return list(outputs.values())
+
+    def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken],
+                outputs: dict[str, EngineOutput]) -> None:
+        for s in sched.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            self._append_token(req, token)
+            out = self._output(req, outputs)
+            out.new_token_ids.append(token.token_id)
+            out.new_logprobs.append(token.logprob)
+            out.new_top_logprobs.append(token.top_logprobs)
+            out.new_ranks.append(token.rank)
+            status = self._stop_status(req, token.token_id)
+            if status is not None:
+                self.scheduler.remove(req.request_id)
+                hold = req.kv_transfer is not None and req.kv_transfer.hold
+                out.kv_handle = self._finish(req, status, hold=hold)
+                self._fill_final(req, out)
+
+    def _handle_connector_events(self, outputs: dict[str, EngineOutput]) -> None:
+        if self.connector is None:
+            return
+        events = self.connector.poll()
+        for request_id in events.released:
+            if self.held.pop(request_id, None) is not None:
+                self.kv.free(request_id)
+        for request_id in events.loaded:
+            req = self.scheduler.finish_kv_load(request_id, ok=True)
+            if req is not None:
+                req.num_computed_tokens = req.num_cached_tokens = req.num_prompt_tokens
+                self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
+                self._kv_bytes[request_id] = self.connector.bytes_received(request_id)
+        for request_id, reason in events.load_failed:
+            if self.scheduler.finish_kv_load(request_id, ok=False) is not None:
+                logger.warning("KV load for %s failed (%s); recomputing the prompt here", request_id, reason)
+
+    # ---- finishing --------------------------------------------------------------------
+
+    @staticmethod
+    def _append_token(req: Request, token: SampledToken) -> None:
+        req.output_token_ids.append(token.token_id)
+        req.output_logprobs.append(token.logprob)
+        req.output_top_logprobs.append(token.top_logprobs)
+
+    def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
+        if token_id in req.eos_token_ids and len(req.output_token_ids) > req.sampling_params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in req.sampling_params.stop_token_ids and len(req.output_token_ids) > req.sampling_params.min_tokens:
+            req.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus, hold: bool):
+        """Retire a request; returns the KvHandle when its blocks are held for a transfer."""
+        req.status = status
+        req.finish_reason = status.value
+        self.requests.pop(req.request_id, None)
+        self.runner.drop_request(req.request_id)
+        if hold and status is not RequestStatus.FINISHED_ABORTED:
+            # The prompt's KV must outlive the request until the decode side has copied it.
+            block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
+            self.held[req.request_id] = req
+            return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
+        self.kv.free(req.request_id)
+        return None
+
+    def _fill_final(self, req: Request, out: EngineOutput) -> None:
+        out.finished = True
+        out.finish_reason = req.finish_reason
+        out.stop_reason = req.stop_reason
+        out.num_prompt_tokens = req.num_prompt_tokens
+        out.num_cached_tokens = req.num_cached_tokens
+        out.num_recomputed_tokens = req.num_recomputed_tokens
+        out.kv_bytes_received = self._kv_bytes.pop(req.request_id, 0)
+
+    @staticmethod
+    def _output(req: Request, outputs: dict[str, EngineOutput]) -> EngineOutput:
+        out = outputs.get(req.request_id)
+        if out is None:
+            out = outputs[req.request_id] = EngineOutput(req.request_id)
+        return out
+
+    # ---- introspection ----------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting), num_loading_kv=len(s.loading),
+            num_held_kv=len(self.held), num_waiting_tokens=s.num_waiting_tokens,
+            num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
+            kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate, num_preemptions=s.num_preemptions,
+        )
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()

@@ -1,0 +1,129 @@
+"""The offline API: `LLM(model=DIR).generate(prompts, SamplingParams(...))`, as in vLLM.
+
+Runs one `EngineCore` in this process, feeds it all prompts at once (continuous batching does
+the rest), detokenizes incrementally and applies stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.shared.engine import EngineCore, EngineOutput
+from splitserve.shared.outputs import CompletionOutput, Logprob, RequestOutput
+from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
+
+PromptInput = str | list[int] | dict
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, load_format: str = "auto",
+                 block_size: int = 16, num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cpu_kv_cache_gib: float = 0.5, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs") -> None:
+        config = EngineConfig(
+            model=ModelConfig(model, dtype, device, max_model_len, load_format, seed),
+            cache=CacheConfig(block_size, num_blocks, gpu_memory_utilization, cpu_kv_cache_gib, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy),
+        )
+        self._setup(config)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._setup(config)
+        return llm
+
+    def _setup(self, config: EngineConfig) -> None:
+        self.engine = EngineCore(config)
+        self.tokenizer = load_tokenizer(self.engine.model_dir)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) or _is_token_list(prompts) else list(prompts)
+        params_list = _broadcast(sampling_params or SamplingParams(), len(prompt_list))
+        results: list[RequestOutput] = []
+        streams: dict[str, tuple[CompletionOutput, IncrementalDetokenizer]] = {}
+        for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            text, token_ids = self._tokenize(prompt)
+            result = RequestOutput(str(self._next_id), text, token_ids)
+            self._next_id += 1
+            for k in range(params.n):
+                child = params if params.n == 1 else _child_params(params, k)
+                child_id = f"{result.request_id}-{k}"
+                self.engine.add_request(child_id, token_ids, child, priority=priority[i] if priority else 0)
+                out = CompletionOutput(k, "", [], 0.0 if params.logprobs is not None else None,
+                                       [] if params.logprobs is not None else None)
+                result.outputs.append(out)
+                streams[child_id] = (result, out, IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop))
+            results.append(result)
+        while self.engine.has_unfinished_requests():
+            for step_out in self.engine.step():
+                self._apply(step_out, streams)
+        for result in results:
+            result.finished = True
+        return results
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": apply_chat_template(self.tokenizer, m)} for m in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
+        return None, list(prompt)
+
+    def _apply(self, step: EngineOutput, streams: dict) -> None:
+        result, out, detok = streams[step.request_id]
+        if detok.stopped is not None:
+            return
+        for j, token_id in enumerate(step.new_token_ids):
+            out.token_ids.append(token_id)
+            out.text += detok.add([token_id])
+            if out.logprobs is not None:
+                out.cumulative_logprob += step.new_logprobs[j]
+                entry = {token_id: Logprob(step.new_logprobs[j], step.new_ranks[j], self.tokenizer.decode([token_id]))}
+                for rank, (tid, lp) in enumerate(step.new_top_logprobs[j], start=1):
+                    entry.setdefault(tid, Logprob(lp, rank, self.tokenizer.decode([tid])))
+                out.logprobs.append(entry)
+            if detok.stopped is not None:
+                self.engine.abort_request(step.request_id)
+                out.finish_reason, out.stop_reason = "stop", detok.stopped
+                return
+        if step.finished:
+            result.num_cached_tokens = max(result.num_cached_tokens, step.num_cached_tokens)
+            out.text += detok.finish()
+            out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and isinstance(x[0], int)
+
+
+def _broadcast(params, n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params
+
+
+def _child_params(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n samples: its own seed (seed + k) so the n samples differ but reproduce."""
+    from dataclasses import replace
+
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + k)

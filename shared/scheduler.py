@@ -1,0 +1,205 @@
+"""Continuous-batching scheduler: decides *which* requests run this step and how many tokens each.
+
+One scheduling model, no phases: every request has `num_computed_tokens` that catches up to
+`num_tokens` (prompt + outputs). A prompt too long for one step's token budget is split across
+steps (chunked prefill); a decode is a request one token behind; a prefix-cache hit or KV
+received from a prefill instance simply starts `num_computed_tokens` higher.
+
+Request lifecycle here:
+
+    add ──▶ waiting ──schedule──▶ running ──finish──▶ (freed, or held for a KV transfer)
+              ▲                      │
+              └───────preempt────────┘   blocks freed; recomputed when scheduled again
+    add(kv handle) ──▶ waiting ──blocks allocated──▶ loading ──KV landed──▶ running
+                                                         └──transfer failed──▶ waiting (recompute)
+
+Knows nothing of tensors: the runner turns `SchedulerOutput` into them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.shared.config import SchedulerConfig
+from splitserve.shared.kv import KVCacheManager
+from splitserve.shared.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so a new one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    kv_loads: list[tuple[Request, list[int]]] = field(default_factory=list)
+    """Requests whose blocks were allocated this step and whose KV must now be loaded remotely."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+        if self.config.policy == "priority":
+            self._sort_waiting()
+
+    def remove(self, request_id: str) -> Request | None:
+        """Take a request out of every queue (abort/finish). Frees nothing: the caller does."""
+        for i, req in enumerate(self.running):
+            if req.request_id == request_id:
+                return self.running.pop(i)
+        if request_id in self.loading:
+            return self.loading.pop(request_id)
+        for req in self.waiting:
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                return req
+        return None
+
+    def finish_kv_load(self, request_id: str, ok: bool) -> Request | None:
+        """The remote KV of a loading request landed (ok) or failed (recompute it here)."""
+        req = self.loading.pop(request_id, None)
+        if req is None:
+            return None
+        if ok:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        else:
+            # Keep the allocated blocks: recompute writes the same slots.
+            req.status = RequestStatus.WAITING
+            req.num_recomputed_tokens += req.num_prompt_tokens
+            req.num_computed_tokens = 0
+            req.kv_transfer = None
+            self.waiting.appendleft(req)
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.loading)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    # ---- the step ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted_ids:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            scheduled = True
+            while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1  # an already scheduled request gave its blocks back
+                budget += self._preempt(victim, out)
+                if victim is req:
+                    scheduled = False
+                    break
+            if scheduled:
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and self._num_active < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.status is RequestStatus.WAITING_FOR_KV:
+                if not self._start_kv_load(req, out):
+                    return
+                continue
+            if not self.kv.block_ids(req.request_id) and req.num_computed_tokens == 0:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids)
+            else:
+                hit_blocks, num_hit = [], 0
+            num_computed = req.num_computed_tokens + num_hit
+            num_new = req.num_tokens - num_computed
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    return
+                num_new = budget
+            if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_computed, num_new, hit_blocks) is None:
+                return
+            self.waiting.popleft()
+            req.num_computed_tokens = num_computed
+            req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+
+    def _start_kv_load(self, req: Request, out: SchedulerOutput) -> bool:
+        """Allocate blocks for the prompt KV a prefill instance will send; no compute budget used."""
+        num_kv_tokens = req.num_prompt_tokens
+        block_ids = self.kv.allocate_slots(req.request_id, req.all_token_ids, 0, num_kv_tokens)
+        if block_ids is None:
+            return False
+        self.waiting.popleft()
+        self.loading[req.request_id] = req
+        out.kv_loads.append((req, list(block_ids)))
+        return True
+
+    @property
+    def _num_active(self) -> int:
+        return len(self.running) + len(self.loading)
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> int:
+        """Free a running request's blocks and requeue it; returns token budget it gave back."""
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_recomputed_tokens += req.num_computed_tokens
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        if self.config.policy == "priority":
+            self._sort_waiting()
+        out.preempted_ids.append(req.request_id)
+        refund = sum(s.num_new_tokens for s in out.scheduled if s.request is req)
+        out.scheduled = [s for s in out.scheduled if s.request is not req]
+        return refund
+
+    def _sort_waiting(self) -> None:
+        self.waiting = deque(sorted(self.waiting, key=lambda r: (r.priority, r.arrival_time)))
