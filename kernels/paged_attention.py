@@ -70,5 +70,280 @@ def paged_attention_ref(
     return out
 
 
-def paged_attention(*args, **kwargs):  # Triton wrapper: in progress
-    raise NotImplementedError("Triton paged_attention is not written yet; use paged_attention_ref")
+
+# ---------------------------------------------------------------- Triton kernel
+#
+# Grid: (query tiles, kv heads, kv splits). A query tile is BLOCK_Q tokens of one request times the
+# GROUP query heads that share a kv head, flattened into BLOCK_M = BLOCK_Q * GROUP_PAD rows, so a K/V
+# tile loaded once serves every head of its group. Tile ids are laid out so that request b's tiles
+# start at `query_start_loc[b] // BLOCK_Q + b`; `T // BLOCK_Q + B` ids cover every request without a
+# host-side pass over the query lengths, and ids past a request's last tile exit at once.
+# With NUM_SPLITS > 1 each program covers a contiguous share of the tile's key range and writes an
+# unnormalised-free partial (normalised output + log2-sum-exp); `_combine_splits_kernel` merges them.
+
+
+@triton.jit
+def _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q: tl.constexpr):
+    """The request whose tile range holds `tile`: the last b with qsl[b] // BLOCK_Q + b <= tile."""
+    lo: tl.int32 = 0
+    hi = num_reqs  # invariant: answer in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,  # NUM_SPLITS == 1: [T, Hq, D] in q's dtype; else partials [T, Hq, NUM_SPLITS, D] fp32
+    lse_ptr,  # NUM_SPLITS > 1: [T, Hq, NUM_SPLITS] fp32 log2-sum-exp per split
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_reqs,
+    scale_log2,  # softmax scale * log2(e): scores live in the exp2 domain
+    sliding_window,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    req = _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_tile_start = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len
+
+    # Rows of the tile: token (q_tile_start + row // GROUP_PAD), head (row % GROUP_PAD) of the group.
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_tile_start + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    tok64 = (q_start + tok).to(tl.int64)
+    q_ptrs = q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, D]
+    q_pos = context_len + tok  # absolute position of each row's token
+
+    # Keys this tile can see: [kv_begin, kv_end), then this split's share of whole BLOCK_N tiles.
+    kv_end = context_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)
+    kv_begin = 0
+    if USE_WINDOW:
+        kv_begin = tl.maximum(context_len + q_tile_start - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(kv_end - kv_begin, BLOCK_N), NUM_SPLITS)
+    split_begin = kv_begin + split * tiles_per_split * BLOCK_N
+    split_end = tl.minimum(split_begin + tiles_per_split * BLOCK_N, kv_end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(split_begin, split_end, BLOCK_N):
+        k_pos = start + offs_n
+        k_ok = k_pos < split_end
+        block_ids = tl.load(block_tables_ptr + req * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+        block_ids = block_ids.to(tl.int64)  # the pool can exceed 2**31 elements
+        in_block = k_pos % BLOCK_SIZE
+        k_ptrs = (k_cache_ptr + block_ids[None, :] * stride_kb + in_block[None, :] * stride_ks
+                  + kv_head * stride_kh + offs_d[:, None])
+        k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if USE_WINDOW:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = (v_cache_ptr + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vs
+                  + kv_head * stride_vh + offs_d[None, :])
+        v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & d_ok[None, :])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(lse_ptr + tok64 * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,  # [T, Hq, D]
+    partial_ptr,  # [T, Hq, NUM_SPLITS, D] fp32, contiguous
+    lse_ptr,  # [T, Hq, NUM_SPLITS] fp32, contiguous
+    num_heads,
+    stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = tok * num_heads + head
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    # Every token sees itself, so at least one split has a finite log-sum-exp.
+    weights = tl.exp2(lse - tl.max(lse, axis=0))  # [SPLITS_PAD]
+    part_ptrs = partial_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :]
+    parts = tl.load(part_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    o_ptrs = out_ptr + tok * stride_ot + head * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ---------------------------------------------------------------- wrapper
+
+_LOG2E = 1.4426950408889634
+
+
+def _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"expected q [T, Hq, D] and k_cache == v_cache [N, block_size, Hkv, D]; got q {tuple(q.shape)}, "
+            f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"q heads/dim {num_q_heads}/{head_dim} do not fit cache heads/dim {num_kv_heads}/{k_cache.shape[3]}")
+    if head_dim < 16:
+        raise ValueError(f"head_dim {head_dim} < 16 is not supported by the Triton kernel")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous head_dim (last stride 1)")
+    for name, t, dims in (("query_start_loc", query_start_loc, 1), ("seq_lens", seq_lens, 1), ("block_tables", block_tables, 2)):
+        if t.dtype != torch.int32 or t.dim() != dims or t.device != q.device:
+            raise TypeError(f"{name} must be an int32 {dims}-d tensor on {q.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_reqs + 1 or block_tables.shape[0] != num_reqs:
+        raise ValueError(f"query_start_loc needs B+1={num_reqs + 1} and block_tables B rows; got "
+                         f"{query_start_loc.shape[0]} and {block_tables.shape[0]}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive or None; got {sliding_window}")
+
+
+def _choose_num_splits(q: torch.Tensor, num_programs: int, max_query_len: int | None, max_seq_len: int | None) -> int:
+    """Split the key range only when few programs would each walk a long context (decode, small batch)."""
+    if not q.is_cuda or max_query_len is None or max_seq_len is None or max_query_len > 1:
+        return 1
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if num_programs >= num_sms or max_seq_len < 1024:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_seq_len // 512, 16))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton paged attention; same contract as `paged_attention_ref`.
+
+    `max_query_len`/`max_seq_len` are optional host-side hints: with `max_query_len == 1` the kernel
+    uses decode-sized tiles, and with both it may split long contexts across programs. `num_splits`
+    forces the split count (1 = no split).
+    """
+    require_triton()
+    _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_reqs = seq_lens.shape[0]
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    decode_only = max_query_len is not None and max_query_len <= 1
+    block_m = max(16 if decode_only else 64, group_pad)
+    block_q = block_m // group_pad
+    num_tiles = num_tokens // block_q + num_reqs
+    if num_splits is None:
+        num_splits = _choose_num_splits(q, num_tiles * num_kv_heads, max_query_len, max_seq_len)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
+
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if num_splits == 1:
+        partial, lse = out, out  # lse is unused without splits
+        out_strides = (out.stride(0), out.stride(1), 0)
+        lse_strides = (0, 0)
+    else:
+        partial = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_tokens, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+        out_strides = (partial.stride(0), partial.stride(1), partial.stride(2))
+        lse_strides = (lse.stride(0), lse.stride(1))
+
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+        partial, lse, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+        num_reqs, scale * _LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        *out_strides, *lse_strides,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        BLOCK_N=64 if head_dim <= 128 else 32, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_q_heads)](
+            out, partial, lse, num_q_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        )
+    return out

@@ -1,0 +1,69 @@
+"""Triton paged attention (interpreter) against `paged_attention_ref`: varlen, GQA, window, split-KV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import needs_triton
+from paged_batch import make_paged_batch
+from splitserve.kernels import paged_attention as attention_module
+from splitserve.kernels.paged_attention import paged_attention, paged_attention_ref
+
+pytestmark = needs_triton
+
+MIXED = ([1, 6, 20, 1], [45, 30, 20, 9])  # decode, chunk, full prefill, decode
+
+
+def _check(batch, sliding_window=None, **kwargs):
+    out = paged_attention(*batch.args(), sliding_window, **kwargs)
+    ref = paged_attention_ref(*batch.args(), sliding_window)
+    assert not out.isnan().any(), "kernel left output elements unwritten"
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 2, 64), (2, 2, 32), (6, 2, 32)])
+def test_mixed_varlen_batch(poison_outputs, num_splits, num_q_heads, num_kv_heads, head_dim):
+    poison_outputs(attention_module)
+    batch = make_paged_batch(*MIXED, num_q_heads, num_kv_heads, head_dim, seed=num_q_heads, strided_q=True)
+    _check(batch, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_sliding_window(poison_outputs, num_splits):
+    poison_outputs(attention_module)
+    batch = make_paged_batch([1, 70], [150, 70], 4, 2, 32, block_size=16, seed=11)
+    _check(batch, sliding_window=20, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_tiles(poison_outputs, num_splits):
+    # max_query_len=1 selects the small decode tiles (16 rows = 4 tokens x 4 heads).
+    poison_outputs(attention_module)
+    batch = make_paged_batch([1, 1, 1], [200, 3, 77], 8, 2, 64, block_size=16, seed=2)
+    _check(batch, max_query_len=1, max_seq_len=200, num_splits=num_splits)
+
+
+def test_head_dim_128_block_size_8():
+    batch = make_paged_batch([2, 1], [20, 33], 4, 2, 128, block_size=8, seed=4)
+    _check(batch, num_splits=2)
+
+
+def test_more_splits_than_key_tiles(poison_outputs):
+    # Splits that get no keys must not disturb the log-sum-exp merge.
+    poison_outputs(attention_module)
+    batch = make_paged_batch([1, 3], [5, 3], 4, 2, 32, seed=6)
+    _check(batch, num_splits=4)
+
+
+def test_empty_request_in_batch():
+    batch = make_paged_batch([2, 0, 1], [10, 4, 6], 4, 2, 32, seed=8)
+    _check(batch)
+
+
+def test_rejects_wrong_metadata_dtype():
+    batch = make_paged_batch([1], [4], 2, 2, 32)
+    batch.seq_lens = batch.seq_lens.long()
+    with pytest.raises(TypeError, match="seq_lens"):
+        paged_attention(*batch.args())
