@@ -90,7 +90,8 @@ class BlockPool:
         for block_id, count in Counter(block_ids).items():
             self._check_id(block_id)
             if count > self._refcounts[block_id]:
-                raise ValueError(f"double free of block {block_id} (refcount {self._refcounts[block_id]}, freed {count}x)")
+                refcount = self._refcounts[block_id]
+                raise ValueError(f"double free of block {block_id} (refcount {refcount}, freed {count}x)")
         for block_id in block_ids:
             self._refcounts[block_id] -= 1
             if self._refcounts[block_id] > 0:
@@ -148,8 +149,8 @@ class BlockPool:
         _require(len(free) == len(self._free), "a block appears twice in the free list")
         _require(not free & evictable, f"blocks both free and evictable: {sorted(free & evictable)}")
         _require(not (free | evictable) & in_use, f"blocks free but referenced: {sorted((free | evictable) & in_use)}")
-        total = len(free) + len(evictable) + len(in_use)
-        _require(total == self.num_blocks, f"free {len(free)} + evictable {len(evictable)} + in use {len(in_use)} != {self.num_blocks}")
+        counts = f"free {len(free)} + evictable {len(evictable)} + in use {len(in_use)}"
+        _require(len(free) + len(evictable) + len(in_use) == self.num_blocks, f"{counts} != {self.num_blocks}")
         _require(not free & self._hash_of_block.keys(), "a free-list block holds a hash")
         _require(evictable <= self._hash_of_block.keys(), "an evictable block holds no hash")
         _require(len(self._hash_of_block) == len(self._block_of_hash), "hash maps differ in size")

@@ -94,7 +94,7 @@ class KVCacheManager:
         of the whole table, or None when the pool is short, in which case nothing changed.
         """
         if num_computed_tokens < 0 or num_new_tokens < 0:
-            raise ValueError(f"token counts must be >= 0, got {num_computed_tokens} computed, {num_new_tokens} new")
+            raise ValueError(f"token counts must be >= 0: {num_computed_tokens} computed, {num_new_tokens} new")
         if num_computed_tokens > len(token_ids):
             raise ValueError(f"{num_computed_tokens} computed tokens but only {len(token_ids)} token ids")
         table = self._tables.get(request_id, [])
@@ -143,19 +143,22 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def check_integrity(self) -> None:
-        """Pool invariants, plus: each block's refcount equals the number of tables holding it,
-        and every hash a request registered matches what the pool holds for that block."""
+        """Pool invariants, plus: no table holds a block twice, each block's refcount equals the
+        number of tables holding it, and every hash a request registered matches the pool's."""
         self.pool.check_integrity()
         holders = Counter(b for table in self._tables.values() for b in table)
+        for request_id, table in self._tables.items():
+            _require(len(set(table)) == len(table), f"request {request_id!r} holds a block twice: {table}")
         for block_id in range(self.pool.num_blocks):
             refcount = self.pool.refcount(block_id)
-            _require(refcount == holders[block_id], f"block {block_id}: refcount {refcount}, {holders[block_id]} tables")
+            held = holders[block_id]
+            _require(refcount == held, f"block {block_id}: refcount {refcount} but held by {held} tables")
         for request_id, hashes in self._block_hashes.items():
             table = self._tables[request_id]
             _require(len(hashes) <= len(table), f"request {request_id!r} hashed more blocks than it holds")
             for block_id, block_hash in zip(table, hashes):
                 cached = self.pool.cached_hash(block_id)
-                _require(cached in (None, block_hash), f"request {request_id!r}: block {block_id} holds another hash")
+                _require(cached in (None, block_hash), f"{request_id!r}: block {block_id} holds another hash")
 
     def _verify_hit(
         self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, hit_blocks: Sequence[int]
@@ -166,7 +169,7 @@ class KVCacheManager:
         this call), which would otherwise silently serve another prompt's KV.
         """
         if self._tables.get(request_id):
-            raise ValueError(f"request {request_id!r} already holds blocks; prefix hits only on its first allocation")
+            raise ValueError(f"request {request_id!r} already holds blocks; hits are adopted on first allocation only")
         if len(hit_blocks) * self.block_size > num_computed_tokens:
             raise ValueError(
                 f"{len(hit_blocks)} hit blocks cover more than the {num_computed_tokens} computed tokens"
@@ -176,5 +179,5 @@ class KVCacheManager:
         for i, block_id in enumerate(hit_blocks):
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
             if self.pool.cached_hash(block_id) != hashes[-1]:
-                raise ValueError(f"stale prefix hit: block {block_id} no longer holds block {i} of request {request_id!r}")
+                raise ValueError(f"stale prefix hit: block {block_id} no longer holds block {i} of {request_id!r}")
         return hashes

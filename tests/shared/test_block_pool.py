@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -174,8 +176,17 @@ def test_block_hash_is_the_same_in_another_process():
     )
     # A different hash seed would change Python's hash(); ours must not depend on it.
     env = {"PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ",".join(h.hex() for h in hash_prompt_blocks(tokens, 2))
+
+
+def test_block_hash_wire_format():
+    """The format other machines (gateway, remote engines) must reproduce: blake2b-128 over the
+    parent digest (a fixed tag for the first block) and the tokens as little-endian int64."""
+    first = hashlib.blake2b(b"splitserve/kv-block/v1" + struct.pack("<2q", 3, -1), digest_size=16).digest()
+    second = hashlib.blake2b(first + struct.pack("<2q", 2**40, 0), digest_size=16).digest()
+    assert hash_prompt_blocks([3, -1, 2**40, 0, 5], 2) == [first, second]
 
 
 class BlockPoolMachine(RuleBasedStateMachine):

@@ -48,8 +48,24 @@ def test_failed_allocation_changes_nothing_even_with_an_evictable_hit():
     # The two hits are evictable (counted as free); adopting them leaves 1 free block, 2 needed.
     assert kv.allocate_slots("b", prompt + [1, 2, 3, 4], num_hit, 5, hit_blocks) is None
     assert kv.block_ids("b") == [] and kv.num_free_blocks == 3
-    assert all(kv.pool.refcount(b) == 0 for b in range(3)) and kv.pool.lookup(hash_prompt_blocks(prompt, BS)[1]) == hit_blocks[1]
+    assert all(kv.pool.refcount(b) == 0 for b in range(3))
+    assert kv.pool.lookup(hash_prompt_blocks(prompt, BS)[1]) == hit_blocks[1]
     assert kv.allocate_slots("b", prompt, num_hit, 1, hit_blocks) == hit_blocks + [2]
+    kv.check_integrity()
+
+
+def test_adopted_hit_is_not_evicted_by_the_same_allocation():
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    p, q = [1] * BS + [0], [2] * BS + [0]
+    table_p, table_q = run_prompt(kv, "p", p), run_prompt(kv, "q", q)
+    kv.free("p")
+    kv.free("q")
+    kv.allocate_slots("filler", [0] * 2 * BS, 0, 2 * BS)  # takes the 2 uncached blocks
+    hit_blocks, num_hit = kv.get_computed_blocks(p)
+    assert hit_blocks == table_p[:1]  # the least recently used evictable block
+    table = kv.allocate_slots("p2", p, num_hit, 1, hit_blocks)
+    assert table == [table_p[0], table_q[0]]  # the new block evicts q's prefix, not the hit
+    assert kv.get_computed_blocks(p)[0] == table_p[:1] and kv.get_computed_blocks(q)[0] == []
     kv.check_integrity()
 
 
@@ -151,7 +167,8 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         hit_blocks, num_hit = self.kv.get_computed_blocks(tokens)
         assert num_hit == len(hit_blocks) * BS < len(tokens)
-        assert [self.kv.pool.cached_hash(b) for b in hit_blocks] == hash_prompt_blocks(tokens, BS)[: len(hit_blocks)]
+        expected_hashes = hash_prompt_blocks(tokens, BS)[: len(hit_blocks)]
+        assert [self.kv.pool.cached_hash(b) for b in hit_blocks] == expected_hashes
         for i, block in enumerate(hit_blocks):
             assert self.slots[block] == tokens[i * BS : (i + 1) * BS], "prefix hit serves another prompt's KV"
         num_new = min(chunk, len(tokens) - num_hit)
