@@ -8,7 +8,7 @@ Keyword overrides go to the transformers config (e.g. `tie_word_embeddings=True`
 `rope_parameters={...}`, `sliding_window=4`), except `max_shard_size`, which is passed to
 `save_pretrained` to write a sharded checkpoint.
 
-Weights are peaked on purpose (initializer_range 0.15, random norm weights and biases) so that
+Weights are peaked on purpose (initializer_range 0.25, random norm weights and biases) so that
 greedy argmax is never decided by 1e-6 differences and every tensor's loading is exercised.
 """
 
@@ -29,7 +29,7 @@ BASE_SHAPE = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
     rms_norm_eps=1e-5,
-    initializer_range=0.15,
+    initializer_range=0.25,
 )
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -63,9 +63,11 @@ def _config_and_model_classes(arch: str):
 
 
 def build_checkpoint(
-    tmp_dir: str, arch: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides: Any
+    tmp_dir: str, arch: str, *, seed: int | None = None, max_shard_size: str | None = None, **overrides: Any
 ) -> str:
-    """Write a tiny random `arch` checkpoint plus the demo tokenizer into `tmp_dir`; return it."""
+    """Write a tiny random `arch` checkpoint plus the demo tokenizer into `tmp_dir`; return it.
+
+    `seed` defaults to the architecture's index, so each architecture gets different weights."""
     import torch
 
     config_cls, model_cls = _config_and_model_classes(arch)
@@ -80,7 +82,7 @@ def build_checkpoint(
     kwargs.update(ARCH_DEFAULTS[arch])
     kwargs.update(overrides)
     config = config_cls(**kwargs)
-    torch.manual_seed(seed)
+    torch.manual_seed(ARCHITECTURES.index(arch) if seed is None else seed)
     model = model_cls(config).eval()
     _perturb_norms_and_biases(model)
     os.makedirs(tmp_dir, exist_ok=True)

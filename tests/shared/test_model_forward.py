@@ -131,3 +131,18 @@ def test_forward_without_bound_cache_fails_clearly(checkpoint_factory):
     attn = AttentionMetadata.build([2], [2], [[0]], BLOCK_SIZE)
     with pytest.raises(RuntimeError, match="bind_kv_cache"):
         model(torch.tensor([1, 2]), torch.tensor([0, 1]), attn)
+
+
+def test_partial_rotary_rotates_only_the_leading_channels():
+    from splitserve.shared.model.layers import RotaryEmbedding
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    partial = RotaryEmbedding(head_dim=16, rotary_dim=8, max_positions=32, rope=rope)
+    full_of_8 = RotaryEmbedding(head_dim=8, rotary_dim=8, max_positions=32, rope=rope)
+    positions = torch.tensor([0, 3, 31])
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    q_out, k_out = partial(positions, q, k)
+    q_ref, k_ref = full_of_8(positions, q[..., :8], k[..., :8])
+    assert torch.equal(q_out[..., 8:], q[..., 8:]) and torch.equal(k_out[..., 8:], k[..., 8:])
+    assert torch.allclose(q_out[..., :8], q_ref) and torch.allclose(k_out[..., :8], k_ref)
+    assert not torch.allclose(q_out[1:, :, :8], q[1:, :, :8])  # positions > 0 do rotate
