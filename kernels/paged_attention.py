@@ -97,7 +97,7 @@ def _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q: tl.constexpr)
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "sliding_window"])
 def _paged_attention_kernel(
     out_ptr,  # NUM_SPLITS == 1: [T, Hq, D] in q's dtype; else partials [T, Hq, NUM_SPLITS, D] fp32
     lse_ptr,  # NUM_SPLITS > 1: [T, Hq, NUM_SPLITS] fp32 log2-sum-exp per split
@@ -273,7 +273,8 @@ def _choose_num_splits(q: torch.Tensor, num_programs: int, max_query_len: int | 
     num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     if num_programs >= num_sms or max_seq_len < 1024:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_seq_len // 512, 16))
+    # Aim for ~2 programs per SM, each split keeping at least 256 keys to amortise the merge.
+    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_seq_len // 256, 32))
 
 
 def paged_attention(
@@ -308,7 +309,7 @@ def paged_attention(
     block_q = block_m // group_pad
     num_tiles = num_tokens // block_q + num_reqs
     if num_splits is None:
-        num_splits = _choose_num_splits(q, num_tiles * num_kv_heads, max_query_len, max_seq_len)
+        num_splits = _choose_num_splits(q, num_reqs * num_kv_heads, max_query_len, max_seq_len)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
 

@@ -50,6 +50,18 @@ def test_head_dim_128_block_size_8():
     _check(batch, num_splits=2)
 
 
+def test_half_precision_inputs(poison_outputs):
+    # 16-bit K/V take the probabilities cast down to their dtype before the PV product. (fp16 here:
+    # the interpreter's bf16 tl.dot is wrong; loadtests/gpu_kernels.py covers bf16 on a GPU.)
+    poison_outputs(attention_module)
+    batch = make_paged_batch(*MIXED, 4, 2, 64, dtype=torch.float16, seed=12)
+    for num_splits in (1, 2):
+        out = paged_attention(*batch.args(), num_splits=num_splits)
+        assert out.dtype == torch.float16 and not out.isnan().any()
+        ref = paged_attention_ref(batch.q.float(), *batch.args()[1:])
+        torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
 def test_more_splits_than_key_tiles(poison_outputs):
     # Splits that get no keys must not disturb the log-sum-exp merge.
     poison_outputs(attention_module)
