@@ -34,24 +34,65 @@ def _parse_type(annotation):
     return hints[0]
 
 
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, prefix: str = "",
+                        skip: tuple[str, ...] = ()) -> None:
+    """One `--<prefix>field-name` flag per dataclass field; tuples of str are given comma-separated."""
+    group = parser.add_argument_group(title)
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        dest = prefix + f.name
+        flag = "--" + dest.replace("_", "-")
+        kind = _parse_type(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=docs.get(f.name))
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(flag, dest=dest, type=_comma_list, default=default, help=docs.get(f.name))
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=default, help=docs.get(f.name))
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **overrides):
+    values = {f.name: getattr(args, prefix + f.name) for f in fields(cls) if hasattr(args, prefix + f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def dataclass_flags_to_argv(cls, args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """The flags that reproduce `args`' non-default values of `cls` (to pass them to a child process)."""
+    argv = []
+    for f in fields(cls):
+        value = getattr(args, prefix + f.name, None)
+        if f.default is not MISSING and value == f.default:
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            argv += [flag, ",".join(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for section, cls in _SECTIONS.items():
-        group = parser.add_argument_group(f"{section} options")
-        docs = _field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = _parse_type(hints[f.name])
-            default = f.default if f.default is not MISSING else None
-            if kind is bool:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                   help=docs.get(f.name))
-            else:
-                group.add_argument(flag, dest=f.name, type=kind, default=default, help=docs.get(f.name))
+        add_dataclass_flags(parser, cls, f"{section} options")
+
+
+def engine_flags_to_argv(args: argparse.Namespace) -> list[str]:
+    return [flag for cls in _SECTIONS.values() for flag in dataclass_flags_to_argv(cls, args)]
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    parts = {section: cls(**{f.name: getattr(args, f.name) for f in fields(cls)}) for section, cls in _SECTIONS.items()}
-    config = EngineConfig(**parts)
+    config = EngineConfig(**{section: dataclass_from_args(cls, args) for section, cls in _SECTIONS.items()})
     config.validate()
     return config

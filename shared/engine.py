@@ -16,6 +16,7 @@ token ids out; text lives in the layers above (`llm.py`, the gateway).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,8 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class KvTransferParams:
     hold: bool = False
-    """Prefill side: keep the prompt's KV after the first token and return a handle to it."""
+    """Prefill side: stop after the first token and hold the prompt's KV for a decode instance
+    (unless that token already finished the request); the output carries the `KvHandle`."""
     handle: object | None = None
     """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
 
@@ -60,6 +62,8 @@ class EngineOutput:
     num_recomputed_tokens: int = 0
     kv_bytes_received: int = 0
     kv_handle: object | None = None
+    kv_load_window_ns: tuple[int, int, bool] | None = None
+    """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
 
 
 @dataclass
@@ -92,6 +96,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
         self._kv_bytes: dict[str, int] = {}
+        self._kv_windows: dict[str, tuple[int, int, bool]] = {}
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -142,7 +147,9 @@ class EngineCore:
         if request_id in self.scheduler.loading and self.connector is not None:
             self.connector.abort(request_id)
         self.scheduler.remove(request_id)
-        self._finish(req, RequestStatus.FINISHED_ABORTED, hold=False)
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._kv_bytes.pop(request_id, None)
+        self._kv_windows.pop(request_id, None)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -155,6 +162,7 @@ class EngineCore:
         self._handle_connector_events(outputs)
         sched = self.scheduler.schedule()
         for req, block_ids in sched.kv_loads:
+            self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
         tables = {s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled}
         result = self.runner.execute(sched, tables)
@@ -177,11 +185,15 @@ class EngineCore:
             out.new_top_logprobs.append(token.top_logprobs)
             out.new_ranks.append(token.rank)
             status = self._stop_status(req, token.token_id)
-            if status is not None:
-                self.scheduler.remove(req.request_id)
-                hold = req.kv_transfer is not None and req.kv_transfer.hold
-                out.kv_handle = self._finish(req, status, hold=hold)
-                self._fill_final(req, out)
+            hold = req.kv_transfer is not None and req.kv_transfer.hold
+            if status is None and not hold:
+                continue
+            self.scheduler.remove(req.request_id)
+            if status is None:  # prefill-only request: the first token is out, hand the KV over
+                out.kv_handle = self._hold(req)
+            else:
+                self._finish(req, status)
+            self._fill_final(req, out)
 
     def _handle_connector_events(self, outputs: dict[str, EngineOutput]) -> None:
         if self.connector is None:
@@ -196,9 +208,15 @@ class EngineCore:
                 req.num_computed_tokens = req.num_cached_tokens = req.num_prompt_tokens
                 self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
                 self._kv_bytes[request_id] = self.connector.bytes_received(request_id)
+                self._end_kv_window(request_id, ok=True)
         for request_id, reason in events.load_failed:
             if self.scheduler.finish_kv_load(request_id, ok=False) is not None:
+                self._end_kv_window(request_id, ok=False)
                 logger.warning("KV load for %s failed (%s); recomputing the prompt here", request_id, reason)
+
+    def _end_kv_window(self, request_id: str, ok: bool) -> None:
+        if request_id in self._kv_windows:
+            self._kv_windows[request_id] = (self._kv_windows[request_id][0], time.time_ns(), ok)
 
     # ---- finishing --------------------------------------------------------------------
 
@@ -218,19 +236,20 @@ class EngineCore:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _finish(self, req: Request, status: RequestStatus, hold: bool):
-        """Retire a request; returns the KvHandle when its blocks are held for a transfer."""
+    def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         req.finish_reason = status.value
         self.requests.pop(req.request_id, None)
         self.runner.drop_request(req.request_id)
-        if hold and status is not RequestStatus.FINISHED_ABORTED:
-            # The prompt's KV must outlive the request until the decode side has copied it.
-            block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
-            self.held[req.request_id] = req
-            return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
         self.kv.free(req.request_id)
-        return None
+
+    def _hold(self, req: Request):
+        """Keep the prompt's KV blocks past the request until the decode side has copied them."""
+        self.requests.pop(req.request_id, None)
+        self.runner.drop_request(req.request_id)
+        block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
+        self.held[req.request_id] = req
+        return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
 
     def _fill_final(self, req: Request, out: EngineOutput) -> None:
         out.finished = True
@@ -240,6 +259,7 @@ class EngineCore:
         out.num_cached_tokens = req.num_cached_tokens
         out.num_recomputed_tokens = req.num_recomputed_tokens
         out.kv_bytes_received = self._kv_bytes.pop(req.request_id, 0)
+        out.kv_load_window_ns = self._kv_windows.pop(req.request_id, None)
 
     @staticmethod
     def _output(req: Request, outputs: dict[str, EngineOutput]) -> EngineOutput:

@@ -1,0 +1,94 @@
+"""Command-line parsers of the services (`splitserve gateway|prefill|decode|worker|up`).
+
+Flags come from the config dataclasses (engine, transfer, gateway) so each default lives in one
+place. Each subparser sets `run`, the function `splitserve.cli.main` calls with the parsed args.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from splitserve.shared.config_flags import add_dataclass_flags, add_engine_flags
+
+
+def _run_prefill(args):
+    from splitserve.services import prefill
+
+    return prefill.run(args)
+
+
+def _run_decode(args):
+    from splitserve.services import decode
+
+    return decode.run(args)
+
+
+def _run_worker(args):
+    from splitserve.services import worker
+
+    return worker.run(args)
+
+
+def _run_gateway(args):
+    from splitserve.services.gateway.main import run_gateway
+
+    return run_gateway(args)
+
+
+def _run_up(args):
+    from splitserve.services.launcher import run_stack
+
+    return run_stack(args)
+
+
+def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
+    from splitserve.shared.transfer.config import TransferConfig
+
+    add_dataclass_flags(parser, TransferConfig, "KV transfer options", prefix="transfer_", skip=("role", "layout_hash"))
+
+
+def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, transfer: bool) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
+    p.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
+    p.add_argument("--served-model-name", default=None, help="model name reported to the gateway")
+    add_engine_flags(p)
+    if transfer:
+        _add_transfer_flags(p)
+    p.set_defaults(run=run)
+
+
+def _add_gateway_parser(sub) -> None:
+    from splitserve.services.gateway.config import GatewayConfig
+
+    p = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="checkpoint dir for the tokenizer (default: the demo checkpoint)")
+    add_dataclass_flags(p, GatewayConfig, "gateway options", skip=("model_dir",))
+    p.set_defaults(run=_run_gateway)
+
+
+def _add_up_parser(sub) -> None:
+    p = sub.add_parser("up", help="start the local stack (gateway + prefill + decode) as processes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="number of decode workers")
+    p.add_argument("--colocated", action="store_true", help="one worker doing both phases instead")
+    p.add_argument("--workers", type=int, default=1, help="number of colocated workers (with --colocated)")
+    p.add_argument("--worker-base-port", type=int, default=50100, help="first gRPC port of the workers")
+    p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="restart a worker process that dies")
+    add_engine_flags(p)
+    _add_transfer_flags(p)
+    p.set_defaults(run=_run_up)
+
+
+def add_service_parsers(sub) -> None:
+    _add_up_parser(sub)
+    _add_gateway_parser(sub)
+    _add_worker_parser(sub, "prefill", "a prefill worker (gRPC)", _run_prefill, 50051, transfer=True)
+    _add_worker_parser(sub, "decode", "a decode worker (gRPC)", _run_decode, 50052, transfer=True)
+    _add_worker_parser(sub, "worker", "a colocated worker doing prefill and decode (gRPC)", _run_worker, 50053,
+                       transfer=False)

@@ -1,0 +1,170 @@
+"""`splitserve up`: the local stack as processes — N prefill + M decode workers (or colocated
+workers) and the gateway in front, the same commands docker-compose runs, one per process.
+
+Start order: make sure the checkpoint exists (the demo one is built once, here, not raced by
+three processes), start the workers and wait until each answers Health, then start the gateway
+and wait until /health is 200. A worker that dies is restarted (a restarted worker is a new
+instance: new instance id, empty KV pool). Ctrl-C or SIGTERM stops everything, gateway first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from splitserve.shared.config_flags import dataclass_flags_to_argv, engine_flags_to_argv
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str = ""
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitserve.cli", *args]
+
+
+def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[list[Child], list[Child], list[Child]]:
+    from splitserve.shared.transfer.config import TransferConfig
+
+    transfer_argv = dataclass_flags_to_argv(TransferConfig, args, prefix="transfer_")
+    port = args.worker_base_port
+    groups: dict[str, list[Child]] = {"prefill": [], "decode": [], "worker": []}
+    counts = {"worker": args.workers} if args.colocated else {"prefill": args.prefill, "decode": args.decode}
+    for role, count in counts.items():
+        for i in range(count):
+            address = f"{args.host}:{port}"
+            extra = transfer_argv if role != "worker" else []
+            argv = _cli(role, "--host", args.host, "--port", str(port), *model_argv, *extra)
+            groups[role].append(Child(f"{role}-{i}", argv, address))
+            port += 1
+    return groups["prefill"], groups["decode"], groups["worker"]
+
+
+def _wait_worker_ready(child: Child, deadline: float) -> None:
+    import grpc
+
+    from splitserve.shared.grpc_channel import sync_channel
+    from splitserve.shared.protocol import worker_pb2 as pb
+    from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
+
+    with sync_channel(child.address) as channel:
+        stub = pb_grpc.WorkerStub(channel)
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode} during start-up")
+            try:
+                if stub.Health(pb.HealthRequest(), timeout=1.0).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{child.name} did not become ready within {START_TIMEOUT_S:.0f} s")
+
+
+def _wait_gateway_ready(child: Child, url: str, deadline: float) -> None:
+    import httpx
+
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"gateway exited with code {child.process.returncode} during start-up")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"gateway did not become healthy within {START_TIMEOUT_S:.0f} s")
+
+
+def _stop(children: list[Child]) -> None:
+    for child in children:
+        if child.alive():
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0f s; killing it", child.name, STOP_TIMEOUT_S)
+            child.process.kill()
+            child.process.wait(5)
+
+
+def run_stack(args: argparse.Namespace) -> int:
+    from splitserve.shared.engine_parts import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children
+    args.model = model_dir
+    model_argv = engine_flags_to_argv(args)
+    prefill, decode, colocated = _worker_children(args, model_argv)
+    workers = prefill + decode + colocated
+    url = f"http://{args.host}:{args.port}"
+    topology = (["--worker-urls", ",".join(c.address for c in colocated)] if colocated else
+                ["--prefill-urls", ",".join(c.address for c in prefill),
+                 "--decode-urls", ",".join(c.address for c in decode)])
+    gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port),
+                                    "--model", model_dir, *topology))
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for child in workers:
+            child.start()
+        for child in workers:
+            _wait_worker_ready(child, deadline)
+        gateway.start()
+        _wait_gateway_ready(gateway, url, deadline)
+        print(f"splitserve is up: {url}/v1  (OpenAI API; model dir {model_dir}; "
+              f"{'%d colocated' % len(colocated) if colocated else '%d prefill + %d decode' % (len(prefill), len(decode))}"
+              f" workers). Ctrl-C stops it.", flush=True)
+        while not stopping:
+            _supervise(workers, gateway, args.restart_workers)
+            time.sleep(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"splitserve up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        _stop([gateway, *workers])
+
+
+def _supervise(workers: list[Child], gateway: Child, restart: bool) -> None:
+    if not gateway.alive():
+        raise RuntimeError(f"gateway exited with code {gateway.process.returncode}")
+    for child in workers:
+        if child.alive() or not restart:
+            continue
+        logger.warning("%s exited with code %s; restarting it", child.name, child.process.returncode)
+        child.restarts += 1
+        child.start()

@@ -1,0 +1,66 @@
+"""Start one engine worker process: `splitserve prefill|decode|worker`.
+
+Loads the model, opens the KV connector for its role (prefill: holds and sends KV; decode:
+receives it), serves the `Worker` gRPC API, and stops cleanly on SIGINT/SIGTERM. Prints one
+line `splitserve <role> ready on HOST:PORT` once it accepts requests (the launcher waits for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from splitserve.shared import telemetry
+from splitserve.shared.async_engine import AsyncEngine
+from splitserve.shared.config_flags import dataclass_from_args, engine_config_from_args
+from splitserve.shared.grpc_channel import add_port, aio_server
+from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def connector_factory(args: argparse.Namespace, role: str):
+    """Build the KV connector once the engine has allocated its KV pool (None when colocated)."""
+    if role == "colocated":
+        return None
+    from splitserve.shared.transfer.connector import KVConnector, TransferConfig
+    from splitserve.shared.transfer.handle import layout_hash
+
+    def make(parts):
+        lh = layout_hash(parts.model_dir, str(parts.dtype).removeprefix("torch."), parts.block_size,
+                         parts.info.num_layers, parts.info.num_kv_heads, parts.info.head_dim)
+        config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh)
+        return KVConnector(parts.kv_cache, config)
+
+    return make
+
+
+def run_worker(args: argparse.Namespace, role: str) -> int:
+    config = engine_config_from_args(args)
+    telemetry.setup_tracing(f"splitserve-{role}")
+    try:
+        asyncio.run(_serve(args, role, config))
+    finally:
+        telemetry.shutdown_tracing()
+    return 0
+
+
+async def _serve(args: argparse.Namespace, role: str, config) -> None:
+    engine = AsyncEngine(config, role, connector_factory(args, role), model_name=args.served_model_name)
+    server = aio_server(interceptors=telemetry.grpc_server_interceptors())
+    from splitserve.services.worker.servicer import WorkerServicer
+
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+    port = add_port(server, f"{args.host}:{args.port}")
+    await server.start()
+    print(f"splitserve {role} ready on {args.host}:{port} (instance {engine.instance_id})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("%s worker stopping", role)
+    await server.stop(grace=2.0)
+    engine.shutdown()

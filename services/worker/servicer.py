@@ -1,0 +1,119 @@
+"""The `Worker` gRPC service over one `AsyncEngine`: the same code serves every role.
+
+    prefill   : Prefill  -> runs the prompt, samples the first token, holds the KV, returns a handle
+    decode    : Generate(handle, first token) -> loads the KV from the prefill instance, decodes
+    colocated : Generate -> does both phases here
+    all       : Abort, GetLoad, Health
+
+Glue only: parse the proto, call the engine, serialize. A client that cancels its call (the
+gateway saw its HTTP client leave) cancels the handler task, which aborts the request and
+frees its blocks (see AsyncEngine.generate).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from opentelemetry.trace import Status, StatusCode
+
+from splitserve.shared import telemetry
+from splitserve.shared.async_engine import AsyncEngine, EngineDeadError
+from splitserve.shared.protocol import convert
+from splitserve.shared.protocol import worker_pb2 as pb
+from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        if self.engine.role != "prefill":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.engine.role}, not prefill")
+        params = convert.sampling_params_from_proto(request.sampling_params)
+        with telemetry.span("prefill", **{"splitserve.request_id": request.request_id,
+                                          "splitserve.prompt_tokens": len(request.prompt_token_ids)}) as span:
+            final = None
+            try:
+                async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
+                                                      priority=request.priority, hold_kv=True):
+                    final = out
+            except (ValueError, EngineDeadError) as exc:
+                await _abort_for(context, exc)
+            span.set_attribute("splitserve.cached_tokens", final.num_cached_tokens)
+            span.set_attribute("splitserve.kv_held_blocks", len(final.kv_handle.block_ids) if final.kv_handle else 0)
+            return convert.engine_output_to_prefill_response(final)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        if request.HasField("kv_handle") and self.engine.role != "decode":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a KV handle can only be loaded by a decode worker")
+        if not request.HasField("kv_handle") and self.engine.role == "prefill":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not decode")
+        params = convert.sampling_params_from_proto(request.sampling_params)
+        kv_handle = first_token = None
+        if request.HasField("kv_handle"):
+            if not request.HasField("first_token"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_handle requires first_token")
+            kv_handle = convert.kv_handle_from_proto(request.kv_handle)
+            first_token = convert.first_token_from_proto(request.first_token)
+        with telemetry.span("decode" if kv_handle else "generate",
+                            **{"splitserve.request_id": request.request_id}) as span:
+            try:
+                async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
+                                                      priority=request.priority, kv_handle=kv_handle,
+                                                      first_token=first_token):
+                    if out.finished:
+                        _record_final(span, out)
+                    yield convert.engine_output_to_chunk(out)
+            except (ValueError, EngineDeadError) as exc:
+                await _abort_for(context, exc)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        core = self.engine.core
+        found = request.request_id in core.requests or request.request_id in core.held
+        self.engine.abort(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
+        return convert.load_to_proto(worker_load(self.engine))
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        dead = self.engine._dead
+        return pb.HealthResponse(ready=dead is None, instance_id=self.engine.instance_id,
+                                 message="ok" if dead is None else f"engine failed: {dead}")
+
+
+def worker_load(engine: AsyncEngine) -> convert.WorkerLoad:
+    s = engine.load()
+    counters = {"num_preemptions": s.num_preemptions}
+    if engine.core.connector is not None:
+        counters.update({k: int(v) for k, v in engine.core.connector.stats().items() if isinstance(v, (int, float))})
+    return convert.WorkerLoad(
+        instance_id=engine.instance_id, role=engine.role, model_name=engine.model_name,
+        max_model_len=engine.max_model_len, block_size=engine.block_size, num_running=s.num_running,
+        num_waiting=s.num_waiting + s.num_loading_kv, num_waiting_tokens=s.num_waiting_tokens,
+        num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks, kv_usage=s.kv_usage,
+        prefix_hit_rate=s.prefix_hit_rate, counters=counters,
+    )
+
+
+def _record_final(span, out) -> None:
+    span.set_attribute("splitserve.kv_bytes_received", out.kv_bytes_received)
+    span.set_attribute("splitserve.recomputed_tokens", out.num_recomputed_tokens)
+    span.set_attribute("splitserve.cached_tokens", out.num_cached_tokens)
+    if out.kv_load_window_ns is not None:
+        start, end, ok = out.kv_load_window_ns
+        transfer = telemetry.tracer().start_span("kv_transfer", start_time=start, attributes={
+            "splitserve.kv_bytes": out.kv_bytes_received, "splitserve.ok": ok})
+        if not ok:
+            transfer.set_status(Status(StatusCode.ERROR, "transfer failed; prompt recomputed"))
+        transfer.end(end_time=end or None)
+
+
+async def _abort_for(context, exc: Exception) -> None:
+    if isinstance(exc, EngineDeadError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
