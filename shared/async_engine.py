@@ -57,7 +57,9 @@ class AsyncEngine:
             raise ValueError(f"role must be prefill, decode or colocated, got {role!r}")
         self.role = role
         self.core = EngineCore(config, connector_factory)
-        self.model_name = model_name or self.core.model_dir
+        from splitserve.shared.demo import served_model_name
+
+        self.model_name = model_name or served_model_name(config.model.model)
         self.max_model_len = self.core.max_model_len
         self.block_size = self.core.block_size
         self.instance_id = getattr(self.core.connector, "instance_id", None) or f"{role}-{id(self):x}"

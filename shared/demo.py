@@ -185,3 +185,10 @@ def _write_random_weights(config: dict, path: str) -> None:
     tensors["model.norm.weight"] = torch.ones(hidden)
     tensors["lm_head.weight"] = normal(vocab, hidden)
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def served_model_name(model: str | None) -> str:
+    """The name clients use for a model: the demo's fixed name, else the checkpoint dir's basename."""
+    if model is None:
+        return DEMO_MODEL_NAME
+    return os.path.basename(os.path.normpath(model))

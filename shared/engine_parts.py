@@ -63,7 +63,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = resolve_model_dir(mc.model)
     model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
-    info = model_info(hf_config)
+    info = model_info(hf_config, model_dir)
     max_model_len = mc.max_model_len or info.max_position_embeddings
     if max_model_len > info.max_position_embeddings:
         raise ConfigError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "

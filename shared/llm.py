@@ -23,23 +23,26 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_gib: float = 0.5, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs") -> None:
+                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
+                 skip_tokenizer_init: bool = False) -> None:
         config = EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, load_format, seed),
             cache=CacheConfig(block_size, num_blocks, gpu_memory_utilization, cpu_kv_cache_gib, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy),
         )
-        self._setup(config)
+        self._setup(config, skip_tokenizer_init)
 
     @classmethod
-    def from_engine_config(cls, config: EngineConfig) -> "LLM":
+    def from_engine_config(cls, config: EngineConfig, skip_tokenizer_init: bool = False) -> "LLM":
         llm = cls.__new__(cls)
-        llm._setup(config)
+        llm._setup(config, skip_tokenizer_init)
         return llm
 
-    def _setup(self, config: EngineConfig) -> None:
+    def _setup(self, config: EngineConfig, skip_tokenizer_init: bool) -> None:
         self.engine = EngineCore(config)
-        self.tokenizer = load_tokenizer(self.engine.model_dir)
+        # Without a tokenizer (benchmarks on config-only checkpoints) prompts must be token ids
+        # and outputs carry token ids only, as with vLLM's skip_tokenizer_init.
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.engine.model_dir)
         self._next_id = 0
 
     def get_tokenizer(self):
@@ -63,7 +66,9 @@ class LLM:
                 out = CompletionOutput(k, "", [], 0.0 if params.logprobs is not None else None,
                                        [] if params.logprobs is not None else None)
                 result.outputs.append(out)
-                streams[child_id] = (result, out, IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop))
+                detok = None if self.tokenizer is None else IncrementalDetokenizer(
+                    self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
+                streams[child_id] = (result, out, detok)
             results.append(result)
         while self.engine.has_unfinished_requests():
             for step_out in self.engine.step():
@@ -78,6 +83,8 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if self.tokenizer is None and (isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)):
+            raise ValueError("this LLM was created with skip_tokenizer_init=True: pass prompts as token ids")
         if isinstance(prompt, str):
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, dict):
@@ -88,25 +95,33 @@ class LLM:
 
     def _apply(self, step: EngineOutput, streams: dict) -> None:
         result, out, detok = streams[step.request_id]
-        if detok.stopped is not None:
+        if detok is not None and detok.stopped is not None:
             return
         for j, token_id in enumerate(step.new_token_ids):
             out.token_ids.append(token_id)
-            out.text += detok.add([token_id])
             if out.logprobs is not None:
                 out.cumulative_logprob += step.new_logprobs[j]
-                entry = {token_id: Logprob(step.new_logprobs[j], step.new_ranks[j], self.tokenizer.decode([token_id]))}
-                for rank, (tid, lp) in enumerate(step.new_top_logprobs[j], start=1):
-                    entry.setdefault(tid, Logprob(lp, rank, self.tokenizer.decode([tid])))
-                out.logprobs.append(entry)
+                out.logprobs.append(self._logprob_entry(step, j, token_id))
+            if detok is None:
+                continue
+            out.text += detok.add([token_id])
             if detok.stopped is not None:
                 self.engine.abort_request(step.request_id)
                 out.finish_reason, out.stop_reason = "stop", detok.stopped
                 return
         if step.finished:
             result.num_cached_tokens = max(result.num_cached_tokens, step.num_cached_tokens)
-            out.text += detok.finish()
+            out.text += detok.finish() if detok is not None else ""
             out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
+
+    def _logprob_entry(self, step: EngineOutput, j: int, token_id: int) -> dict[int, Logprob]:
+        def text(tid: int) -> str | None:
+            return None if self.tokenizer is None else self.tokenizer.decode([tid])
+
+        entry = {token_id: Logprob(step.new_logprobs[j], step.new_ranks[j], text(token_id))}
+        for rank, (tid, lp) in enumerate(step.new_top_logprobs[j], start=1):
+            entry.setdefault(tid, Logprob(lp, rank, text(tid)))
+        return entry
 
 
 def _is_token_list(x) -> bool:
