@@ -1,0 +1,148 @@
+"""Offline throughput: splitserve's engine vs Hugging Face transformers' continuous batching vs the
+roofline, in one run, on one GPU, with random weights of a real model shape.
+
+    python loadtests/bench_offline.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 128
+
+Prints one table: wall time, output tokens/s, and the ratio to the roofline
+(prefill FLOPs / measured bf16 matmul rate + decode bytes / measured copy bandwidth) and to the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shapes import SHAPES, kv_bytes_per_token, param_count, write_shape  # noqa: E402
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
+    import torch
+    import triton.testing
+
+    src = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bandwidth = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    flops = 2 * 8192**3 / (ms * 1e-3)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return bandwidth, flops
+
+
+def roofline_s(shape: str, num: int, input_len: int, output_len: int, bandwidth: float, flops: float) -> tuple[float, float]:
+    """Lower bounds: prefill is matmul-bound (2·params·tokens + causal attention FLOPs); each of the
+    output_len-1 decode steps must read every weight once plus every live token's KV once."""
+    c = SHAPES[shape]
+    params = param_count(shape)
+    head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    attn_flops = 4 * c["num_hidden_layers"] * c["num_attention_heads"] * head_dim * num * input_len * input_len / 2
+    prefill = (2 * params * num * input_len + attn_flops) / flops
+    kv = kv_bytes_per_token(shape)
+    decode = sum(2 * params + num * (input_len + step) * kv for step in range(1, output_len)) / bandwidth
+    return prefill, decode
+
+
+def run_ours(model_dir: str, prompts: list[list[int]], output_len: int, args) -> float:
+    from splitserve.shared.llm import LLM
+    from splitserve.shared.sampling_params import SamplingParams
+
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == len(prompts) * output_len, f"produced {produced} tokens"
+    del llm
+    torch.cuda.empty_cache()
+    return elapsed
+
+
+def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, attn: str) -> float:
+    """transformers' own continuous batching (`generate_batch`), outside inference_mode as it requires."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn).cuda().eval()
+    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           use_cuda_graph=False)
+    model.generate_batch(inputs=prompts[:4], generation_config=gen)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(r.generated_tokens) for r in results.values())
+    print(f"transformers produced {produced} tokens", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--peer", default="paged", help="transformers attn_implementation for the peer, or 'none'")
+    parser.add_argument("--result-json", default=None)
+    args = parser.parse_args()
+
+    model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"shape-{args.shape}-"))
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    prompts = [[rng.randrange(1000, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    bandwidth, flops = measure_ceilings()
+    prefill_floor, decode_floor = roofline_s(args.shape, args.num_prompts, args.input_len, args.output_len, bandwidth, flops)
+    floor = prefill_floor + decode_floor
+    print(f"ceilings: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; roofline "
+          f"{floor:.3f} s (prefill {prefill_floor:.3f} + decode {decode_floor:.3f})", flush=True)
+    rows = [("roofline", floor)]
+    ours = run_ours(model_dir, prompts, args.output_len, args)
+    rows.append(("splitserve", ours))
+    print(f"splitserve: {ours:.2f} s", flush=True)
+    if args.peer != "none":
+        try:
+            rows.append((f"transformers generate_batch ({args.peer})", run_transformers(model_dir, prompts, args.output_len, args.peer)))
+        except Exception as exc:  # report, don't hide: the table says the peer failed
+            print(f"peer failed: {type(exc).__name__}: {exc}", flush=True)
+    out_tokens = args.num_prompts * args.output_len
+    print(f"\n{args.shape}, {args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), bf16, ignore_eos")
+    print(f"{'system':42s} {'time_s':>8s} {'out tok/s':>10s} {'x roofline':>10s} {'speedup vs peer':>16s}")
+    peer_time = rows[2][1] if len(rows) > 2 else None
+    for name, t in rows:
+        speedup = f"{peer_time / t:.1f}x" if peer_time else "-"
+        print(f"{name:42s} {t:8.3f} {out_tokens / t:10.0f} {t / floor:10.2f} {speedup:>16s}")
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump({"args": vars(args), "bandwidth_Bps": bandwidth, "matmul_flops": flops,
+                       "rows": [{"system": n, "time_s": t} for n, t in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
