@@ -200,6 +200,34 @@ def silu_case(num_tokens: int, inter: int) -> Row:
     return Row("silu_and_mul", f"T={num_tokens} I={inter}", err, eager_us, graph_us, 3 * num_tokens * inter * 2)
 
 
+def wrapper_overhead() -> None:
+    """Host time per call (no sync) of the attention wrapper and its parts, and of a one-line kernel."""
+    import time
+
+    from splitserve.kernels import paged_attention as pa
+    from splitserve.kernels.rms_norm import rms_norm
+
+    inp = make_paged([1], [4096], 32, 8, 128)
+    x, w = torch.randn(1, 4096, device=DEVICE, dtype=BF16), torch.randn(4096, device=DEVICE, dtype=BF16)
+    probes = {
+        "paged_attention B=1 auto split": lambda: pa.paged_attention(*inp.args(), 0.1, max_query_len=1, max_seq_len=4096),
+        "paged_attention B=1 num_splits=1": lambda: pa.paged_attention(*inp.args(), 0.1, num_splits=1),
+        "_check_inputs": lambda: pa._check_inputs(*inp.args(), None),
+        "torch.empty_like(q)": lambda: torch.empty_like(inp.q),
+        "rms_norm T=1 (one small kernel)": lambda: rms_norm(x, w, 1e-5),
+    }
+    for name, fn in probes.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host_us = (time.perf_counter() - start) / 200 * 1e6
+        torch.cuda.synchronize()
+        print(f"host overhead  {name:36} {host_us:8.1f} us/call")
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -212,6 +240,8 @@ def cases():
     yield lambda: attention_case("paged_attn decode nosplit", [1], [4096], *llama8b, num_splits=1)
     yield lambda: attention_case("paged_attn decode nosplit", [1] * 32, [4096] * 32, *llama8b, num_splits=1)
     yield lambda: attention_case("paged_attn decode 1B", [1] * 64, [2048] * 64, *llama1b)
+    ragged = torch.randint(100, 4097, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    yield lambda: attention_case("paged_attn decode ragged", [1] * 16, ragged, *llama8b)
     yield lambda: attention_case("paged_attn prefill chunk", [2048], [4096], *llama8b)
     yield lambda: attention_case("paged_attn prefill chunk 1B", [2048], [4096], *llama1b)
     yield lambda: attention_case("paged_attn mixed", [512] + [1] * 63, [1024] + [2048] * 63, *llama8b)
@@ -253,6 +283,10 @@ def main() -> int:
         print(f"{row.kernel:28} {row.shape:44} {err_text:>9} {row.time_us:9.1f} {row.graph_us:9.1f} "
               f"{gbps:7.0f} {100 * gbps / copy_gbps:5.0f}% {tflops:8.1f}  {'CHECK FAILED ' if bad else ''}{row.note}",
               flush=True)
+    try:
+        wrapper_overhead()
+    except Exception as exc:  # noqa: BLE001 - a probe failure is not a kernel check failure
+        print(f"host overhead probe failed: {type(exc).__name__}: {exc}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 
