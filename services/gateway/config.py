@@ -1,0 +1,64 @@
+"""Gateway configuration: topology, limits and timeouts, in one frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayConfigError(ValueError):
+    """A gateway setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_dir: str
+    """Checkpoint directory whose tokenizer (and chat template) the gateway uses."""
+    served_model_name: str
+    """The `model` name clients send and /v1/models lists."""
+    prefill_urls: tuple[str, ...] = ()
+    """Prefill workers (`host:port`); used together with `decode_urls`."""
+    decode_urls: tuple[str, ...] = ()
+    worker_urls: tuple[str, ...] = ()
+    """Colocated workers (both phases in one process)."""
+    max_model_len: int | None = None
+    """Override the context length; None: the smallest the workers report (else the checkpoint's)."""
+    max_inflight_requests: int = 256
+    """HTTP requests generating at once; more wait in the admission queue."""
+    max_queued_requests: int = 1024
+    """Requests waiting for a slot; past this, 429 with Retry-After."""
+    queue_timeout_s: float = 30.0
+    """A queued request that gets no slot in this time is answered 429."""
+    retry_after_s: int = 1
+    max_n: int = 16
+    """Largest `n` (completions per prompt) accepted."""
+    load_poll_interval_s: float = 0.5
+    """How often the router polls every worker's GetLoad."""
+    load_rpc_timeout_s: float = 1.0
+    prefill_timeout_s: float = 600.0
+    """Deadline of one Prefill call (queueing included)."""
+    generate_timeout_s: float = 3600.0
+    """Deadline of one Generate stream."""
+    abort_timeout_s: float = 2.0
+    affinity_blocks: int = 4
+    """Full KV blocks at the start of a prompt that decide its prefix-affinity instance."""
+    overload_margin_tokens: int = 8192
+    """An instance this many queued tokens above the least loaded one loses its affinity requests."""
+    default_block_size: int = 16
+    """Block size for prefix hashing until a worker reports its own."""
+
+    def validate(self) -> None:
+        if bool(self.prefill_urls) != bool(self.decode_urls):
+            raise GatewayConfigError("prefill_urls and decode_urls must be given together (a disaggregated pair)")
+        if not (self.prefill_urls or self.worker_urls):
+            raise GatewayConfigError("no workers: give prefill_urls + decode_urls, or worker_urls")
+        for name in ("max_inflight_requests", "max_n", "affinity_blocks", "default_block_size"):
+            if getattr(self, name) < 1:
+                raise GatewayConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise GatewayConfigError(f"max_queued_requests must be non-negative, got {self.max_queued_requests}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise GatewayConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        for name in ("queue_timeout_s", "load_poll_interval_s", "load_rpc_timeout_s", "prefill_timeout_s",
+                     "generate_timeout_s", "abort_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise GatewayConfigError(f"{name} must be positive, got {getattr(self, name)}")

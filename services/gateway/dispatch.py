@@ -1,0 +1,110 @@
+"""Serve one worker request (one choice) on the workers and stream its tokens back.
+
+Life of a disaggregated request, as seen from here:
+
+    route ─▶ Prefill (prefill instance) ─▶ first token [+ KV handle]
+                 │ finished already? ─▶ done
+                 ▼
+             Generate(handle, first token) on the decode instance ─▶ token chunks ─▶ done
+
+A colocated worker gets one Generate without a handle. Failure and cancellation:
+
+* the consumer stops iterating (client gone, stop string matched) or a call fails: the open gRPC
+  call is cancelled, which aborts the request on that worker;
+* the prefill instance may hold KV that no decode has taken yet (we were cancelled during Prefill,
+  or before the decode stream produced anything): Abort is sent to the prefill instance so its
+  blocks are freed at once instead of when the hold's lease runs out;
+* an instance whose RPC failed is marked unhealthy in the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from splitserve.services.gateway.metrics import GatewayMetrics
+from splitserve.services.gateway.router import Instance, Router
+from splitserve.services.gateway.worker_client import WorkerClient, WorkerError, WorkerRequest
+from splitserve.shared.protocol.convert import TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(self, router: Router, clients: dict[str, WorkerClient], metrics: GatewayMetrics, *,
+                 prefill_timeout_s: float, generate_timeout_s: float, abort_timeout_s: float) -> None:
+        self.router, self.clients, self.metrics = router, clients, metrics
+        self.prefill_timeout_s, self.generate_timeout_s = prefill_timeout_s, generate_timeout_s
+        self.abort_timeout_s = abort_timeout_s
+        self._background: set[asyncio.Task] = set()
+
+    async def generate(self, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
+        """Token chunks of `req`, the first token first; raises NoHealthyWorker or WorkerError."""
+        route = self.router.route(req.prompt_token_ids)
+        if route.worker is not None:
+            async for chunk in self._stream(route.worker, req, None):
+                yield chunk
+            return
+        async for chunk in self._disaggregated(route.prefill, route.decode, req):
+            yield chunk
+
+    async def _disaggregated(self, prefill: Instance, decode: Instance, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
+        # True while the prefill instance may hold KV for this request that no decode has taken.
+        kv_may_be_held = True
+        try:
+            with self.router.track(prefill, len(req.prompt_token_ids)):
+                result = await self._call(prefill, "Prefill",
+                                          self.clients[prefill.url].prefill(req, self.prefill_timeout_s))
+            kv_may_be_held = not result.finished
+            yield result.first
+            if result.finished:
+                return
+            async for chunk in self._stream(decode, req, result):
+                kv_may_be_held = False  # the decode side has loaded (or recomputed) the prompt
+                yield chunk
+        finally:
+            if kv_may_be_held:
+                self.abort_in_background(prefill, req.request_id)
+
+    async def _stream(self, instance: Instance, req: WorkerRequest, prefill_result) -> AsyncIterator[TokenChunk]:
+        client = self.clients[instance.url]
+        with self.router.track(instance, 0 if prefill_result else len(req.prompt_token_ids)):
+            stream = client.generate(req, self.generate_timeout_s, prefill_result)
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except WorkerError as exc:
+                self._failed(instance, exc)
+                raise
+            finally:
+                await stream.aclose()  # cancels the call if we stopped early
+
+    async def _call(self, instance: Instance, method: str, awaitable):
+        try:
+            return await awaitable
+        except WorkerError as exc:
+            self._failed(instance, exc)
+            raise
+
+    def _failed(self, instance: Instance, exc: WorkerError) -> None:
+        self.metrics.worker_failures.labels(instance.role, exc.method).inc()
+        if exc.worker_failed:
+            self.router.mark_failed(instance, str(exc))
+
+    def abort_in_background(self, instance: Instance, request_id: str) -> None:
+        """Abort `request_id` on `instance` without waiting (safe to call from a cancelled task)."""
+        task = asyncio.get_running_loop().create_task(self._abort(instance, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, instance: Instance, request_id: str) -> None:
+        try:
+            await self.clients[instance.url].abort(request_id, self.abort_timeout_s)
+        except WorkerError as exc:
+            logger.info("abort of %s on %s failed: %s", request_id, instance.url, exc)
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Wait (bounded) for background aborts, e.g. at shutdown."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout_s)

@@ -1,0 +1,47 @@
+"""The gateway's Prometheus metrics (served at /metrics).
+
+Each app gets its own registry, so several gateways in one process (tests) do not collide.
+KV bytes and recomputed tokens are counted per request from the decode worker's final stats:
+a "disaggregated" deployment that silently recomputes every prompt shows up here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class GatewayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("splitserve_gateway_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.ttft_s = Histogram("splitserve_gateway_time_to_first_token_seconds",
+                                "Arrival to first generated token, per choice", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.itl_s = Histogram("splitserve_gateway_inter_token_latency_seconds",
+                               "Time between consecutive token arrivals (per token)", buckets=_ITL_BUCKETS_S, registry=r)
+        self.e2e_s = Histogram("splitserve_gateway_e2e_request_latency_seconds",
+                               "Arrival to last token, per HTTP request", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens of served choices", registry=r)
+        self.generation_tokens = Counter("splitserve_gateway_generation_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",
+                                     "Prompt tokens not computed by the serving worker (prefix cache or KV transfer)",
+                                     registry=r)
+        self.kv_bytes = Counter("splitserve_gateway_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.recomputed_tokens = Counter("splitserve_gateway_recomputed_tokens",
+                                         "Tokens a worker computed again (preemption or failed KV transfer)", registry=r)
+        self.worker_failures = Counter("splitserve_gateway_worker_failures", "Failed worker RPCs",
+                                       ["role", "method"], registry=r)
+        self.inflight = Gauge("splitserve_gateway_inflight_requests", "Requests generating now", registry=r)
+        self.queued = Gauge("splitserve_gateway_queued_requests", "Requests waiting for admission", registry=r)
+        self.healthy_workers = Gauge("splitserve_gateway_healthy_workers", "Healthy workers by role", ["role"],
+                                     registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,117 @@
+"""OpenAI response bodies: completions and chat, whole or as SSE chunks, with logprobs and usage.
+
+`ResponseBuilder` keeps the per-choice state the formats need (text offsets for completion
+logprobs, whether a chat choice has sent its role yet, token counts for usage).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from splitserve.services.gateway.completion import ChoiceDelta, PreparedRequest, TokenLogprob
+
+
+def sse_event(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+SSE_DONE = sse_event("[DONE]")
+
+
+class ResponseBuilder:
+    def __init__(self, prep: PreparedRequest, tokenizer: Any) -> None:
+        self.prep = prep
+        self._token_text = lru_cache(maxsize=4096)(
+            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
+        num = prep.num_choices
+        self.texts = [""] * num
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
+        self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * num
+        self.num_completion_tokens = 0
+        self._text_offsets = [0] * num
+        self._role_sent = [False] * num
+
+    def add(self, delta: ChoiceDelta) -> None:
+        """Record a delta (for the final body and for usage)."""
+        self.texts[delta.index] += delta.text
+        self.logprobs[delta.index].extend(delta.logprobs)
+        self.num_completion_tokens += delta.num_tokens
+        if delta.finish_reason is not None:
+            self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
+
+    def usage(self) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in self.prep.prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.num_completion_tokens,
+                "total_tokens": prompt_tokens + self.num_completion_tokens}
+
+    # ---- whole responses ---------------------------------------------------------------
+
+    def final_body(self) -> dict[str, Any]:
+        choices = []
+        for index in range(self.prep.num_choices):
+            finish_reason, stop_reason = self.finish[index]
+            logprobs = self._logprobs(index, self.logprobs[index]) if self._wants_logprobs() else None
+            if self.prep.kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": self.texts[index]},
+                                "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason})
+            else:
+                choices.append({"index": index, "text": self.texts[index], "logprobs": logprobs,
+                                "finish_reason": finish_reason, "stop_reason": stop_reason})
+        return {**self._envelope(stream=False), "choices": choices, "usage": self.usage()}
+
+    # ---- stream chunks -----------------------------------------------------------------
+
+    def chunk(self, delta: ChoiceDelta) -> dict[str, Any]:
+        logprobs = self._logprobs(delta.index, delta.logprobs) if self._wants_logprobs() else None
+        if self.prep.kind == "chat":
+            message: dict[str, Any] = {"content": delta.text}
+            if not self._role_sent[delta.index]:
+                self._role_sent[delta.index] = True
+                message = {"role": "assistant", **message}
+            choice = {"index": delta.index, "delta": message, "logprobs": logprobs}
+        else:
+            choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs}
+        choice.update(finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        return {**self._envelope(stream=True), "choices": [choice]}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {**self._envelope(stream=True), "choices": [], "usage": self.usage()}
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _envelope(self, stream: bool) -> dict[str, Any]:
+        if self.prep.kind == "chat":
+            obj = "chat.completion.chunk" if stream else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.prep.request_id, "object": obj, "created": self.prep.created, "model": self.prep.model}
+
+    def _wants_logprobs(self) -> bool:
+        return self.prep.params.logprobs is not None
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.prep.kind == "chat":
+            return {"content": [self._chat_logprob(e) for e in entries], "refusal": None}
+        return self._completion_logprobs(index, entries)
+
+    def _chat_logprob(self, entry: TokenLogprob) -> dict[str, Any]:
+        token = self._token_text(entry.token_id)
+        return {"token": token, "logprob": entry.logprob, "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [{"token": (t := self._token_text(tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                                 for tid, lp in entry.top]}
+
+    def _completion_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for e in entries:
+            token = self._token_text(e.token_id)
+            tokens.append(token)
+            offsets.append(self._text_offsets[index])
+            self._text_offsets[index] += len(token)
+        # Legacy completions list the sampled token among each position's top alternatives.
+        top = [{**{self._token_text(tid): lp for tid, lp in e.top}, tokens[k]: e.logprob}
+               for k, e in enumerate(entries)]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
+                "text_offset": offsets}

@@ -1,0 +1,197 @@
+"""Which workers serve a request: load-aware, with prefix affinity for the prompt phase.
+
+Every worker's `GetLoad` is polled every ~0.5 s (`poll_loads`). Between polls the router also
+counts what it has itself sent and not yet seen finish, so a burst does not all land on the
+instance that looked idle half a second ago.
+
+Prefill (and colocated) instances: requests whose first `affinity_blocks` KV blocks are equal get
+the same instance by rendezvous hashing (highest hash of (prefix key, instance url) wins), so its
+prefix cache is hit, unless that instance is overloaded: queued tokens more than
+`overload_margin_tokens` above the least-loaded instance, or too few free KV blocks for the prompt.
+Prompts shorter than one block go to the least-loaded instance.
+
+Decode instances: the least loaded (running requests, then free blocks).
+
+An instance whose RPC fails is marked unhealthy and skipped; the poller keeps probing it and
+marks it healthy again when GetLoad answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from splitserve.shared.kv.block_hash import hash_prompt_blocks
+from splitserve.shared.protocol.convert import WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+class NoHealthyWorker(Exception):
+    """No healthy instance of a needed role."""
+
+
+@dataclass
+class Instance:
+    url: str
+    role: str
+    load: WorkerLoad | None = None
+    healthy: bool = False
+    last_error: str | None = None
+    inflight_requests: int = 0
+    """Requests this gateway has on the instance right now."""
+    inflight_tokens: int = 0
+    """Prompt tokens of those requests (prefill cost)."""
+
+    def queued_tokens(self) -> int:
+        """Best estimate of the tokens waiting here: the report, or our own count if that is larger."""
+        reported = self.load.num_waiting_tokens if self.load else 0
+        return max(reported, self.inflight_tokens)
+
+    def running_requests(self) -> int:
+        reported = self.load.num_running + self.load.num_waiting if self.load else 0
+        return max(reported, self.inflight_requests)
+
+    def lacks_blocks(self, num_blocks: int) -> bool:
+        return self.load is not None and self.load.num_total_blocks > 0 and self.load.num_free_blocks < num_blocks
+
+
+@dataclass
+class Route:
+    """A colocated `worker`, or a `prefill` + `decode` pair."""
+
+    prefill: Instance | None = None
+    decode: Instance | None = None
+    worker: Instance | None = None
+
+
+def rendezvous_score(key: bytes, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key + url.encode(), digest_size=8).digest(), "little")
+
+
+class Router:
+    def __init__(self, prefill_urls: Sequence[str] = (), decode_urls: Sequence[str] = (),
+                 worker_urls: Sequence[str] = (), *, affinity_blocks: int = 4,
+                 overload_margin_tokens: int = 8192, default_block_size: int = 16) -> None:
+        self.instances: list[Instance] = (
+            [Instance(u, "prefill") for u in prefill_urls] + [Instance(u, "decode") for u in decode_urls]
+            + [Instance(u, "colocated") for u in worker_urls])
+        if len({i.url for i in self.instances}) != len(self.instances):
+            raise ValueError("a worker url is listed twice")
+        self.affinity_blocks = affinity_blocks
+        self.overload_margin_tokens = overload_margin_tokens
+        self.default_block_size = default_block_size
+        self._tie_breaker = itertools.count()
+
+    # ---- state -------------------------------------------------------------------------
+
+    def healthy(self, role: str) -> list[Instance]:
+        return [i for i in self.instances if i.role == role and i.healthy]
+
+    def is_ready(self) -> bool:
+        """At least one colocated worker, or one prefill + decode pair, is healthy."""
+        return bool(self.healthy("colocated")) or bool(self.healthy("prefill") and self.healthy("decode"))
+
+    def update_load(self, instance: Instance, load: WorkerLoad) -> None:
+        if load.role != instance.role:
+            self.mark_failed(instance, f"configured as {instance.role} but reports role {load.role}")
+            return
+        if not instance.healthy:
+            logger.info("worker %s (%s) is healthy", instance.url, instance.role)
+        instance.load, instance.healthy, instance.last_error = load, True, None
+
+    def mark_failed(self, instance: Instance, reason: str) -> None:
+        if instance.healthy:
+            logger.warning("worker %s (%s) marked unhealthy: %s", instance.url, instance.role, reason)
+        instance.healthy, instance.last_error = False, reason
+
+    def max_model_len(self) -> int | None:
+        lens = [i.load.max_model_len for i in self.instances if i.healthy and i.load and i.load.max_model_len > 0]
+        return min(lens) if lens else None
+
+    def block_size(self) -> int:
+        sizes = [i.load.block_size for i in self.instances if i.load and i.load.block_size > 0]
+        return sizes[0] if sizes else self.default_block_size
+
+    @contextlib.contextmanager
+    def track(self, instance: Instance, num_tokens: int) -> Iterator[None]:
+        """Count a request as on `instance` for the body of the `with`."""
+        instance.inflight_requests += 1
+        instance.inflight_tokens += num_tokens
+        try:
+            yield
+        finally:
+            instance.inflight_requests -= 1
+            instance.inflight_tokens -= num_tokens
+
+    # ---- choice ------------------------------------------------------------------------
+
+    def route(self, prompt_token_ids: Sequence[int]) -> Route:
+        """Colocated workers when configured, else a prefill + decode pair; raises NoHealthyWorker."""
+        if any(i.role == "colocated" for i in self.instances) and self.healthy("colocated"):
+            return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))
+        if any(i.role == "prefill" for i in self.instances):
+            return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids),
+                         decode=self.pick_decode_instance(prompt_token_ids))
+        return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))  # raises NoHealthyWorker
+
+    def affinity_key(self, prompt_token_ids: Sequence[int]) -> bytes | None:
+        block_size = self.block_size()
+        hashes = hash_prompt_blocks(prompt_token_ids[: self.affinity_blocks * block_size], block_size)
+        return hashes[-1] if hashes else None
+
+    def pick_prompt_instance(self, role: str, prompt_token_ids: Sequence[int]) -> Instance:
+        candidates = self._candidates(role)
+        num_blocks = -(-len(prompt_token_ids) // self.block_size())
+        least = min(i.queued_tokens() for i in candidates)
+        eligible = [i for i in candidates
+                    if i.queued_tokens() <= least + self.overload_margin_tokens and not i.lacks_blocks(num_blocks)]
+        if not eligible:  # everything is short of blocks: the least queued will preempt or queue
+            return min(candidates, key=lambda i: (i.queued_tokens(), i.running_requests()))
+        key = self.affinity_key(prompt_token_ids)
+        if key is None:
+            return self._least_loaded(eligible, lambda i: (i.queued_tokens(), i.running_requests()))
+        return max(eligible, key=lambda i: rendezvous_score(key, i.url))
+
+    def pick_decode_instance(self, prompt_token_ids: Sequence[int]) -> Instance:
+        candidates = self._candidates("decode")
+        num_blocks = -(-(len(prompt_token_ids) + 1) // self.block_size())
+        return self._least_loaded(candidates, lambda i: (
+            i.lacks_blocks(num_blocks), i.running_requests(), -(i.load.num_free_blocks if i.load else 0)))
+
+    def _candidates(self, role: str) -> list[Instance]:
+        candidates = self.healthy(role)
+        if not candidates:
+            known = [f"{i.url}: {i.last_error or 'no load report yet'}" for i in self.instances if i.role == role]
+            raise NoHealthyWorker(f"no healthy {role} worker ({'; '.join(known) or 'none configured'})")
+        return candidates
+
+    def _least_loaded(self, candidates: list[Instance], cost) -> Instance:
+        # Rotate the start so equal-cost instances share the work instead of the first taking all.
+        shift = next(self._tie_breaker) % len(candidates)
+        rotated = candidates[shift:] + candidates[:shift]
+        return min(rotated, key=cost)
+
+
+async def poll_loads(router: Router, clients: dict, interval_s: float, timeout_s: float) -> None:
+    """Forever: GetLoad on every instance at once, then sleep `interval_s`. Cancel to stop."""
+    while True:
+        await poll_once(router, clients, timeout_s)
+        await asyncio.sleep(interval_s)
+
+
+async def poll_once(router: Router, clients: dict, timeout_s: float) -> None:
+    async def probe(instance: Instance) -> None:
+        try:
+            router.update_load(instance, await clients[instance.url].get_load(timeout_s))
+        except Exception as exc:  # any failure of the probe means: do not route here for now
+            router.mark_failed(instance, str(exc))
+
+    await asyncio.gather(*(probe(i) for i in router.instances))

@@ -1,0 +1,131 @@
+"""Request validation and error mapping of the real gateway app (no workers needed).
+
+Every malformed request must get a 4xx with OpenAI's error JSON, never a 500.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from checkpoints import demo_tokenizer
+from splitserve.services.gateway.app import build_app
+from splitserve.services.gateway.config import GatewayConfig
+
+MODEL = "splitserve-demo"
+MAX_MODEL_LEN = 64
+UNREACHABLE = "127.0.0.1:9"  # discard port: connection refused, so no worker is ever healthy
+
+
+@pytest.fixture(scope="module")
+def client():
+    config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=(UNREACHABLE,),
+                           max_model_len=MAX_MODEL_LEN, max_n=4, load_rpc_timeout_s=0.5)
+    with TestClient(build_app(config, tokenizer=demo_tokenizer()), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _assert_error(resp, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_malformed_json_is_400(client, path):
+    resp = client.post(path, content=b'{"model": "splitserve-demo", "prompt": ', headers={"content-type": "application/json"})
+    assert "JSON" in _assert_error(resp, 400)["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": {"text": "hi"}}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", 1]}, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "stream": "yes please"}, "stream"),
+    ({"model": MODEL, "prompt": "hi", "stop": 5}, "stop"),
+    ({"model": MODEL}, "prompt"),
+    ({"prompt": "hi"}, "model"),
+])
+def test_wrong_types_and_missing_fields_are_400(client, body, param):
+    _assert_error(client.post("/v1/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", -1), ("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("logprobs", 21), ("presence_penalty", 3.0), ("repetition_penalty", 0.0), ("n", 0),
+])
+def test_out_of_range_values_are_400(client, field, value):
+    _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", field: value}), 400, param=field)
+
+
+def test_chat_shape_errors_are_400(client):
+    _assert_error(client.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, param="messages")
+    _assert_error(client.post("/v1/chat/completions", json={"model": MODEL, "messages": "hello"}), 400, param="messages")
+    _assert_error(client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}), 400, param="top_logprobs")
+    _assert_error(client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}), 400,
+        param="max_completion_tokens")
+
+
+def test_unknown_model_is_404(client):
+    for path, extra in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        _assert_error(client.post(path, json={"model": "gpt-17", **extra}), 404, param="model", code="model_not_found")
+
+
+def test_n_above_the_bound_is_400(client):
+    assert "at most 4" in _assert_error(
+        client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 5}), 400, param="n")["message"]
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    error = _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": list(range(1, 70))}), 400)
+    assert str(MAX_MODEL_LEN) in error["message"] and "69" in error["message"]
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_names_both_numbers(client):
+    error = _assert_error(client.post("/v1/completions", json={
+        "model": MODEL, "prompt": list(range(1, 41)), "max_tokens": 30}), 400, param="max_tokens")
+    for number in ("64", "70", "40", "30"):
+        assert number in error["message"], error["message"]
+
+
+def test_token_ids_outside_the_vocabulary_and_empty_prompts_are_400(client):
+    _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 10**9]}), 400, param="prompt")
+    _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": []}), 400, param="prompt")
+    _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": [""]}), 400, param="prompt")
+
+
+def test_echo_is_rejected_explicitly(client):
+    _assert_error(client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True}), 400, param="echo")
+
+
+def test_valid_request_without_a_healthy_worker_is_503(client):
+    for stream in (False, True):
+        error = _assert_error(client.post("/v1/completions", json={
+            "model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": stream}), 503)
+        assert "no healthy colocated worker" in error["message"]
+
+
+def test_health_is_503_without_workers_and_models_lists_the_served_name(client):
+    resp = client.get("/health")
+    assert resp.status_code == 503 and resp.json()["workers"][0]["healthy"] is False
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_unknown_route_is_an_openai_error(client):
+    _assert_error(client.get("/v1/nothing"), 404)
+
+
+def test_metrics_count_requests_by_status(client):
+    client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    text = client.get("/metrics").text
+    assert 'splitserve_gateway_requests_total{endpoint="/v1/completions",status="404"}' in text
