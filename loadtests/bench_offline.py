@@ -64,16 +64,46 @@ def run_ours(model_dir: str, prompts: list[list[int]], output_len: int, args) ->
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     import torch
 
+    steps = _time_steps(llm.engine)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    _print_step_breakdown(steps)
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == len(prompts) * output_len, f"produced {produced} tokens"
     del llm
     torch.cuda.empty_cache()
     return elapsed
+
+
+def _time_steps(engine) -> list[tuple[int, int, float]]:
+    """Record (requests, new tokens, seconds) of every engine step (the sampler syncs each step)."""
+    steps: list[tuple[int, int, float]] = []
+    step, schedule = engine.step, engine.scheduler.schedule
+    last: list = []
+
+    def timed_schedule():
+        out = schedule()
+        last[:] = [len(out.scheduled), out.num_batched_tokens]
+        return out
+
+    def timed_step():
+        t0 = time.perf_counter()
+        result = step()
+        steps.append((*last, time.perf_counter() - t0))
+        return result
+
+    engine.step, engine.scheduler.schedule = timed_step, timed_schedule
+    return steps
+
+
+def _print_step_breakdown(steps) -> None:
+    decode = [t for n, tokens, t in steps if tokens == n]
+    other = [t for n, tokens, t in steps if tokens != n]
+    print(f"steps: {len(other)} prefill/mixed steps {sum(other):.3f} s; {len(decode)} decode steps {sum(decode):.3f} s"
+          f" (median {sorted(decode)[len(decode) // 2] * 1e3 if decode else 0:.2f} ms)", flush=True)
 
 
 def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, attn: str) -> float:
@@ -108,7 +138,7 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--peer", default="paged", help="transformers attn_implementation for the peer, or 'none'")
+    parser.add_argument("--peer", default="paged|sdpa", help="transformers attn_implementation for the peer, or 'none'")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args()
 

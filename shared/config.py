@@ -29,6 +29,8 @@ class ModelConfig:
     """'auto' reads *.safetensors; 'dummy' builds random weights from config.json alone (benchmarks)."""
     seed: int = 0
     """Seed of the global sampling generator and of dummy weights."""
+    enforce_eager: bool = False
+    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs."""
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.shared.config import EngineConfig
+from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.request import Request, RequestStatus
 from splitserve.shared.runner import ModelRunner, SampledToken
@@ -91,7 +92,11 @@ class EngineCore:
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device)
+        graphs = None
+        if parts.device.type == "cuda" and not config.model.enforce_eager:
+            graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
+                                  parts.device)
+        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs)
         self.connector = connector_factory(parts) if connector_factory else None
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}

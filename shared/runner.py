@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.sampler import Sampler, SamplingInput
 from splitserve.shared.scheduler import SchedulerOutput
@@ -45,7 +46,8 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -53,6 +55,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         model.bind_kv_cache(kv_cache)
+        self.graphs = graphs
+        if graphs is not None:
+            graphs.capture()
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
@@ -65,7 +70,7 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput({})
         inputs = self.prepare_inputs(sched, block_tables)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [T, H]
+        hidden = self._forward(inputs)  # [T, H]
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
             return ModelRunnerOutput({})
@@ -86,6 +91,14 @@ class ModelRunner:
             r.request_id: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i])
             for i, r in enumerate(sampling)
         })
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        attn = inputs.attn
+        num_tokens = inputs.input_ids.shape[0]
+        decode_only = attn.max_query_len == 1 and num_tokens == len(attn.seq_lens_cpu)
+        if self.graphs is not None and decode_only and self.graphs.bucket(num_tokens) is not None:
+            return self.graphs.run(inputs.input_ids, inputs.positions, attn)
+        return self.model(inputs.input_ids, inputs.positions, attn)
 
     def prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepInputs:
         bs = self.block_size
