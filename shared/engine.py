@@ -227,9 +227,7 @@ class EngineCore:
 
     @staticmethod
     def _append_token(req: Request, token: SampledToken) -> None:
-        req.output_token_ids.append(token.token_id)
-        req.output_logprobs.append(token.logprob)
-        req.output_top_logprobs.append(token.top_logprobs)
+        req.append_output(token.token_id, token.logprob, token.top_logprobs)
 
     def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
         if token_id in req.eos_token_ids and len(req.output_token_ids) > req.sampling_params.min_tokens:

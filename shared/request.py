@@ -57,20 +57,28 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def __post_init__(self) -> None:
+        # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).
+        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append_output(self, token_id: int, logprob: float, top_logprobs: list[tuple[int, float]]) -> None:
+        self.output_token_ids.append(token_id)
+        self.output_logprobs.append(logprob)
+        self.output_top_logprobs.append(top_logprobs)
+        self._all_token_ids.append(token_id)
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self._all_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt + output token ids (the live list: do not modify)."""
+        return self._all_token_ids
 
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if stop <= n:
-            return self.prompt_token_ids[start:stop]
-        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+        return self._all_token_ids[start:stop]
