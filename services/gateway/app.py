@@ -144,7 +144,10 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
         await slot.aclose()
         raise
     if prep.stream:
-        return _SSEResponse(_sse_body(state, prep, builder, streams), on_close=slot.aclose)
+        # The slot is released when the body ends (before the last byte goes out, so a client that
+        # read [DONE] finds it free) and, idempotently, when the response closes (the body may
+        # never start if the client hangs up at once).
+        return _SSEResponse(_sse_body(state, prep, builder, streams, slot), on_close=slot.aclose)
     async with slot:
         async for delta in merge_streams(streams):
             builder.add(delta)
@@ -152,7 +155,15 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
     return JSONResponse(builder.final_body())
 
 
-async def _sse_body(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder, streams) -> AsyncIterator[bytes]:
+async def _sse_body(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder, streams,
+                    slot: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+    async with slot:
+        async for event in _sse_events(state, prep, builder, streams):
+            yield event
+
+
+async def _sse_events(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder,
+                      streams) -> AsyncIterator[bytes]:
     try:
         async for delta in merge_streams(streams):
             builder.add(delta)

@@ -34,6 +34,7 @@ class Script:
     block_size: int = 4
     max_model_len: int = 256
     num_waiting_tokens: int = 0
+    num_running: int = 0
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self.role, self.script, self.instance_id = role, script, instance_id
         self.record = Record()
         self.server: grpc.aio.Server | None = None
+        self.stopped: asyncio.Future | None = None
 
     def _top(self, token_id: int, k: int) -> list[pb.TopLogprob]:
         return [pb.TopLogprob(token_id=token_id + j, logprob=self.script.logprob - j) for j in range(k)]
@@ -75,15 +77,16 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         params = request.sampling_params
         wants_logprobs = params.HasField("logprobs")
         k = params.logprobs if wants_logprobs else 0
-        max_tokens = params.max_tokens if params.HasField("max_tokens") else len(self.script.tokens)
+        max_tokens = params.max_tokens if params.HasField("max_tokens") else self.script.max_model_len
         emitted = 1 if request.HasField("kv_handle") else 0
         try:
             for token in self.script.tokens[emitted:max_tokens]:
                 await asyncio.sleep(self.script.delay_s)
                 emitted += 1
                 if self.script.die_after_tokens is not None and emitted > self.script.die_after_tokens:
-                    await self.server.stop(grace=None)
-                    return
+                    # Stop the server from outside this RPC (stopping cancels every RPC, this one too).
+                    self.stopped = asyncio.ensure_future(self.server.stop(grace=None))
+                    await asyncio.sleep(30)
                 chunk = pb.GenerateChunk(request_id=request.request_id, token_ids=[token])
                 if wants_logprobs:
                     chunk.logprobs.append(self.script.logprob)
@@ -107,6 +110,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         return convert.load_to_proto(convert.WorkerLoad(
             instance_id=self.instance_id, role=self.role, model_name="scripted", max_model_len=self.script.max_model_len,
             block_size=self.script.block_size, num_waiting_tokens=self.script.num_waiting_tokens,
+            num_running=self.script.num_running,
             num_free_blocks=100, num_total_blocks=100))
 
     async def Health(self, request, context):
@@ -117,6 +121,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def stop_scripted_worker(worker: ScriptedWorker) -> None:
+    if worker.stopped is None:
+        worker.stopped = asyncio.ensure_future(worker.server.stop(grace=None))
+    await worker.stopped
 
 
 class BackgroundLoop:
