@@ -52,6 +52,7 @@ def test_generate_rejects_a_broken_proto(tmp_path: Path) -> None:
 
 # ---- convert.py: the one proto <-> dataclass boundary ------------------------------------------
 
+import grpc
 from types import SimpleNamespace
 
 from splitserve.shared.protocol import convert
@@ -106,6 +107,10 @@ def test_kv_handle_round_trip() -> None:
         version=1, instance_id="p0", request_id="r", block_ids=[3, 1], num_tokens=20, layout_hash="ab",
         control_address="tcp://127.0.0.1:5555")))
     assert list(msg.block_ids) == [3, 1] and msg.layout_hash == "ab" and msg.instance_id == "p0"
+    handle = convert.kv_handle_from_proto(msg)
+    assert handle.block_ids == (3, 1) and handle.num_tokens == 20
+    with pytest.raises(handle_mod.KvHandleError, match="num_tokens"):
+        convert.kv_handle_from_proto(convert.pb.KvHandle(num_tokens=-1))
 
 
 def test_load_report_round_trip_and_bad_role() -> None:
@@ -114,3 +119,60 @@ def test_load_report_round_trip_and_bad_role() -> None:
     assert convert.load_from_proto(convert.load_to_proto(load)) == load
     with pytest.raises(ValueError, match="role"):
         convert.load_to_proto(convert.WorkerLoad("x", "router", "m", 1, 16))
+
+
+# ---- grpc_channel.py ---------------------------------------------------------------------------
+
+import asyncio
+
+from splitserve.shared import grpc_channel
+
+
+def test_addresses_are_normalized_and_bad_ones_rejected() -> None:
+    assert grpc_channel.normalize_address("grpc://localhost:50051/") == "localhost:50051"
+    assert grpc_channel.normalize_address(" 10.0.0.2:7 ") == "10.0.0.2:7"
+    for bad in ("localhost", "http://host:", ":80", "host:port"):
+        with pytest.raises(ValueError, match="host:port"):
+            grpc_channel.normalize_address(bad)
+
+
+def test_a_second_server_on_a_bound_port_fails_to_bind() -> None:
+    async def scenario() -> None:
+        first, second = grpc_channel.aio_server(), grpc_channel.aio_server()
+        port = grpc_channel.add_port(first, "127.0.0.1:0")
+        await first.start()
+        try:
+            with pytest.raises((OSError, RuntimeError)):
+                grpc_channel.add_port(second, f"127.0.0.1:{port}")
+        finally:
+            await first.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_channel_round_trip_with_an_interceptor() -> None:
+    seen = []
+
+    class Recorder(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            seen.append(details.method)
+            return await continuation(details, request)
+
+    class Health(worker_pb2_grpc.WorkerServicer):
+        async def Health(self, request, context):
+            return worker_pb2.HealthResponse(ready=True, instance_id="w")
+
+    async def scenario() -> None:
+        server = grpc_channel.aio_server()
+        worker_pb2_grpc.add_WorkerServicer_to_server(Health(), server)
+        port = grpc_channel.add_port(server, "127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc_channel.aio_channel(f"grpc://127.0.0.1:{port}", interceptors=[Recorder()]) as channel:
+                resp = await worker_pb2_grpc.WorkerStub(channel).Health(worker_pb2.HealthRequest(), timeout=5)
+            assert resp.ready and resp.instance_id == "w"
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    assert [m.decode() if isinstance(m, bytes) else m for m in seen] == ["/splitserve.v1.Worker/Health"]

@@ -23,7 +23,7 @@ from typing import Any
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.openai_protocol import (
-    ChatCompletionRequest, CompletionRequest, _GenerationFields, bad_request, service_unavailable)
+    ChatCompletionRequest, CompletionRequest, GenerationFields, bad_request, service_unavailable)
 from splitserve.services.gateway.worker_client import WorkerRequest
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.tokenizer import IncrementalDetokenizer, apply_chat_template
@@ -95,7 +95,7 @@ def prepare_chat(body: ChatCompletionRequest, tokenizer: Any, max_model_len: int
     return _prepared("chat", "chatcmpl", body, [prompt], params, tokenizer, max_model_len)
 
 
-def _prepared(kind: str, id_prefix: str, body: _GenerationFields, prompts: list[list[int]], params: SamplingParams,
+def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[list[int]], params: SamplingParams,
               tokenizer: Any, max_model_len: int) -> PreparedRequest:
     vocab_size = len(tokenizer)
     for prompt in prompts:
@@ -138,7 +138,7 @@ def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: i
             f"Reduce the prompt or max_tokens.", "max_tokens")
 
 
-def _sampling_params(body: _GenerationFields, max_tokens: int | None, logprobs: int | None, max_n: int) -> SamplingParams:
+def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None, max_n: int) -> SamplingParams:
     if body.n > max_n:
         raise bad_request(f"n must be at most {max_n}, got {body.n}", "n")
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p}

@@ -132,7 +132,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationFields(BaseModel):
+class GenerationFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions (vLLM's extensions included)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -159,7 +159,7 @@ class _GenerationFields(BaseModel):
     user: str | None = None
 
 
-class CompletionRequest(_GenerationFields):
+class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -186,7 +186,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_GenerationFields):
+class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -71,13 +71,13 @@ def kv_handle_to_proto(handle: Any) -> pb.KvHandle:
 
 
 def kv_handle_from_proto(msg: pb.KvHandle) -> Any:
+    """A validated `KvHandle` (raises KvHandleError naming a bad field)."""
     from splitserve.shared.transfer.handle import KvHandle  # torch-free, but only workers need it
 
-    return KvHandle(
-        version=msg.version, instance_id=msg.instance_id, request_id=msg.request_id,
-        block_ids=list(msg.block_ids), num_tokens=msg.num_tokens, layout_hash=msg.layout_hash,
-        control_address=msg.control_address,
-    )
+    return KvHandle.from_dict({
+        "version": msg.version, "instance_id": msg.instance_id, "request_id": msg.request_id,
+        "block_ids": list(msg.block_ids), "num_tokens": msg.num_tokens, "layout_hash": msg.layout_hash,
+        "control_address": msg.control_address})
 
 
 # ---- tokens -------------------------------------------------------------------------------

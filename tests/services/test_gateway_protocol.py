@@ -129,3 +129,33 @@ def test_metrics_count_requests_by_status(client):
     client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     text = client.get("/metrics").text
     assert 'splitserve_gateway_requests_total{endpoint="/v1/completions",status="404"}' in text
+
+
+def test_gateway_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import splitserve.services.gateway.app, splitserve.services.gateway.server; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_cli_args_become_a_config(tmp_path):
+    import argparse
+
+    from splitserve.services.gateway.config import GatewayConfigError
+    from splitserve.services.gateway.server import add_gateway_args, gateway_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_gateway_args(parser)
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    config = gateway_config_from_args(parser.parse_args(
+        ["--model", str(model_dir), "--prefill-urls", "a:1,b:2", "--decode-urls", "c:3", "--max-n", "8"]))
+    assert config.served_model_name == "my-model" and config.prefill_urls == ("a:1", "b:2")
+    assert config.decode_urls == ("c:3",) and config.max_n == 8
+    named = gateway_config_from_args(parser.parse_args(
+        ["--model", str(model_dir), "--served-model-name", "x", "--worker-urls", "w:1"]))
+    assert named.served_model_name == "x" and named.worker_urls == ("w:1",)
+    with pytest.raises(GatewayConfigError, match="together"):
+        gateway_config_from_args(parser.parse_args(["--model", str(model_dir), "--prefill-urls", "a:1"]))

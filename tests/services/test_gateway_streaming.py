@@ -265,3 +265,23 @@ def test_metrics_report_tokens_and_kv_bytes(make_stack, tokenizer):
     assert "splitserve_gateway_generation_tokens_total 4.0" in text
     assert "splitserve_gateway_time_to_first_token_seconds_count 1.0" in text
     assert 'splitserve_gateway_healthy_workers{role="decode"} 1.0' in text
+
+
+def test_the_openai_client_understands_the_gateway(make_stack, tokenizer):
+    openai = pytest.importorskip("openai")
+    tokens = _tokens(tokenizer, "hello from the scripted worker")
+    stack = make_stack(prefill=[Script(tokens)], decode=[Script(tokens)])
+    client = openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    completion = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, logprobs=2)
+    assert completion.choices[0].text == tokenizer.decode(tokens[:3])
+    assert completion.usage.completion_tokens == 3 and len(completion.choices[0].logprobs.tokens) == 3
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                            stream_options={"include_usage": True})
+    parts = [chunk for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == "hello from the scripted worker"
+    assert parts[-1].usage.completion_tokens == len(tokens)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
+    assert [m.id for m in client.models.list().data] == [MODEL]
