@@ -135,7 +135,7 @@ def test_gateway_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import splitserve.services.gateway.app, splitserve.services.gateway.server; "
+    code = ("import sys; import splitserve.services.gateway.app, splitserve.services.gateway.main; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -144,16 +144,18 @@ def test_cli_args_become_a_config(tmp_path):
     import argparse
 
     from splitserve.services.gateway.config import GatewayConfigError
-    from splitserve.services.gateway.server import add_gateway_args, gateway_config_from_args
+    from splitserve.services.gateway.main import add_gateway_args, gateway_config_from_args
 
     parser = argparse.ArgumentParser()
     add_gateway_args(parser)
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
     config = gateway_config_from_args(parser.parse_args(
-        ["--model", str(model_dir), "--prefill-urls", "a:1,b:2", "--decode-urls", "c:3", "--max-n", "8"]))
+        ["--model", str(model_dir), "--prefill-urls", "a:1,b:2", "--decode-urls", "c:3", "--max-n", "8",
+         "--max-model-len", "100"]))
     assert config.served_model_name == "my-model" and config.prefill_urls == ("a:1", "b:2")
-    assert config.decode_urls == ("c:3",) and config.max_n == 8
+    assert config.decode_urls == ("c:3",) and config.max_n == 8 and config.max_model_len == 100
+    assert config.max_inflight_requests == GatewayConfig.max_inflight_requests  # defaults from the dataclass
     named = gateway_config_from_args(parser.parse_args(
         ["--model", str(model_dir), "--served-model-name", "x", "--worker-urls", "w:1"]))
     assert named.served_model_name == "x" and named.worker_urls == ("w:1",)

@@ -1,0 +1,63 @@
+"""Command-line entry of the gateway: `add_gateway_args(parser)` + `run_gateway(args)`.
+
+    splitserve gateway --worker-urls localhost:50053
+    splitserve gateway --prefill-urls localhost:50051 --decode-urls localhost:50052 --port 8000
+
+Flags other than --host/--port/--model are generated from `GatewayConfig`'s fields (one config
+system); `splitserve.services.flags` builds the same parser for the `splitserve` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from splitserve.services.gateway.config import GatewayConfig
+from splitserve.shared.config_flags import add_dataclass_flags
+
+DEMO_SERVED_NAME = "splitserve-demo"
+_RESOLVED_HERE = ("model_dir", "served_model_name")
+
+
+def add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default=None, help="checkpoint dir for the tokenizer (default: the demo checkpoint)")
+    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir",))
+
+
+def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """Served name: --served-model-name, else 'splitserve-demo' for the demo checkpoint, else the dir's name."""
+    model_dir, served = args.model, getattr(args, "served_model_name", None)
+    if model_dir is None:
+        from splitserve.shared.demo import ensure_demo_checkpoint  # builds it on first use (imports torch once)
+
+        model_dir, default_name = ensure_demo_checkpoint(), DEMO_SERVED_NAME
+    else:
+        default_name = os.path.basename(os.path.normpath(model_dir))
+    values = {f.name: getattr(args, f.name) for f in fields(GatewayConfig)
+              if f.name not in _RESOLVED_HERE and getattr(args, f.name, None) is not None}
+    for name in ("prefill_urls", "decode_urls", "worker_urls"):
+        if name in values:
+            values[name] = _url_tuple(values[name])
+    config = GatewayConfig(model_dir=model_dir, served_model_name=served or default_name, **values)
+    config.validate()
+    return config
+
+
+def _url_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'a:1,b:2' or ('a:1', 'b:2') -> ('a:1', 'b:2')."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(u.strip() for item in items for u in item.split(",") if u.strip())
+
+
+def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
+    """Serve the gateway until interrupted (uvicorn handles SIGINT/SIGTERM)."""
+    import uvicorn
+
+    from splitserve.services.gateway.app import build_app
+
+    app = build_app(gateway_config_from_args(args), client_interceptors=client_interceptors)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
