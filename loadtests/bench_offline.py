@@ -41,13 +41,16 @@ def measure_ceilings() -> tuple[float, float]:
 
 
 def roofline_s(shape: str, num: int, input_len: int, output_len: int, bandwidth: float, flops: float) -> tuple[float, float]:
-    """Lower bounds: prefill is matmul-bound (2·params·tokens + causal attention FLOPs); each of the
-    output_len-1 decode steps must read every weight once plus every live token's KV once."""
+    """Lower bounds. Prefill is matmul-bound: 2·(params − embedding)·prompt tokens, the LM head only
+    for each request's last prompt token, plus causal attention. Each of the output_len − 1 decode
+    steps must read every weight once plus every live token's KV once."""
     c = SHAPES[shape]
     params = param_count(shape)
     head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    embedding = c["vocab_size"] * c["hidden_size"]
+    body = params - embedding - (0 if c["tie_word_embeddings"] else embedding)
     attn_flops = 4 * c["num_hidden_layers"] * c["num_attention_heads"] * head_dim * num * input_len * input_len / 2
-    prefill = (2 * params * num * input_len + attn_flops) / flops
+    prefill = (2 * body * num * input_len + 2 * embedding * num + attn_flops) / flops
     kv = kv_bytes_per_token(shape)
     decode = sum(2 * params + num * (input_len + step) * kv for step in range(1, output_len)) / bandwidth
     return prefill, decode

@@ -90,7 +90,7 @@ def main() -> int:
         engine.step()
         torch.cuda.synchronize()
         prefill_s.append(time.perf_counter() - t0)
-    print(f"prefill: {len(prefill_s)} steps, {sum(prefill_s):.3f} s total, first step {prefill_s[0]*1e3:.1f} ms")
+    print(f"prefill (cold): {len(prefill_s)} steps, ms each: {[round(t * 1e3, 1) for t in prefill_s]}")
     for _ in range(3):
         engine.step()
     print(f"decode phases (median ms, batch {args.batch}):", {k: round(v, 2) for k, v in phase_times(engine, 10).items()})
@@ -99,6 +99,21 @@ def main() -> int:
     graphs, runner.graphs = runner.graphs, None
     top_kernels(engine.step, f"decode step eager, batch {args.batch}")
     runner.graphs = graphs
+    # Warm prefill steps: cProfile one to see the host-side cost.
+    import cProfile
+    import pstats
+
+    for i in range(32):
+        engine.add_request(f"w{i}", [rng.randrange(1000, vocab) for _ in range(512)], params)
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    engine.step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"\nwarm prefill step (32 x 512 + decodes): {(time.perf_counter() - t0) * 1e3:.1f} ms; host hot spots:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(8)
     # A prefill step: new requests' prompts.
     for i in range(32):
         engine.add_request(f"p{i}", [rng.randrange(1000, vocab) for _ in range(512)], params)

@@ -123,7 +123,8 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             scheduled = True
-            while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
+            needs_blocks = self.kv.num_blocks_needed(req.request_id, req.num_computed_tokens + num_new) > 0
+            while needs_blocks and self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
                     i -= 1  # an already scheduled request gave its blocks back
