@@ -1,0 +1,53 @@
+"""Coalescing block lists into runs that are contiguous on both sides.
+
+In the block-major layout (kv_cache[num_blocks, num_layers, 2, block_size, Hkv, D]) block b is
+one contiguous region and blocks b..b+n-1 are one larger contiguous region. A transfer of
+src blocks [3,4,5,9,20] into dst blocks [10,11,40,41,42] therefore needs only the runs where
+*both* ids step by one together: (3->10, 2), (5->40, 1), (9->41, 1), (20->42, 1). One message
+per run instead of one per block (or, worse, one per layer) is what keeps small transfers near
+link speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    src_start: int
+    dst_start: int
+    num_blocks: int
+
+
+def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[BlockRun]:
+    """Pairs src_block_ids[i] -> dst_block_ids[i] and merges neighbours adjacent on both sides."""
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ValueError(f"{len(src_block_ids)} src blocks but {len(dst_block_ids)} dst blocks")
+    runs: list[BlockRun] = []
+    for src, dst in zip(src_block_ids, dst_block_ids):
+        last = runs[-1] if runs else None
+        if last and src == last.src_start + last.num_blocks and dst == last.dst_start + last.num_blocks:
+            runs[-1] = BlockRun(last.src_start, last.dst_start, last.num_blocks + 1)
+        else:
+            runs.append(BlockRun(src, dst, 1))
+    return runs
+
+
+def run_region(kv_cache: torch.Tensor, start: int, num_blocks: int) -> torch.Tensor:
+    """The contiguous view kv_cache[start : start + num_blocks] (no copy)."""
+    region = kv_cache[start:start + num_blocks]
+    assert region.is_contiguous(), "kv_cache must be contiguous in its block dimension"
+    return region
+
+
+def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> None:
+    """Raises ValueError naming `what` if an id is out of range or repeated."""
+    bad = [b for b in block_ids if not isinstance(b, int) or not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"{what}: block ids {bad[:8]} out of range [0, {num_blocks})")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"{what}: repeated block ids in {list(block_ids)[:16]}")

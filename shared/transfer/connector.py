@@ -1,0 +1,198 @@
+"""`KVConnector`: the narrow interface the engine calls to move KV blocks between engines.
+
+One per engine. The engine thread calls hold / start_load / poll / abort / stats; none of them
+blocks on I/O. All I/O runs on the connector's own thread, which owns one asyncio loop carrying
+the ZMQ control sockets and the data plane (ucxx is asyncio-based; the NCCL backend adds one
+thread for blocking torch.distributed calls).
+
+Engine contract:
+- call poll() at the start of every step: free the blocks of `released` requests (prefill),
+  admit `loaded` requests at that very step, free the dst blocks of `load_failed` requests and
+  recompute them (decode). Each event is reported exactly once.
+- on a request abort, call abort(request_id). Decode side: keep the dst blocks allocated until
+  the request appears in load_failed (reason 'aborted'); from then on nothing writes into them.
+  Prefill side: the hold shows up in `released` (after any send still reading it has ended).
+- on CUDA, hold() must be called after the prefill step's kernels finished writing the blocks
+  (the engine has synchronized to read the sampled token anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+import torch
+import zmq.asyncio
+
+from .config import TransferConfig
+from .control import ControlClient, ControlServer
+from .decode_side import DecodeSide
+from .events import ConnectorEvents, EventQueue
+from .handle import KvHandle, layout_hash
+from .prefill_side import PrefillSide
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KVConnector", "ConnectorEvents", "TransferConfig"]
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+class KVConnector:
+    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig):
+        config.validate()
+        if kv_cache.dim() != 6 or not kv_cache.is_contiguous():
+            raise ValueError(f"kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
+                             f"Hkv, D] tensor, got shape {tuple(kv_cache.shape)}")
+        self.config = config
+        self.instance_id = str(uuid.uuid4())
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        self.block_size = block_size
+        self.layout_hash = config.layout_hash or layout_hash(
+            config.model_id, str(kv_cache.dtype).removeprefix("torch."), block_size, num_layers,
+            num_kv_heads, head_dim)
+        self._kv_cache = kv_cache
+        self._events = EventQueue()
+        self._prefill: PrefillSide | None = None
+        self._decode: DecodeSide | None = None
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"kv-connector-{self.instance_id[:8]}")
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- loop-side setup -------------------------------------------------------------------
+
+    def _make_data_plane(self):
+        cfg = self.config
+        if cfg.backend == "nccl":
+            from .nccl_backend import NcclDataPlane
+            return NcclDataPlane(cfg.nccl_init_method, cfg.nccl_rank, cfg.nccl_world_size,
+                                 self._kv_cache, cfg.timeout_s)
+        from .ucx_backend import UcxDataPlane
+        return UcxDataPlane(self.instance_id, cfg.host, cfg.data_port, cfg.ucx_tls,
+                            listen=cfg.role in ("decode", "both"), kv_cache=self._kv_cache)
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self._zctx = zmq.asyncio.Context()
+        self._data_plane = self._make_data_plane()
+        await self._data_plane.start()
+        self._tasks: list[asyncio.Task] = []
+        self._server = self._client = None
+        if cfg.role in ("prefill", "both"):
+            self._server = ControlServer(self._zctx, cfg.host, cfg.control_port)
+            self._prefill = PrefillSide(self._kv_cache, self.instance_id, self.layout_hash,
+                                        self._data_plane, self._server, self._events,
+                                        cfg.timeout_s, cfg.lease_s)
+            tick_s = min(0.5, cfg.lease_s / 4)
+            self._tasks += [asyncio.ensure_future(self._prefill.serve()),
+                            asyncio.ensure_future(self._prefill.expire_leases(tick_s))]
+            logger.info("KV connector %s: prefill control at %s", self.instance_id, self._server.address)
+        if cfg.role in ("decode", "both"):
+            self._client = ControlClient(self._zctx)
+            self._decode = DecodeSide(self._kv_cache, self.instance_id, self.layout_hash,
+                                      self._data_plane, self._client, self._events, cfg.timeout_s)
+        logger.info("KV connector %s: role %s, backend %s, layout %s", self.instance_id, cfg.role,
+                    cfg.backend, self.layout_hash)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    @property
+    def control_address(self) -> str:
+        if self._server is None:
+            raise RuntimeError("control_address exists on the prefill side only")
+        return self._server.address
+
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> KvHandle:
+        """Prefill side: keeps `block_ids` for a decode side to load; starts the lease."""
+        if self._prefill is None:
+            raise RuntimeError(f"hold() needs role 'prefill' or 'both', this connector is {self.config.role!r}")
+        from .block_runs import check_block_ids
+        check_block_ids(block_ids, self._kv_cache.shape[0], f"hold({request_id!r})")
+        if not 0 < num_tokens <= len(block_ids) * self.block_size:
+            raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit "
+                             f"{len(block_ids)} blocks of {self.block_size}")
+        return self._prefill.hold(request_id, list(block_ids), num_tokens)
+
+    def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int]) -> None:
+        """Decode side: starts pulling the handle's blocks into `dst_block_ids`; non-blocking."""
+        if self._decode is None:
+            raise RuntimeError(f"start_load() needs role 'decode' or 'both', this connector is {self.config.role!r}")
+        from .block_runs import check_block_ids
+        check_block_ids(list(dst_block_ids), self._kv_cache.shape[0], f"start_load({request_id!r})")
+        if len(dst_block_ids) < len(handle.block_ids):
+            raise ValueError(f"start_load({request_id!r}): {len(dst_block_ids)} dst blocks cannot hold "
+                             f"{len(handle.block_ids)} src blocks")
+        if handle.num_tokens > len(handle.block_ids) * self.block_size:
+            raise ValueError(f"start_load({request_id!r}): handle claims {handle.num_tokens} tokens in "
+                             f"{len(handle.block_ids)} blocks of {self.block_size}")
+        self._call(self._start_load, request_id, handle, list(dst_block_ids), time.monotonic())
+
+    def poll(self) -> ConnectorEvents:
+        return self._events.take()
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a pending load (decode) or a hold (prefill); see the module docstring."""
+        self._call(self._abort, request_id)
+
+    def stats(self) -> dict:
+        stats = self._events.stats()
+        stats["held"] = self._prefill.num_held() if self._prefill else 0
+        return stats
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(
+                    self.config.timeout_s + 10)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("KV connector shutdown: %r", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # ---- loop thread -----------------------------------------------------------------------
+
+    def _call(self, fn, *args) -> None:
+        if self._closed:
+            raise RuntimeError("KV connector is closed")
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int], started: float) -> None:
+        if self._decode.has(request_id):
+            self._events.load_failed(request_id, "duplicate start_load for a request already loading")
+            return
+        self._decode.start(request_id, handle, dst_block_ids, started)
+
+    def _abort(self, request_id: str) -> None:
+        if self._decode is not None and self._decode.abort(request_id):
+            return
+        if self._prefill is not None:
+            self._prefill.abort(request_id)
+
+    async def _shutdown(self) -> None:
+        if self._decode is not None:
+            await self._decode.close()
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+        if getattr(self, "_server", None) is not None:
+            self._server.close()
+        if getattr(self, "_data_plane", None) is not None:
+            await self._data_plane.close()
+        if getattr(self, "_zctx", None) is not None:
+            self._zctx.term()

@@ -1,0 +1,179 @@
+"""Decode side of KV transfer: pulls a request's blocks from the prefill side named in its handle.
+
+Lifecycle of a load (one per request):
+
+    ASKING     `load` sent to the prefill's control address; waiting for accepted/rejected
+    RECEIVING  accepted; the data plane's receives are posted straight into the dst blocks
+    LOADED     every run landed -> ConnectorEvents.loaded, `done` sent to the prefill
+    FAILED     rejected, timed out, peer gone or aborted -> ConnectorEvents.load_failed,
+               `failed` sent to the prefill (so it frees its blocks now, not at lease end)
+
+Every load ends LOADED or FAILED within timeout_s (+ the data plane's cancellation grace).
+
+Abort: while ASKING, the load's task is cancelled at once (nothing was posted into the dst blocks).
+While RECEIVING it is *not* cancelled -- the transport owns the dst buffers until its receives
+retire -- it is marked aborted and reported as failed ('aborted') when the receives end, which
+is bounded by the transfer deadline. A load that already finished but was not yet polled is
+moved from `loaded` to `load_failed`. So: once a request shows up in load_failed, nothing writes
+into its dst blocks any more, and the engine must keep them allocated until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_runs import coalesce_runs, run_region
+from .control import ControlClient
+from .data_plane import DataPlane, TransferError, remaining_s
+from .events import EventQueue
+from .handle import KV_HANDLE_VERSION, KvHandle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Load:
+    request_id: str
+    handle: KvHandle
+    dst_block_ids: tuple[int, ...]
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    transfer_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tag: int = field(default_factory=lambda: random.getrandbits(47) << 16)  # + run index
+    task: asyncio.Task | None = None
+    receiving: bool = False
+    aborted: bool = False
+    notify_prefill: bool = True  # False once the prefill side is known not to need our outcome
+
+
+class DecodeSide:
+    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout_hash: str,
+                 data_plane: DataPlane, client: ControlClient, events: EventQueue, timeout_s: float):
+        self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._data_plane, self._client, self._events = data_plane, client, events
+        self._timeout_s = timeout_s
+        self._loads: dict[str, Load] = {}
+        # nccl: one transfer at a time keeps send/recv order identical on both ranks
+        self._serial = asyncio.Lock() if data_plane.name == "nccl" else None
+
+    def start(self, request_id: str, handle: KvHandle, dst_block_ids: list[int], started: float) -> None:
+        load = Load(request_id, handle, tuple(dst_block_ids[:len(handle.block_ids)]),
+                    deadline=started + self._timeout_s, started=started)
+        self._loads[request_id] = load
+        load.task = asyncio.ensure_future(self._run(load))
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._loads
+
+    def abort(self, request_id: str) -> bool:
+        load = self._loads.get(request_id)
+        if load is None:
+            return self._events.retract_loaded(request_id)
+        load.aborted = True
+        if not load.receiving and load.task is not None:
+            load.task.cancel()
+        return True
+
+    async def close(self) -> None:
+        tasks = [load.task for load in self._loads.values() if load.task is not None]
+        for load in self._loads.values():
+            load.aborted = True
+            if not load.receiving:
+                load.task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._timeout_s)
+
+    async def _run(self, load: Load) -> None:
+        reason = None
+        nbytes = num_runs = 0
+        try:
+            if self._serial is not None:
+                async with self._serial:
+                    nbytes, num_runs = await self._transfer(load)
+            else:
+                nbytes, num_runs = await self._transfer(load)
+        except asyncio.CancelledError:
+            reason = "aborted"
+        except TransferError as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every load must end in an event
+            logger.exception("load of %s failed unexpectedly", load.request_id)
+            reason = f"internal error: {exc!r}"
+        finally:
+            self._client.close_inbox(load.transfer_id)
+            del self._loads[load.request_id]
+        if load.aborted:
+            reason = "aborted"
+        self._finish(load, reason, nbytes, num_runs)
+
+    def _finish(self, load: Load, reason: str | None, nbytes: int, num_runs: int) -> None:
+        h = load.handle
+        if load.notify_prefill:
+            outcome = {"type": "done" if reason is None else "failed", "request_id": h.request_id,
+                       "transfer_id": load.transfer_id, "prefill_instance_id": h.instance_id,
+                       "reason": reason}
+            self._client.send(h.control_address, outcome)
+        if reason is None:
+            seconds = time.monotonic() - load.started
+            self._events.loaded(load.request_id, nbytes, num_runs, len(load.dst_block_ids), seconds)
+        else:
+            logger.info("load of %s failed: %s", load.request_id, reason)
+            self._events.load_failed(load.request_id, reason)
+
+    async def _transfer(self, load: Load) -> tuple[int, int]:
+        h = load.handle
+        if h.version != KV_HANDLE_VERSION:
+            raise TransferError(f"handle version {h.version} unsupported (expected {KV_HANDLE_VERSION})")
+        if h.layout_hash != self._layout_hash:
+            raise TransferError(f"layout hash mismatch: handle has {h.layout_hash!r}, this decode "
+                                f"engine has {self._layout_hash!r} (model, dtype, block size or shape differ)")
+        inbox = self._client.open_inbox(load.transfer_id)
+        self._client.send(h.control_address, self._load_message(load))
+        reply = await self._next_reply(load, inbox)
+        if reply["type"] == "rejected":
+            load.notify_prefill = False
+            raise TransferError(f"prefill rejected the load: {reply.get('reason')}")
+        if reply["type"] != "accepted":
+            raise TransferError(f"unexpected control reply {reply['type']!r}")
+        runs = coalesce_runs(h.block_ids, load.dst_block_ids)
+        regions = [run_region(self._kv_cache, r.dst_start, r.num_blocks) for r in runs]
+        stop = asyncio.Event()
+        watcher = asyncio.ensure_future(self._watch_send_failed(inbox, stop))
+        load.receiving = True
+        try:
+            await self._data_plane.recv(h.instance_id, load.tag, regions, load.deadline, stop)
+        finally:
+            watcher.cancel()
+        return sum(r.numel() * r.element_size() for r in regions), len(runs)
+
+    async def _next_reply(self, load: Load, inbox: asyncio.Queue) -> dict:
+        try:
+            return await asyncio.wait_for(inbox.get(), remaining_s(load.deadline))
+        except asyncio.TimeoutError:
+            self._client.drop(load.handle.control_address)  # the peer may have vanished
+            load.notify_prefill = False
+            raise TransferError(f"prefill at {load.handle.control_address} did not answer within "
+                                f"{self._timeout_s:.1f} s") from None
+
+    async def _watch_send_failed(self, inbox: asyncio.Queue, stop: asyncio.Event) -> None:
+        while True:
+            msg = await inbox.get()
+            if msg["type"] == "send_failed":
+                logger.warning("prefill reports its send failed: %s", msg.get("reason"))
+                stop.set()
+                return
+
+    def _load_message(self, load: Load) -> dict:
+        h = load.handle
+        return {"type": "load", "transfer_id": load.transfer_id, "request_id": h.request_id,
+                "prefill_instance_id": h.instance_id, "decode_instance_id": self._instance_id,
+                "layout_hash": self._layout_hash, "src_block_ids": list(h.block_ids),
+                "dst_block_ids": list(load.dst_block_ids), "tag": load.tag,
+                "data_address": self._data_plane.address()}

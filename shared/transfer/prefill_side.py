@@ -1,0 +1,182 @@
+"""Prefill side of KV transfer: holds finished prompts' blocks and sends them when asked.
+
+Lifecycle of a hold (one per request):
+
+    HELD      hold() registered the blocks; lease = now + lease_s
+    SENDING   a decode side's `load` was accepted; lease extended by timeout_s + lease_s;
+              the data plane reads the src blocks
+    SENT      every run was sent (or the send failed and the decode side was told so)
+    RELEASED  reported in ConnectorEvents.released; the engine frees the blocks
+
+Release happens on the decode side's `done` or `failed`, on abort(), on a load whose layout hash
+does not match ours (that decode side will recompute; nobody else will come for these blocks),
+and when the lease runs out. A release that arrives while SENDING waits for the send to end, so
+blocks are never freed under a transport still reading them. A `load` naming another instance id
+(we restarted since the handle was made) is rejected and touches no hold of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .block_runs import coalesce_runs, run_region
+from .control import ControlServer
+from .data_plane import DataPlane, TransferError
+from .events import EventQueue
+from .handle import KV_HANDLE_VERSION, KvHandle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Hold:
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    expires_at: float
+    transfer_id: str | None = None
+    sending: bool = False
+    release_reason: str | None = None  # set while sending: release once the send ends
+    bytes_sent: int = 0
+
+
+class PrefillSide:
+    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout_hash: str,
+                 data_plane: DataPlane, server: ControlServer, events: EventQueue,
+                 timeout_s: float, lease_s: float):
+        self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._data_plane, self._server, self._events = data_plane, server, events
+        self._timeout_s, self._lease_s = timeout_s, lease_s
+        self._lock = threading.Lock()  # hold() runs on the engine thread, the rest on the loop
+        self._holds: dict[str, Hold] = {}
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> KvHandle:
+        with self._lock:
+            if request_id in self._holds:
+                raise ValueError(f"request {request_id!r} is already held")
+            self._holds[request_id] = Hold(request_id, tuple(block_ids), num_tokens,
+                                           time.monotonic() + self._lease_s)
+        return KvHandle(KV_HANDLE_VERSION, self._instance_id, request_id, tuple(block_ids),
+                        num_tokens, self._layout_hash, self._server.address)
+
+    def num_held(self) -> int:
+        with self._lock:
+            return len(self._holds)
+
+    # ---- loop thread -----------------------------------------------------------------------
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            hold = self._holds.get(request_id)
+        if hold is not None:
+            self._release(hold, "aborted")
+        return hold is not None
+
+    async def serve(self) -> None:
+        while True:
+            peer, msg = await self._server.recv()
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "load":
+                self._on_load(peer, msg)
+            elif kind in ("done", "failed"):
+                self._on_outcome(msg)
+            else:
+                logger.warning("unknown control message type %r", kind)
+
+    async def expire_leases(self, tick_s: float) -> None:
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            with self._lock:
+                expired = [h for h in self._holds.values() if h.expires_at <= now and not h.sending]
+            for hold in expired:
+                logger.info("lease of %s expired (no decode side confirmed)", hold.request_id)
+                self._release(hold, "lease expired")
+
+    def _release(self, hold: Hold, reason: str) -> None:
+        if hold.sending:
+            hold.release_reason = hold.release_reason or reason
+            return
+        with self._lock:
+            if self._holds.pop(hold.request_id, None) is None:
+                return
+        logger.debug("released %s (%s)", hold.request_id, reason)
+        self._events.released(hold.request_id, hold.bytes_sent)
+
+    def _reject_reason(self, msg: dict, hold: Hold | None) -> str | None:
+        if msg.get("prefill_instance_id") != self._instance_id:
+            return (f"unknown prefill instance_id {msg.get('prefill_instance_id')!r}: this prefill "
+                    f"is {self._instance_id} (the handle is from a previous process?)")
+        if msg.get("layout_hash") != self._layout_hash:
+            return (f"layout hash mismatch: decode sent {msg.get('layout_hash')!r}, this prefill has "
+                    f"{self._layout_hash!r} (model, dtype, block size or shape differ)")
+        if msg.get("data_address", {}).get("backend") != self._data_plane.name:
+            return (f"backend mismatch: decode uses {msg.get('data_address', {}).get('backend')!r}, "
+                    f"this prefill uses {self._data_plane.name!r}")
+        if hold is None:
+            return f"request {msg.get('request_id')!r} is not held here (released, expired or never held)"
+        if hold.transfer_id is not None:
+            return f"request {hold.request_id!r} is already being loaded (transfer {hold.transfer_id})"
+        if tuple(msg.get("src_block_ids", ())) != hold.block_ids:
+            return f"src block ids {msg.get('src_block_ids')} differ from the held {list(hold.block_ids)}"
+        if len(msg.get("dst_block_ids", ())) != len(hold.block_ids):
+            return f"{len(msg.get('dst_block_ids', ()))} dst blocks for {len(hold.block_ids)} src blocks"
+        return None
+
+    def _on_load(self, peer: bytes, msg: dict) -> None:
+        with self._lock:
+            hold = self._holds.get(msg.get("request_id"))
+        reason = self._reject_reason(msg, hold)
+        if reason is not None:
+            logger.warning("rejecting load of %s: %s", msg.get("request_id"), reason)
+            self._server.reply(peer, {"type": "rejected", "transfer_id": msg.get("transfer_id"),
+                                      "reason": reason})
+            if hold is not None and reason.startswith("layout hash mismatch"):
+                self._release(hold, "layout hash mismatch")
+            return
+        hold.transfer_id, hold.sending = msg["transfer_id"], True
+        hold.expires_at = time.monotonic() + self._timeout_s + self._lease_s
+        runs = coalesce_runs(hold.block_ids, msg["dst_block_ids"])
+        self._server.reply(peer, {"type": "accepted", "transfer_id": hold.transfer_id,
+                                  "num_runs": len(runs)})
+        asyncio.ensure_future(self._send(peer, hold, msg, runs))
+
+    async def _send(self, peer: bytes, hold: Hold, msg: dict, runs) -> None:
+        regions = [run_region(self._kv_cache, r.src_start, r.num_blocks) for r in runs]
+        nbytes = sum(r.numel() * r.element_size() for r in regions)
+        try:
+            await self._data_plane.send(msg["decode_instance_id"], msg["data_address"], msg["tag"],
+                                        regions, time.monotonic() + self._timeout_s)
+            hold.bytes_sent = nbytes
+            self._events.sent(nbytes, len(runs), len(hold.block_ids), ok=True)
+        except TransferError as exc:
+            logger.warning("sending %s failed: %s", hold.request_id, exc)
+            self._events.sent(0, 0, 0, ok=False)
+            self._server.reply(peer, {"type": "send_failed", "transfer_id": hold.transfer_id,
+                                      "reason": str(exc)})
+        finally:
+            hold.sending = False
+            if hold.release_reason is not None:
+                self._release(hold, hold.release_reason)
+
+    def _on_outcome(self, msg: dict) -> None:
+        if msg.get("prefill_instance_id") != self._instance_id:
+            return  # about a previous incarnation of this prefill: nothing of ours
+        with self._lock:
+            hold = self._holds.get(msg.get("request_id"))
+        if hold is None:
+            return
+        if hold.transfer_id is not None and msg.get("transfer_id") != hold.transfer_id:
+            return  # stale message about another load of the same request id
+        reason = "decode done" if msg["type"] == "done" else f"decode failed: {msg.get('reason')}"
+        self._release(hold, reason)

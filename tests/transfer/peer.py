@@ -1,0 +1,130 @@
+"""A KVConnector in its own process, driven over a multiprocessing pipe (spawn context).
+
+The test process sends commands; the child runs them on its own KVConnector and answers. Every
+answer is awaited with a timeout, so a hung child fails the test instead of hanging it.
+
+The child's kv_cache is filled deterministically from `seed`
+(torch.randn(generator=manual_seed(seed))), so the test can rebuild the expected contents.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+KV_SHAPE = (64, 2, 2, 16, 2, 8)  # [num_blocks, num_layers, 2, block_size, Hkv, D]
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 4
+
+
+def make_cache(seed: int):
+    import torch
+    return torch.randn(KV_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _child(conn, config_kwargs: dict, seed: int) -> None:
+    os.environ.setdefault("UCX_TLS", "tcp")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from splitserve.shared.transfer import KvHandle, TransferConfig
+    from splitserve.shared.transfer.connector import KVConnector
+
+    torch.set_num_threads(1)
+    kv_cache = make_cache(seed)
+    try:
+        connector = KVConnector(kv_cache, TransferConfig(**config_kwargs))
+        conn.send(("ok", {"instance_id": connector.instance_id, "layout_hash": connector.layout_hash,
+                          "control_address": getattr(connector, "_server", None)
+                          and connector.control_address}))
+    except Exception:  # noqa: BLE001
+        conn.send(("error", traceback.format_exc()))
+        return
+    seen = {"loaded": [], "load_failed": [], "released": [], "loaded_bytes": {}, "sent_bytes": {}}
+
+    def drain():
+        ev = connector.poll()
+        seen["loaded"] += ev.loaded
+        seen["load_failed"] += [list(x) for x in ev.load_failed]
+        seen["released"] += ev.released
+        seen["loaded_bytes"].update(ev.loaded_bytes)
+        seen["sent_bytes"].update(ev.sent_bytes)
+
+    while True:
+        cmd, args = conn.recv()
+        try:
+            if cmd == "close":
+                connector.close()
+                conn.send(("ok", None))
+                return
+            if cmd == "hold":
+                result = connector.hold(*args).to_dict()
+            elif cmd == "start_load":
+                rid, handle, dst = args
+                result = connector.start_load(rid, KvHandle.from_dict(handle), dst)
+            elif cmd == "abort":
+                result = connector.abort(*args)
+            elif cmd == "stats":
+                result = connector.stats()
+            elif cmd == "blocks":
+                result = kv_cache[list(args[0])].clone()
+            elif cmd == "cache":
+                result = kv_cache.clone()
+            elif cmd == "wait_events":  # until every id in `ids` appears in `kind`, or timeout
+                kind, ids, timeout_s = args
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    drain()
+                    got = {x[0] if isinstance(x, list) else x for x in seen[kind]}
+                    if set(ids) <= got or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.005)
+                result = dict(seen)
+            elif cmd == "events":
+                drain()
+                result = dict(seen)
+            else:
+                raise ValueError(f"unknown command {cmd}")
+            conn.send(("ok", result))
+        except Exception:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+
+
+class Peer:
+    """Handle on a child process running one KVConnector."""
+
+    def __init__(self, seed: int, start_timeout_s: float = 60.0, **config_kwargs):
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_child, args=(child_conn, config_kwargs, seed), daemon=True)
+        self.process.start()
+        self.info = self._answer(start_timeout_s)
+        self.seed = seed
+
+    def _answer(self, timeout_s: float):
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"peer process gave no answer within {timeout_s} s")
+        status, result = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"peer process failed:\n{result}")
+        return result
+
+    def call(self, cmd: str, *args, timeout_s: float = 30.0):
+        self._conn.send((cmd, args))
+        return self._answer(timeout_s)
+
+    def wait_events(self, kind: str, ids, timeout_s: float) -> dict:
+        return self.call("wait_events", kind, list(ids), timeout_s, timeout_s=timeout_s + 30)
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.call("close", timeout_s=30)
+            except Exception:  # noqa: BLE001
+                pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
