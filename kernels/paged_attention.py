@@ -80,8 +80,8 @@ def paged_attention_ref(
 # tile loaded once serves every head of its group. Tile ids are laid out so that request b's tiles
 # start at `query_start_loc[b] // BLOCK_Q + b`; `T // BLOCK_Q + B` ids cover every request without a
 # host-side pass over the query lengths, and ids past a request's last tile exit at once.
-# With NUM_SPLITS > 1 each program covers a contiguous share of the tile's key range and writes an
-# unnormalised-free partial (normalised output + log2-sum-exp); `_combine_splits_kernel` merges them.
+# With NUM_SPLITS > 1 each program covers a contiguous share of the tile's key range and writes its
+# normalised partial output plus its log2-sum-exp; `_combine_splits_kernel` merges them.
 
 
 @triton.jit
