@@ -72,7 +72,6 @@ def paged_attention_ref(
     return out
 
 
-
 # ---------------------------------------------------------------- Triton kernel
 #
 # Grid: (query tiles, kv heads, kv splits). A query tile is BLOCK_Q tokens of one request times the
