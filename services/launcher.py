@@ -116,11 +116,13 @@ def _stop(children: list[Child]) -> None:
 
 
 def run_stack(args: argparse.Namespace) -> int:
+    from splitserve.shared.demo import served_model_name
     from splitserve.shared.engine_parts import resolve_model_dir
 
+    name = served_model_name(args.model)
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children
     args.model = model_dir
-    model_argv = engine_flags_to_argv(args)
+    model_argv = [*engine_flags_to_argv(args), "--served-model-name", name]
     prefill, decode, colocated = _worker_children(args, model_argv)
     workers = prefill + decode + colocated
     url = f"http://{args.host}:{args.port}"
@@ -128,7 +130,7 @@ def run_stack(args: argparse.Namespace) -> int:
                 ["--prefill-urls", ",".join(c.address for c in prefill),
                  "--decode-urls", ",".join(c.address for c in decode)])
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port),
-                                    "--model", model_dir, *topology))
+                                    "--model", model_dir, "--served-model-name", name, *topology))
     stopping = False
 
     def on_signal(signum, frame):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import types
 import typing
 from dataclasses import MISSING, fields
 
@@ -30,8 +31,10 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def _parse_type(annotation):
-    hints = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    return hints[0]
+    """`int | None` -> int; other annotations (including `tuple[str, ...]`) as they are."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    return annotation
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, prefix: str = "",

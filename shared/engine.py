@@ -96,7 +96,8 @@ class EngineCore:
         if parts.device.type == "cuda" and not config.model.enforce_eager:
             graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
                                   parts.device)
-        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs)
+        warmup_tokens = config.scheduler.max_num_batched_tokens if parts.device.type == "cuda" else 0
+        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs, warmup_tokens)
         self.connector = connector_factory(parts) if connector_factory else None
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
@@ -169,7 +170,7 @@ class EngineCore:
         for req, block_ids in sched.kv_loads:
             self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
-        tables = {s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled}
+        tables = {s.request.request_id: self.kv.block_table(s.request.request_id) for s in sched.scheduled}
         result = self.runner.execute(sched, tables)
         self._update(sched, result.sampled, outputs)
         return list(outputs.values())

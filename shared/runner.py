@@ -49,7 +49,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, warmup_tokens: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -59,8 +59,33 @@ class ModelRunner:
         model.bind_kv_cache(kv_cache)
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = graphs
+        if warmup_tokens > 1:
+            self.warmup(warmup_tokens)
         if graphs is not None:
             graphs.capture()
+
+    @torch.inference_mode()
+    def warmup(self, num_tokens: int) -> None:
+        """Run one fake mixed step (a prefill chunk of num_tokens - 1 and a decode) so every kernel is
+        compiled before the first request. Slots are -1: the KV cache is not written."""
+        bs = self.block_size
+        width = -(-num_tokens // bs)
+        dev = self.device
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor([0, num_tokens - 1, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens - 1, 1], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(2, width, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
+            max_query_len=num_tokens - 1, max_seq_len=num_tokens - 1,
+            query_lens_cpu=[num_tokens - 1, 1], seq_lens_cpu=[num_tokens - 1, 1],
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        positions = torch.cat([torch.arange(num_tokens - 1, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)])
+        hidden = self.model(input_ids, positions, attn)
+        logits = self.model.compute_logits(hidden[-2:])
+        from splitserve.shared.sampling_params import SamplingParams
+
+        self.sampler(logits, [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2)
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
@@ -103,6 +128,7 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, attn)
         return self.model(inputs.input_ids, inputs.positions, attn)
 
+    @torch.inference_mode()
     def prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepInputs:
         """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms."""
         bs = self.block_size

@@ -66,7 +66,9 @@ class Sampler:
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None, ranks=[])
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
+        # A full pass over [N, V]: only when some row asked for logprobs (vLLM does the same).
+        wants_logprobs = any(row.params.logprobs is not None for row in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [N, V]
 
         processed = apply_min_tokens(logits, rows)
         processed = apply_penalties(processed, rows)
@@ -186,22 +188,32 @@ def _exponential_noise(rows: Sequence[SamplingInput], vocab_size: int, device: t
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
-def _gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
+def _gather_logprobs(raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
                      rows: Sequence[SamplingInput]) -> SamplerOutput:
-    """Sampled-token logprob, rank and top-n alternatives, all from log_softmax(raw logits)."""
+    """Sampled-token logprob, rank and top-n alternatives, all from log_softmax(raw logits).
+
+    Without `raw_logprobs` (no row asked) logprobs are reported as 0.0 and ranks as 0. Results
+    come back to the host in one transfer (one sync per step)."""
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[0.0] * len(rows), top_logprobs=None,
+                             ranks=[0] * len(rows))
     sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [N, 1]
     ranks = (raw_logprobs >= sampled).sum(dim=-1)  # [N]; ties count against the sampled token
     counts = [row.params.logprobs or 0 for row in rows]
+    columns = [token_ids.double(), sampled.squeeze(1).double(), ranks.double()]
+    width = min(max(counts), raw_logprobs.shape[1])
+    if width > 0:
+        values, ids = raw_logprobs.topk(width, dim=-1)  # [N, n]
+        columns += [*ids.double().T, *values.double().T]
+    packed = torch.stack(columns, dim=1).tolist()  # [N, 3 + 2n], float64 holds token ids exactly
     top_logprobs = None
-    if max(counts) > 0:
-        values, ids = raw_logprobs.topk(min(max(counts), raw_logprobs.shape[1]), dim=-1)  # [N, n]
-        values, ids = values.tolist(), ids.tolist()
-        top_logprobs = [list(zip(ids[i][:n], values[i][:n])) for i, n in enumerate(counts)]
+    if width > 0:
+        top_logprobs = [[(int(row[3 + j]), row[3 + width + j]) for j in range(n)] for row, n in zip(packed, counts)]
     return SamplerOutput(
-        token_ids=token_ids.tolist(),
-        logprobs=sampled.squeeze(1).tolist(),
+        token_ids=[int(row[0]) for row in packed],
+        logprobs=[row[1] for row in packed],
         top_logprobs=top_logprobs,
-        ranks=ranks.tolist(),
+        ranks=[int(row[2]) for row in packed],
     )
 
 

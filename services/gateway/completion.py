@@ -177,6 +177,7 @@ class ChoiceStream:
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         last_token_s: float | None = None
+        held_tokens = 0  # tokens whose text the detokenizer still holds back (partial UTF-8, stop prefix)
         tokens = self.dispatcher.generate(self.worker_request)
         try:
             async for chunk in tokens:
@@ -184,12 +185,16 @@ class ChoiceStream:
                 self._observe_latency(now, last_token_s, len(chunk.token_ids))
                 last_token_s = now
                 delta = self._delta(chunk)
+                delta.num_tokens += held_tokens
                 if delta.finish_reason is not None:
                     self._observe_final(chunk)
                     yield delta
                     return  # closing `tokens` cancels the worker call when a stop string ended us
                 if delta.text or delta.logprobs:
+                    held_tokens = 0
                     yield delta
+                else:
+                    held_tokens = delta.num_tokens
         finally:
             await tokens.aclose()
         raise service_unavailable(f"worker stream for {self.worker_request.request_id} ended without a finish reason")

@@ -52,6 +52,10 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
 
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's live block table (no copy, for the per-step hot path): do not modify."""
+        return self._tables.get(request_id, [])
+
     def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
         """Blocks to add to the request's table so it covers `num_total_tokens` slots."""
         num_held = len(self._tables.get(request_id, ()))

@@ -204,6 +204,11 @@ def test_logprobs_come_from_raw_logits():
         assert values == pytest.approx(top_values.tolist(), abs=1e-6)
 
 
+def test_logprobs_skipped_when_no_row_asks():
+    out = Sampler()(torch.randn(3, 50), [row(SamplingParams(temperature=0.0)) for _ in range(3)])
+    assert out.logprobs == [0.0] * 3 and out.ranks == [0] * 3 and out.top_logprobs is None
+
+
 def test_top_logprobs_is_none_when_no_row_asks():
     rows = [row(SamplingParams(logprobs=0)), row(SamplingParams())]
     out = Sampler()(torch.randn(2, 10), rows)
@@ -220,7 +225,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     logits[:, eos] = 20.0
     logits[:, stop] = 19.0
     rows = [
-        row(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop]), output=[1, 2], eos={eos}),
+        row(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop], logprobs=0), output=[1, 2], eos={eos}),
         row(SamplingParams(temperature=1.0, min_tokens=3, stop_token_ids=[stop]), output=[1], eos={eos}, seed=0),
         row(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop]), output=[1, 2, 3], eos={eos}),
         row(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop], ignore_eos=True), eos={eos}),
