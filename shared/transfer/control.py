@@ -84,6 +84,9 @@ class ControlClient:
         self._inboxes[transfer_id] = asyncio.Queue()
         return self._inboxes[transfer_id]
 
+    def inbox(self, transfer_id: str) -> asyncio.Queue | None:
+        return self._inboxes.get(transfer_id)
+
     def close_inbox(self, transfer_id: str) -> None:
         self._inboxes.pop(transfer_id, None)
 

@@ -10,7 +10,10 @@ Lifecycle of a load (one per request):
 
 Every load ends LOADED or FAILED within timeout_s (+ the data plane's cancellation grace).
 
-Abort: while ASKING, the load's task is cancelled at once (nothing was posted into the dst blocks).
+Abort: while ASKING, the load's task is cancelled at once (nothing was posted into the dst
+blocks). The prefill side may still accept the load we no longer want; a drain task then receives
+its data into a scratch buffer, so the prefill's sends complete and its blocks are freed promptly
+(UCX only; with NCCL an abort never cancels, to keep both ranks' send/recv order identical).
 While RECEIVING it is *not* cancelled -- the transport owns the dst buffers until its receives
 retire -- it is marked aborted and reported as failed ('aborted') when the receives end, which
 is bounded by the transfer deadline. A load that already finished but was not yet polled is
@@ -62,6 +65,7 @@ class DecodeSide:
         self._loads: dict[str, Load] = {}
         # nccl: one transfer at a time keeps send/recv order identical on both ranks
         self._serial = asyncio.Lock() if data_plane.name == "nccl" else None
+        self._closing = False
 
     def start(self, request_id: str, handle: KvHandle, dst_block_ids: list[int], started: float) -> None:
         load = Load(request_id, handle, tuple(dst_block_ids[:len(handle.block_ids)]),
@@ -77,15 +81,16 @@ class DecodeSide:
         if load is None:
             return self._events.retract_loaded(request_id)
         load.aborted = True
-        if not load.receiving and load.task is not None:
+        if not load.receiving and load.task is not None and self._serial is None:
             load.task.cancel()
         return True
 
     async def close(self) -> None:
         tasks = [load.task for load in self._loads.values() if load.task is not None]
+        self._closing = True
         for load in self._loads.values():
             load.aborted = True
-            if not load.receiving:
+            if not load.receiving and self._serial is None:
                 load.task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self._timeout_s)
@@ -93,6 +98,7 @@ class DecodeSide:
     async def _run(self, load: Load) -> None:
         reason = None
         nbytes = num_runs = 0
+        draining = False
         try:
             if self._serial is not None:
                 async with self._serial:
@@ -101,13 +107,17 @@ class DecodeSide:
                 nbytes, num_runs = await self._transfer(load)
         except asyncio.CancelledError:
             reason = "aborted"
+            draining = not self._closing and self._client.inbox(load.transfer_id) is not None
+            if draining:
+                asyncio.ensure_future(self._drain(load))
         except TransferError as exc:
             reason = str(exc)
         except Exception as exc:  # noqa: BLE001 - every load must end in an event
             logger.exception("load of %s failed unexpectedly", load.request_id)
             reason = f"internal error: {exc!r}"
         finally:
-            self._client.close_inbox(load.transfer_id)
+            if not draining:
+                self._client.close_inbox(load.transfer_id)  # else _drain owns the inbox
             del self._loads[load.request_id]
         if load.aborted:
             reason = "aborted"
@@ -152,6 +162,24 @@ class DecodeSide:
         finally:
             watcher.cancel()
         return sum(r.numel() * r.element_size() for r in regions), len(runs)
+
+    async def _drain(self, load: Load) -> None:
+        """After an abort while ASKING: if the prefill side accepts anyway, take its data into
+        scratch memory (the dst blocks are no longer ours) so its sends do not hang."""
+        inbox = self._client.inbox(load.transfer_id)
+        try:
+            reply = await asyncio.wait_for(inbox.get(), remaining_s(load.deadline))
+            if reply["type"] != "accepted":
+                return
+            runs = coalesce_runs(load.handle.block_ids, load.dst_block_ids)
+            scratch = [torch.empty_like(run_region(self._kv_cache, r.dst_start, r.num_blocks))
+                       for r in runs]
+            await self._data_plane.recv(load.handle.instance_id, load.tag, scratch, load.deadline,
+                                        asyncio.Event())
+        except (asyncio.TimeoutError, TransferError) as exc:
+            logger.info("draining aborted load %s: %r", load.request_id, exc)
+        finally:
+            self._client.close_inbox(load.transfer_id)
 
     async def _next_reply(self, load: Load, inbox: asyncio.Queue) -> dict:
         try:

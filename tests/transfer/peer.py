@@ -100,8 +100,15 @@ class Peer:
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=_child, args=(child_conn, config_kwargs, seed), daemon=True)
         self.process.start()
-        self.info = self._answer(start_timeout_s)
         self.seed = seed
+        self._start_timeout_s = start_timeout_s
+        self.info = None
+
+    def ready(self) -> "Peer":
+        """Waits for the child's connector to start (spawn several peers, then call ready())."""
+        if self.info is None:
+            self.info = self._answer(self._start_timeout_s)
+        return self
 
     def _answer(self, timeout_s: float):
         if not self._conn.poll(timeout_s):
