@@ -81,3 +81,36 @@ def test_hold_nobody_loads_is_released_when_its_lease_ends(ucx_pair):
     elapsed = time.monotonic() - t0
     assert "orphan" in events["released"] and events["sent_bytes"]["orphan"] == 0
     assert PREFILL_LEASE_S * 0.9 <= elapsed <= PREFILL_LEASE_S + MARGIN_S
+
+
+def test_restarted_prefill_on_the_same_address_is_a_new_peer(ucx_pair):
+    """Kill a prefill mid-life and start another on its control port: handles of the old one are
+    rejected by name, and the decode side's cached control and UCX connections move on cleanly."""
+    _, decode = ucx_pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from .peer import Peer, make_cache
+    common = dict(role="prefill", ucx_tls="tcp", model_id="tiny", control_port=port, timeout_s=5, lease_s=10)
+    first = Peer(5, **common).ready()
+    try:
+        old = first.call("hold", "gen1", [1], 16)
+        decode.call("start_load", "gen1", old, [20])
+        assert "gen1" in decode.wait_events("loaded", ["gen1"], timeout_s=10)["loaded"]
+        orphan = first.call("hold", "gen1-orphan", [2], 16)
+    finally:
+        first.process.kill()  # a crash: no close(), no goodbye
+        first.process.join(timeout=10)
+    second = Peer(6, **common).ready()
+    try:
+        assert second.info["control_address"] == old["control_address"]
+        decode.call("start_load", "gen1-orphan", orphan, [21])
+        events = decode.wait_events("load_failed", ["gen1-orphan"], timeout_s=10)
+        assert "unknown prefill instance_id" in _reason(events, "gen1-orphan")
+        new = second.call("hold", "gen2", [3, 4], 32)
+        decode.call("start_load", "gen2", new, [22, 23])
+        events = decode.wait_events("loaded", ["gen2"], timeout_s=10)
+        assert "gen2" in events["loaded"], events["load_failed"]
+        assert torch.equal(decode.call("blocks", [22, 23]), make_cache(6)[[3, 4]])
+    finally:
+        second.close()

@@ -3,7 +3,6 @@ abort on both sides, concurrent loads. Control messages cross real ZMQ sockets."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
