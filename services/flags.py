@@ -44,7 +44,7 @@ def _run_up(args):
 def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
     from splitserve.shared.transfer.config import TransferConfig
 
-    add_dataclass_flags(parser, TransferConfig, "KV transfer options", prefix="transfer_", skip=("role", "layout_hash"))
+    add_dataclass_flags(parser, TransferConfig, "KV transfer options", prefix="transfer_", skip=("role", "layout_hash", "model_id"))
 
 
 def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, transfer: bool) -> None:

@@ -101,6 +101,9 @@ class EngineCore:
         self.connector = connector_factory(parts) if connector_factory else None
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
+        """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
+        self.aborting: dict[str, Request] = {}
+        """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
 
@@ -150,16 +153,22 @@ class EngineCore:
         req = self.requests.get(request_id)
         if req is None:
             return False
-        if request_id in self.scheduler.loading and self.connector is not None:
-            self.connector.abort(request_id)
         self.scheduler.remove(request_id)
+        if req.status is RequestStatus.WAITING_FOR_KV and self.kv.block_ids(request_id):
+            # A transfer may still be writing into the blocks: free them only once the connector
+            # reports the load ended (load_failed "aborted", or loaded).
+            self.connector.abort(request_id)
+            self.requests.pop(request_id)
+            self.aborting[request_id] = req
+            req.status = RequestStatus.FINISHED_ABORTED
+            return True
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         self._kv_bytes.pop(request_id, None)
         self._kv_windows.pop(request_id, None)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self.held)
+        return bool(self.requests) or bool(self.held) or bool(self.aborting)
 
     # ---- the step ---------------------------------------------------------------------
 
@@ -208,12 +217,17 @@ class EngineCore:
         for request_id in events.released:
             if self.held.pop(request_id, None) is not None:
                 self.kv.free(request_id)
+        ended = [*events.loaded, *(request_id for request_id, _ in events.load_failed)]
+        for request_id in ended:
+            if self.aborting.pop(request_id, None) is not None:
+                self.kv.free(request_id)
+                self._kv_windows.pop(request_id, None)
         for request_id in events.loaded:
             req = self.scheduler.finish_kv_load(request_id, ok=True)
             if req is not None:
                 req.num_computed_tokens = req.num_cached_tokens = req.num_prompt_tokens
                 self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
-                self._kv_bytes[request_id] = self.connector.bytes_received(request_id)
+                self._kv_bytes[request_id] = events.loaded_bytes.get(request_id, 0)
                 self._end_kv_window(request_id, ok=True)
         for request_id, reason in events.load_failed:
             if self.scheduler.finish_kv_load(request_id, ok=False) is not None:

@@ -53,11 +53,21 @@ def _url_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
-    """Serve the gateway until interrupted (uvicorn handles SIGINT/SIGTERM)."""
+    """Serve the gateway until interrupted (uvicorn handles SIGINT/SIGTERM).
+
+    With OTEL_EXPORTER_OTLP_ENDPOINT set, HTTP requests get server spans and every gRPC call
+    carries the trace context to the workers (see shared/telemetry.py)."""
     import uvicorn
 
     from splitserve.services.gateway.app import build_app
+    from splitserve.shared import telemetry
 
-    app = build_app(gateway_config_from_args(args), client_interceptors=client_interceptors)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    telemetry.setup_tracing("splitserve-gateway")
+    interceptors = [*client_interceptors, *telemetry.grpc_client_interceptors()]
+    app = build_app(gateway_config_from_args(args), client_interceptors=interceptors)
+    telemetry.instrument_fastapi(app)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        telemetry.shutdown_tracing()
     return 0

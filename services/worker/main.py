@@ -31,7 +31,10 @@ def connector_factory(args: argparse.Namespace, role: str):
     def make(parts):
         lh = layout_hash(parts.model_dir, str(parts.dtype).removeprefix("torch."), parts.block_size,
                          parts.info.num_layers, parts.info.num_kv_heads, parts.info.head_dim)
-        config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh)
+        # CPU KV moves over TCP; on GPUs UCX picks cuda_ipc / rc itself unless told otherwise.
+        tls = args.transfer_ucx_tls or ("tcp" if parts.device.type == "cpu" else None)
+        config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh,
+                                     model_id=parts.model_dir, ucx_tls=tls)
         return KVConnector(parts.kv_cache, config)
 
     return make

@@ -1,0 +1,141 @@
+"""Start the real local stack (`splitserve up`) as subprocesses for end-to-end tests.
+
+    with LocalStack(["--prefill", "1", "--decode", "1"], tmp_path) as stack:
+        client = stack.openai()
+        stack.load("decode", 0)      # the worker's GetLoad report
+
+Every process is real (gateway, prefill, decode, gRPC, ZMQ, UCX over loopback TCP); the stack
+serves the demo checkpoint from a per-test cache. Stopping sends SIGINT, as Ctrl-C would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+READY_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """First of `count` consecutive free ports."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65000:
+            continue
+        try:
+            sockets = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class LocalStack:
+    def __init__(self, args: list[str], cache_dir: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.worker_base_port = free_port_range(8)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.colocated = "--colocated" in args
+        self.num_prefill = 0 if self.colocated else int(_flag(args, "--prefill", "1"))
+        argv = [sys.executable, "-m", "splitserve.cli", "up", "--port", str(self.port),
+                "--worker-base-port", str(self.worker_base_port), "--device", "cpu", *args]
+        self.env = dict(os.environ, SPLITSERVE_CACHE=cache_dir, PYTHONUNBUFFERED="1", **(env or {}))
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "splitserve is up" in line or "splitserve up failed" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def __enter__(self) -> "LocalStack":
+        if not self._ready.wait(READY_TIMEOUT_S) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError("stack did not start:\n" + "".join(self.lines[-40:]))
+        if not any("splitserve is up" in line for line in self.lines):
+            self.stop()
+            raise RuntimeError("stack did not start:\n" + "".join(self.lines[-40:]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def worker_address(self, role: str, index: int = 0) -> str:
+        offset = index if role in ("prefill", "worker") else self.num_prefill + index
+        return f"127.0.0.1:{self.worker_base_port + offset}"
+
+    def load(self, role: str, index: int = 0):
+        from splitserve.shared.grpc_channel import sync_channel
+        from splitserve.shared.protocol import worker_pb2 as pb
+        from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
+
+        with sync_channel(self.worker_address(role, index)) as channel:
+            return pb_grpc.WorkerStub(channel).GetLoad(pb.LoadRequest(), timeout=5)
+
+    def openai(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+    def async_openai(self, **kwargs):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+    def worker_pid(self, role: str, index: int = 0) -> int:
+        port = self.worker_address(role, index).rsplit(":", 1)[1]
+        cli_role = "worker" if role == "worker" else role
+        out = subprocess.run(["pgrep", "-f", f"splitserve.cli {cli_role} --host 127.0.0.1 --port {port} "],
+                             capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        if len(pids) != 1:
+            raise RuntimeError(f"expected one {role} process on port {port}, found {pids}")
+        return pids[0]
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"{message} not reached within {timeout_s} s (last value {last!r})")
+
+
+def _flag(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default

@@ -1,0 +1,185 @@
+"""End to end through the `openai` client against `splitserve up` run as subprocesses.
+
+One disaggregated stack (gateway + prefill + decode, KV over UCX on loopback TCP) and one
+colocated stack serve the demo checkpoint; greedy output must be identical through both and
+through the offline engine, KV bytes must really move (and nothing be recomputed), cancelled
+streams must give every block back, and bad input must get 4xx in OpenAI's error format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from stack import LocalStack, wait_until
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\nclass Config:", "x = [i * i for i in range(10)]",
+           "The quick brown fox " * 6]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("stack-cache"))
+
+
+@pytest.fixture(scope="module")
+def disagg(cache_dir):
+    with LocalStack(["--prefill", "1", "--decode", "1"], cache_dir) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def colocated(cache_dir):
+    with LocalStack(["--colocated"], cache_dir) as stack:
+        yield stack
+
+
+def _greedy_texts(client, prompts=PROMPTS) -> list[str]:
+    out = []
+    for prompt in prompts:
+        r = client.completions.create(model="splitserve-demo", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == MAX_TOKENS
+        out.append(r.choices[0].text)
+    return out
+
+
+def test_models_and_health(disagg):
+    assert [m.id for m in disagg.openai().models.list().data] == ["splitserve-demo"]
+    assert httpx.get(f"{disagg.url}/health").status_code == 200
+    assert "splitserve" in httpx.get(f"{disagg.url}/metrics").text
+
+
+def test_completion_and_chat_streaming_and_not(disagg):
+    client = disagg.openai()
+    r = client.completions.create(model="splitserve-demo", prompt="hello", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens > 0
+    chunks = list(client.completions.create(model="splitserve-demo", prompt="hello", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(model="splitserve-demo", messages=messages, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model="splitserve-demo", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+
+
+def test_greedy_identical_disaggregated_colocated_offline(disagg, colocated, cache_dir):
+    from splitserve.shared.demo import ensure_demo_checkpoint
+    from splitserve.shared.llm import LLM
+    from splitserve.shared.sampling_params import SamplingParams
+
+    before = disagg.load("decode").counters
+    via_disagg = _greedy_texts(disagg.openai())
+    via_colocated = _greedy_texts(colocated.openai())
+    llm = LLM(ensure_demo_checkpoint(cache_dir), device="cpu", num_blocks=512)
+    offline = [o.outputs[0].text for o in llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))]
+    assert via_disagg == via_colocated == offline
+    # Disaggregation really happened: the decode side received KV for every request, none failed.
+    after = disagg.load("decode").counters
+    assert after["transfers_ok"] - before.get("transfers_ok", 0) == len(PROMPTS)
+    assert after["bytes_received"] > before.get("bytes_received", 0)
+    assert after.get("transfers_failed", 0) == before.get("transfers_failed", 0)
+
+
+def test_kv_moved_and_nothing_recomputed_per_request(disagg):
+    metrics = httpx.get(f"{disagg.url}/metrics").text
+    moved = _metric(metrics, "splitserve_gateway_kv_transfer_bytes_total")
+    recomputed = _metric(metrics, "splitserve_gateway_recomputed_tokens_total")
+    r = disagg.openai().completions.create(model="splitserve-demo", prompt="tok " * 50, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+    metrics = httpx.get(f"{disagg.url}/metrics").text
+    block_bytes = 4 * 2 * 16 * 4 * 32 * 4  # demo: layers x (K,V) x block x kv heads x head dim x fp32
+    assert _metric(metrics, "splitserve_gateway_kv_transfer_bytes_total") - moved >= 3 * block_bytes
+    assert _metric(metrics, "splitserve_gateway_recomputed_tokens_total") == recomputed
+
+
+def test_32_concurrent_streams(disagg):
+    async def one(client, i):
+        stream = await client.completions.create(model="splitserve-demo", prompt=f"request {i}: ", max_tokens=12,
+                                                 temperature=0.8, seed=i, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return finish
+
+    async def run():
+        client = disagg.async_openai()
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    assert asyncio.run(run()) == ["length"] * 32
+
+
+def test_cancel_ten_streams_frees_every_block(disagg):
+    free_before = {role: disagg.load(role).num_free_blocks for role in ("prefill", "decode")}
+
+    async def cancel_midway(i):
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": "splitserve-demo", "prompt": f"stream {i} " * 20, "max_tokens": 2000, "stream": True,
+                    "ignore_eos": True}
+            async with client.stream("POST", f"{disagg.url}/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                received = 0
+                async for line in response.aiter_lines():
+                    received += line.startswith("data:")
+                    if received >= 3:
+                        return received  # leaving the block closes the connection mid-stream
+
+    async def run():
+        return await asyncio.gather(*(cancel_midway(i) for i in range(10)))
+
+    assert all(n >= 3 for n in asyncio.run(run()))
+    for role in ("prefill", "decode"):
+        wait_until(lambda: disagg.load(role).num_free_blocks == free_before[role] and disagg.load(role).num_running == 0,
+                   timeout_s=20, message=f"{role} pool back to {free_before[role]} free blocks")
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "splitserve-demo", "prompt": "x", "max_tokens": -1}, 400),
+    ({"model": "splitserve-demo", "prompt": "x", "max_tokens": "many"}, 400),
+    ({"model": "splitserve-demo", "prompt": "x", "temperature": -2}, 400),
+    ({"model": "no-such-model", "prompt": "x"}, 404),
+    ({"model": "splitserve-demo", "prompt": "x", "n": 1000}, 400),
+    ({"model": "splitserve-demo", "prompt": "word " * 5000, "max_tokens": 4}, 400),
+    ({"model": "splitserve-demo", "messages": "not a list"}, 400),
+])
+def test_bad_input_is_4xx_openai_error(disagg, body, status):
+    endpoint = "chat/completions" if "messages" in body else "completions"
+    r = httpx.post(f"{disagg.url}/v1/{endpoint}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_malformed_json_is_400(disagg):
+    r = httpx.post(f"{disagg.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_openai_client_sees_clear_errors(disagg):
+    with pytest.raises(openai.BadRequestError, match="context|tokens"):
+        disagg.openai().completions.create(model="splitserve-demo", prompt="word " * 5000, max_tokens=4)
+    # The stack is still healthy after the errors.
+    assert disagg.openai().completions.create(model="splitserve-demo", prompt="ok", max_tokens=2).usage.completion_tokens == 2
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
