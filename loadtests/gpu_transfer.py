@@ -127,6 +127,9 @@ def main() -> int:
     parser.add_argument("--decode-device", default="cuda:0")
     parser.add_argument("--ucx-tls", default="tcp,cuda_copy,cuda_ipc")
     args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(processName)s %(name)s: %(message)s")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     results = decode_main(args)
     payload = results[0][2]
