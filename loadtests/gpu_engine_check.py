@@ -60,27 +60,31 @@ def check_fp32_parity(arch: str) -> list[str]:
     return problems
 
 
-def check_graphs_match_eager() -> list[str]:
+def check_graphs_and_async_match_eager() -> list[str]:
     model_dir = build_checkpoint(tempfile.mkdtemp(prefix="gpu-graphs-"), "llama")
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(4, 90))] for _ in range(37)]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = {}
-    for eager in (True, False):
-        llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=512, block_size=16, enforce_eager=eager,
-                  max_num_seqs=64)
-        outputs[eager] = [r.outputs[0].token_ids for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    for mode in ("eager", "graphs", "graphs+async"):
+        llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=512, block_size=16,
+                  enforce_eager=mode == "eager", async_scheduling=mode.endswith("async"), max_num_seqs=64)
+        outputs[mode] = [r.outputs[0].token_ids for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
         del llm
-    same = sum(a == b for a, b in zip(outputs[True], outputs[False]))
-    print(f"bf16 CUDA graphs vs eager: {same}/{len(prompts)} requests token-identical", flush=True)
-    return [] if same == len(prompts) else [f"graphs differ from eager on {len(prompts) - same} requests"]
+    problems = []
+    for mode in ("graphs", "graphs+async"):
+        same = sum(a == b for a, b in zip(outputs["eager"], outputs[mode]))
+        print(f"bf16 {mode} vs eager: {same}/{len(prompts)} requests token-identical", flush=True)
+        if same != len(prompts):
+            problems.append(f"{mode} differs from eager on {len(prompts) - same} requests")
+    return problems
 
 
 def main() -> int:
     problems = []
     for arch in ARCHITECTURES:
         problems += check_fp32_parity(arch)
-    problems += check_graphs_match_eager()
+    problems += check_graphs_and_async_match_eager()
     print("GPU ENGINE CHECK:", "PASS" if not problems else f"FAIL {problems}", flush=True)
     return 1 if problems else 0
 

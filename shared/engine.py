@@ -25,7 +25,7 @@ from splitserve.shared.config import EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.request import Request, RequestStatus
-from splitserve.shared.runner import ModelRunner, SampledToken
+from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
@@ -68,6 +68,19 @@ class EngineOutput:
 
 
 @dataclass
+class InflightStep:
+    """Async scheduling: a launched step whose tokens are still on the device."""
+
+    pending: PendingStep
+    launched: list[tuple[Request, int, int | None]]
+    """(request, its computed tokens after this step, index of its placeholder output or None)."""
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -104,6 +117,9 @@ class EngineCore:
         """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
         self.aborting: dict[str, Request] = {}
         """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
+        self.async_scheduling = (parts.device.type == "cuda" if config.scheduler.async_scheduling is None
+                                 else config.scheduler.async_scheduling)
+        self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
 
@@ -168,21 +184,64 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self.held) or bool(self.aborting)
+        return bool(self.requests) or bool(self.held) or bool(self.aborting) or self._inflight is not None
 
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
         outputs: dict[str, EngineOutput] = {}
         self._handle_connector_events(outputs)
+        if self._inflight is not None and self._needs_exact_history():
+            self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         sched = self.scheduler.schedule()
         for req, block_ids in sched.kv_loads:
             self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
         tables = {s.request.request_id: self.kv.block_table(s.request.request_id) for s in sched.scheduled}
-        result = self.runner.execute(sched, tables)
-        self._update(sched, result.sampled, outputs)
+        if not self.async_scheduling:
+            result = self.runner.execute(sched, tables)
+            self._update(sched, result.sampled, outputs)
+            return list(outputs.values())
+        # Async: launch this step first, then settle the previous one while the device works.
+        previous = self._inflight
+        pending = self.runner.execute_async(sched, tables, previous.pending if previous else None)
+        launched = self._advance(sched)
+        if previous is not None:
+            self._resolve(outputs)
+        self._inflight = InflightStep(pending, launched) if launched else None
         return list(outputs.values())
+
+    def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
+        """Book a launched step before its tokens are known: computed counts move on and each
+        sampling request gets a PLACEHOLDER output, so the next step can be scheduled now."""
+        launched = []
+        for s in sched.scheduled:
+            req, samples = s.request, s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            index = None
+            if samples:
+                index = len(req.output_token_ids)
+                req.append_output(PLACEHOLDER, 0.0, [])
+                hold = req.kv_transfer is not None and req.kv_transfer.hold
+                if hold or len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                    self.scheduler.remove(req.request_id)  # its next token cannot be needed
+            launched.append((req, req.num_computed_tokens, index))
+        return launched
+
+    def _resolve(self, outputs: dict[str, EngineOutput]) -> None:
+        """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules."""
+        inflight, self._inflight = self._inflight, None
+        sampled = inflight.pending.result()
+        for req, num_computed, index in inflight.launched:
+            if self.requests.get(req.request_id) is not req:
+                continue  # aborted or finished while the step was in flight
+            if req.num_computed_tokens >= num_computed:  # not preempted since
+                self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
+            if index is None:
+                continue
+            token = sampled[req.request_id]
+            req.set_output(index, token.token_id, token.logprob, token.top_logprobs)
+            self._emit(req, token, index + 1, outputs)
 
     def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken],
                 outputs: dict[str, EngineOutput]) -> None:
@@ -191,24 +250,28 @@ class EngineCore:
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            self._append_token(req, token)
-            out = self._output(req, outputs)
-            out.new_token_ids.append(token.token_id)
-            out.new_logprobs.append(token.logprob)
-            out.new_top_logprobs.append(token.top_logprobs)
-            out.new_ranks.append(token.rank)
-            status = self._stop_status(req, token.token_id)
-            hold = req.kv_transfer is not None and req.kv_transfer.hold
-            if status is None and not hold:
-                continue
-            self.scheduler.remove(req.request_id)
-            if status is None:  # prefill-only request: the first token is out, hand the KV over
-                out.kv_handle = self._hold(req)
-            else:
-                self._finish(req, status)
-            self._fill_final(req, out)
+            if token is not None:
+                self._append_token(req, token)
+                self._emit(req, token, len(req.output_token_ids), outputs)
+
+    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
+        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
+        out = self._output(req, outputs)
+        out.new_token_ids.append(token.token_id)
+        out.new_logprobs.append(token.logprob)
+        out.new_top_logprobs.append(token.top_logprobs)
+        out.new_ranks.append(token.rank)
+        status = self._stop_status(req, token.token_id, num_outputs)
+        hold = req.kv_transfer is not None and req.kv_transfer.hold
+        if status is None and not hold:
+            return
+        self.scheduler.remove(req.request_id)
+        req.truncate_outputs(num_outputs)  # async: steps launched after this token are void
+        if status is None:  # prefill-only request: the first token is out, hand the KV over
+            out.kv_handle = self._hold(req)
+        else:
+            self._finish(req, status)
+        self._fill_final(req, out)
 
     def _handle_connector_events(self, outputs: dict[str, EngineOutput]) -> None:
         if self.connector is None:
@@ -244,15 +307,20 @@ class EngineCore:
     def _append_token(req: Request, token: SampledToken) -> None:
         req.append_output(token.token_id, token.logprob, token.top_logprobs)
 
-    def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
-        if token_id in req.eos_token_ids and len(req.output_token_ids) > req.sampling_params.min_tokens:
+    def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
+        min_tokens = req.sampling_params.min_tokens
+        if token_id in req.eos_token_ids and num_outputs > min_tokens:
             return RequestStatus.FINISHED_STOPPED
-        if token_id in req.sampling_params.stop_token_ids and len(req.output_token_ids) > req.sampling_params.min_tokens:
+        if token_id in req.sampling_params.stop_token_ids and num_outputs > min_tokens:
             req.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_outputs >= req.max_tokens or req.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _needs_exact_history(self) -> bool:
+        """Penalties count previous output tokens, so they cannot run on a placeholder."""
+        return any(_penalised(r.sampling_params) for r in self.scheduler.running)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status

@@ -67,6 +67,18 @@ class Request:
         self.output_top_logprobs.append(top_logprobs)
         self._all_token_ids.append(token_id)
 
+    def set_output(self, index: int, token_id: int, logprob: float, top_logprobs: list[tuple[int, float]]) -> None:
+        """Fill output `index` (a placeholder appended before its value left the device)."""
+        self.output_token_ids[index] = token_id
+        self.output_logprobs[index] = logprob
+        self.output_top_logprobs[index] = top_logprobs
+        self._all_token_ids[len(self.prompt_token_ids) + index] = token_id
+
+    def truncate_outputs(self, num_outputs: int) -> None:
+        """Drop outputs past `num_outputs` (placeholders of steps launched after the request ended)."""
+        del self.output_token_ids[num_outputs:], self.output_logprobs[num_outputs:]
+        del self.output_top_logprobs[num_outputs:], self._all_token_ids[len(self.prompt_token_ids) + num_outputs:]
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

@@ -20,7 +20,7 @@ import torch
 
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.model.attention import AttentionMetadata
-from splitserve.shared.sampler import Sampler, SamplingInput
+from splitserve.shared.sampler import DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
 
@@ -36,6 +36,44 @@ class SampledToken:
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     """Request id -> the token sampled for it this step (only requests that caught up)."""
+
+
+PLACEHOLDER = -1
+"""Token id of an output whose value is still on the device (async scheduling)."""
+
+
+@dataclass
+class PendingStep:
+    """A launched step: which requests it samples, and their results still on the device."""
+
+    request_ids: list[str]
+    sample: DeviceSample | None
+    host: torch.Tensor | None = None
+    event: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.sample.packed.is_cuda:
+            # Start the copy to the host now; result() waits only for this event.
+            self.host = torch.empty(self.sample.packed.shape, dtype=self.sample.packed.dtype, pin_memory=True)
+            self.host.copy_(self.sample.packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def rows(self) -> dict[str, int]:
+        return {request_id: i for i, request_id in enumerate(self.request_ids)}
+
+    def result(self) -> dict[str, SampledToken]:
+        if self.sample is None:
+            return {}
+        if self.event is not None:
+            self.event.synchronize()
+            packed = self.host.tolist()
+        else:
+            packed = self.sample.packed.tolist()
+        out = unpack(packed, self.sample.counts)
+        top = out.top_logprobs or [[] for _ in self.request_ids]
+        return {rid: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i])
+                for i, rid in enumerate(self.request_ids)}
 
 
 @dataclass
@@ -95,13 +133,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
+        """Run one step and wait for its tokens."""
+        return ModelRunnerOutput(self.execute_async(sched, block_tables).result())
+
+    @torch.inference_mode()
+    def execute_async(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                      previous: PendingStep | None = None) -> PendingStep:
+        """Launch one step without waiting for it. Input tokens not known on the host yet
+        (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor."""
         if sched.is_empty:
-            return ModelRunnerOutput({})
-        inputs = self.prepare_inputs(sched, block_tables)
+            return PendingStep([], None)
+        inputs = self.prepare_inputs(sched, block_tables, previous)
         hidden = self._forward(inputs)  # [T, H]
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
-            return ModelRunnerOutput({})
+            return PendingStep([], None)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V] fp32
         rows = [
             SamplingInput(
@@ -113,12 +159,7 @@ class ModelRunner:
             )
             for r in sampling
         ]
-        out = self.sampler(logits, rows)
-        top = out.top_logprobs or [[] for _ in sampling]
-        return ModelRunnerOutput({
-            r.request_id: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i])
-            for i, r in enumerate(sampling)
-        })
+        return PendingStep([r.request_id for r in sampling], self.sampler.sample(logits, rows))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn
@@ -129,7 +170,8 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, attn)
 
     @torch.inference_mode()
-    def prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepInputs:
+    def prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                       previous: PendingStep | None = None) -> StepInputs:
         """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms."""
         bs = self.block_size
         reqs = [s.request for s in sched.scheduled]
@@ -165,8 +207,14 @@ class ModelRunner:
             query_lens_cpu=query_lens_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
+        device_ids = self._to_device("input_ids", input_ids)
+        fill = np.flatnonzero(input_ids == PLACEHOLDER)
+        if fill.size:
+            rows = previous.rows() if previous is not None else {}
+            source = [rows[reqs[r].request_id] for r in row_of_token[fill].tolist()]
+            device_ids[self._to_device("fill", fill)] = previous.sample.token_ids[self._to_device("source", np.array(source))]
         return StepInputs(
-            input_ids=self._to_device("input_ids", input_ids),
+            input_ids=device_ids,
             positions=self._to_device("positions", positions),
             attn=attn,
             sample_indices=self._to_device("sample_indices", sample_indices),

@@ -58,13 +58,31 @@ class SamplerOutput:
     """[N] 1-based rank of the sampled token: how many tokens have a logprob >= its logprob."""
 
 
+@dataclass
+class DeviceSample:
+    """A step's sampling results still on the device: `token_ids` [N] (inputs of the next step)
+    and `packed` [N, C] float64 (token, logprob, rank, top ids..., top logprobs...), which
+    `unpack` turns into a `SamplerOutput` once copied to the host."""
+
+    token_ids: torch.Tensor
+    packed: torch.Tensor
+    counts: list[int]
+    """Top-logprob alternatives asked for by each row."""
+
+
 class Sampler:
     """Stateless: all per-request state comes in through `SamplingInput`."""
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
-        _check_inputs(logits, rows)
         if not rows:
+            _check_inputs(logits, rows)
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None, ranks=[])
+        sample = self.sample(logits, rows)
+        return unpack(sample.packed.tolist(), sample.counts)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> DeviceSample:
+        """Everything on the device, no host sync (the engine's async mode overlaps the next step)."""
+        _check_inputs(logits, rows)
         logits = logits.float()
         # A full pass over [N, V]: only when some row asked for logprobs (vLLM does the same).
         wants_logprobs = any(row.params.logprobs is not None for row in rows)
@@ -73,7 +91,7 @@ class Sampler:
         processed = apply_min_tokens(logits, rows)
         processed = apply_penalties(processed, rows)
         token_ids = _choose_tokens(processed, rows)  # [N] int64
-        return _gather_logprobs(raw_logprobs, token_ids, rows)
+        return _pack_logprobs(raw_logprobs, token_ids, rows)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
@@ -188,24 +206,28 @@ def _exponential_noise(rows: Sequence[SamplingInput], vocab_size: int, device: t
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
-def _gather_logprobs(raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
-                     rows: Sequence[SamplingInput]) -> SamplerOutput:
-    """Sampled-token logprob, rank and top-n alternatives, all from log_softmax(raw logits).
-
-    Without `raw_logprobs` (no row asked) logprobs are reported as 0.0 and ranks as 0. Results
-    come back to the host in one transfer (one sync per step)."""
+def _pack_logprobs(raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
+                   rows: Sequence[SamplingInput]) -> DeviceSample:
+    """Sampled-token logprob, rank and top-n alternatives, all from log_softmax(raw logits), packed
+    in one float64 tensor (exact for token ids) so they reach the host in one transfer.
+    Without `raw_logprobs` (no row asked) logprobs are reported as 0.0 and ranks as 0."""
+    counts = [row.params.logprobs or 0 for row in rows]
     if raw_logprobs is None:
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[0.0] * len(rows), top_logprobs=None,
-                             ranks=[0] * len(rows))
+        zeros = torch.zeros_like(token_ids, dtype=torch.float64)
+        return DeviceSample(token_ids, torch.stack([token_ids.double(), zeros, zeros], dim=1), counts)
     sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [N, 1]
     ranks = (raw_logprobs >= sampled).sum(dim=-1)  # [N]; ties count against the sampled token
-    counts = [row.params.logprobs or 0 for row in rows]
     columns = [token_ids.double(), sampled.squeeze(1).double(), ranks.double()]
     width = min(max(counts), raw_logprobs.shape[1])
     if width > 0:
         values, ids = raw_logprobs.topk(width, dim=-1)  # [N, n]
         columns += [*ids.double().T, *values.double().T]
-    packed = torch.stack(columns, dim=1).tolist()  # [N, 3 + 2n], float64 holds token ids exactly
+    return DeviceSample(token_ids, torch.stack(columns, dim=1), counts)  # packed [N, 3 + 2n]
+
+
+def unpack(packed: list[list[float]], counts: list[int]) -> SamplerOutput:
+    """Host side of `_pack_logprobs`: rows of (token, logprob, rank, top ids..., top logprobs...)."""
+    width = (len(packed[0]) - 3) // 2 if packed else 0
     top_logprobs = None
     if width > 0:
         top_logprobs = [[(int(row[3 + j]), row[3 + width + j]) for j in range(n)] for row, n in zip(packed, counts)]

@@ -14,9 +14,10 @@ from splitserve.shared.llm import LLM
 from splitserve.shared.sampling_params import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm(checkpoint_factory):
-    return LLM(checkpoint_factory("llama"), device="cpu", num_blocks=128, block_size=4)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(checkpoint_factory, request):
+    """The engine with and without async scheduling (step N+1 launched before N's tokens are read)."""
+    return LLM(checkpoint_factory("llama"), device="cpu", num_blocks=128, block_size=4, async_scheduling=request.param)
 
 
 def _drain(engine: EngineCore, limit: int = 1000) -> dict:
@@ -152,6 +153,14 @@ def test_priority_policy_runs_urgent_first(checkpoint_factory):
         first_finished = done[0] if done else None
     assert first_finished == "urgent"
     _drain(engine)
+
+
+def test_penalties_identical_sync_and_async(checkpoint_factory):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.5, presence_penalty=0.3)
+    outs = [LLM(checkpoint_factory("llama"), device="cpu", num_blocks=64, async_scheduling=mode).generate(
+        ["x = 1", "def f(a, b):"], params) for mode in (False, True)]
+    assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
 
 
 def test_stats(llm):

@@ -74,26 +74,34 @@ def _check(llm: LLM, hf_run, model_dir: str, prompts: list[list[int]]) -> list:
     return results
 
 
-def test_greedy_parity_batched(tiny_checkpoint, hf_reference):
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every parity test also runs with async scheduling (step N+1 launched before N's tokens are read)."""
+    return request.param
+
+
+def test_greedy_parity_batched(tiny_checkpoint, hf_reference, async_scheduling):
     arch, model_dir = tiny_checkpoint
-    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=16)
+    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=16, async_scheduling=async_scheduling)
+    assert llm.engine.async_scheduling is async_scheduling
     prompts = _eos_free(hf_reference, model_dir, _prompts(llm.engine.model_info.vocab_size))
     _check(llm, hf_reference, model_dir, prompts)
     llm.engine.kv.check_integrity()
     assert llm.engine.kv.num_free_blocks == 256
 
 
-def test_greedy_parity_chunked_prefill(tiny_checkpoint, hf_reference):
+def test_greedy_parity_chunked_prefill(tiny_checkpoint, hf_reference, async_scheduling):
     arch, model_dir = tiny_checkpoint
-    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=4, max_num_batched_tokens=7)
+    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=4, max_num_batched_tokens=7,
+              async_scheduling=async_scheduling)
     prompts = _eos_free(hf_reference, model_dir, _prompts(llm.engine.model_info.vocab_size))
     _check(llm, hf_reference, model_dir, prompts)
     llm.engine.kv.check_integrity()
 
 
-def test_greedy_parity_prefix_cache(tiny_checkpoint, hf_reference):
+def test_greedy_parity_prefix_cache(tiny_checkpoint, hf_reference, async_scheduling):
     arch, model_dir = tiny_checkpoint
-    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=4)
+    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=4, async_scheduling=async_scheduling)
     vocab = llm.engine.model_info.vocab_size
     shared = _prompts(vocab, lengths=(24,), seed=7)[0]
     prompts = _eos_free(hf_reference, model_dir, _prompts(vocab, lengths=(3, 9, 1), seed=8, prefix=shared))
@@ -103,10 +111,11 @@ def test_greedy_parity_prefix_cache(tiny_checkpoint, hf_reference):
     llm.engine.kv.check_integrity()
 
 
-def test_greedy_parity_under_preemption(tiny_checkpoint, hf_reference):
+def test_greedy_parity_under_preemption(tiny_checkpoint, hf_reference, async_scheduling):
     arch, model_dir = tiny_checkpoint
     # 4-token blocks, 24 blocks: each request needs up to 18 blocks, so several cannot run at once.
-    llm = LLM(model_dir, device="cpu", num_blocks=24, block_size=4, enable_prefix_caching=False)
+    llm = LLM(model_dir, device="cpu", num_blocks=24, block_size=4, enable_prefix_caching=False,
+              async_scheduling=async_scheduling)
     prompts = _eos_free(hf_reference, model_dir, _prompts(llm.engine.model_info.vocab_size))
     _check(llm, hf_reference, model_dir, prompts)
     assert llm.engine.scheduler.num_preemptions > 0
