@@ -117,8 +117,7 @@ class EngineCore:
         """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
         self.aborting: dict[str, Request] = {}
         """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
-        self.async_scheduling = (parts.device.type == "cuda" if config.scheduler.async_scheduling is None
-                                 else config.scheduler.async_scheduling)
+        self.async_scheduling = config.scheduler.async_scheduling
         self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}

@@ -36,7 +36,8 @@ def disagg(cache_dir):
 
 @pytest.fixture(scope="module")
 def colocated(cache_dir):
-    with LocalStack(["--colocated"], cache_dir) as stack:
+    # Async scheduling here, so the identity test below also holds it against the synchronous paths.
+    with LocalStack(["--colocated", "--async-scheduling"], cache_dir) as stack:
         yield stack
 
 
