@@ -9,6 +9,7 @@ turn out to be the start of a stop string.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,16 +25,37 @@ class TokenizerLoadError(ValueError):
     """The tokenizer files of a checkpoint directory are missing or unreadable."""
 
 
+_GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(model_dir: str) -> Any:
-    """Load the Hugging Face tokenizer saved in `model_dir` (local files only, no hub)."""
+    """Load the Hugging Face tokenizer saved in `model_dir` (local files only, no hub).
+
+    A checkpoint whose tokenizer is the generic fast class (tokenizer.json + config naming
+    TokenizersBackend/PreTrainedTokenizerFast, as the demo's) is loaded through that class
+    directly: AutoTokenizer would read the model config, which makes transformers import torch,
+    and the gateway should not pay for torch. Model-specific classes go through AutoTokenizer.
+    """
     if not os.path.isdir(model_dir):
         raise TokenizerLoadError(f"tokenizer directory does not exist: {model_dir}")
-    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
-
     try:
+        if _tokenizer_class(model_dir) in _GENERIC_FAST_CLASSES:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+        from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
+
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise TokenizerLoadError(f"cannot load a tokenizer from {model_dir}: {exc}") from exc
+
+
+def _tokenizer_class(model_dir: str) -> str | None:
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return None
+    with open(config_path) as f:
+        return json.load(f).get("tokenizer_class")
 
 
 def apply_chat_template(

@@ -122,3 +122,17 @@ def test_load_errors(tmp_path):
 def test_module_imports_no_torch():
     code = "import sys, splitserve.shared.tokenizer; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_demo_tokenizer_loads_without_torch(demo_checkpoint_dir):
+    """The gateway tokenizes; with a generic fast tokenizer it must not drag torch into its process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from splitserve.shared.tokenizer import load_tokenizer, apply_chat_template; "
+            f"t = load_tokenizer({demo_checkpoint_dir!r}); "
+            "assert t.encode('hello') and apply_chat_template(t, [{'role': 'user', 'content': 'hi'}]); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
