@@ -145,8 +145,9 @@ class Scheduler:
                 if not self._start_kv_load(req, out):
                     return
                 continue
-            if not self.kv.block_ids(req.request_id) and req.num_computed_tokens == 0:
-                hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids)
+            looked_up = not self.kv.block_table(req.request_id) and req.num_computed_tokens == 0
+            if looked_up:  # counted in the hit rate only once the request is admitted below
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, record_stats=False)
             else:
                 hit_blocks, num_hit = [], 0
             num_computed = req.num_computed_tokens + num_hit
@@ -158,6 +159,8 @@ class Scheduler:
             if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_computed, num_new, hit_blocks) is None:
                 return
             self.waiting.popleft()
+            if looked_up:
+                self.kv.record_prefix_query(req.num_tokens, num_hit)
             req.num_computed_tokens = num_computed
             req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
             req.status = RequestStatus.RUNNING

@@ -61,7 +61,7 @@ class KVCacheManager:
         num_held = len(self._tables.get(request_id, ()))
         return max(0, -(-num_total_tokens // self.block_size) - num_held)
 
-    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def get_computed_blocks(self, token_ids: Sequence[int], record_stats: bool = True) -> tuple[list[int], int]:
         """Leading full blocks of `token_ids` already in the prefix cache: (block_ids, num_tokens).
 
         Takes no references. Leaves at least one token to compute, since the model must run on
@@ -79,9 +79,15 @@ class KVCacheManager:
                 break
             hit_blocks.append(block_id)
         num_hit_tokens = len(hit_blocks) * self.block_size
-        self.prefix_queries_tokens += len(token_ids)
-        self.prefix_hits_tokens += num_hit_tokens
+        if record_stats:
+            self.record_prefix_query(len(token_ids), num_hit_tokens)
         return hit_blocks, num_hit_tokens
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one prefix-cache lookup in the hit-rate stats (callers that may retry a lookup
+        pass record_stats=False to get_computed_blocks and count only the one that was used)."""
+        self.prefix_queries_tokens += num_tokens
+        self.prefix_hits_tokens += num_hit_tokens
 
     def allocate_slots(
         self,
