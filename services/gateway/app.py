@@ -17,7 +17,8 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -51,6 +52,9 @@ class GatewayState:
     admission: AdmissionQueue
     metrics: GatewayMetrics
     dispatcher: Dispatcher | None = None  # set at startup (its gRPC channels need the event loop)
+    tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
+    """Tokenization and chat templates run here, off the event loop (a long prompt must not stall
+    every other stream); one thread, because HF tokenizers mutate state when encoding."""
 
     def max_model_len(self) -> int:
         value = self.config.max_model_len or self.router.max_model_len() or _checkpoint_max_len(self.config.model_dir)
@@ -136,7 +140,9 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
     slot = contextlib.AsyncExitStack()
     await slot.enter_async_context(state.admission.admit())
     try:
-        prep = prepare(body, state.tokenizer, state.max_model_len(), state.config.max_n)
+        max_model_len = state.max_model_len()
+        prep = await asyncio.get_running_loop().run_in_executor(
+            state.tokenize_pool, prepare, body, state.tokenizer, max_model_len, state.config.max_n)
         state.router.route(prep.prompts[0])  # fail with 503 now, not inside a 200 stream, if nothing is routable
         builder = ResponseBuilder(prep, state.tokenizer)
         streams = choice_streams(prep, state.tokenizer, state.dispatcher, state.metrics)
