@@ -40,14 +40,26 @@ class Dispatcher:
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
-        """Token chunks of `req`, the first token first; raises NoHealthyWorker or WorkerError."""
-        route = self.router.route(req.prompt_token_ids)
-        if route.worker is not None:
-            async for chunk in self._stream(route.worker, req, None):
-                yield chunk
-            return
-        async for chunk in self._disaggregated(route.prefill, route.decode, req):
-            yield chunk
+        """Token chunks of `req`, the first token first; raises NoHealthyWorker or WorkerError.
+
+        A worker that fails before anything was streamed (it died since the last load poll) is
+        marked unhealthy and the request is routed once more, so the client never sees it."""
+        for attempt in range(2):
+            route = self.router.route(req.prompt_token_ids)
+            chunks = (self._stream(route.worker, req, None) if route.worker is not None
+                      else self._disaggregated(route.prefill, route.decode, req))
+            started = False
+            try:
+                async for chunk in chunks:
+                    started = True
+                    yield chunk
+                return
+            except WorkerError as exc:
+                if started or attempt > 0 or not exc.worker_failed:
+                    raise
+                logger.warning("request %s: %s; routing it to another instance", req.request_id, exc)
+            finally:
+                await chunks.aclose()
 
     async def _disaggregated(self, prefill: Instance, decode: Instance, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
         # True while the prefill instance may hold KV for this request that no decode has taken.

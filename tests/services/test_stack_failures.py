@@ -99,3 +99,27 @@ def _layout_hash(stack) -> str:
     return response.kv_handle.layout_hash
 
 
+
+
+def test_request_routed_to_a_dead_worker_is_retried_on_another(tmp_path):
+    """Two colocated workers, one killed (and not restarted): requests sent at once, before the
+    gateway's next load poll notices, are spread over both workers by the router; those that hit
+    the dead one are routed again to the live worker, so every request succeeds."""
+    import asyncio
+
+    args = ["--colocated", "--workers", "2", "--no-restart-workers"]
+    with LocalStack(args, str(tmp_path / "cache")) as stack:
+        client = stack.async_openai(timeout=60)
+        os.kill(stack.worker_pid("worker", 1), signal.SIGKILL)
+
+        async def burst():
+            return await asyncio.gather(*(client.completions.create(
+                model="splitserve-demo", prompt=f"prompt number {i} " * (i + 1), max_tokens=3) for i in range(8)))
+
+        results = asyncio.run(burst())
+        assert [r.usage.completion_tokens for r in results] == [3] * 8
+        failures = [line for line in httpx.get(f"{stack.url}/metrics").text.splitlines()
+                    if line.startswith("splitserve_gateway_worker_failures_total")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) >= 1  # the retry path really ran
+        health = httpx.get(f"{stack.url}/health", timeout=5).json()
+        assert [w["healthy"] for w in health["workers"]] == [True, False]
