@@ -10,13 +10,11 @@ system); `splitserve.services.flags` builds the same parser for the `splitserve`
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import fields
 
 from splitserve.services.gateway.config import GatewayConfig
 from splitserve.shared.config_flags import add_dataclass_flags
 
-DEMO_SERVED_NAME = "splitserve-demo"
 _RESOLVED_HERE = ("model_dir", "served_model_name")
 
 
@@ -29,19 +27,16 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """Served name: --served-model-name, else 'splitserve-demo' for the demo checkpoint, else the dir's name."""
-    model_dir, served = args.model, getattr(args, "served_model_name", None)
-    if model_dir is None:
-        from splitserve.shared.demo import ensure_demo_checkpoint  # builds it on first use (imports torch once)
+    from splitserve.shared.demo import ensure_demo_checkpoint, served_model_name
 
-        model_dir, default_name = ensure_demo_checkpoint(), DEMO_SERVED_NAME
-    else:
-        default_name = os.path.basename(os.path.normpath(model_dir))
+    served = getattr(args, "served_model_name", None) or served_model_name(args.model)
+    model_dir = args.model if args.model is not None else ensure_demo_checkpoint()  # built on first use
     values = {f.name: getattr(args, f.name) for f in fields(GatewayConfig)
               if f.name not in _RESOLVED_HERE and getattr(args, f.name, None) is not None}
     for name in ("prefill_urls", "decode_urls", "worker_urls"):
         if name in values:
             values[name] = _url_tuple(values[name])
-    config = GatewayConfig(model_dir=model_dir, served_model_name=served or default_name, **values)
+    config = GatewayConfig(model_dir=model_dir, served_model_name=served, **values)
     config.validate()
     return config
 
