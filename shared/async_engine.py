@@ -154,7 +154,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(command, _Abort):
-                self.core.abort_request(command.request_id)
+                if self.core.abort_request(command.request_id):
+                    # Someone still waiting on the stream (an Abort RPC, not the stream's own
+                    # cancellation) must see it end rather than wait for tokens that never come.
+                    self._deliver(command.request_id, EngineOutput(command.request_id, finished=True,
+                                                                   finish_reason="abort"))
                 continue
             try:
                 self.core.add_request(command.request_id, command.prompt_token_ids, command.params,

@@ -43,6 +43,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     final = out
             except (ValueError, EngineDeadError) as exc:
                 await _abort_for(context, exc)
+            if final is None or final.finish_reason == "abort":
+                await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
             span.set_attribute("splitserve.cached_tokens", final.num_cached_tokens)
             span.set_attribute("splitserve.kv_held_blocks", len(final.kv_handle.block_ids) if final.kv_handle else 0)
             return convert.engine_output_to_prefill_response(final)

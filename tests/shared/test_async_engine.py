@@ -1,0 +1,78 @@
+"""The engine behind asyncio: streaming, early exit, external abort, bad requests; blocks always return."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from splitserve.shared.async_engine import AsyncEngine
+from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig
+from splitserve.shared.engine import RequestError
+from splitserve.shared.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint_factory):
+    config = EngineConfig(model=ModelConfig(model=checkpoint_factory("llama"), device="cpu"),
+                          cache=CacheConfig(num_blocks=64, block_size=4))
+    eng = AsyncEngine(config, "colocated")
+    yield eng
+    eng.shutdown()
+
+
+def _free_blocks_settle(engine, expected: int) -> None:
+    async def wait():
+        for _ in range(200):
+            if engine.load().num_free_blocks == expected and engine.load().num_running == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"free blocks {engine.load().num_free_blocks} != {expected}")
+
+    asyncio.run(wait())
+
+
+def test_stream_to_the_end(engine):
+    async def run():
+        outs = [o async for o in engine.generate("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=6, ignore_eos=True))]
+        return outs
+
+    outs = asyncio.run(run())
+    assert sum(len(o.new_token_ids) for o in outs) == 6
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_prompt_tokens == 5
+    _free_blocks_settle(engine, 64)
+
+
+def test_leaving_the_stream_aborts_and_frees(engine):
+    async def run():
+        stream = engine.generate("b", list(range(5, 30)), SamplingParams(max_tokens=200, ignore_eos=True))
+        async for out in stream:
+            if out.new_token_ids:
+                break
+        await stream.aclose()
+
+    asyncio.run(run())
+    _free_blocks_settle(engine, 64)
+
+
+def test_external_abort_ends_the_stream(engine):
+    async def run():
+        seen = []
+        async for out in engine.generate("c", list(range(5, 30)), SamplingParams(max_tokens=200, ignore_eos=True)):
+            seen.append(out)
+            if len(seen) == 2:
+                engine.abort("c")  # as the Abort RPC does, while the stream is still being read
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(run(), timeout=30))
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    _free_blocks_settle(engine, 64)
+
+
+def test_bad_request_raises_from_generate(engine):
+    async def run():
+        async for _ in engine.generate("d", [5] * 10_000, SamplingParams(max_tokens=2)):
+            pass
+
+    with pytest.raises(RequestError, match="maximum context length"):
+        asyncio.run(asyncio.wait_for(run(), timeout=30))
