@@ -128,6 +128,9 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
         m = state.metrics
         for role in ROLES:
             m.healthy_workers.labels(role).set(len(state.router.healthy(role)))
+        for instance in state.router.instances:
+            if instance.load is not None:
+                m.observe_worker(instance.url, instance.load)
         m.inflight.set(state.admission.num_inflight)
         m.queued.set(state.admission.num_queued)
         return Response(m.render(), media_type=m.content_type)

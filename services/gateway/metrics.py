@@ -42,6 +42,29 @@ class GatewayMetrics:
         self.queued = Gauge("splitserve_gateway_queued_requests", "Requests waiting for admission", registry=r)
         self.healthy_workers = Gauge("splitserve_gateway_healthy_workers", "Healthy workers by role", ["role"],
                                      registry=r)
+        # Each worker's last GetLoad report, so one Prometheus job on the gateway sees the whole fleet.
+        labels = ["instance", "role"]
+        self.worker_running = Gauge("splitserve_worker_running_requests", "Requests running", labels, registry=r)
+        self.worker_waiting = Gauge("splitserve_worker_waiting_requests", "Requests waiting (or loading KV)",
+                                    labels, registry=r)
+        self.worker_kv_usage = Gauge("splitserve_worker_kv_usage", "Fraction of KV blocks in use", labels, registry=r)
+        self.worker_free_blocks = Gauge("splitserve_worker_free_kv_blocks", "Free KV blocks", labels, registry=r)
+        self.worker_prefix_hit_rate = Gauge("splitserve_worker_prefix_hit_rate",
+                                            "Prompt tokens served from the prefix cache / prompt tokens", labels,
+                                            registry=r)
+        self.worker_counter = Gauge("splitserve_worker_counter", "A worker's monotonic totals (preemptions, KV "
+                                    "transfers, bytes)", [*labels, "name"], registry=r)
+
+    def observe_worker(self, url: str, load) -> None:
+        """Record one worker's `WorkerLoad` report."""
+        labels = (url, load.role)
+        self.worker_running.labels(*labels).set(load.num_running)
+        self.worker_waiting.labels(*labels).set(load.num_waiting)
+        self.worker_kv_usage.labels(*labels).set(load.kv_usage)
+        self.worker_free_blocks.labels(*labels).set(load.num_free_blocks)
+        self.worker_prefix_hit_rate.labels(*labels).set(load.prefix_hit_rate)
+        for name, value in load.counters.items():
+            self.worker_counter.labels(*labels, name).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,10 +51,13 @@ def _greedy_texts(client, prompts=PROMPTS) -> list[str]:
     return out
 
 
-def test_models_and_health(disagg):
+def test_models_health_and_fleet_metrics(disagg):
     assert [m.id for m in disagg.openai().models.list().data] == ["splitserve-demo"]
     assert httpx.get(f"{disagg.url}/health").status_code == 200
-    assert "splitserve" in httpx.get(f"{disagg.url}/metrics").text
+    metrics = httpx.get(f"{disagg.url}/metrics").text
+    decode = disagg.worker_address("decode")
+    free = _metric(metrics, f'splitserve_worker_free_kv_blocks{{instance="{decode}",role="decode"}}')
+    assert free == disagg.load("decode").num_free_blocks > 0
 
 
 def test_completion_and_chat_streaming_and_not(disagg):
