@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from splitserve.shared.config_flags import dataclass_flags_to_argv, engine_flags_to_argv
 
@@ -32,11 +32,9 @@ class Child:
     address: str = ""
     process: subprocess.Popen | None = None
     restarts: int = 0
-    started_at: float = field(default=0.0)
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv)
-        self.started_at = time.monotonic()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -167,6 +165,7 @@ def _supervise(workers: list[Child], gateway: Child, restart: bool) -> None:
     for child in workers:
         if child.alive() or not restart:
             continue
-        logger.warning("%s exited with code %s; restarting it", child.name, child.process.returncode)
         child.restarts += 1
+        logger.warning("%s exited with code %s; restarting it (restart %d)", child.name, child.process.returncode,
+                       child.restarts)
         child.start()

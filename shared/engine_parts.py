@@ -69,7 +69,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise ConfigError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                           f"{info.max_position_embeddings}")
     block_bytes = info.num_layers * 2 * cc.block_size * info.num_kv_heads * info.head_dim * dtype.itemsize
-    num_blocks = cc.num_blocks or _num_blocks_from_memory(config, device, block_bytes, model)
+    num_blocks = cc.num_blocks or _num_blocks_from_memory(config, device, block_bytes, hf_config)
     blocks_per_seq = -(-max_model_len // cc.block_size)
     if num_blocks < blocks_per_seq:
         logger.warning("KV pool of %d blocks holds only %d tokens; capping max_model_len %d to that",
@@ -82,14 +82,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir)
 
 
-def _num_blocks_from_memory(config: EngineConfig, device: torch.device, block_bytes: int, model) -> int:
+def _num_blocks_from_memory(config: EngineConfig, device: torch.device, block_bytes: int, hf_config) -> int:
     if device.type != "cuda":
         return max(1, int(config.cache.cpu_kv_cache_gib * 2**30) // block_bytes)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     # Leave room for activations of the largest step: a rough, safe reserve of logits + MLP
     # intermediates for max_num_batched_tokens (profiling exactly is future work).
-    reserve = _activation_reserve_bytes(config, model)
+    reserve = _activation_reserve_bytes(config, hf_config)
     budget = total * config.cache.gpu_memory_utilization - used - reserve
     if budget < block_bytes:
         raise ConfigError(f"no GPU memory left for the KV cache (total {total/2**30:.1f} GiB, in use "
@@ -97,11 +97,8 @@ def _num_blocks_from_memory(config: EngineConfig, device: torch.device, block_by
     return int(budget // block_bytes)
 
 
-def _activation_reserve_bytes(config: EngineConfig, model) -> int:
+def _activation_reserve_bytes(config: EngineConfig, hf_config) -> int:
     tokens = config.scheduler.max_num_batched_tokens
-    hf = getattr(model, "config", None)
-    hidden = getattr(hf, "hidden_size", 4096)
-    inter = getattr(hf, "intermediate_size", 4 * hidden)
-    vocab = getattr(hf, "vocab_size", 32000)
+    hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
     per_token = 2 * (4 * hidden + 3 * inter) + 4 * vocab / 8  # bf16 activations; logits only for sampled rows
     return int(tokens * per_token * 2 + 512 * 2**20)

@@ -10,12 +10,10 @@ system); `splitserve.services.flags` builds the same parser for the `splitserve`
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from splitserve.services.gateway.config import GatewayConfig
-from splitserve.shared.config_flags import add_dataclass_flags
+from splitserve.shared.config_flags import add_dataclass_flags, dataclass_from_args
 
-_RESOLVED_HERE = ("model_dir", "served_model_name")
 
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
@@ -31,20 +29,9 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
     served = getattr(args, "served_model_name", None) or served_model_name(args.model)
     model_dir = args.model if args.model is not None else ensure_demo_checkpoint()  # built on first use
-    values = {f.name: getattr(args, f.name) for f in fields(GatewayConfig)
-              if f.name not in _RESOLVED_HERE and getattr(args, f.name, None) is not None}
-    for name in ("prefill_urls", "decode_urls", "worker_urls"):
-        if name in values:
-            values[name] = _url_tuple(values[name])
-    config = GatewayConfig(model_dir=model_dir, served_model_name=served, **values)
+    config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=served)
     config.validate()
     return config
-
-
-def _url_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """'a:1,b:2' or ('a:1', 'b:2') -> ('a:1', 'b:2')."""
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(u.strip() for item in items for u in item.split(",") if u.strip())
 
 
 def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:

@@ -137,5 +137,11 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, message: st
     raise AssertionError(f"{message} not reached within {timeout_s} s (last value {last!r})")
 
 
+def metric_total(text: str, name: str) -> float:
+    """Sum of the Prometheus samples whose line starts with `name` (all label sets)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
 def _flag(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default

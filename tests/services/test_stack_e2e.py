@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from stack import LocalStack, wait_until
+from stack import LocalStack, metric_total, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_models_health_and_fleet_metrics(disagg):
     assert httpx.get(f"{disagg.url}/health").status_code == 200
     metrics = httpx.get(f"{disagg.url}/metrics").text
     decode = disagg.worker_address("decode")
-    free = _metric(metrics, f'splitserve_worker_free_kv_blocks{{instance="{decode}",role="decode"}}')
+    free = metric_total(metrics, f'splitserve_worker_free_kv_blocks{{instance="{decode}",role="decode"}}')
     assert free == disagg.load("decode").num_free_blocks > 0
 
 
@@ -100,14 +100,14 @@ def test_greedy_identical_disaggregated_colocated_offline(disagg, colocated, cac
 
 def test_kv_moved_and_nothing_recomputed_per_request(disagg):
     metrics = httpx.get(f"{disagg.url}/metrics").text
-    moved = _metric(metrics, "splitserve_gateway_kv_transfer_bytes_total")
-    recomputed = _metric(metrics, "splitserve_gateway_recomputed_tokens_total")
+    moved = metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total")
+    recomputed = metric_total(metrics, "splitserve_gateway_recomputed_tokens_total")
     r = disagg.openai().completions.create(model="splitserve-demo", prompt="tok " * 50, max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
     metrics = httpx.get(f"{disagg.url}/metrics").text
     block_bytes = 4 * 2 * 16 * 4 * 32 * 4  # demo: layers x (K,V) x block x kv heads x head dim x fp32
-    assert _metric(metrics, "splitserve_gateway_kv_transfer_bytes_total") - moved >= 3 * block_bytes
-    assert _metric(metrics, "splitserve_gateway_recomputed_tokens_total") == recomputed
+    assert metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total") - moved >= 3 * block_bytes
+    assert metric_total(metrics, "splitserve_gateway_recomputed_tokens_total") == recomputed
 
 
 def test_32_concurrent_streams(disagg):
@@ -180,10 +180,3 @@ def test_openai_client_sees_clear_errors(disagg):
     # The stack is still healthy after the errors.
     assert disagg.openai().completions.create(model="splitserve-demo", prompt="ok", max_tokens=2).usage.completion_tokens == 2
 
-
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
