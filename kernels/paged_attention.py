@@ -14,6 +14,7 @@ when given). Query head `h` reads kv head `h // (Hq // Hkv)`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -98,7 +99,7 @@ def _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q: tl.constexpr)
     return lo
 
 
-@triton.jit(do_not_specialize=["num_reqs", "sliding_window"])
+@triton.jit(do_not_specialize=["num_reqs", "sliding_window", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # NUM_SPLITS == 1: [T, Hq, D] in q's dtype; else partials [T, Hq, NUM_SPLITS, D] fp32
     lse_ptr,  # NUM_SPLITS > 1: [T, Hq, NUM_SPLITS] fp32 log2-sum-exp per split
@@ -289,6 +290,34 @@ def _choose_num_splits(q: torch.Tensor, num_programs: int, max_query_len: int | 
     return max(1, min(triton.cdiv(4 * num_sms, num_programs), max_seq_len // 256, 32))
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of `_paged_attention_kernel` (see `launch_config`)."""
+
+    block_m: int
+    """Query rows per program (tokens x padded group heads); at least the padded group."""
+    block_n: int
+    """Keys per inner-loop iteration."""
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def launch_config(head_dim: int, decode_only: bool) -> LaunchConfig:
+    """The default tiles, from `loadtests/tune_attention.py` on an H100 (docs/benchmarks.md).
+
+    Decode (every query one token) is bound by reading K/V: 16-row tiles, and for head_dim 64
+    32-key steps in 2 stages (88% of copy bandwidth against 82% with 64 keys, at 256 x 576 tokens).
+    Prefill is bound by the two dots: 128-row tiles on 8 warps in 2 stages gave 1.19x (head_dim 64)
+    and 1.21x (head_dim 128) over 64-row tiles on 4 warps at 32 x 512 tokens.
+    """
+    if decode_only:
+        return LaunchConfig(block_m=16, block_n=32 if head_dim <= 64 else 64, num_warps=4,
+                            num_stages=2 if head_dim <= 64 else 3)
+    if head_dim <= 128:
+        return LaunchConfig(block_m=128, block_n=64 if head_dim <= 64 else 32, num_warps=8, num_stages=2)
+    return LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -302,12 +331,13 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """Triton paged attention; same contract as `paged_attention_ref`.
 
     `max_query_len`/`max_seq_len` are optional host-side hints: with `max_query_len == 1` the kernel
     uses decode-sized tiles, and with both it may split long contexts across programs. `num_splits`
-    forces the split count (1 = no split).
+    forces the split count (1 = no split); `config` overrides the tiles (for tuning).
     """
     require_triton()
     _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window)
@@ -317,7 +347,8 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     decode_only = max_query_len is not None and max_query_len <= 1
-    block_m = max(16 if decode_only else 64, group_pad)
+    config = config or launch_config(head_dim, decode_only)
+    block_m = max(config.block_m, group_pad)
     block_q = block_m // group_pad
     num_tiles = num_tokens // block_q + num_reqs
     if num_splits is None:
@@ -348,10 +379,10 @@ def paged_attention(
         block_tables.stride(0),
         *out_strides, *lse_strides,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-        BLOCK_N=64 if head_dim <= 128 else 32, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_N=config.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](

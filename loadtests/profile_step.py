@@ -22,6 +22,7 @@ from splitserve.shared.llm import LLM  # noqa: E402
 from splitserve.shared.sampling_params import SamplingParams  # noqa: E402
 
 
+@torch.inference_mode()
 def phase_times(engine, steps: int) -> dict[str, float]:
     """Median ms of each phase over `steps` decode steps (synchronizing between phases)."""
     times: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "logits+sample", "update", "step")}
@@ -30,7 +31,7 @@ def phase_times(engine, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         sched = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        tables = {s.request.request_id: engine.kv.block_ids(s.request.request_id) for s in sched.scheduled}
+        tables = engine.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         inputs = runner.prepare_inputs(sched, tables)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -55,6 +56,31 @@ def phase_times(engine, steps: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def async_decode_profile(engine, steps: int) -> None:
+    """Decode steps with async scheduling: wall time per step, then the host's hot spots (cProfile)."""
+    import cProfile
+    import pstats
+
+    engine.async_scheduling = True
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    print(f"async decode: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms/step")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    if engine._inflight is not None:
+        engine._resolve({})
+    engine.async_scheduling = False
+
+
 def top_kernels(fn, label: str, n: int = 12, warm: bool = True) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -76,7 +102,8 @@ def main() -> int:
     args = parser.parse_args()
     model_dir = write_shape(args.shape, tempfile.mkdtemp())
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=args.batch,
-              max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.85)
+              max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.85,
+              async_scheduling=False)  # the phase timings below step the engine by hand, synchronously
     engine = llm.engine
     rng = random.Random(0)
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -94,6 +121,7 @@ def main() -> int:
     for _ in range(3):
         engine.step()
     print(f"decode phases (median ms, batch {args.batch}):", {k: round(v, 2) for k, v in phase_times(engine, 10).items()})
+    async_decode_profile(engine, 20)
     top_kernels(engine.step, f"decode step, batch {args.batch}")
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None

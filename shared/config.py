@@ -75,9 +75,9 @@ class SchedulerConfig:
     """Split long prompts over several steps so decodes keep flowing."""
     policy: str = "fcfs"
     """'fcfs' or 'priority' (lower value first, then arrival)."""
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     """Schedule and launch step N+1 before step N's tokens reach the host, overlapping host work
-    with the GPU (tokens are identical). Experimental: verified on CPU, not yet run on a GPU."""
+    with the GPU; tokens are identical either way. None: on for CUDA, off on CPU (no overlap there)."""
 
     def validate(self) -> None:
         if self.max_num_seqs <= 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,14 +47,14 @@ class KvTransferParams:
     """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineOutput:
     """What one step produced for one request (deltas, not totals)."""
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
-    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    new_top_logprobs: list[Sequence[tuple[int, float]]] = field(default_factory=list)
     new_ranks: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -118,6 +119,8 @@ class EngineCore:
         self.aborting: dict[str, Request] = {}
         """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
         self.async_scheduling = config.scheduler.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = parts.device.type == "cuda"
         self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
@@ -140,7 +143,7 @@ class EngineCore:
             if first_token is None:
                 raise RequestError("a request with remote KV must carry the first token sampled by prefill")
             req.status = RequestStatus.WAITING_FOR_KV
-            self._append_token(req, first_token)
+            req.append_output(first_token.token_id)
         elif kv_transfer is not None and kv_transfer.hold and self.connector is None:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
@@ -196,7 +199,7 @@ class EngineCore:
         for req, block_ids in sched.kv_loads:
             self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
-        tables = {s.request.request_id: self.kv.block_table(s.request.request_id) for s in sched.scheduled}
+        tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
             result = self.runner.execute(sched, tables)
             self._update(sched, result.sampled, outputs)
@@ -220,7 +223,7 @@ class EngineCore:
             index = None
             if samples:
                 index = len(req.output_token_ids)
-                req.append_output(PLACEHOLDER, 0.0, [])
+                req.append_output(PLACEHOLDER)
                 hold = req.kv_transfer is not None and req.kv_transfer.hold
                 if hold or len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                     self.scheduler.remove(req.request_id)  # its next token cannot be needed
@@ -239,7 +242,7 @@ class EngineCore:
             if index is None:
                 continue
             token = sampled[req.request_id]
-            req.set_output(index, token.token_id, token.logprob, token.top_logprobs)
+            req.set_output(index, token.token_id)
             self._emit(req, token, index + 1, outputs)
 
     def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken],
@@ -250,16 +253,20 @@ class EngineCore:
             self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             token = sampled.get(req.request_id)
             if token is not None:
-                self._append_token(req, token)
+                req.append_output(token.token_id)
                 self._emit(req, token, len(req.output_token_ids), outputs)
 
     def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
         """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
-        out = self._output(req, outputs)
-        out.new_token_ids.append(token.token_id)
-        out.new_logprobs.append(token.logprob)
-        out.new_top_logprobs.append(token.top_logprobs)
-        out.new_ranks.append(token.rank)
+        out = outputs.get(req.request_id)
+        if out is None:  # the common case, built in one call: this runs for every request every step
+            out = outputs[req.request_id] = EngineOutput(
+                req.request_id, [token.token_id], [token.logprob], [token.top_logprobs], [token.rank])
+        else:
+            out.new_token_ids.append(token.token_id)
+            out.new_logprobs.append(token.logprob)
+            out.new_top_logprobs.append(token.top_logprobs)
+            out.new_ranks.append(token.rank)
         status = self._stop_status(req, token.token_id, num_outputs)
         hold = req.kv_transfer is not None and req.kv_transfer.hold
         if status is None and not hold:
@@ -302,9 +309,6 @@ class EngineCore:
 
     # ---- finishing --------------------------------------------------------------------
 
-    @staticmethod
-    def _append_token(req: Request, token: SampledToken) -> None:
-        req.append_output(token.token_id, token.logprob, token.top_logprobs)
 
     def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
         min_tokens = req.sampling_params.min_tokens
@@ -345,13 +349,6 @@ class EngineCore:
         out.num_recomputed_tokens = req.num_recomputed_tokens
         out.kv_bytes_received = self._kv_bytes.pop(req.request_id, 0)
         out.kv_load_window_ns = self._kv_windows.pop(req.request_id, None)
-
-    @staticmethod
-    def _output(req: Request, outputs: dict[str, EngineOutput]) -> EngineOutput:
-        out = outputs.get(req.request_id)
-        if out is None:
-            out = outputs[req.request_id] = EngineOutput(req.request_id)
-        return out
 
     # ---- introspection ----------------------------------------------------------------
 

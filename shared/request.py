@@ -44,8 +44,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Sampled tokens only: their logprobs go out in `EngineOutput` deltas and are not kept here
+    (a list per token would also give the garbage collector thousands of objects to walk)."""
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (or received from a prefill instance)."""
@@ -61,23 +61,18 @@ class Request:
         # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).
         self._all_token_ids = self.prompt_token_ids + self.output_token_ids
 
-    def append_output(self, token_id: int, logprob: float, top_logprobs: list[tuple[int, float]]) -> None:
+    def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self.output_logprobs.append(logprob)
-        self.output_top_logprobs.append(top_logprobs)
         self._all_token_ids.append(token_id)
 
-    def set_output(self, index: int, token_id: int, logprob: float, top_logprobs: list[tuple[int, float]]) -> None:
+    def set_output(self, index: int, token_id: int) -> None:
         """Fill output `index` (a placeholder appended before its value left the device)."""
         self.output_token_ids[index] = token_id
-        self.output_logprobs[index] = logprob
-        self.output_top_logprobs[index] = top_logprobs
         self._all_token_ids[len(self.prompt_token_ids) + index] = token_id
 
     def truncate_outputs(self, num_outputs: int) -> None:
         """Drop outputs past `num_outputs` (placeholders of steps launched after the request ended)."""
-        del self.output_token_ids[num_outputs:], self.output_logprobs[num_outputs:]
-        del self.output_top_logprobs[num_outputs:], self._all_token_ids[len(self.prompt_token_ids) + num_outputs:]
+        del self.output_token_ids[num_outputs:], self._all_token_ids[len(self.prompt_token_ids) + num_outputs:]
 
     @property
     def num_prompt_tokens(self) -> int:

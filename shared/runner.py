@@ -13,6 +13,7 @@ caught up with its known tokens, and samples one token for each of those.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +25,13 @@ from splitserve.shared.sampler import DeviceSample, Sampler, SamplingInput, unpa
 from splitserve.shared.scheduler import SchedulerOutput
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     logprob: float
     rank: int
-    top_logprobs: list[tuple[int, float]]
+    top_logprobs: Sequence[tuple[int, float]]
+    """The top alternatives asked for; an empty tuple when none were."""
 
 
 @dataclass
@@ -71,8 +73,8 @@ class PendingStep:
         else:
             packed = self.sample.packed.tolist()
         out = unpack(packed, self.sample.counts)
-        top = out.top_logprobs or [[] for _ in self.request_ids]
-        return {rid: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i])
+        top = out.top_logprobs
+        return {rid: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i] if top else ())
                 for i, rid in enumerate(self.request_ids)}
 
 
@@ -132,12 +134,12 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
         return ModelRunnerOutput(self.execute_async(sched, block_tables).result())
 
     @torch.inference_mode()
-    def execute_async(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+    def execute_async(self, sched: SchedulerOutput, block_tables: np.ndarray,
                       previous: PendingStep | None = None) -> PendingStep:
         """Launch one step without waiting for it. Input tokens not known on the host yet
         (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor."""
@@ -148,7 +150,7 @@ class ModelRunner:
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
             return PendingStep([], None)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V] fp32
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         rows = [
             SamplingInput(
                 params=r.sampling_params,
@@ -170,9 +172,10 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, attn)
 
     @torch.inference_mode()
-    def prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+    def prepare_inputs(self, sched: SchedulerOutput, block_tables: np.ndarray,
                        previous: PendingStep | None = None) -> StepInputs:
-        """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms."""
+        """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms.
+        `block_tables` [B, width] int32 holds the scheduled requests' tables in scheduled order."""
         bs = self.block_size
         reqs = [s.request for s in sched.scheduled]
         num_reqs = len(reqs)
@@ -189,18 +192,14 @@ class ModelRunner:
         else:
             input_ids = np.fromiter(itertools.chain.from_iterable(
                 r.all_token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), seq_lens.tolist())), np.int64, num_tokens)
-        tables = [block_tables[r.request_id] for r in reqs]
-        table_array = np.zeros((num_reqs, max(map(len, tables))), np.int32)
-        for i, table in enumerate(tables):
-            table_array[i, : len(table)] = table
-        slots = table_array[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        slots = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         samples = np.fromiter((s.samples for s in sched.scheduled), bool, num_reqs)
         sample_indices = query_start[1:][samples] - 1
         query_lens_cpu, seq_lens_cpu = query_lens.tolist(), seq_lens.tolist()
         attn = AttentionMetadata(
             query_start_loc=self._to_device("query_start_loc", query_start.astype(np.int32)),
             seq_lens=self._to_device("seq_lens", seq_lens.astype(np.int32)),
-            block_tables=self._to_device("block_tables", table_array),
+            block_tables=self._to_device("block_tables", block_tables),
             slot_mapping=self._to_device("slot_mapping", slots),
             max_query_len=max(query_lens_cpu),
             max_seq_len=max(seq_lens_cpu),

@@ -83,6 +83,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> DeviceSample:
         """Everything on the device, no host sync (the engine's async mode overlaps the next step)."""
         _check_inputs(logits, rows)
+        if all(_argmax_only(row) for row in rows):
+            # Upcasting is exact, so the argmax of bf16 logits is the argmax of their fp32 copy:
+            # skip a full [N, V] conversion pass on the common greedy decode step.
+            return _pack_logprobs(None, logits.argmax(dim=-1), rows)
         logits = logits.float()
         # A full pass over [N, V]: only when some row asked for logprobs (vLLM does the same).
         wants_logprobs = any(row.params.logprobs is not None for row in rows)
@@ -92,6 +96,13 @@ class Sampler:
         processed = apply_penalties(processed, rows)
         token_ids = _choose_tokens(processed, rows)  # [N] int64
         return _pack_logprobs(raw_logprobs, token_ids, rows)
+
+
+def _argmax_only(row: SamplingInput) -> bool:
+    """Greedy, no logprobs asked, and nothing that edits the logits (penalties, min_tokens bans)."""
+    p = row.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0 and len(row.output_token_ids) >= p.min_tokens)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:

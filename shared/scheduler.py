@@ -26,15 +26,17 @@ from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    samples: bool = False
+    """True when this step computes the request's last known token, so a new one is sampled."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last known token, so a new one is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        """Schedule `num_new_tokens` of `request` from its current `num_computed_tokens`."""
+        return cls(request, num_new_tokens, request.num_computed_tokens + num_new_tokens == request.num_tokens)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Scheduler:
                     scheduled = False
                     break
             if scheduled:
-                out.scheduled.append(ScheduledRequest(req, num_new))
+                out.scheduled.append(ScheduledRequest.of(req, num_new))
                 budget -= num_new
                 i += 1
         return budget
@@ -165,7 +167,7 @@ class Scheduler:
             req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            out.scheduled.append(ScheduledRequest.of(req, num_new))
             budget -= num_new
 
     def _start_kv_load(self, req: Request, out: SchedulerOutput) -> bool:

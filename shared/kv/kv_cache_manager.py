@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
 from splitserve.shared.kv.block_hash import BlockHash, hash_block_tokens
 from splitserve.shared.kv.block_pool import BlockPool, _require
 
@@ -35,6 +37,12 @@ class KVCacheManager:
         self._block_hashes: dict[str, list[BlockHash]] = {}
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
+        # A numpy mirror of the tables, one row per request, written as tables grow, so a step's
+        # [B, width] block-table array is one gather instead of a Python pass over every entry.
+        self._rows = np.zeros((16, 64), np.int32)
+        self._row_lens = np.zeros(16, np.int64)
+        self._row_of: dict[str, int] = {}
+        self._free_rows = list(range(15, -1, -1))
 
     @property
     def num_free_blocks(self) -> int:
@@ -55,6 +63,12 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         """The request's live block table (no copy, for the per-step hot path): do not modify."""
         return self._tables.get(request_id, [])
+
+    def block_table_array(self, request_ids: Sequence[str]) -> np.ndarray:
+        """`[len(request_ids), longest table]` int32, row i the table of request_ids[i], zero-padded."""
+        rows = [self._row_of[request_id] for request_id in request_ids]
+        width = int(self._row_lens[rows].max()) if rows else 0
+        return self._rows[rows, :width]
 
     def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
         """Blocks to add to the request's table so it covers `num_total_tokens` slots."""
@@ -118,9 +132,11 @@ class KVCacheManager:
         if num_new_blocks + num_evictable_hits > self.pool.num_free_blocks:
             return None
         self.pool.incref(new_computed_blocks)  # first, so allocate() cannot evict the hits
+        num_before = len(table)
         table.extend(new_computed_blocks)
         table.extend(self.pool.allocate(num_new_blocks))
         self._tables[request_id] = table
+        self._mirror(request_id, table, num_before)
         self._block_hashes.setdefault(request_id, []).extend(hit_hashes)
         return list(table)
 
@@ -146,8 +162,29 @@ class KVCacheManager:
         """Release the request's blocks tail first, so its tail is evicted before its prefix."""
         table = self._tables.pop(request_id, None)
         self._block_hashes.pop(request_id, None)
+        row = self._row_of.pop(request_id, None)
+        if row is not None:
+            self._rows[row, : self._row_lens[row]] = 0
+            self._row_lens[row] = 0
+            self._free_rows.append(row)
         if table:
             self.pool.free(reversed(table))
+
+    def _mirror(self, request_id: str, table: list[int], start: int) -> None:
+        """Copy table[start:] into the request's row of the numpy mirror, growing it as needed."""
+        row = self._row_of.get(request_id)
+        if row is None:
+            if not self._free_rows:
+                n = self._rows.shape[0]
+                self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
+                self._row_lens = np.concatenate([self._row_lens, np.zeros_like(self._row_lens)])
+                self._free_rows = list(range(2 * n - 1, n - 1, -1))
+            row = self._row_of[request_id] = self._free_rows.pop()
+        if len(table) > self._rows.shape[1]:
+            width = 1 << (len(table) - 1).bit_length()
+            self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])))
+        self._rows[row, start : len(table)] = table[start:]
+        self._row_lens[row] = len(table)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
@@ -159,6 +196,11 @@ class KVCacheManager:
         holders = Counter(b for table in self._tables.values() for b in table)
         for request_id, table in self._tables.items():
             _require(len(set(table)) == len(table), f"request {request_id!r} holds a block twice: {table}")
+            row = self._row_of.get(request_id)
+            _require(row is not None and self._rows[row, : len(table)].tolist() == table
+                     and self._row_lens[row] == len(table) and not self._rows[row, len(table):].any(),
+                     f"request {request_id!r}: the numpy mirror of its table is stale")
+        _require(len(self._row_of) == len(self._tables), "the numpy mirror holds rows of freed requests")
         for block_id in range(self.pool.num_blocks):
             refcount = self.pool.refcount(block_id)
             held = holders[block_id]

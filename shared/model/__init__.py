@@ -3,7 +3,7 @@
     model, hf_config = load_model(model_dir, dtype, device)
     model.bind_kv_cache(kv_cache)   # [num_blocks, num_layers, 2, block_size, Hkv, D]
     hidden = model(input_ids, positions, attn_metadata)   # [T, H]
-    logits = model.compute_logits(hidden[rows])          # [N, V] float32
+    logits = model.compute_logits(hidden[rows])          # [N, V] model dtype
 """
 
 from splitserve.shared.model.attention import Attention, AttentionMetadata

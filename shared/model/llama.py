@@ -150,8 +150,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden [N, H]` (only the rows to sample) -> `[N, V]` float32."""
-        return self.lm_head(hidden).float()
+        """`hidden [N, H]` (only the rows to sample) -> `[N, V]` in the model's dtype; the sampler
+        upcasts to float32 where it computes more than an argmax."""
+        return self.lm_head(hidden)
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         """Give every layer its views of the pool `[num_blocks, num_layers, 2, block_size, Hkv, D]`."""

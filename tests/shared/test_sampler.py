@@ -54,6 +54,19 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     assert out.token_ids[5] == 7
 
 
+def test_greedy_on_bf16_logits_takes_the_fast_path_and_matches_the_fp32_path():
+    """Plain greedy rows are argmaxed in the logits' own dtype; a row asking for logprobs sends the
+    batch through the fp32 path. Both must pick the same tokens, ties included."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    logits[::7, 11] = logits[::7, 250] = 9.0  # ties in bf16: the first index wins
+    plain = Sampler()(logits, [row(SamplingParams(temperature=0.0)) for _ in range(64)])
+    with_logprobs = Sampler()(logits, [row(SamplingParams(temperature=0.0, logprobs=0))] +
+                              [row(SamplingParams(temperature=0.0)) for _ in range(63)])
+    assert plain.token_ids == with_logprobs.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert all(plain.token_ids[i] == 11 for i in range(0, 64, 7))
+    assert plain.logprobs == [0.0] * 64 and with_logprobs.logprobs[0] < 0.0
+
+
 def reference_penalties(logits: list[float], params: SamplingParams, prompt, output) -> list[float]:
     """Straightforward per-token implementation of the vLLM / OpenAI formulas."""
     result = []

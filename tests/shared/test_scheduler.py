@@ -29,7 +29,7 @@ def fake_step(s: Scheduler, out: SchedulerOutput) -> list[str]:
         req.num_computed_tokens += sr.num_new_tokens
         s.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         if samples:
-            req.append_output(7, 0.0, [])
+            req.append_output(7)
             if len(req.output_token_ids) >= req.max_tokens:
                 s.remove(req.request_id)
                 s.kv.free(req.request_id)
@@ -115,7 +115,7 @@ def test_kv_load_allocates_without_budget_then_runs_or_recomputes():
     ok, bad = request("ok", 9), request("bad", 9)
     for req in (ok, bad):
         req.status = RequestStatus.WAITING_FOR_KV
-        req.append_output(11, 0.0, [])  # the first token sampled by the prefill instance
+        req.append_output(11)  # the first token sampled by the prefill instance
         s.add(req)
     out = s.schedule()
     assert [r.request_id for r, _ in out.kv_loads] == ["ok", "bad"] and not out.scheduled
