@@ -77,7 +77,8 @@ class SchedulerConfig:
     """'fcfs' or 'priority' (lower value first, then arrival)."""
     async_scheduling: bool | None = None
     """Schedule and launch step N+1 before step N's tokens reach the host, overlapping host work
-    with the GPU; tokens are identical either way. None: on for CUDA, off on CPU (no overlap there)."""
+    with the GPU; tokens are identical either way. Unset (None): on for CUDA, off on CPU, where the
+    forward runs on the same cores and there is nothing to overlap."""
 
     def validate(self) -> None:
         if self.max_num_seqs <= 0:

@@ -163,6 +163,14 @@ def test_penalties_identical_sync_and_async(checkpoint_factory):
     assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
 
 
+def test_async_scheduling_defaults_off_on_cpu_and_follows_the_flag(checkpoint_factory):
+    model_dir = checkpoint_factory("llama")
+    for flag, expected in ((None, False), (True, True), (False, False)):
+        config = EngineConfig(model=ModelConfig(model=model_dir, device="cpu"), cache=CacheConfig(num_blocks=8),
+                              scheduler=SchedulerConfig(async_scheduling=flag))
+        assert EngineCore(config).async_scheduling is expected
+
+
 def test_stats(llm):
     stats = llm.engine.stats()
     assert stats.num_total_blocks == 128 and stats.num_running == 0 and 0.0 <= stats.prefix_hit_rate <= 1.0
