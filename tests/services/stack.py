@@ -49,14 +49,14 @@ def free_port_range(count: int) -> int:
 
 
 class LocalStack:
-    def __init__(self, args: list[str], cache_dir: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cache_dir: str, env: dict[str, str] | None = None, device: str = "cpu") -> None:
         self.port = free_port()
         self.worker_base_port = free_port_range(8)
         self.url = f"http://127.0.0.1:{self.port}"
         self.colocated = "--colocated" in args
         self.num_prefill = 0 if self.colocated else int(_flag(args, "--prefill", "1"))
         argv = [sys.executable, "-m", "splitserve.cli", "up", "--port", str(self.port),
-                "--worker-base-port", str(self.worker_base_port), "--device", "cpu", *args]
+                "--worker-base-port", str(self.worker_base_port), "--device", device, *args]
         self.env = dict(os.environ, SPLITSERVE_CACHE=cache_dir, PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         self.lines: list[str] = []

@@ -1,0 +1,137 @@
+"""Serving benchmark of the whole stack, colocated vs disaggregated, printed side by side.
+
+For each topology this starts the real local stack (`splitserve up`: gateway, workers, gRPC, ZMQ,
+UCX), runs the serving client (`bench_serve.py`) against the gateway at each request rate, reads the
+gateway's /metrics (KV bytes moved, tokens recomputed), and stops the stack with Ctrl-C. One table
+compares the topologies at every rate.
+
+    python loadtests/serve_compare.py --shape llama-3.2-1b --rates 4,16,inf --num-prompts 200 \\
+        --input-len 1024 --output-len 128 --gpu-memory-utilization 0.4 --goodput tpot:20
+
+On one GPU both topologies share it: the disaggregated stack runs a prefill and a decode process
+side by side (KV over UCX cuda_ipc), each with `--gpu-memory-utilization` of the memory. The model
+is `--shape` with random weights (`--load-format dummy`) and the demo tokenizer (4,096 tokens; ids
+past it decode to nothing), or `--model DIR`. On CPU, `--model demo` serves the demo checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))  # `loadtests` as a package, for bench_serve
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
+
+from shapes import SHAPES, write_shape  # noqa: E402
+from stack import LocalStack, metric_total  # noqa: E402
+
+TOPOLOGIES = {"colocated": ["--colocated"], "disaggregated": ["--prefill", "1", "--decode", "1"]}
+
+
+def model_args(args: argparse.Namespace) -> list[str]:
+    if args.model == "demo":
+        return []
+    if args.model:
+        return ["--model", args.model]
+    from splitserve.shared.demo import build_demo_tokenizer
+
+    model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"serve-{args.shape}-"))
+    build_demo_tokenizer().save_pretrained(model_dir)
+    return ["--model", model_dir, "--load-format", "dummy"]
+
+
+def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> list[dict]:
+    from loadtests import bench_serve
+
+    engine_argv = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching"]
+    if args.ucx_tls:
+        engine_argv += ["--transfer-ucx-tls", args.ucx_tls]
+    result_json = os.path.join(out_dir, f"{name}.json")
+    with LocalStack([*TOPOLOGIES[name], *model_argv, *engine_argv], os.path.join(out_dir, "cache"),
+                    device=args.device) as stack:
+        argv = ["--base-url", stack.url, "--num-prompts", str(args.num_prompts), "--random-input-len",
+                str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos",
+                "--sweep-rates", args.rates, "--result-json", result_json, "--disable-tqdm", "--seed", str(args.seed)]
+        if args.goodput:
+            argv += ["--goodput", *args.goodput]
+        code = bench_serve.main(argv)
+        with urllib.request.urlopen(stack.url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    print(f"{name}: bench_serve exit code {code}", flush=True)
+    runs = json.load(open(result_json))["runs"]
+    for run in runs:  # the gateway's counters cover all rates of this topology together
+        run["kv_bytes"] = metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total")
+        run["recomputed_tokens"] = metric_total(metrics, "splitserve_gateway_recomputed_tokens_total")
+    return runs
+
+
+def print_table(results: dict[str, list[dict]], goodput: bool) -> None:
+    header = (f"{'topology':14s} {'rate':>6s} {'ok/fail':>9s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50':>9s} "
+              f"{'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s} {'ITL p99':>8s}" + (f" {'goodput':>8s}" if goodput else ""))
+    print("\n" + header + "\n" + "-" * len(header))
+    rates = [run["request_rate"] for run in next(iter(results.values()))]
+    for i, rate in enumerate(rates):
+        for name, runs in results.items():
+            s = runs[i]["summary"]
+            line = (f"{name:14s} {str(rate):>6s} {s['completed']:>4d}/{s['failed']:<4d} {s['request_throughput']:7.2f} "
+                    f"{s['output_throughput']:10.0f} {s['ttft']['median_ms']:9.1f} {s['ttft']['percentiles_ms']['p99']:9.1f} "
+                    f"{s['tpot']['median_ms']:9.2f} {s['tpot']['percentiles_ms']['p99']:9.2f} "
+                    f"{s['itl']['percentiles_ms']['p99']:8.2f}")
+            if goodput:
+                line += f" {s['goodput'] or 0.0:8.2f}"
+            print(line)
+    for name, runs in results.items():
+        print(f"{name}: KV moved {runs[0]['kv_bytes'] / 2**20:,.0f} MiB, prompt tokens recomputed "
+              f"{runs[0]['recomputed_tokens']:,.0f} (all rates)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    p.add_argument("--topologies", default="colocated,disaggregated")
+    p.add_argument("--rates", default="4,16,inf", help="request rates (req/s), comma-separated; inf = all at once")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="per worker: two disaggregated workers share one GPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ucx-tls", default=None, help="UCX transports for the disaggregated pair, e.g. tcp,cuda_copy,cuda_ipc")
+    p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON results go: one per topology from bench_serve, and compare.json")
+    args = p.parse_args(argv)
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="serve-compare-")
+    os.makedirs(out_dir, exist_ok=True)
+    model_argv = model_args(args)
+    results = {}
+    for name in args.topologies.split(","):
+        if name not in TOPOLOGIES:
+            p.error(f"unknown topology {name!r}; choose from {sorted(TOPOLOGIES)}")
+        results[name] = run_topology(name, args, model_argv, out_dir)
+    print(f"\n{args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out) per rate, "
+          f"model {args.model or args.shape}, device {args.device}; latencies in ms")
+    print_table(results, bool(args.goodput))
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": {name: [{k: v for k, v in run.items() if k != "requests"}
+                                                          for run in runs] for name, runs in results.items()}}, f, indent=1)
+    failed = sum(run["summary"]["failed"] for runs in results.values() for run in runs)
+    if failed:
+        print(f"{failed} requests failed; first errors: "
+              f"{[e for runs in results.values() for run in runs for e in run['summary']['errors']][:3]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
