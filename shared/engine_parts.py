@@ -2,8 +2,8 @@
 
 The KV pool is one block-major tensor (see docs/architecture.md):
     kv_cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-On CUDA it takes what `gpu_memory_utilization` leaves after the weights and a profiled peak
-activation; on CPU a fixed `cpu_kv_cache_gib`.
+On CUDA it takes what this engine's share of the device (`gpu_memory_utilization`) leaves after its
+weights and the measured peak of its largest step; on CPU a fixed `cpu_kv_cache_gib`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = resolve_model_dir(mc.model)
+    free_at_start = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
     info = model_info(hf_config, model_dir)
     max_model_len = mc.max_model_len or info.max_position_embeddings
@@ -69,7 +70,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise ConfigError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                           f"{info.max_position_embeddings}")
     block_bytes = info.num_layers * 2 * cc.block_size * info.num_kv_heads * info.head_dim * dtype.itemsize
-    num_blocks = cc.num_blocks or _num_blocks_from_memory(config, device, block_bytes, hf_config)
+    if cc.num_blocks:
+        num_blocks = cc.num_blocks
+    elif device.type == "cuda":
+        num_blocks = _num_blocks_on_gpu(config, model, info, device, dtype, block_bytes, free_at_start)
+    else:
+        num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
     blocks_per_seq = -(-max_model_len // cc.block_size)
     if num_blocks < blocks_per_seq:
         logger.warning("KV pool of %d blocks holds only %d tokens; capping max_model_len %d to that",
@@ -82,23 +88,56 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir)
 
 
-def _num_blocks_from_memory(config: EngineConfig, device: torch.device, block_bytes: int, hf_config) -> int:
-    if device.type != "cuda":
-        return max(1, int(config.cache.cpu_kv_cache_gib * 2**30) // block_bytes)
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    # Leave room for activations of the largest step: a rough, safe reserve of logits + MLP
-    # intermediates for max_num_batched_tokens (profiling exactly is future work).
-    reserve = _activation_reserve_bytes(config, hf_config)
-    budget = total * config.cache.gpu_memory_utilization - used - reserve
+GRAPH_AND_WORKSPACE_BYTES = 512 * 2**20
+"""Kept free beyond the profiled peak: CUDA graphs' memory pool (captured after the KV pool) and
+library workspaces that appear later."""
+
+
+def _num_blocks_on_gpu(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
+                       dtype: torch.dtype, block_bytes: int, free_at_start: int) -> int:
+    peak = _profile_peak_step_bytes(config, model, info, device, dtype)
+    free_now, total = torch.cuda.mem_get_info(device)
+    own = free_at_start - free_now  # weights, allocator cache, workspaces: what this process added
+    budget = kv_cache_budget_bytes(total, free_now, config.cache.gpu_memory_utilization, own,
+                                   peak + GRAPH_AND_WORKSPACE_BYTES)
+    logger.info("GPU memory: %.1f GiB total, %.1f GiB free; this engine holds %.1f GiB, its largest step "
+                "peaks at %.2f GiB; KV pool %.1f GiB", total / 2**30, free_now / 2**30, own / 2**30,
+                peak / 2**30, budget / 2**30)
     if budget < block_bytes:
-        raise ConfigError(f"no GPU memory left for the KV cache (total {total/2**30:.1f} GiB, in use "
-                          f"{used/2**30:.1f} GiB, reserve {reserve/2**30:.1f} GiB): raise gpu_memory_utilization")
+        raise ConfigError(
+            f"no GPU memory left for the KV cache: gpu_memory_utilization {config.cache.gpu_memory_utilization} "
+            f"of {total / 2**30:.1f} GiB, this engine already holds {own / 2**30:.1f} GiB and its largest step "
+            f"needs {peak / 2**30:.2f} GiB; {free_now / 2**30:.1f} GiB is free on the device. Raise "
+            f"gpu_memory_utilization, lower max_num_batched_tokens, or free the device")
     return int(budget // block_bytes)
 
 
-def _activation_reserve_bytes(config: EngineConfig, hf_config) -> int:
-    tokens = config.scheduler.max_num_batched_tokens
-    hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
-    per_token = 2 * (4 * hidden + 3 * inter) + 4 * vocab / 8  # bf16 activations; logits only for sampled rows
-    return int(tokens * per_token * 2 + 512 * 2**20)
+def kv_cache_budget_bytes(total: int, free: int, utilization: float, own: int, headroom: int) -> int:
+    """Bytes the KV pool may take. As in vLLM, `utilization` is this engine's share of the device:
+    other processes' memory does not count against it (two engines at 0.45 share one GPU), but the
+    pool never takes more than is free now. `own` is what the engine already holds; `headroom` its
+    peak step activations plus graph and workspace memory."""
+    return int(min(total * utilization - own, free) - headroom)
+
+
+def _profile_peak_step_bytes(config: EngineConfig, model: torch.nn.Module, info: ModelInfo,
+                             device: torch.device, dtype: torch.dtype) -> int:
+    """Peak memory of the largest step, measured: run it against a 1-block KV cache (nothing is
+    written), plus the sampler's fp32 work tensors for a full batch of rows, which the profiled
+    step (two sampled rows) does not reach: logits, log-probabilities, sorted values and indices
+    for top-k/top-p, probabilities and noise, about six [max_num_seqs, vocab] tensors."""
+    from splitserve.shared.runner import run_fake_mixed_step
+
+    cc, sc = config.cache, config.scheduler
+    tiny = torch.zeros(1, info.num_layers, 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
+                       device=device)
+    model.bind_kv_cache(tiny)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run_fake_mixed_step(model, max(sc.max_num_batched_tokens, 2), cc.block_size, device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del tiny
+    torch.cuda.empty_cache()
+    return peak + 6 * sc.max_num_seqs * info.vocab_size * 4

@@ -87,6 +87,27 @@ class StepInputs:
     """Row of each sampling request's last new token in the flat batch, [num_samples]."""
 
 
+@torch.inference_mode()
+def run_fake_mixed_step(model: torch.nn.Module, num_tokens: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The largest step the scheduler can issue: a prefill chunk of num_tokens - 1 plus one decode,
+    through the model and the LM head; returns the two rows' logits. Slots are -1, so nothing is
+    written to the bound KV cache, and every block table entry is 0, so a 1-block cache suffices
+    (start-up profiles its peak memory that way, before the pool exists)."""
+    width = -(-num_tokens // block_size)
+    attn = AttentionMetadata(
+        query_start_loc=torch.tensor([0, num_tokens - 1, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens - 1, 1], dtype=torch.int32, device=device),
+        block_tables=torch.zeros(2, width, dtype=torch.int32, device=device),
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        max_query_len=num_tokens - 1, max_seq_len=num_tokens - 1,
+        query_lens_cpu=[num_tokens - 1, 1], seq_lens_cpu=[num_tokens - 1, 1],
+    )
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(num_tokens - 1, device=device), torch.zeros(1, dtype=torch.int64, device=device)])
+    hidden = model(input_ids, positions, attn)
+    return model.compute_logits(hidden[-2:])
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device,
                  graphs: DecodeGraphs | None = None, warmup_tokens: int = 0) -> None:
@@ -106,23 +127,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self, num_tokens: int) -> None:
-        """Run one fake mixed step (a prefill chunk of num_tokens - 1 and a decode) so every kernel is
-        compiled before the first request. Slots are -1: the KV cache is not written."""
-        bs = self.block_size
-        width = -(-num_tokens // bs)
-        dev = self.device
-        attn = AttentionMetadata(
-            query_start_loc=torch.tensor([0, num_tokens - 1, num_tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([num_tokens - 1, 1], dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(2, width, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
-            max_query_len=num_tokens - 1, max_seq_len=num_tokens - 1,
-            query_lens_cpu=[num_tokens - 1, 1], seq_lens_cpu=[num_tokens - 1, 1],
-        )
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
-        positions = torch.cat([torch.arange(num_tokens - 1, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)])
-        hidden = self.model(input_ids, positions, attn)
-        logits = self.model.compute_logits(hidden[-2:])
+        """Run one fake mixed step so every kernel is compiled before the first request."""
+        logits = run_fake_mixed_step(self.model, num_tokens, self.block_size, self.device)
         from splitserve.shared.sampling_params import SamplingParams
 
         self.sampler(logits, [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2)

@@ -204,3 +204,17 @@ def test_unknown_architecture(tmp_path, checkpoint_factory):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         EngineCore(EngineConfig(model=ModelConfig(model=str(dst), device="cpu"), cache=CacheConfig(num_blocks=8)))
+
+
+def test_kv_budget_is_this_engines_share_of_the_device_capped_by_free_memory():
+    from splitserve.shared.engine_parts import kv_cache_budget_bytes
+
+    gib = 2**30
+    # Alone on an 80 GiB device at 0.9: 72 GiB share, minus 3 GiB held, minus 2 GiB headroom.
+    assert kv_cache_budget_bytes(80 * gib, 77 * gib, 0.9, 3 * gib, 2 * gib) == 67 * gib
+    # A second engine at 0.45 beside one that took 36 GiB: its share does not shrink by the other's
+    # memory (vLLM semantics) ...
+    assert kv_cache_budget_bytes(80 * gib, 41 * gib, 0.45, 3 * gib, 2 * gib) == 31 * gib
+    # ... but it never takes more than is free: here the other process left only 20 GiB.
+    assert kv_cache_budget_bytes(80 * gib, 20 * gib, 0.45, 3 * gib, 2 * gib) == 18 * gib
+    assert kv_cache_budget_bytes(80 * gib, 1 * gib, 0.45, 3 * gib, 2 * gib) < 0
