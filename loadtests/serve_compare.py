@@ -10,8 +10,8 @@ compares the topologies at every rate.
 
 On one GPU both topologies share it: the disaggregated stack runs a prefill and a decode process
 side by side (KV over UCX cuda_ipc), each with `--gpu-memory-utilization` of the memory. The model
-is `--shape` with random weights (`--load-format dummy`) and the demo tokenizer (4,096 tokens; ids
-past it decode to nothing), or `--model DIR`. On CPU, `--model demo` serves the demo checkpoint.
+is `--shape` with random weights (`--load-format dummy`) and a word-level tokenizer with one word per
+token id, or `--model DIR`. On CPU, `--model demo` serves the demo checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, ".."))  # `loadtests` as a package, for bench_serve
+sys.path.append(os.path.join(HERE, ".."))  # `loadtests` as a package, for bench_serve (last: the
+# repo's splitserve/ folder must not shadow the installed package, whose subpackages live elsewhere)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from shapes import SHAPES, write_shape  # noqa: E402
@@ -39,11 +40,22 @@ def model_args(args: argparse.Namespace) -> list[str]:
         return []
     if args.model:
         return ["--model", args.model]
-    from splitserve.shared.demo import build_demo_tokenizer
-
     model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"serve-{args.shape}-"))
-    build_demo_tokenizer().save_pretrained(model_dir)
+    vocab_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(model_dir)
     return ["--model", model_dir, "--load-format", "dummy"]
+
+
+def vocab_tokenizer(vocab_size: int):
+    """A word-level tokenizer with one word per model token id ("w0".."wN"), so every id a
+    random-weight model samples decodes to text (the stream is not empty) and counts as one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w1", bos_token="w2")
 
 
 def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> list[dict]:

@@ -80,6 +80,9 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--worker-base-port", type=int, default=50100, help="first gRPC port of the workers")
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker process that dies")
+    p.add_argument("--worker-devices", default=None,
+                   help="comma list of devices, one per worker in start order (prefill workers, then decode, "
+                        "or the colocated ones), e.g. cuda:0,cuda:1; default: with several GPUs, round-robin")
     add_engine_flags(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)

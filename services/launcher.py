@@ -51,14 +51,59 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
     port = args.worker_base_port
     groups: dict[str, list[Child]] = {"prefill": [], "decode": [], "worker": []}
     counts = {"worker": args.workers} if args.colocated else {"prefill": args.prefill, "decode": args.decode}
+    devices = _worker_devices(args, sum(counts.values()))
+    nccl = _nccl_ranks(args, counts)
     for role, count in counts.items():
         for i in range(count):
             address = f"{args.host}:{port}"
-            extra = transfer_argv if role != "worker" else []
-            argv = _cli(role, "--host", args.host, "--port", str(port), *model_argv, *extra)
+            extra = [*transfer_argv, *nccl.get(role, [])] if role != "worker" else []
+            device = ["--device", devices[port - args.worker_base_port]] if devices else []
+            argv = _cli(role, "--host", args.host, "--port", str(port), *model_argv, *device, *extra)
             groups[role].append(Child(f"{role}-{i}", argv, address))
             port += 1
     return groups["prefill"], groups["decode"], groups["worker"]
+
+
+def _worker_devices(args: argparse.Namespace, num_workers: int) -> list[str]:
+    """One device per worker: --worker-devices as given, or round-robin over the GPUs when there
+    are several (a prefill and a decode worker on two GPUs land on one each); [] keeps --device."""
+    if args.worker_devices:
+        devices = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
+        if len(devices) != num_workers:
+            raise SystemExit(f"--worker-devices names {len(devices)} devices for {num_workers} workers")
+        return devices
+    if args.device not in ("auto", "cuda"):
+        return []
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    return [f"cuda:{i % num_gpus}" for i in range(num_workers)] if num_gpus > 1 else []
+
+
+def _nccl_ranks(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, list[str]]:
+    """The NCCL backend pairs one prefill (rank 0) with one decode worker (rank 1) in a process
+    group; the launcher picks the rendezvous address. A pair cannot take in a restarted peer, so a
+    worker that dies is not restarted: restart the stack."""
+    if getattr(args, "transfer_backend", "ucx") != "nccl" or "worker" in counts:
+        return {}
+    if counts != {"prefill": 1, "decode": 1}:
+        raise SystemExit("--transfer-backend nccl pairs exactly one prefill and one decode worker "
+                         f"(got {counts['prefill']} and {counts['decode']}); use ucx for more")
+    init = args.transfer_nccl_init_method or f"tcp://{args.host}:{_free_port(args.host)}"
+    if args.restart_workers:
+        logger.warning("--transfer-backend nccl: a worker that dies is not restarted (an NCCL pair cannot "
+                       "take in a restarted peer); restart the stack instead")
+        args.restart_workers = False
+    return {role: ["--transfer-nccl-init-method", init, "--transfer-nccl-rank", str(rank)]
+            for rank, role in enumerate(("prefill", "decode"))}
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _wait_worker_ready(child: Child, deadline: float) -> None:

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from splitserve.shared.config import EngineConfig
 from splitserve.shared.engine import EngineCore, EngineOutput, EngineStats, KvTransferParams
@@ -92,10 +92,21 @@ class AsyncEngine:
                 item = await out_queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind the engine gets everything queued as one delta: one
+                # gRPC message and one SSE event instead of one per token (vLLM merges likewise).
+                error = None
+                while not item.finished and not out_queue.empty():
+                    following = out_queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    _merge_into(item, following)
                 finished = item.finished
                 yield item
                 if finished:
                     return
+                if error is not None:
+                    raise error
         finally:
             self._queues.pop(request_id, None)
             if not finished:
@@ -124,6 +135,17 @@ class AsyncEngine:
             loop, out_queue = target
             loop.call_soon_threadsafe(out_queue.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[EngineOutput]) -> None:
+        """A step's outputs, handed to each event loop in one call: waking a loop costs a syscall
+        and a callback, so one per step rather than one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     # ---- the engine thread ------------------------------------------------------------
 
     def _run(self) -> None:
@@ -136,8 +158,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 outputs = self.core.step()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                self._deliver_step(outputs)
                 self._stats = self.core.stats()
                 if not outputs and not self.core.scheduler.running and not self.core.scheduler.waiting:
                     time.sleep(0.0005)  # only remote KV in flight: poll the connector again shortly
@@ -166,3 +187,18 @@ class AsyncEngine:
                                       first_token=command.first_token)
             except ValueError as exc:
                 self._deliver(command.request_id, exc)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for out_queue, item in items:
+        out_queue.put_nowait(item)
+
+
+def _merge_into(out: EngineOutput, following: EngineOutput) -> None:
+    """Append `following` (a later delta of the same request) to `out`; its other fields (the
+    final ones: finish reason, counts, KV handle) replace out's."""
+    for f in fields(EngineOutput):
+        if f.name.startswith("new_"):
+            getattr(out, f.name).extend(getattr(following, f.name))
+        elif f.name != "request_id":
+            setattr(out, f.name, getattr(following, f.name))

@@ -62,7 +62,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = resolve_model_dir(mc.model)
-    free_at_start = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
     info = model_info(hf_config, model_dir)
     max_model_len = mc.max_model_len or info.max_position_embeddings
@@ -73,7 +72,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if cc.num_blocks:
         num_blocks = cc.num_blocks
     elif device.type == "cuda":
-        num_blocks = _num_blocks_on_gpu(config, model, info, device, dtype, block_bytes, free_at_start)
+        num_blocks = _num_blocks_on_gpu(config, model, info, device, dtype, block_bytes)
     else:
         num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
     blocks_per_seq = -(-max_model_len // cc.block_size)
@@ -88,16 +87,22 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir)
 
 
+NON_TORCH_BYTES = 1 * 2**30
+"""Memory of this process outside torch's allocator: the CUDA context, cuBLAS and Triton modules."""
+
 GRAPH_AND_WORKSPACE_BYTES = 512 * 2**20
 """Kept free beyond the profiled peak: CUDA graphs' memory pool (captured after the KV pool) and
 library workspaces that appear later."""
 
 
 def _num_blocks_on_gpu(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
-                       dtype: torch.dtype, block_bytes: int, free_at_start: int) -> int:
+                       dtype: torch.dtype, block_bytes: int) -> int:
     peak = _profile_peak_step_bytes(config, model, info, device, dtype)
     free_now, total = torch.cuda.mem_get_info(device)
-    own = free_at_start - free_now  # weights, allocator cache, workspaces: what this process added
+    # What this process holds: the allocator's memory (weights) plus what lives outside it. Not
+    # measured as a drop in free memory, which would also count a second engine starting on the
+    # same GPU at the same moment (a disaggregated pair on one device does exactly that).
+    own = torch.cuda.memory_reserved(device) + NON_TORCH_BYTES
     budget = kv_cache_budget_bytes(total, free_now, config.cache.gpu_memory_utilization, own,
                                    peak + GRAPH_AND_WORKSPACE_BYTES)
     logger.info("GPU memory: %.1f GiB total, %.1f GiB free; this engine holds %.1f GiB, its largest step "

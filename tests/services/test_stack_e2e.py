@@ -180,3 +180,27 @@ def test_openai_client_sees_clear_errors(disagg):
     # The stack is still healthy after the errors.
     assert disagg.openai().completions.create(model="splitserve-demo", prompt="ok", max_tokens=2).usage.completion_tokens == 2
 
+
+def test_nccl_backend_stack_serves_the_same_tokens_with_kv_moved(disagg, cache_dir):
+    """`splitserve up --transfer-backend nccl`: the launcher pairs the prefill (rank 0) and decode
+    (rank 1) workers in one process group (gloo stands in for NCCL on CPU tensors); the output is
+    the UCX stack's, KV really moves and nothing is recomputed. Workers go where --worker-devices
+    says."""
+    with LocalStack(["--prefill", "1", "--decode", "1", "--transfer-backend", "nccl",
+                     "--worker-devices", "cpu,cpu"], cache_dir) as nccl:
+        assert _greedy_texts(nccl.openai()) == _greedy_texts(disagg.openai())
+        metrics = httpx.get(f"{nccl.url}/metrics").text
+        assert metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total") > 0
+        assert metric_total(metrics, "splitserve_gateway_recomputed_tokens_total") == 0
+        for role, rank in (("prefill", "0"), ("decode", "1")):
+            with open(f"/proc/{nccl.worker_pid(role)}/cmdline") as f:
+                argv = f.read().split("\0")
+            assert argv[argv.index("--transfer-nccl-rank") + 1] == rank
+            assert argv[len(argv) - 1 - argv[::-1].index("--device") + 1] == "cpu"  # the last --device wins
+
+
+def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
+    with pytest.raises(RuntimeError, match="pairs exactly one prefill and one decode"):
+        with LocalStack(["--prefill", "2", "--decode", "1", "--transfer-backend", "nccl"], cache_dir):
+            pass
+

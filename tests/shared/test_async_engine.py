@@ -43,6 +43,36 @@ def test_stream_to_the_end(engine):
     _free_blocks_settle(engine, 64)
 
 
+def test_a_lagging_consumer_gets_merged_deltas_with_every_token_in_order(engine):
+    """A consumer that stops reading while the engine runs on gets what piled up as one delta;
+    the tokens are those of a consumer that kept up (greedy), in order, with one final output."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+
+    async def eager():
+        return [o async for o in engine.generate("keeps-up", [5, 6, 7, 8, 9], params)]
+
+    async def lagging():
+        stream = engine.generate("lags", [5, 6, 7, 8, 9], params)
+        first = await stream.__anext__()
+        while engine.load().num_running:  # let the engine finish the request unread
+            await asyncio.sleep(0.01)
+        return [first] + [o async for o in stream]
+
+    kept_up, lagged = asyncio.run(eager()), asyncio.run(lagging())
+
+    def tokens(outs):
+        return [t for o in outs for t in o.new_token_ids]
+
+    assert len(lagged) < 12 and max(len(o.new_token_ids) for o in lagged) > 1
+    assert tokens(lagged) == tokens(kept_up) and len(tokens(lagged)) == 12
+    merged = [x for o in lagged for x in o.new_logprobs]
+    assert merged == pytest.approx([x for o in kept_up for x in o.new_logprobs])
+    assert [len(o.new_top_logprobs) for o in lagged] == [len(o.new_token_ids) for o in lagged]
+    assert [o.finished for o in lagged] == [False] * (len(lagged) - 1) + [True]
+    assert lagged[-1].finish_reason == "length" and lagged[-1].num_prompt_tokens == 5
+    _free_blocks_settle(engine, 64)
+
+
 def test_leaving_the_stream_aborts_and_frees(engine):
     async def run():
         stream = engine.generate("b", list(range(5, 30)), SamplingParams(max_tokens=200, ignore_eos=True))
