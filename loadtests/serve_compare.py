@@ -9,7 +9,12 @@ compares the topologies at every rate.
         --input-len 1024 --output-len 128 --gpu-memory-utilization 0.4 --goodput tpot:20
 
 On one GPU both topologies share it: the disaggregated stack runs a prefill and a decode process
-side by side (KV over UCX cuda_ipc), each with `--gpu-memory-utilization` of the memory. The model
+side by side (KV over UCX cuda_ipc), each with `--gpu-memory-utilization` of the memory. On two
+GPUs the launcher puts prefill on GPU 0 and decode on GPU 1; compare with `--colocated-workers 2`
+(one colocated worker per GPU), and `--transfer-backend nccl` for the NCCL path:
+
+    python loadtests/serve_compare.py --colocated-workers 2 --gpu-memory-utilization 0.9 \
+        --ucx-tls cuda_copy,cuda_ipc,tcp --rates 2,8,32,inf --input-len 4096 --goodput tpot:30 The model
 is `--shape` with random weights (`--load-format dummy`) and a word-level tokenizer with one word per
 token id, or `--model DIR`. On CPU, `--model demo` serves the demo checkpoint.
 """
@@ -32,7 +37,16 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 from shapes import SHAPES, write_shape  # noqa: E402
 from stack import LocalStack, metric_total  # noqa: E402
 
-TOPOLOGIES = {"colocated": ["--colocated"], "disaggregated": ["--prefill", "1", "--decode", "1"]}
+def topology_args(name: str, args: argparse.Namespace) -> list[str]:
+    """The `splitserve up` flags of a topology. With several GPUs the launcher spreads the workers
+    round-robin: the disaggregated pair puts prefill on GPU 0 and decode on GPU 1, and
+    `--colocated-workers 2` puts one colocated worker on each, the fair baseline on two GPUs."""
+    if name == "colocated":
+        return ["--colocated", "--workers", str(args.colocated_workers)]
+    return ["--prefill", "1", "--decode", "1", "--transfer-backend", args.transfer_backend]
+
+
+TOPOLOGIES = ("colocated", "disaggregated")
 
 
 def model_args(args: argparse.Namespace) -> list[str]:
@@ -66,7 +80,7 @@ def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out
     if args.ucx_tls:
         engine_argv += ["--transfer-ucx-tls", args.ucx_tls]
     result_json = os.path.join(out_dir, f"{name}.json")
-    with LocalStack([*TOPOLOGIES[name], *model_argv, *engine_argv], os.path.join(out_dir, "cache"),
+    with LocalStack([*topology_args(name, args), *model_argv, *engine_argv], os.path.join(out_dir, "cache"),
                     device=args.device) as stack:
         argv = ["--base-url", stack.url, "--num-prompts", str(args.num_prompts), "--random-input-len",
                 str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos",
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
     p.add_argument("--topologies", default="colocated,disaggregated")
+    p.add_argument("--colocated-workers", type=int, default=1, help="colocated workers (2 on a 2-GPU machine)")
+    p.add_argument("--transfer-backend", default="ucx", choices=("ucx", "nccl"), help="KV transfer of the pair")
     p.add_argument("--rates", default="4,16,inf", help="request rates (req/s), comma-separated; inf = all at once")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--input-len", type=int, default=1024)
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.topologies.split(","):
         if name not in TOPOLOGIES:
-            p.error(f"unknown topology {name!r}; choose from {sorted(TOPOLOGIES)}")
+            p.error(f"unknown topology {name!r}; choose from {TOPOLOGIES}")
         results[name] = run_topology(name, args, model_argv, out_dir)
     print(f"\n{args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out) per rate, "
           f"model {args.model or args.shape}, device {args.device}; latencies in ms")
