@@ -52,7 +52,9 @@ class _Abort:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, role: str = "colocated", connector_factory=None,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, on_dead=None) -> None:
+        """`on_dead(exc)` is called from the engine thread if it dies (a CUDA error, say), after every
+        open stream has been given the error: the worker process exits so that it is restarted."""
         if role not in ("prefill", "decode", "colocated"):
             raise ValueError(f"role must be prefill, decode or colocated, got {role!r}")
         self.role = role
@@ -69,6 +71,7 @@ class AsyncEngine:
         self._stats = self.core.stats()
         self._stopped = False
         self._dead: BaseException | None = None
+        self._on_dead = on_dead
         self._thread = threading.Thread(target=self._run, name=f"engine-{role}", daemon=True)
         self._thread.start()
 
@@ -167,6 +170,8 @@ class AsyncEngine:
             self._dead = exc
             for request_id in list(self._queues):
                 self._deliver(request_id, EngineDeadError(f"engine failed: {exc}"))
+            if self._on_dead is not None:
+                self._on_dead(exc)
 
     def _drain_commands(self) -> None:
         while True:

@@ -41,17 +41,29 @@ def connector_factory(args: argparse.Namespace, role: str):
 
 
 def run_worker(args: argparse.Namespace, role: str) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1: a process
+    whose engine is gone cannot serve again, so it exits for the launcher or orchestrator to
+    restart it, as vLLM's server does when its engine core dies)."""
     config = engine_config_from_args(args)
     telemetry.setup_tracing(f"splitserve-{role}")
     try:
-        asyncio.run(_serve(args, role, config))
+        engine_died = asyncio.run(_serve(args, role, config))
     finally:
         telemetry.shutdown_tracing()
-    return 0
+    return 1 if engine_died else 0
 
 
-async def _serve(args: argparse.Namespace, role: str, config) -> None:
-    engine = AsyncEngine(config, role, connector_factory(args, role), model_name=args.served_model_name)
+async def _serve(args: argparse.Namespace, role: str, config) -> bool:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    died: list[BaseException] = []
+
+    def on_dead(exc: BaseException) -> None:  # engine thread
+        died.append(exc)
+        loop.call_soon_threadsafe(stop.set)
+
+    engine = AsyncEngine(config, role, connector_factory(args, role), model_name=args.served_model_name,
+                         on_dead=on_dead)
     server = aio_server(interceptors=telemetry.grpc_server_interceptors())
     from splitserve.services.worker.servicer import WorkerServicer
 
@@ -59,11 +71,13 @@ async def _serve(args: argparse.Namespace, role: str, config) -> None:
     port = add_port(server, f"{args.host}:{args.port}")
     await server.start()
     print(f"splitserve {role} ready on {args.host}:{port} (instance {engine.instance_id})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("%s worker stopping", role)
-    await server.stop(grace=2.0)
+    if died:
+        logger.error("%s worker exiting: its engine died (%s: %s)", role, type(died[0]).__name__, died[0])
+    else:
+        logger.info("%s worker stopping", role)
+    await server.stop(grace=2.0)  # open streams get the engine's error before the process goes
     engine.shutdown()
+    return bool(died)
