@@ -118,7 +118,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         model.bind_kv_cache(kv_cache)
-        self._pinned: dict[str, torch.Tensor] = {}
+        # Two sets of pinned staging buffers, used by alternate steps: with async scheduling step
+        # N+1 is prepared while step N may still be queued on the GPU behind N-1, so its copies out
+        # of a buffer are not known to be done when the next step wants it. Each set's copies end
+        # in an event that its next user waits for (two steps later: in practice long complete).
+        self._pinned: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+        self._staged: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
         self.graphs = graphs
         if warmup_tokens > 1:
             self.warmup(warmup_tokens)
@@ -182,6 +188,10 @@ class ModelRunner:
                        previous: PendingStep | None = None) -> StepInputs:
         """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms.
         `block_tables` [B, width] int32 holds the scheduled requests' tables in scheduled order."""
+        if self.device.type == "cuda":
+            self._slot ^= 1
+            if self._staged[self._slot] is not None:
+                self._staged[self._slot].synchronize()
         bs = self.block_size
         reqs = [s.request for s in sched.scheduled]
         num_reqs = len(reqs)
@@ -218,26 +228,29 @@ class ModelRunner:
             rows = previous.rows() if previous is not None else {}
             source = [rows[reqs[r].request_id] for r in row_of_token[fill].tolist()]
             device_ids[self._to_device("fill", fill)] = previous.sample.token_ids[self._to_device("source", np.array(source))]
+        positions_device = self._to_device("positions", positions)
+        sample_indices_device = self._to_device("sample_indices", sample_indices)
+        if self.device.type == "cuda":
+            self._staged[self._slot] = torch.cuda.Event()
+            self._staged[self._slot].record()  # after this step's last copy out of the set
         return StepInputs(
             input_ids=device_ids,
-            positions=self._to_device("positions", positions),
+            positions=positions_device,
             attn=attn,
-            sample_indices=self._to_device("sample_indices", sample_indices),
+            sample_indices=sample_indices_device,
         )
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
-        """Host array -> device tensor; on CUDA through a reused pinned buffer, copied asynchronously.
-
-        Reusing the buffer is safe because every step ends in a sync (sampling reads its results),
-        so the previous step's copy out of it has completed.
-        """
+        """Host array -> device tensor; on CUDA through a reused pinned buffer of this step's set
+        (see `__init__`), copied asynchronously."""
         host = torch.from_numpy(array)
         if self.device.type != "cuda":
             return host
         flat = host.reshape(-1)
-        buf = self._pinned.get(name)
+        pinned = self._pinned[self._slot]
+        buf = pinned.get(name)
         if buf is None or buf.dtype != flat.dtype or buf.numel() < flat.numel():
-            buf = self._pinned[name] = torch.empty(max(flat.numel(), 1024), dtype=flat.dtype, pin_memory=True)
+            buf = pinned[name] = torch.empty(max(flat.numel(), 1024), dtype=flat.dtype, pin_memory=True)
         staged = buf[: flat.numel()]
         staged.copy_(flat)
         return staged.view(host.shape).to(self.device, non_blocking=True)
