@@ -36,3 +36,11 @@ def test_serve_compare_runs_both_topologies_on_cpu(tmp_path):
     assert compare["disaggregated"][0]["kv_bytes"] > 0
     assert compare["disaggregated"][0]["recomputed_tokens"] == 0
     assert "disaggregated" in out.stdout and "TTFT p99" in out.stdout
+
+
+def test_gpu_suite_script_parses_and_rejects_unknown_steps(tmp_path):
+    script = REPO_ROOT / "loadtests" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    out = subprocess.run(["bash", str(script), "no-such-step"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
+    assert out.returncode == 2 and "unknown step no-such-step" in out.stdout

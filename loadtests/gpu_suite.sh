@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of docs/benchmarks.md in one go, each output in its own file.
+#
+#   bash loadtests/gpu_suite.sh [STEP ...]      (default: all steps, in this order)
+#
+# Steps: check (engine parity, graphs and async vs eager), kernels, tune, offline (1B vs transformers
+# vs roofline), offline8b (a smaller 8B workload, with the transformers peer), step8b, profile,
+# serve (whole stack, colocated vs disaggregated), transfer (two GPU processes over UCX).
+# Outputs go to $OUT (default ./gpu-results): STEP.txt, plus JSON where the tool writes it. The
+# summary lines of each step are printed as it ends. splitserve must be importable (installed, or
+# on PYTHONPATH). Steps run from /tmp so a checkout's folders cannot shadow the installed package.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$PWD/gpu-results}"
+mkdir -p "$OUT"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(check kernels tune offline offline8b step8b profile serve transfer)
+export PYTHONUNBUFFERED=1
+L="$REPO/loadtests"
+
+run() {  # run STEP CMD...: output to $OUT/STEP.txt, then its summary lines
+    local step=$1; shift
+    local start=$SECONDS
+    (cd /tmp && "$@") > "$OUT/$step.txt" 2>&1
+    local rc=$?
+    echo "== $step: exit $rc, $((SECONDS - start)) s"
+    grep -v -i warn "$OUT/$step.txt" | grep -E "$SUMMARY" | tail -n 40
+}
+
+for step in "${STEPS[@]}"; do
+    case $step in
+        check) SUMMARY="parity|vs eager|CHECK"; run check python "$L/gpu_engine_check.py" ;;
+        kernels) SUMMARY="failure|rel_err|paged_attn decode  |prefill chunk  "; run kernels python "$L/gpu_kernels.py" ;;
+        tune) SUMMARY="^==|^\(|default"; run tune python "$L/tune_attention.py" ;;
+        offline) SUMMARY="^(roofline|splitserve|transformers|system|cold|timed)"
+                 run offline python "$L/bench_offline.py" --result-json "$OUT/offline.json" ;;
+        offline8b) SUMMARY="^(roofline|splitserve|transformers|system|peer)"
+                   run offline8b python "$L/bench_offline.py" --shape llama-3.1-8b --num-prompts 32 --input-len 512 \
+                       --output-len 32 --scheduling async --result-json "$OUT/offline8b.json" ;;
+        step8b) SUMMARY="^ *[0-9]+ |batch|prefill:"
+                run step8b python "$L/bench_step.py" --shape llama-3.1-8b --batches 1,32,128,256 --context 1024 --async-scheduling ;;
+        profile) SUMMARY="decode phases|async decode|CUDA time total"
+                 run profile python "$L/profile_step.py" --shape llama-3.2-1b --batch 256 --context 512 ;;
+        serve) SUMMARY="^(topology|colocated|disaggregated|-)|requests x"
+               run serve python "$L/serve_compare.py" --shape llama-3.2-1b --rates 8,inf --num-prompts 100 --input-len 1024 \
+                   --output-len 128 --gpu-memory-utilization 0.4 --ucx-tls tcp,cuda_copy,cuda_ipc --goodput tpot:20 \
+                   --out-dir "$OUT/serve" ;;
+        transfer) SUMMARY="GB/s|bit-exact|blocks"; run transfer python "$L/gpu_transfer.py" --blocks 256 ;;
+        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve transfer)"; exit 2 ;;
+    esac
+done
