@@ -1,7 +1,7 @@
 """The one entry point the model calls for every custom op.
 
-Dispatch rule: Triton kernels for CUDA tensors (when Triton imports), the plain-torch `*_ref`
-otherwise. Tests of the kernels on CPU call the Triton wrappers directly under
+Dispatch rule: Triton kernels for CUDA tensors (when Triton imports), plain torch otherwise: the
+`*_ref` references, and for attention `paged_attention_cpu`, which batches decode rows. Tests of the kernels on CPU call the Triton wrappers directly under
 `TRITON_INTERPRET=1`; setting `FORCE_TRITON = True` also routes CPU tensors here through the
 interpreter (it must be set before importing triton, so the flag refuses to work without it).
 """
@@ -58,7 +58,7 @@ def paged_attention(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """`q [T, Hq, D]` over the paged cache -> `[T, Hq, D]`; see `kernels/paged_attention.py`."""
-    fn = _attention.paged_attention if use_triton(q) else _attention.paged_attention_ref
+    fn = _attention.paged_attention if use_triton(q) else _attention.paged_attention_cpu
     return fn(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
         max_query_len=max_query_len, max_seq_len=max_seq_len,

@@ -1,7 +1,7 @@
 """Paged attention over the block-major KV cache: varlen prefill chunks and decode in one call.
 
-`paged_attention_ref` is the plain-torch oracle and CPU path; the Triton kernel and its wrapper
-`paged_attention` follow it.
+`paged_attention_ref` is the plain-torch oracle; `paged_attention_cpu` the CPU path (decode rows
+batched); the Triton kernel and its wrapper `paged_attention` follow them.
 
 Layout. `k_cache`/`v_cache` are `[num_blocks, block_size, num_kv_heads, head_dim]` strided views of
 the pool `kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`, so they are not
@@ -70,6 +70,62 @@ def paged_attention_ref(
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[b] : starts[b + 1]] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """The CPU path: every decode row (one query token) of the batch in one batched computation,
+    padded to the longest context and masked; longer query chunks one request at a time through
+    `paged_attention_ref`. Same math as the reference (fp32 softmax), without its per-request loop
+    over hundreds of decoding requests."""
+    starts = query_start_loc.tolist()
+    query_lens = [starts[b + 1] - starts[b] for b in range(len(starts) - 1)]
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    if len(decode) < 2:
+        return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                   sliding_window)
+    lens = seq_lens.tolist()
+    _check_ragged_lengths(query_lens, lens)
+    out = torch.empty_like(q)
+    others = [b for b, n in enumerate(query_lens) if n > 1]
+    if others:  # prefill chunks: the reference, on just those requests
+        idx = torch.tensor(others)
+        sub_starts = [0]
+        for b in others:
+            sub_starts.append(sub_starts[-1] + query_lens[b])
+        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in others])
+        out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, torch.tensor(sub_starts, dtype=query_start_loc.dtype),
+                                        seq_lens[idx], block_tables[idx], scale, sliding_window)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    ctx = torch.tensor([lens[b] for b in decode])  # [R]
+    num_blocks = -(-int(ctx.max()) // block_size)
+    tables = block_tables[decode, :num_blocks].to(device=k_cache.device, dtype=torch.long)  # [R, nb]
+    k = k_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).float()  # [R, S, Hkv, D]
+    v = v_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).float()
+    rows = torch.tensor([starts[b] for b in decode])
+    q_d = q[rows].float().view(len(decode), num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
+    scores = torch.einsum("rhgd,rshd->rhgs", q_d, k) * scale  # [R, Hkv, G, S]
+    key_pos = torch.arange(k.shape[1])[None, :]
+    visible = key_pos < ctx[:, None]  # the query sits at position ctx - 1 and sees everything before it
+    if sliding_window is not None:
+        visible &= (ctx[:, None] - 1 - key_pos) < sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out[rows] = torch.einsum("rhgs,rshd->rhgd", probs, v).reshape(len(decode), num_q_heads, head_dim).to(q.dtype)
     return out
 
 
