@@ -1,9 +1,10 @@
 """The one entry point the model calls for every custom op.
 
 Dispatch rule: Triton kernels for CUDA tensors (when Triton imports), plain torch otherwise: the
-`*_ref` references, and for attention `paged_attention_cpu`, which batches decode rows. Tests of the kernels on CPU call the Triton wrappers directly under
-`TRITON_INTERPRET=1`; setting `FORCE_TRITON = True` also routes CPU tensors here through the
-interpreter (it must be set before importing triton, so the flag refuses to work without it).
+`*_ref` references, and for attention `paged_attention_cpu`, which batches decode rows. Tests of
+the kernels on CPU call the Triton wrappers directly under `TRITON_INTERPRET=1`; setting
+`FORCE_TRITON = True` also routes CPU tensors here through the interpreter (it must be set before
+importing triton, so the flag refuses to work without it).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ when given). Query head `h` reads kv head `h // (Hq // Hkv)`.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,11 @@ def paged_attention_cpu(
     others = [b for b, n in enumerate(query_lens) if n > 1]
     if others:  # prefill chunks: the reference, on just those requests
         idx = torch.tensor(others)
-        sub_starts = [0]
-        for b in others:
-            sub_starts.append(sub_starts[-1] + query_lens[b])
+        sub_starts = torch.tensor([0, *itertools.accumulate(query_lens[b] for b in others)],
+                                  dtype=query_start_loc.dtype)
         rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in others])
-        out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, torch.tensor(sub_starts, dtype=query_start_loc.dtype),
-                                        seq_lens[idx], block_tables[idx], scale, sliding_window)
+        out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, sub_starts, seq_lens[idx], block_tables[idx],
+                                        scale, sliding_window)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads

@@ -30,6 +30,19 @@ def median_ms(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 2] * 1e3
 
 
+def wall_ms_per_step(engine, steps: int, warmup: int = 3) -> float:
+    """Wall time per engine step over `steps` steps after `warmup`, the GPU drained at both ends (so
+    with async scheduling the overlap of host work and GPU counts)."""
+    for _ in range(warmup):
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
 def decode_times(engine, steps: int) -> tuple[float, float]:
     """(engine step ms, median model forward ms) over `steps` decode steps. The step time is wall
     time over all steps, so with async scheduling it counts the overlap of host work and GPU; the
@@ -46,14 +59,7 @@ def decode_times(engine, steps: int) -> tuple[float, float]:
         forward_s.append(time.perf_counter() - t0)
         return out
 
-    for _ in range(3):
-        engine.step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    step_ms = wall_ms_per_step(engine, steps)
     runner._forward = timed_forward
     try:
         for _ in range(steps):

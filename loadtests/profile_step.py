@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from bench_step import wall_ms_per_step  # noqa: E402
 from shapes import SHAPES, write_shape  # noqa: E402
 from splitserve.shared.llm import LLM  # noqa: E402
 from splitserve.shared.sampling_params import SamplingParams  # noqa: E402
@@ -62,14 +63,7 @@ def async_decode_profile(engine, steps: int) -> None:
     import pstats
 
     engine.async_scheduling = True
-    for _ in range(3):
-        engine.step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    print(f"async decode: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms/step")
+    print(f"async decode: {wall_ms_per_step(engine, steps):.2f} ms/step")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):

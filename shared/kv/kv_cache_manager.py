@@ -40,7 +40,6 @@ class KVCacheManager:
         # A numpy mirror of the tables, one row per request, written as tables grow, so a step's
         # [B, width] block-table array is one gather instead of a Python pass over every entry.
         self._rows = np.zeros((16, 64), np.int32)
-        self._row_lens = np.zeros(16, np.int64)
         self._row_of: dict[str, int] = {}
         self._free_rows = list(range(15, -1, -1))
 
@@ -67,7 +66,7 @@ class KVCacheManager:
     def block_table_array(self, request_ids: Sequence[str]) -> np.ndarray:
         """`[len(request_ids), longest table]` int32, row i the table of request_ids[i], zero-padded."""
         rows = [self._row_of[request_id] for request_id in request_ids]
-        width = int(self._row_lens[rows].max()) if rows else 0
+        width = max((len(self._tables[request_id]) for request_id in request_ids), default=0)
         return self._rows[rows, :width]
 
     def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
@@ -164,8 +163,7 @@ class KVCacheManager:
         self._block_hashes.pop(request_id, None)
         row = self._row_of.pop(request_id, None)
         if row is not None:
-            self._rows[row, : self._row_lens[row]] = 0
-            self._row_lens[row] = 0
+            self._rows[row, : len(table)] = 0
             self._free_rows.append(row)
         if table:
             self.pool.free(reversed(table))
@@ -177,14 +175,12 @@ class KVCacheManager:
             if not self._free_rows:
                 n = self._rows.shape[0]
                 self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
-                self._row_lens = np.concatenate([self._row_lens, np.zeros_like(self._row_lens)])
                 self._free_rows = list(range(2 * n - 1, n - 1, -1))
             row = self._row_of[request_id] = self._free_rows.pop()
         if len(table) > self._rows.shape[1]:
             width = 1 << (len(table) - 1).bit_length()
             self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])))
         self._rows[row, start : len(table)] = table[start:]
-        self._row_lens[row] = len(table)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
@@ -198,7 +194,7 @@ class KVCacheManager:
             _require(len(set(table)) == len(table), f"request {request_id!r} holds a block twice: {table}")
             row = self._row_of.get(request_id)
             _require(row is not None and self._rows[row, : len(table)].tolist() == table
-                     and self._row_lens[row] == len(table) and not self._rows[row, len(table):].any(),
+                     and not self._rows[row, len(table):].any(),
                      f"request {request_id!r}: the numpy mirror of its table is stale")
         _require(len(self._row_of) == len(self._tables), "the numpy mirror holds rows of freed requests")
         for block_id in range(self.pool.num_blocks):
