@@ -127,7 +127,8 @@ def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, 
 
     config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn).cuda().eval()
+    with torch.device("cuda"):  # random init on the GPU: an 8B model initialised on the host takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn).eval()
     gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0,
                            use_cuda_graph=False)
     model.generate_batch(inputs=prompts[:4], generation_config=gen)

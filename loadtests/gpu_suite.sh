@@ -9,6 +9,7 @@
 # Outputs go to $OUT (default ./gpu-results): STEP.txt, plus JSON where the tool writes it. The
 # summary lines of each step are printed as it ends. splitserve must be importable (installed, or
 # on PYTHONPATH). Steps run from /tmp so a checkout's folders cannot shadow the installed package.
+# STEP_TIMEOUT (seconds, default 900) ends a step that runs longer; its file keeps what it printed.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$PWD/gpu-results}"
@@ -21,7 +22,7 @@ L="$REPO/loadtests"
 run() {  # run STEP CMD...: output to $OUT/STEP.txt, then its summary lines
     local step=$1; shift
     local start=$SECONDS
-    (cd /tmp && "$@") > "$OUT/$step.txt" 2>&1
+    (cd /tmp && timeout "${STEP_TIMEOUT:-900}" "$@") > "$OUT/$step.txt" 2>&1
     local rc=$?
     echo "== $step: exit $rc, $((SECONDS - start)) s"
     grep -v -i warn "$OUT/$step.txt" | grep -E "$SUMMARY" | tail -n 40
