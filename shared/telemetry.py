@@ -3,7 +3,9 @@
 Off unless configured through the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SERVICE_NAME` names the process). When on, spans
 are exported over OTLP/gRPC in batches, and the gRPC interceptors returned here carry W3C
-`traceparent` in gRPC metadata so a worker's spans join the gateway's trace.
+`traceparent` in gRPC metadata so a worker's spans join the gateway's trace. A request sent inside
+a long-lived stream (a worker Session) carries its own context in the message instead
+(`context_carrier` on the sending side, `span(..., carrier=...)` on the receiving one).
 
 Torch-free: the gateway uses it.
 """
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 logger = logging.getLogger(__name__)
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -79,10 +82,20 @@ def instrument_fastapi(app) -> None:
         FastAPIInstrumentor.instrument_app(app, excluded_urls="health,metrics")
 
 
+def context_carrier() -> dict[str, str]:
+    """The current trace context as W3C headers (`traceparent`, ...); empty when tracing is off."""
+    carrier: dict[str, str] = {}
+    if tracing_enabled():
+        propagate.inject(carrier)
+    return carrier
+
+
 @contextmanager
-def span(name: str, **attributes):
-    """A span in the current trace (a no-op span when tracing is off)."""
-    with tracer().start_as_current_span(name) as s:
+def span(name: str, carrier: Mapping[str, str] | None = None, **attributes):
+    """A span in the current trace, or under the context in `carrier` when one is given (a no-op
+    span when tracing is off)."""
+    parent = propagate.extract(carrier) if carrier else None
+    with tracer().start_as_current_span(name, context=parent) as s:
         for key, value in attributes.items():
             s.set_attribute(key, value)
         yield s

@@ -29,8 +29,10 @@ def test_generated_imports_are_package_relative(tmp_path: Path) -> None:
 
 def test_stubs_expose_the_worker_service() -> None:
     service = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
-    assert {m.name for m in service.methods} == {"Prefill", "Generate", "Abort", "GetLoad", "Health"}
+    assert {m.name for m in service.methods} == {"Prefill", "Generate", "Session", "Abort", "GetLoad", "Health"}
     assert service.methods_by_name["Generate"].server_streaming
+    session = service.methods_by_name["Session"]
+    assert session.client_streaming and session.server_streaming
     assert hasattr(worker_pb2_grpc, "WorkerStub") and hasattr(worker_pb2_grpc, "WorkerServicer")
 
 

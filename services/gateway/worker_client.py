@@ -2,16 +2,27 @@
 
 Protobuf stays inside this module: callers pass plain values and get `TokenChunk`s, `WorkerLoad`s
 and `PrefillResult`s back. Cancelling the task that awaits a call (or closing the `generate`
-iterator) cancels the RPC, which makes the worker abort the request.
+iterator) cancels the RPC or, for a generation, sends an abort on the session, either of which
+makes the worker abort the request.
+
+Generations share one `Session` call per worker (services/worker/session.py): the worker sends one
+message per engine step carrying every request's new tokens, where a call per request would cost a
+gRPC message per token per request on both sides. A request's chunks that queue up here while its
+consumer is busy are merged into one, so a slow HTTP client or a busy gateway gets fewer, larger
+deltas rather than falling further behind (vLLM's output collector does the same).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from splitserve.shared import telemetry
 from splitserve.shared.grpc_channel import aio_channel
 from splitserve.shared.protocol import convert, worker_pb2 as pb, worker_pb2_grpc
 from splitserve.shared.protocol.convert import TokenChunk, WorkerLoad
@@ -59,13 +70,20 @@ class PrefillResult:
         return self.first.finish_reason is not None
 
 
+logger = logging.getLogger(__name__)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 class WorkerClient:
     def __init__(self, url: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
         self.url = url
         self._channel = aio_channel(url, interceptors=interceptors)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._session: _Session | None = None
 
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         await self._channel.close(grace=None)
 
     async def prefill(self, req: WorkerRequest, timeout_s: float) -> PrefillResult:
@@ -79,20 +97,51 @@ class WorkerClient:
 
     async def generate(self, req: WorkerRequest, timeout_s: float,
                        prefill: PrefillResult | None = None) -> AsyncIterator[TokenChunk]:
-        """Stream the request's new tokens; with `prefill`, decode from the KV that prefill holds."""
+        """Stream the request's new tokens; with `prefill`, decode from the KV that prefill holds.
+        `timeout_s` bounds the whole stream."""
         msg = pb.GenerateRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                                 sampling_params=convert.sampling_params_to_proto(req.params), priority=req.priority)
+                                 sampling_params=convert.sampling_params_to_proto(req.params), priority=req.priority,
+                                 trace_context=telemetry.context_carrier())
         if prefill is not None:
             msg.kv_handle.CopyFrom(prefill.handoff.kv_handle)
             msg.first_token.CopyFrom(prefill.handoff.first_token)
-        call = self._stub.Generate(msg, timeout=timeout_s)
+        if self._session is None or self._session.failed is not None:
+            self._session = _Session(self._stub, self.url)
+        session = self._session
+        stream = session.open(msg)
+        # One timer per request bounds the whole stream (cheaper than a timeout on every wait).
+        deadline = asyncio.get_running_loop().call_later(
+            timeout_s, stream.put_nowait, WorkerError(self.url, "Generate", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                      f"the stream did not end within {timeout_s:g} s"))
+        finished = False
         try:
-            async for chunk in call:
-                yield convert.chunk_from_proto(chunk)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error("Generate", exc) from None
+            while True:
+                item = stream.get_nowait() if not stream.empty() else await stream.get()
+                if (failure := self._failure_of(item)) is not None:
+                    raise failure
+                while not item.HasField("finish_reason") and not stream.empty():
+                    following = stream.get_nowait()
+                    if (failure := self._failure_of(following)) is not None:
+                        break  # hand out what came before it first
+                    item.MergeFrom(following)  # token lists append; the last chunk's fields win
+                finished = item.HasField("finish_reason")
+                yield convert.chunk_from_proto(item)
+                if finished:
+                    return
+                if failure is not None:
+                    raise failure
         finally:
-            call.cancel()  # no-op when the stream already ended; aborts the request on the worker otherwise
+            deadline.cancel()
+            session.close_stream(req.request_id, abort=not finished)
+
+    def _failure_of(self, item: pb.GenerateChunk | WorkerError) -> WorkerError | None:
+        """The WorkerError that `item` (a chunk, or a failure of the session or deadline) carries."""
+        if isinstance(item, WorkerError):
+            return item
+        if item.HasField("error"):
+            return WorkerError(self.url, "Generate", _CODES.get(item.error.code, grpc.StatusCode.UNKNOWN),
+                               item.error.message)
+        return None
 
     async def abort(self, request_id: str, timeout_s: float) -> bool:
         try:
@@ -110,3 +159,69 @@ class WorkerClient:
 
     def _error(self, method: str, exc: grpc.aio.AioRpcError) -> WorkerError:
         return WorkerError(self.url, method, exc.code(), exc.details() or "")
+
+
+class _Session:
+    """One `Session` call to a worker, shared by every generation the gateway sends it.
+
+    Commands go out through a queue that gRPC drains, so sending one never blocks (an abort can be
+    sent from a cancelled task). One reader hands each chunk to its request's queue. When the call
+    ends, every open request gets the failure as a WorkerError and the client opens a new session
+    for the next request."""
+
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub, url: str) -> None:
+        self.url = url
+        self.failed: WorkerError | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._commands: asyncio.Queue = asyncio.Queue()
+        # Opened outside the current request's context: the call outlives the request, and its own
+        # span (when tracing is on) must not join that request's trace.
+        self._call, self._reader = contextvars.Context().run(self._start, stub)
+
+    def _start(self, stub: worker_pb2_grpc.WorkerStub):
+        call = stub.Session(self._outgoing())
+        return call, asyncio.get_running_loop().create_task(self._read(call))
+
+    async def _outgoing(self) -> AsyncIterator[pb.SessionCommand]:
+        while (command := await self._commands.get()) is not None:
+            yield command
+
+    async def _read(self, call) -> None:
+        failure = WorkerError(self.url, "Generate", grpc.StatusCode.UNKNOWN, "the session's reader failed")
+        try:
+            async for output in call:
+                for chunk in output.chunks:
+                    stream = self._streams.get(chunk.request_id)
+                    if stream is not None:
+                        stream.put_nowait(chunk)
+            failure = WorkerError(self.url, "Generate", grpc.StatusCode.UNAVAILABLE, "the worker ended the session")
+        except grpc.aio.AioRpcError as exc:
+            failure = WorkerError(self.url, "Generate", exc.code(), exc.details() or "")
+        except asyncio.CancelledError:
+            failure = WorkerError(self.url, "Generate", grpc.StatusCode.CANCELLED, "the gateway closed the session")
+            raise
+        finally:
+            self.failed = failure
+            for stream in self._streams.values():
+                stream.put_nowait(failure)
+
+    def open(self, msg: pb.GenerateRequest) -> asyncio.Queue:
+        """Start a request; its chunks (or a WorkerError) arrive on the returned queue."""
+        if msg.request_id in self._streams:
+            raise ValueError(f"request id {msg.request_id!r} is already open on worker {self.url}")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[msg.request_id] = stream
+        self._commands.put_nowait(pb.SessionCommand(generate=msg))
+        return stream
+
+    def close_stream(self, request_id: str, abort: bool) -> None:
+        """Forget a request; with `abort`, stop it on the worker too (it had not finished)."""
+        self._streams.pop(request_id, None)
+        if abort and self.failed is None:
+            self._commands.put_nowait(pb.SessionCommand(abort=pb.AbortRequest(request_id=request_id)))
+
+    async def close(self) -> None:
+        self._commands.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)

@@ -3,11 +3,11 @@
     prefill   : Prefill  -> runs the prompt, samples the first token, holds the KV, returns a handle
     decode    : Generate(handle, first token) -> loads the KV from the prefill instance, decodes
     colocated : Generate -> does both phases here
-    all       : Abort, GetLoad, Health
+    all       : Session (Generates multiplexed on one stream, see session.py), Abort, GetLoad, Health
 
-Glue only: parse the proto, call the engine, serialize. A client that cancels its call (the
-gateway saw its HTTP client leave) cancels the handler task, which aborts the request and
-frees its blocks (see AsyncEngine.generate).
+Glue only: parse the proto, call the engine, serialize. A client that cancels its call or sends
+an abort on its session (the gateway saw its HTTP client leave) cancels the request's task, which
+aborts the request and frees its blocks (see AsyncEngine.generate).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import grpc
 from opentelemetry.trace import Status, StatusCode
 
+from splitserve.services.worker.session import RequestFailed, serve_session
 from splitserve.shared import telemetry
 from splitserve.shared.async_engine import AsyncEngine, EngineDeadError
 from splitserve.shared.protocol import convert
@@ -50,18 +51,33 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return convert.engine_output_to_prefill_response(final)
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        try:
+            async for chunk in self.open_stream(request):
+                yield chunk
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Session(self, request_iterator, context):
+        async for output in serve_session(request_iterator, self.open_stream):
+            yield output
+
+    async def open_stream(self, request: pb.GenerateRequest):
+        """The chunks of one Generate, for the Generate RPC and for a Session; raises RequestFailed."""
         if request.HasField("kv_handle") and self.engine.role != "decode":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a KV handle can only be loaded by a decode worker")
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "a KV handle can only be loaded by a decode worker")
         if not request.HasField("kv_handle") and self.engine.role == "prefill":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not decode")
-        params = convert.sampling_params_from_proto(request.sampling_params)
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not decode")
         kv_handle = first_token = None
-        if request.HasField("kv_handle"):
-            if not request.HasField("first_token"):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_handle requires first_token")
-            kv_handle = convert.kv_handle_from_proto(request.kv_handle)
-            first_token = convert.first_token_from_proto(request.first_token)
-        with telemetry.span("decode" if kv_handle else "generate",
+        try:
+            params = convert.sampling_params_from_proto(request.sampling_params)
+            if request.HasField("kv_handle"):
+                if not request.HasField("first_token"):
+                    raise ValueError("kv_handle requires first_token")
+                kv_handle = convert.kv_handle_from_proto(request.kv_handle)
+                first_token = convert.first_token_from_proto(request.first_token)
+        except ValueError as exc:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        with telemetry.span("decode" if kv_handle else "generate", carrier=request.trace_context,
                             **{"splitserve.request_id": request.request_id}) as span:
             try:
                 async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
@@ -70,8 +86,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     if out.finished:
                         _record_final(span, out)
                     yield convert.engine_output_to_chunk(out)
-            except (ValueError, EngineDeadError) as exc:
-                await _abort_for(context, exc)
+            except EngineDeadError as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            except ValueError as exc:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         core = self.engine.core

@@ -156,6 +156,8 @@ class TokenChunk:
 
 
 def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
+    if not msg.logprobs and not msg.HasField("finish_reason"):  # the common chunk: tokens only
+        return TokenChunk(list(msg.token_ids))
     return TokenChunk(
         token_ids=list(msg.token_ids), logprobs=list(msg.logprobs),
         top_logprobs=[_top_from_proto(t.entries) for t in msg.top_logprobs],

@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/splitserve.v1.Worker/Session',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.SessionCommand.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SessionOutput.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.v1.Worker/Abort',
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -76,6 +81,17 @@ class WorkerServicer:
         """Generate tokens, streamed as they are sampled. With `kv_handle` + `first_token` the worker
         loads the prompt's KV from the prefill instance instead of computing it.
         Cancelling the call aborts the request on the worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many Generates multiplexed on one long-lived stream. The client sends `generate` and `abort`
+        commands; the worker answers with every chunk its requests produced since its previous
+        message, one message per engine step, and merges a request's chunks when the client reads
+        slower than the engine steps. A request that fails ends with a chunk carrying `error`; the
+        session itself goes on. Ending the call (either side) aborts every request still open on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +130,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.SessionCommand.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SessionOutput.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -185,6 +206,33 @@ class Worker:
             '/splitserve.v1.Worker/Generate',
             splitserve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.v1.Worker/Session',
+            splitserve_dot_v1_dot_worker__pb2.SessionCommand.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SessionOutput.FromString,
             options,
             channel_credentials,
             insecure,

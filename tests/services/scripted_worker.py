@@ -2,7 +2,8 @@
 proto, no engine behind it) and a real uvicorn gateway, both on one background event loop.
 
 The scripted worker answers from a script instead of a model: Prefill returns `tokens[0]`;
-Generate streams `tokens` (or, with a KV handle, `tokens[1:]`) one per chunk, every `delay_s`,
+Generate streams `tokens` (or, with a KV handle, `tokens[1:]`) one per chunk, every `delay_s`
+(a Session serves its requests the same way, through the worker's own session code),
 ending with "length" at max_tokens or "stop" when the script runs out. It records every call,
 every Abort and every Generate the client cancelled, so tests can see what reached a worker.
 `die_after_tokens` stops the whole gRPC server mid-stream (a worker crash as the gateway sees it).
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import uvicorn
 
+from splitserve.services.worker.session import serve_session
 from splitserve.shared.grpc_channel import add_port, aio_server
 from splitserve.shared.protocol import convert, worker_pb2 as pb, worker_pb2_grpc
 
@@ -44,6 +46,7 @@ class Record:
     aborts: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    sessions: int = 0
 
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
@@ -73,6 +76,15 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         return resp
 
     async def Generate(self, request, context):
+        async for chunk in self.open_stream(request):
+            yield chunk
+
+    async def Session(self, request_iterator, context):
+        self.record.sessions += 1
+        async for output in serve_session(request_iterator, self.open_stream):
+            yield output
+
+    async def open_stream(self, request):
         self.record.generates.append(request)
         params = request.sampling_params
         wants_logprobs = params.HasField("logprobs")
@@ -147,11 +159,11 @@ class BackgroundLoop:
         self._thread.join(timeout=5)
 
 
-async def start_scripted_worker(role: str, script: Script, name: str) -> tuple[ScriptedWorker, str]:
+async def start_scripted_worker(role: str, script: Script, name: str, port: int = 0) -> tuple[ScriptedWorker, str]:
     worker = ScriptedWorker(role, script, name)
     server = aio_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-    port = add_port(server, "127.0.0.1:0")
+    port = add_port(server, f"127.0.0.1:{port}")
     await server.start()
     worker.server = server
     return worker, f"127.0.0.1:{port}"

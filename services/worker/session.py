@@ -1,0 +1,122 @@
+"""The worker side of a `Session`: many Generate requests multiplexed on one gRPC stream.
+
+    commands (client -> worker)     generate | abort
+    outputs  (worker -> client)     SessionOutput: every chunk produced since the previous message
+
+Each generate runs as its own task over the same per-request stream that the `Generate` RPC
+serves (`open_stream`), so both APIs share one code path. The tasks put their chunks in an outbox
+keyed by request id; one sender drains it. An engine step hands its outputs to the event loop in
+one callback, so every task of a step runs before the sender does: one message per step, whatever
+the batch size. While gRPC flow control holds the sender back (a slow client), later chunks of a
+request are merged into the one already waiting, so a lagging client gets fewer, larger chunks
+instead of a growing backlog.
+
+A request that fails ends with a chunk carrying `error` (the status its Generate call would have
+ended with); the session goes on. An abort command, the client ending the call, or the call
+failing cancels the request's task, which aborts it in the engine and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from splitserve.shared.protocol import worker_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+OpenStream = Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateChunk]]
+
+
+class RequestFailed(Exception):
+    """One request cannot go on: its stream ends with this gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+async def serve_session(commands: AsyncIterator[pb.SessionCommand], open_stream: OpenStream) -> AsyncIterator[pb.SessionOutput]:
+    session = _Session(open_stream)
+    async for output in session.run(commands):
+        yield output
+
+
+class _Session:
+    def __init__(self, open_stream: OpenStream) -> None:
+        self.open_stream = open_stream
+        self.outbox: dict[str, pb.GenerateChunk] = {}
+        self.wakeup = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    async def run(self, commands: AsyncIterator[pb.SessionCommand]) -> AsyncIterator[pb.SessionOutput]:
+        reader = asyncio.create_task(self._read(commands))
+        reader.add_done_callback(lambda _: self.wakeup.set())
+        try:
+            while True:
+                await self.wakeup.wait()
+                self.wakeup.clear()
+                if self.outbox:
+                    chunks, self.outbox = list(self.outbox.values()), {}
+                    yield pb.SessionOutput(chunks=chunks)
+                    continue  # more may have arrived while the message was written
+                if reader.done() and not self.tasks:
+                    reader.result()  # a failed command stream fails the call
+                    return
+        finally:
+            reader.cancel()
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(reader, *self.tasks.values(), return_exceptions=True)
+
+    async def _read(self, commands: AsyncIterator[pb.SessionCommand]) -> None:
+        """Start and abort requests as commands arrive; returns when the client half-closes."""
+        async for command in commands:
+            which = command.WhichOneof("command")
+            if which == "generate":
+                request = command.generate
+                if request.request_id in self.tasks:
+                    self._emit(_error_chunk(request.request_id, grpc.StatusCode.ALREADY_EXISTS,
+                                            f"request id {request.request_id!r} is already open on this session"))
+                    continue
+                task = asyncio.create_task(self._serve(request))
+                self.tasks[request.request_id] = task
+            elif which == "abort":
+                task = self.tasks.pop(command.abort.request_id, None)
+                if task is not None:
+                    task.cancel()
+                    self.outbox.pop(command.abort.request_id, None)  # the client stopped listening
+
+    async def _serve(self, request: pb.GenerateRequest) -> None:
+        request_id = request.request_id
+        finished = False
+        try:
+            async for chunk in self.open_stream(request):
+                finished = chunk.HasField("finish_reason")
+                self._emit(chunk)
+            if not finished:
+                self._emit(_error_chunk(request_id, grpc.StatusCode.INTERNAL, "the request's stream ended early"))
+        except RequestFailed as exc:
+            self._emit(_error_chunk(request_id, exc.code, exc.message))
+        except Exception as exc:  # a bug in one request must not end the others' streams
+            logger.exception("request %s failed", request_id)
+            self._emit(_error_chunk(request_id, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        finally:
+            if self.tasks.get(request_id) is asyncio.current_task():
+                del self.tasks[request_id]
+            self.wakeup.set()
+
+    def _emit(self, chunk: pb.GenerateChunk) -> None:
+        waiting = self.outbox.get(chunk.request_id)
+        if waiting is None:
+            self.outbox[chunk.request_id] = chunk
+        else:
+            waiting.MergeFrom(chunk)  # repeated fields append, set fields (finish, stats) replace
+        self.wakeup.set()
+
+
+def _error_chunk(request_id: str, code: grpc.StatusCode, message: str) -> pb.GenerateChunk:
+    return pb.GenerateChunk(request_id=request_id, error=pb.RequestError(code=code.value[0], message=message))
