@@ -27,7 +27,7 @@ class ResponseBuilder:
         self._token_text = lru_cache(maxsize=4096)(
             lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
         num = prep.num_choices
-        self.texts = [""] * num
+        self._text_parts: list[list[str]] = [[] for _ in range(num)]  # joined once, for a whole response
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
         self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * num
         self.num_completion_tokens = 0
@@ -36,7 +36,7 @@ class ResponseBuilder:
 
     def add(self, delta: ChoiceDelta) -> None:
         """Record a delta (for the final body and for usage)."""
-        self.texts[delta.index] += delta.text
+        self._text_parts[delta.index].append(delta.text)
         self.logprobs[delta.index].extend(delta.logprobs)
         self.num_completion_tokens += delta.num_tokens
         if delta.finish_reason is not None:
@@ -51,14 +51,15 @@ class ResponseBuilder:
 
     def final_body(self) -> dict[str, Any]:
         choices = []
+        texts = ["".join(parts) for parts in self._text_parts]
         for index in range(self.prep.num_choices):
             finish_reason, stop_reason = self.finish[index]
             logprobs = self._logprobs(index, self.logprobs[index]) if self._wants_logprobs() else None
             if self.prep.kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": self.texts[index]},
+                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
                                 "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason})
             else:
-                choices.append({"index": index, "text": self.texts[index], "logprobs": logprobs,
+                choices.append({"index": index, "text": texts[index], "logprobs": logprobs,
                                 "finish_reason": finish_reason, "stop_reason": stop_reason})
         return {**self._envelope(stream=False), "choices": choices, "usage": self.usage()}
 

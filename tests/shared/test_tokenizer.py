@@ -136,3 +136,20 @@ def test_demo_tokenizer_loads_without_torch(demo_checkpoint_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_the_backend_decoder_decodes_as_the_tokenizer_does(tokenizer):
+    """The detokenizer's shortcut to the Rust decode gives the transformers wrapper's text on random
+    id sequences, special tokens included, with and without skipping them."""
+    from splitserve.shared.tokenizer import backend_decoder
+
+    decode = backend_decoder(tokenizer)
+    assert decode is not None, "the test tokenizer is a fast tokenizer: the shortcut should apply"
+    rng = random.Random(0)
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
+               for _ in range(rng.randrange(1, 12))]
+        for skip in (True, False):
+            assert decode(ids, skip_special_tokens=skip) == tokenizer.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
