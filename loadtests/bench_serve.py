@@ -1,7 +1,7 @@
 """Serving benchmark for an OpenAI-compatible HTTP server (splitserve's gateway, or any other).
 
 Sends a workload (see `datasets.py`) at a request rate with Gamma/Poisson arrivals, streams every
-response over SSE with asyncio + httpx, and measures TTFT, ITL, TPOT and end-to-end latency on the
+response over SSE with asyncio + aiohttp, and measures TTFT, ITL, TPOT and end-to-end latency on the
 raw `data:` chunks as they arrive (see `metrics.py`). Prints a summary table, and optionally writes
 a JSON file with the summary and every request's measurements, and PNG plots.
 
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
+import aiohttp
 from tqdm.asyncio import tqdm
 
 if __package__ in (None, ""):  # run as a script: make `loadtests` importable from the repo root
@@ -80,20 +80,20 @@ def chunk_text(chunk: dict) -> str:
     return "".join(parts)
 
 
-async def _stream_request(client: httpx.AsyncClient, url: str, body: dict, result: RequestResult) -> None:
+async def _stream_request(client: aiohttp.ClientSession, url: str, body: dict, result: RequestResult) -> None:
     """Send one request and fill `result` from its SSE stream. Raises on any protocol failure."""
     start = time.perf_counter()
     last_chunk_s = 0.0
     text_chunks = 0
     saw_done = False
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")[:300]
-            raise ServerProtocolError(f"HTTP {response.status_code}: {detail}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+    async with client.post(url, json=body) as response:
+        if response.status != 200:
+            detail = (await response.read()).decode(errors="replace")[:300]
+            raise ServerProtocolError(f"HTTP {response.status}: {detail}")
+        async for raw in response.content:  # one line at a time
+            if not raw.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
-            data = line[len("data:"):].strip()
+            data = raw[len(b"data:"):].strip().decode()
             if data == "[DONE]":
                 saw_done = True
                 break
@@ -122,7 +122,7 @@ async def _stream_request(client: httpx.AsyncClient, url: str, body: dict, resul
 
 
 async def send_request(
-    client: httpx.AsyncClient, url: str, body: dict, prompt_len: int, timeout_s: float, start_s: float = 0.0
+    client: aiohttp.ClientSession, url: str, body: dict, prompt_len: int, timeout_s: float, start_s: float = 0.0
 ) -> RequestResult:
     """One streaming request, measured. Never raises: failures come back with `error` set."""
     result = RequestResult(prompt_len=prompt_len, start_s=start_s)
@@ -130,7 +130,7 @@ async def send_request(
         await asyncio.wait_for(_stream_request(client, url, body, result), timeout=timeout_s)
     except asyncio.TimeoutError:
         result.error = f"timed out after {timeout_s:g} s"
-    except (httpx.HTTPError, ServerProtocolError, json.JSONDecodeError, ValueError) as exc:
+    except (aiohttp.ClientError, ServerProtocolError, json.JSONDecodeError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     if result.error:
         result.success = False
@@ -141,7 +141,7 @@ async def send_request(
 
 
 async def run_at_rate(
-    client: httpx.AsyncClient, args: argparse.Namespace, model: str, samples: list[SampleRequest], request_rate: float
+    client: aiohttp.ClientSession, args: argparse.Namespace, model: str, samples: list[SampleRequest], request_rate: float
 ) -> tuple[list[RequestResult], float]:
     """Send every sample at `request_rate`; return the results and the run's wall seconds."""
     url = args.base_url.rstrip("/") + ENDPOINT_PATHS[args.endpoint]
@@ -293,10 +293,10 @@ def make_samples(args: argparse.Namespace) -> list[SampleRequest]:
                                        vocab_size=args.random_vocab_size, seed=args.seed)
 
 
-async def first_model(client: httpx.AsyncClient, base_url: str) -> str:
-    response = await client.get(base_url.rstrip("/") + "/v1/models")
-    response.raise_for_status()
-    models = response.json().get("data") or []
+async def first_model(client: aiohttp.ClientSession, base_url: str) -> str:
+    async with client.get(base_url.rstrip("/") + "/v1/models") as response:
+        response.raise_for_status()
+        models = (await response.json()).get("data") or []
     if not models:
         raise SystemExit(f"{base_url}/v1/models lists no model; pass --model")
     return models[0]["id"]
@@ -305,8 +305,10 @@ async def first_model(client: httpx.AsyncClient, base_url: str) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     samples = make_samples(args)
     rates = args.sweep_rates or [args.request_rate]
-    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout_s), limits=limits) as client:
+    # aiohttp rather than httpx: at thousands of SSE events a second the client's own per-event cost
+    # must stay far below the server's (httpx cost about twice the gateway's CPU per event here).
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as client:
         model = args.model or await first_model(client, args.base_url)
         runs = []
         for rate in rates:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 import pytest
 import uvicorn
@@ -252,7 +252,7 @@ def server_url():
 
 def _send(url: str, body: dict, prompt_len: int, timeout_s: float = 10.0) -> RequestResult:
     async def go():
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
+        async with aiohttp.ClientSession() as client:
             return await bench_serve.send_request(client, url, body, prompt_len, timeout_s)
 
     return asyncio.run(go())
