@@ -28,6 +28,8 @@ from splitserve.shared.protocol import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+MESSAGE_SOFT_LIMIT_BYTES = 8 * 1024 * 1024
+"""A session message stays well under the channels' 64 MiB limit (shared/grpc_channel.py)."""
 OpenStream = Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateChunk]]
 
 
@@ -61,7 +63,8 @@ class _Session:
                 self.wakeup.clear()
                 if self.outbox:
                     chunks, self.outbox = list(self.outbox.values()), {}
-                    yield pb.SessionOutput(chunks=chunks)
+                    for message in split_output(chunks):
+                        yield message
                     continue  # more may have arrived while the message was written
                 if reader.done() and not self.tasks:
                     reader.result()  # a failed command stream fails the call
@@ -116,6 +119,16 @@ class _Session:
         else:
             waiting.MergeFrom(chunk)  # repeated fields append, set fields (finish, stats) replace
         self.wakeup.set()
+
+
+def split_output(chunks: list[pb.GenerateChunk], max_bytes: int = MESSAGE_SOFT_LIMIT_BYTES) -> list[pb.SessionOutput]:
+    """The chunks as one SessionOutput, or as several when one would pass `max_bytes` (many requests
+    with long merged logprobs behind a stalled client)."""
+    message = pb.SessionOutput(chunks=chunks)
+    if len(chunks) == 1 or message.ByteSize() <= max_bytes:
+        return [message]
+    half = len(chunks) // 2
+    return split_output(chunks[:half], max_bytes) + split_output(chunks[half:], max_bytes)
 
 
 def _error_chunk(request_id: str, code: grpc.StatusCode, message: str) -> pb.GenerateChunk:

@@ -224,3 +224,15 @@ def test_client_shares_one_session_merges_for_a_lagging_consumer_and_enforces_th
             await stop_scripted_worker(worker)
 
     asyncio.run(run())
+
+
+def test_a_large_step_is_split_into_messages_under_the_limit():
+    from splitserve.services.worker.session import split_output
+
+    chunks = [pb.GenerateChunk(request_id=f"r{i}", token_ids=list(range(1000)), logprobs=[-0.5] * 1000)
+              for i in range(10)]
+    one = pb.SessionOutput(chunks=chunks).ByteSize()
+    messages = split_output(chunks, max_bytes=one // 3)
+    assert len(messages) > 1 and all(m.ByteSize() <= one // 3 for m in messages)
+    assert [c.request_id for m in messages for c in m.chunks] == [f"r{i}" for i in range(10)]
+    assert split_output(chunks) == [pb.SessionOutput(chunks=chunks)]
