@@ -59,13 +59,10 @@ def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, t
 
 
 def _add_gateway_parser(sub) -> None:
-    from splitserve.services.gateway.config import GatewayConfig
+    from splitserve.services.gateway.main import add_gateway_args
 
     p = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default=None, help="checkpoint dir for the tokenizer (default: the demo checkpoint)")
-    add_dataclass_flags(p, GatewayConfig, "gateway options", skip=("model_dir",))
+    add_gateway_args(p)
     p.set_defaults(run=_run_gateway)
 
 
@@ -78,6 +75,9 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--colocated", action="store_true", help="one worker doing both phases instead")
     p.add_argument("--workers", type=int, default=1, help="number of colocated workers (with --colocated)")
     p.add_argument("--worker-base-port", type=int, default=50100, help="first gRPC port of the workers")
+    p.add_argument("--gateway-processes", type=int, default=1,
+                   help="gateway processes sharing the HTTP port, for more streams than one event loop serves "
+                        "(like vLLM's --api-server-count)")
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker process that dies")
     p.add_argument("--worker-devices", default=None,

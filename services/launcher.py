@@ -127,19 +127,27 @@ def _wait_worker_ready(child: Child, deadline: float) -> None:
     raise TimeoutError(f"{child.name} did not become ready within {START_TIMEOUT_S:.0f} s")
 
 
-def _wait_gateway_ready(child: Child, url: str, deadline: float) -> None:
+def _wait_gateway_ready(child: Child, url: str, deadline: float, processes: int = 1) -> None:
+    """Until /health is 200 from `processes` distinct gateway processes. Each check is a new
+    connection, which the kernel hands to any process on the port."""
     import httpx
 
+    ready: set[int] = set()
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"gateway exited with code {child.process.returncode} during start-up")
         try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
+            response = httpx.get(f"{url}/health", timeout=1.0)
+            if response.status_code == 200:
+                ready.add(response.json().get("pid"))
+                if len(ready) >= processes:
+                    return
+                continue  # another connection, maybe another process
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"gateway did not become healthy within {START_TIMEOUT_S:.0f} s")
+    raise TimeoutError(f"gateway did not become healthy within {START_TIMEOUT_S:.0f} s "
+                       f"({len(ready)} of {processes} processes answered)")
 
 
 def _stop(children: list[Child]) -> None:
@@ -173,7 +181,8 @@ def run_stack(args: argparse.Namespace) -> int:
                 ["--prefill-urls", ",".join(c.address for c in prefill),
                  "--decode-urls", ",".join(c.address for c in decode)])
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port),
-                                    "--model", model_dir, "--served-model-name", name, *topology))
+                                    "--model", model_dir, "--served-model-name", name,
+                                    "--processes", str(args.gateway_processes), *topology))
     stopping = False
 
     def on_signal(signum, frame):
@@ -189,7 +198,7 @@ def run_stack(args: argparse.Namespace) -> int:
         for child in workers:
             _wait_worker_ready(child, deadline)
         gateway.start()
-        _wait_gateway_ready(gateway, url, deadline)
+        _wait_gateway_ready(gateway, url, deadline, args.gateway_processes)
         print(f"splitserve is up: {url}/v1  (OpenAI API; model dir {model_dir}; "
               f"{'%d colocated' % len(colocated) if colocated else '%d prefill + %d decode' % (len(prefill), len(decode))}"
               f" workers). Ctrl-C stops it.", flush=True)

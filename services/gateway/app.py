@@ -120,7 +120,7 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
         workers = [{"url": i.url, "role": i.role, "healthy": i.healthy, "error": i.last_error}
                    for i in state.router.instances]
         ready = state.router.is_ready()
-        return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers},
+        return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers, "pid": os.getpid()},
                             status_code=200 if ready else 503)
 
     @app.get("/metrics")

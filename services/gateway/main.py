@@ -2,24 +2,46 @@
 
     splitserve gateway --worker-urls localhost:50053
     splitserve gateway --prefill-urls localhost:50051 --decode-urls localhost:50052 --port 8000
+    splitserve gateway --worker-urls localhost:50053 --processes 4
 
-Flags other than --host/--port/--model are generated from `GatewayConfig`'s fields (one config
-system); `splitserve.services.flags` builds the same parser for the `splitserve` command.
+Flags other than --host/--port/--model/--processes are generated from `GatewayConfig`'s fields (one
+config system); `splitserve.services.flags` uses this parser for the `splitserve` command.
+
+One gateway process streams a few thousand SSE events a second before its event loop is the
+limit (docs/benchmarks.md, section 6). `--processes N` runs N gateway processes on one port, as
+vLLM's `--api-server-count` does: each binds it with SO_REUSEPORT and the kernel spreads incoming
+connections over them. Each process routes on its own, from the same worker load reports, and
+opens its own session to each worker. The admission limits apply to each process. /metrics adds
+up every process's counters and histograms, through prometheus_client's multiprocess mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 from splitserve.services.gateway.config import GatewayConfig
-from splitserve.shared.config_flags import add_dataclass_flags, dataclass_from_args
+from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
 
+logger = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 10.0
 
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="checkpoint dir for the tokenizer (default: the demo checkpoint)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="gateway processes sharing the port (SO_REUSEPORT); admission limits apply to each")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the N processes
     add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir",))
 
 
@@ -44,12 +66,75 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
     from splitserve.services.gateway.app import build_app
     from splitserve.shared import telemetry
 
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, got {args.processes}")
+    config = gateway_config_from_args(args)  # validated (and the demo checkpoint built) once, here
+    if args.processes > 1:
+        return _run_processes(args, config)
     telemetry.setup_tracing("splitserve-gateway")
     interceptors = [*client_interceptors, *telemetry.grpc_client_interceptors()]
-    app = build_app(gateway_config_from_args(args), client_interceptors=interceptors)
+    app = build_app(config, client_interceptors=interceptors)
     telemetry.instrument_fastapi(app)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        if args.reuse_port:
+            server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+            server.run(sockets=[_reuse_port_socket(args.host, args.port)])
+        else:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         telemetry.shutdown_tracing()
     return 0
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """Run `args.processes` single gateways on the port and supervise them: a signal here stops them
+    all; one that exits stops the others, and its exit code is ours."""
+    metrics_dir = None
+    env = dict(os.environ)
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="splitserve-gateway-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
+            "--model", config.model_dir, "--served-model-name", config.served_model_name, "--processes", "1", "--reuse-port",
+            *dataclass_flags_to_argv(GatewayConfig, args)]
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children = [subprocess.Popen(argv, env=env) for _ in range(args.processes)]
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+        exited = [c.returncode for c in children if c.poll() is not None]
+        code = 0 if stopping else next((rc for rc in exited if rc), 1)
+        if not stopping:
+            logger.error("a gateway process exited with code %s; stopping the others", exited[0])
+        return code
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -3,9 +3,17 @@
 Each app gets its own registry, so several gateways in one process (tests) do not collide.
 KV bytes and recomputed tokens are counted per request from the decode worker's final stats:
 a "disaggregated" deployment that silently recomputes every prompt shows up here.
+
+With several gateway processes on one port (`splitserve gateway --processes N`) every process
+writes its values under PROMETHEUS_MULTIPROC_DIR and /metrics, whichever process answers, adds
+them up (prometheus_client's multiprocess mode). Per-process gauges are summed over live processes.
+Gauges that copy a worker's load report, or the healthy-worker count, show the most recent value
+that any process wrote.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,6 +28,9 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        summed, latest = ({"multiprocess_mode": "livesum"}, {"multiprocess_mode": "livemostrecent"}) \
+            if self.multiprocess else ({}, {})
         self.requests = Counter("splitserve_gateway_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.ttft_s = Histogram("splitserve_gateway_time_to_first_token_seconds",
@@ -38,22 +49,23 @@ class GatewayMetrics:
                                          "Tokens a worker computed again (preemption or failed KV transfer)", registry=r)
         self.worker_failures = Counter("splitserve_gateway_worker_failures", "Failed worker RPCs",
                                        ["role", "method"], registry=r)
-        self.inflight = Gauge("splitserve_gateway_inflight_requests", "Requests generating now", registry=r)
-        self.queued = Gauge("splitserve_gateway_queued_requests", "Requests waiting for admission", registry=r)
+        self.inflight = Gauge("splitserve_gateway_inflight_requests", "Requests generating now", registry=r, **summed)
+        self.queued = Gauge("splitserve_gateway_queued_requests", "Requests waiting for admission", registry=r,
+                            **summed)
         self.healthy_workers = Gauge("splitserve_gateway_healthy_workers", "Healthy workers by role", ["role"],
-                                     registry=r)
+                                     registry=r, **latest)
         # Each worker's last GetLoad report, so one Prometheus job on the gateway sees the whole fleet.
         labels = ["instance", "role"]
-        self.worker_running = Gauge("splitserve_worker_running_requests", "Requests running", labels, registry=r)
+        self.worker_running = Gauge("splitserve_worker_running_requests", "Requests running", labels, registry=r, **latest)
         self.worker_waiting = Gauge("splitserve_worker_waiting_requests", "Requests waiting (or loading KV)",
-                                    labels, registry=r)
-        self.worker_kv_usage = Gauge("splitserve_worker_kv_usage", "Fraction of KV blocks in use", labels, registry=r)
-        self.worker_free_blocks = Gauge("splitserve_worker_free_kv_blocks", "Free KV blocks", labels, registry=r)
+                                    labels, registry=r, **latest)
+        self.worker_kv_usage = Gauge("splitserve_worker_kv_usage", "Fraction of KV blocks in use", labels, registry=r, **latest)
+        self.worker_free_blocks = Gauge("splitserve_worker_free_kv_blocks", "Free KV blocks", labels, registry=r, **latest)
         self.worker_prefix_hit_rate = Gauge("splitserve_worker_prefix_hit_rate",
                                             "Prompt tokens served from the prefix cache / prompt tokens", labels,
-                                            registry=r)
+                                            registry=r, **latest)
         self.worker_counter = Gauge("splitserve_worker_counter", "A worker's monotonic totals (preemptions, KV "
-                                    "transfers, bytes)", [*labels, "name"], registry=r)
+                                    "transfers, bytes)", [*labels, "name"], registry=r, **latest)
 
     def observe_worker(self, url: str, load) -> None:
         """Record one worker's `WorkerLoad` report."""
@@ -67,4 +79,10 @@ class GatewayMetrics:
             self.worker_counter.labels(*labels, name).set(value)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

@@ -204,3 +204,28 @@ def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
         with LocalStack(["--prefill", "2", "--decode", "1", "--transfer-backend", "nccl"], cache_dir):
             pass
 
+
+
+def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, cache_dir):
+    """`splitserve up --gateway-processes 2`: both processes answer on the one port (the kernel
+    spreads new connections), the tokens are the single gateway's, and /metrics, whichever process
+    answers it, counts the tokens that both served."""
+    with LocalStack(["--colocated", "--gateway-processes", "2"], cache_dir) as multi:
+        pids = {httpx.get(f"{multi.url}/health").json()["pid"] for _ in range(40)}  # a new connection each
+        assert len(pids) == 2
+        assert _greedy_texts(multi.openai()) == _greedy_texts(colocated.openai())
+
+        async def one_stream(prompt: str) -> int:
+            async with multi.async_openai() as client:  # its own connection
+                stream = await client.completions.create(model="splitserve-demo", prompt=prompt, max_tokens=MAX_TOKENS,
+                                                         temperature=0, stream=True, extra_body={"ignore_eos": True})
+                return sum([1 async for chunk in stream if chunk.choices and chunk.choices[0].text])
+
+        async def streams():
+            return await asyncio.gather(*(one_stream(p) for p in PROMPTS * 3))
+
+        assert all(n > 0 for n in asyncio.run(streams()))
+        expected = MAX_TOKENS * len(PROMPTS) * 4  # the greedy requests above and the streams
+        totals = {metric_total(httpx.get(f"{multi.url}/metrics").text, "splitserve_gateway_generation_tokens_total")
+                  for _ in range(10)}
+        assert totals == {expected}
