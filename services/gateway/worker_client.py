@@ -7,9 +7,12 @@ makes the worker abort the request.
 
 Generations share one `Session` call per worker (services/worker/session.py): the worker sends one
 message per engine step carrying every request's new tokens, where a call per request would cost a
-gRPC message per token per request on both sides. A request's chunks that queue up here while its
-consumer is busy are merged into one, so a slow HTTP client or a busy gateway gets fewer, larger
-deltas rather than falling further behind (vLLM's output collector does the same).
+gRPC message per token per request on both sides. The session is credit-based: a message is asked
+for only after the streams woken by the previous one have handled it, so a gateway whose event
+loop is the bottleneck receives merged, multi-token chunks (the worker merges while it waits for
+credit) and its cost per token falls as its load rises. A request's chunks that still queue up
+here while its consumer is busy (a slow HTTP client) are merged into one delta too, as vLLM's
+output collector does.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class PrefillResult:
 
 logger = logging.getLogger(__name__)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+SESSION_WINDOW = 2
+"""Session messages in flight: one being handled here while the next is on its way."""
 
 
 class WorkerClient:
@@ -161,6 +166,9 @@ class WorkerClient:
         return WorkerError(self.url, method, exc.code(), exc.details() or "")
 
 
+_CREDIT_ONE = pb.SessionCommand(credit=1)
+
+
 class _Session:
     """One `Session` call to a worker, shared by every generation the gateway sends it.
 
@@ -179,6 +187,7 @@ class _Session:
         self._call, self._reader = contextvars.Context().run(self._start, stub)
 
     def _start(self, stub: worker_pb2_grpc.WorkerStub):
+        self._commands.put_nowait(pb.SessionCommand(credit=SESSION_WINDOW))
         call = stub.Session(self._outgoing())
         return call, asyncio.get_running_loop().create_task(self._read(call))
 
@@ -194,6 +203,10 @@ class _Session:
                     stream = self._streams.get(chunk.request_id)
                     if stream is not None:
                         stream.put_nowait(chunk)
+                # The streams woken above run before this task resumes; only then is the next
+                # message asked for, so a busy gateway gets merged chunks rather than a backlog.
+                await asyncio.sleep(0)
+                self._commands.put_nowait(_CREDIT_ONE)
             failure = WorkerError(self.url, "Generate", grpc.StatusCode.UNAVAILABLE, "the worker ended the session")
         except grpc.aio.AioRpcError as exc:
             failure = WorkerError(self.url, "Generate", exc.code(), exc.details() or "")

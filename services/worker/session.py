@@ -1,15 +1,21 @@
 """The worker side of a `Session`: many Generate requests multiplexed on one gRPC stream.
 
-    commands (client -> worker)     generate | abort
+    commands (client -> worker)     generate | abort | credit
     outputs  (worker -> client)     SessionOutput: every chunk produced since the previous message
 
 Each generate runs as its own task over the same per-request stream that the `Generate` RPC
 serves (`open_stream`), so both APIs share one code path. The tasks put their chunks in an outbox
 keyed by request id; one sender drains it. An engine step hands its outputs to the event loop in
 one callback, so every task of a step runs before the sender does: one message per step, whatever
-the batch size. While gRPC flow control holds the sender back (a slow client), later chunks of a
-request are merged into the one already waiting, so a lagging client gets fewer, larger chunks
-instead of a growing backlog.
+the batch size.
+
+Flow control is by credit: a client that sends `credit` n may receive n more messages. While the
+sender has no credit (or gRPC's own flow control holds it back), the later chunks of a request
+are merged into the one already waiting. A client that processes slower than the engine steps
+(the gateway at a few hundred streams) thus gets fewer, larger chunks instead of a growing
+backlog, and its cost per token falls as its load rises. gRPC's window alone would not do this:
+it admits megabytes of small messages before it pushes back. A client that never sends credit is
+not limited.
 
 A request that fails ends with a chunk carrying `error` (the status its Generate call would have
 ended with); the session goes on. An abort command, the client ending the call, or the call
@@ -53,6 +59,7 @@ class _Session:
         self.outbox: dict[str, pb.GenerateChunk] = {}
         self.wakeup = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
+        self.credit: int | None = None  # messages the client still accepts; None: it does not count
 
     async def run(self, commands: AsyncIterator[pb.SessionCommand]) -> AsyncIterator[pb.SessionOutput]:
         reader = asyncio.create_task(self._read(commands))
@@ -61,9 +68,11 @@ class _Session:
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
-                if self.outbox:
+                if self.outbox and (self.credit is None or self.credit > 0):
                     chunks, self.outbox = list(self.outbox.values()), {}
                     for message in split_output(chunks):
+                        if self.credit is not None:
+                            self.credit -= 1
                         yield message
                     continue  # more may have arrived while the message was written
                 if reader.done() and not self.tasks:
@@ -87,6 +96,9 @@ class _Session:
                     continue
                 task = asyncio.create_task(self._serve(request))
                 self.tasks[request.request_id] = task
+            elif which == "credit":
+                self.credit = (self.credit or 0) + command.credit
+                self.wakeup.set()
             elif which == "abort":
                 task = self.tasks.pop(command.abort.request_id, None)
                 if task is not None:

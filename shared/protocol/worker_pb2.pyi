@@ -190,12 +190,14 @@ class RequestError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionCommand(_message.Message):
-    __slots__ = ("generate", "abort")
+    __slots__ = ("generate", "abort", "credit")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     generate: GenerateRequest
     abort: AbortRequest
-    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+    credit: int
+    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ..., credit: _Optional[int] = ...) -> None: ...
 
 class SessionOutput(_message.Message):
     __slots__ = ("chunks",)

@@ -89,9 +89,11 @@ class WorkerServicer:
     def Session(self, request_iterator, context):
         """Many Generates multiplexed on one long-lived stream. The client sends `generate` and `abort`
         commands; the worker answers with every chunk its requests produced since its previous
-        message, one message per engine step, and merges a request's chunks when the client reads
-        slower than the engine steps. A request that fails ends with a chunk carrying `error`; the
-        session itself goes on. Ending the call (either side) aborts every request still open on it.
+        message, one message per engine step. A client that sends `credit` gets at most as many
+        messages as it granted; meanwhile the worker merges each request's new chunks into the one
+        waiting, so a client that processes slower than the engine steps gets fewer, larger chunks
+        instead of a backlog. A request that fails ends with a chunk carrying `error`; the session
+        itself goes on. Ending the call (either side) aborts every request still open on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

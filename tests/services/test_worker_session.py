@@ -161,6 +161,38 @@ def test_session_errors_are_in_band_and_abort_and_hang_up_free_the_blocks(engine
     asyncio.run(run())
 
 
+def test_without_credit_the_worker_holds_and_merges_then_sends_one_chunk(engine):
+    """A client that granted one message gets one; everything the engine produces after it waits,
+    merged per request, until the client grants another."""
+    async def run():
+        server, channel, stub = await _serve(engine)
+        try:
+            commands = _Commands()
+            call = stub.Session(commands.__aiter__(), timeout=60)
+            outputs = call.__aiter__()
+            commands.send(credit=1)
+            commands.send(generate=_generate("held", [5, 6, 7, 8], 12))
+            first = (await asyncio.wait_for(outputs.__anext__(), 30)).chunks
+            assert len(first) == 1 and not first[0].HasField("finish_reason")
+            for _ in range(1000):  # the engine finishes the request; its chunks wait in the outbox
+                if engine.load().num_running == 0 and engine.load().num_waiting == 0:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pending := asyncio.ensure_future(outputs.__anext__())), 0.3)
+            commands.send(credit=1)
+            rest = (await asyncio.wait_for(pending, 30)).chunks
+            assert len(rest) == 1 and rest[0].finish_reason == "length"
+            assert len(first[0].token_ids) + len(rest[0].token_ids) == 12 and len(rest[0].token_ids) > 1
+            commands.queue.put_nowait(None)
+            assert [o async for o in outputs] == []
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
 # ---- the gateway's side: WorkerClient against a scripted worker -------------------------------
 
 def _request(rid: str, max_tokens: int = 64) -> WorkerRequest:
