@@ -77,7 +77,8 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        clients = {i.url: WorkerClient(i.url, client_interceptors) for i in state.router.instances}
+        clients = {i.url: WorkerClient(i.url, client_interceptors, session_window=config.session_window)
+                   for i in state.router.instances}
         state.dispatcher = Dispatcher(state.router, clients, state.metrics, prefill_timeout_s=config.prefill_timeout_s,
                                       generate_timeout_s=config.generate_timeout_s,
                                       abort_timeout_s=config.abort_timeout_s)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from splitserve.services.gateway.config import GatewayConfig
 from splitserve.shared import telemetry
 from splitserve.shared.grpc_channel import aio_channel
 from splitserve.shared.protocol import convert, worker_pb2 as pb, worker_pb2_grpc
@@ -75,13 +76,15 @@ class PrefillResult:
 
 logger = logging.getLogger(__name__)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-SESSION_WINDOW = 2
-"""Session messages in flight: one being handled here while the next is on its way."""
 
 
 class WorkerClient:
-    def __init__(self, url: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+    def __init__(self, url: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+                 session_window: int = GatewayConfig.session_window) -> None:
+        """`session_window`: session messages in flight, one being handled here while the next is
+        on its way (0: no credit; see GatewayConfig)."""
         self.url = url
+        self.session_window = session_window
         self._channel = aio_channel(url, interceptors=interceptors)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._session: _Session | None = None
@@ -111,7 +114,7 @@ class WorkerClient:
             msg.kv_handle.CopyFrom(prefill.handoff.kv_handle)
             msg.first_token.CopyFrom(prefill.handoff.first_token)
         if self._session is None or self._session.failed is not None:
-            self._session = _Session(self._stub, self.url)
+            self._session = _Session(self._stub, self.url, self.session_window)
         session = self._session
         stream = session.open(msg)
         # One timer per request bounds the whole stream (cheaper than a timeout on every wait).
@@ -177,8 +180,8 @@ class _Session:
     ends, every open request gets the failure as a WorkerError and the client opens a new session
     for the next request."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub, url: str) -> None:
-        self.url = url
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub, url: str, window: int) -> None:
+        self.url, self.window = url, window
         self.failed: WorkerError | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._commands: asyncio.Queue = asyncio.Queue()
@@ -187,7 +190,8 @@ class _Session:
         self._call, self._reader = contextvars.Context().run(self._start, stub)
 
     def _start(self, stub: worker_pb2_grpc.WorkerStub):
-        self._commands.put_nowait(pb.SessionCommand(credit=SESSION_WINDOW))
+        if self.window:
+            self._commands.put_nowait(pb.SessionCommand(credit=self.window))
         call = stub.Session(self._outgoing())
         return call, asyncio.get_running_loop().create_task(self._read(call))
 
@@ -205,8 +209,9 @@ class _Session:
                         stream.put_nowait(chunk)
                 # The streams woken above run before this task resumes; only then is the next
                 # message asked for, so a busy gateway gets merged chunks rather than a backlog.
-                await asyncio.sleep(0)
-                self._commands.put_nowait(_CREDIT_ONE)
+                if self.window:
+                    await asyncio.sleep(0)
+                    self._commands.put_nowait(_CREDIT_ONE)
             failure = WorkerError(self.url, "Generate", grpc.StatusCode.UNAVAILABLE, "the worker ended the session")
         except grpc.aio.AioRpcError as exc:
             failure = WorkerError(self.url, "Generate", exc.code(), exc.details() or "")

@@ -268,3 +268,18 @@ def test_a_large_step_is_split_into_messages_under_the_limit():
     assert len(messages) > 1 and all(m.ByteSize() <= one // 3 for m in messages)
     assert [c.request_id for m in messages for c in m.chunks] == [f"r{i}" for i in range(10)]
     assert split_output(chunks) == [pb.SessionOutput(chunks=chunks)]
+
+
+def test_a_client_without_credit_is_not_limited():
+    """session_window=0: the client never grants credit, and the worker sends every step as it comes."""
+    async def run():
+        worker, url = await start_scripted_worker("colocated", Script(tokens=list(range(50, 70)), delay_s=0.002), "w0")
+        client = WorkerClient(url, session_window=0)
+        try:
+            chunks = [c.token_ids async for c in client.generate(_request("free"), timeout_s=30)]
+            assert [t for c in chunks for t in c] == list(range(50, 70)) and len(chunks) > 2
+        finally:
+            await client.close()
+            await stop_scripted_worker(worker)
+
+    asyncio.run(run())
