@@ -81,6 +81,8 @@ def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out
         engine_argv += ["--transfer-ucx-tls", args.ucx_tls]
     result_json = os.path.join(out_dir, f"{name}.json")
     gateway_argv = ["--gateway-processes", str(args.gateway_processes)]
+    if args.session_window is not None:
+        gateway_argv += ["--session-window", str(args.session_window)]
     with LocalStack([*topology_args(name, args), *model_argv, *engine_argv, *gateway_argv], os.path.join(out_dir, "cache"),
                     device=args.device) as stack:
         argv = ["--base-url", stack.url, "--num-prompts", str(args.num_prompts), "--random-input-len",
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topologies", default="colocated,disaggregated")
     p.add_argument("--colocated-workers", type=int, default=1, help="colocated workers (2 on a 2-GPU machine)")
     p.add_argument("--gateway-processes", type=int, default=1, help="gateway processes on the port (see splitserve up)")
+    p.add_argument("--session-window", type=int, default=None, help="the gateway's session credit (default: its own)")
     p.add_argument("--transfer-backend", default="ucx", choices=("ucx", "nccl"), help="KV transfer of the pair")
     p.add_argument("--rates", default="4,16,inf", help="request rates (req/s), comma-separated; inf = all at once")
     p.add_argument("--num-prompts", type=int, default=200)

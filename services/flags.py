@@ -78,6 +78,8 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--gateway-processes", type=int, default=1,
                    help="gateway processes sharing the HTTP port, for more streams than one event loop serves "
                         "(like vLLM's --api-server-count)")
+    p.add_argument("--session-window", type=int, default=None,
+                   help="the gateway's session credit per worker (see splitserve gateway --help)")
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker process that dies")
     p.add_argument("--worker-devices", default=None,

@@ -180,9 +180,11 @@ def run_stack(args: argparse.Namespace) -> int:
     topology = (["--worker-urls", ",".join(c.address for c in colocated)] if colocated else
                 ["--prefill-urls", ",".join(c.address for c in prefill),
                  "--decode-urls", ",".join(c.address for c in decode)])
-    gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port),
-                                    "--model", model_dir, "--served-model-name", name,
-                                    "--processes", str(args.gateway_processes), *topology))
+    gateway_options = ["--processes", str(args.gateway_processes)]
+    if args.session_window is not None:
+        gateway_options += ["--session-window", str(args.session_window)]
+    gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port), "--model", model_dir,
+                                    "--served-model-name", name, *gateway_options, *topology))
     stopping = False
 
     def on_signal(signum, frame):

@@ -209,10 +209,15 @@ def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
 def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, cache_dir):
     """`splitserve up --gateway-processes 2`: both processes answer on the one port (the kernel
     spreads new connections), the tokens are the single gateway's, and /metrics, whichever process
-    answers it, counts the tokens that both served."""
-    with LocalStack(["--colocated", "--gateway-processes", "2"], cache_dir) as multi:
+    answers it, counts the tokens that both served. The session credit is off here (window 0), so
+    that path serves real traffic too. Stopping the stack stops every gateway process."""
+    with LocalStack(["--colocated", "--gateway-processes", "2", "--session-window", "0"], cache_dir) as multi:
         pids = {httpx.get(f"{multi.url}/health").json()["pid"] for _ in range(40)}  # a new connection each
         assert len(pids) == 2
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline") as f:
+                argv = f.read().split("\0")
+            assert argv[argv.index("--session-window") + 1] == "0"
         assert _greedy_texts(multi.openai()) == _greedy_texts(colocated.openai())
 
         async def one_stream(prompt: str) -> int:
@@ -229,3 +234,12 @@ def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(coloc
         totals = {metric_total(httpx.get(f"{multi.url}/metrics").text, "splitserve_gateway_generation_tokens_total")
                   for _ in range(10)}
         assert totals == {expected}
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
