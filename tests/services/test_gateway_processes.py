@@ -1,0 +1,70 @@
+"""`splitserve gateway --processes N` as real processes: the parent supervises its N gateways. When
+one dies the parent stops the others and exits non-zero (so `splitserve up` or a container
+restart policy notices); SIGTERM to the parent stops them all and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from stack import free_port, wait_until
+
+
+def _start(model_dir: str, processes: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    # No worker answers at this address: the gateways still start and serve /health (503).
+    argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--port", str(port), "--model", model_dir,
+            "--worker-urls", f"127.0.0.1:{free_port()}", "--processes", str(processes)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
+
+
+def _pids(url: str, want: int) -> set[int]:
+    seen: set[int] = set()
+
+    def all_seen():
+        try:
+            seen.add(httpx.get(f"{url}/health", timeout=1.0).json()["pid"])  # 503 until a worker answers
+        except httpx.HTTPError:
+            pass
+        return len(seen) >= want
+
+    wait_until(all_seen, timeout_s=60, interval_s=0.05, message=f"{want} gateway processes answering")
+    return seen
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_one_gateway_dying_stops_the_others_and_the_parent_fails(demo_checkpoint_dir):
+    parent, url = _start(demo_checkpoint_dir, 2)
+    try:
+        first, second = sorted(_pids(url, 2))
+        os.kill(first, signal.SIGKILL)
+        assert parent.wait(30) != 0
+        wait_until(lambda: _gone(second), timeout_s=15, message="the other gateway stopped")
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_sigterm_stops_every_gateway_process(demo_checkpoint_dir):
+    parent, url = _start(demo_checkpoint_dir, 2)
+    try:
+        pids = _pids(url, 2)
+        time.sleep(0.2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+        wait_until(lambda: all(_gone(p) for p in pids), timeout_s=15, message="every gateway stopped")
+    finally:
+        parent.kill()
+        parent.wait(10)
