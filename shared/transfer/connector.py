@@ -1,7 +1,7 @@
 """`KVConnector`: the narrow interface the engine calls to move KV blocks between engines.
 
 One per engine. The engine thread calls hold / start_load / poll / abort / stats; none of them
-blocks on I/O. All I/O runs on the connector's own thread, which owns one asyncio loop carrying
+blocks on I/O (abort waits, bounded, until the connector's loop has applied it). All I/O runs on the connector's own thread, which owns one asyncio loop carrying
 the ZMQ control sockets and the data plane (ucxx is asyncio-based; the NCCL backend adds one
 thread for blocking torch.distributed calls).
 
@@ -35,6 +35,7 @@ from .handle import KvHandle, layout_hash
 from .prefill_side import PrefillSide
 
 logger = logging.getLogger(__name__)
+_ABORT_WAIT_S = 5.0
 
 __all__ = ["KVConnector", "ConnectorEvents", "TransferConfig"]
 
@@ -141,8 +142,29 @@ class KVConnector:
         return self._events.take()
 
     def abort(self, request_id: str) -> None:
-        """Cancels a pending load (decode) or a hold (prefill); see the module docstring."""
-        self._call(self._abort, request_id)
+        """Cancels a pending load (decode) or a hold (prefill); see the module docstring.
+
+        Returns once the abort has run on the connector's loop (bounded wait), so the next poll()
+        already reflects it: a load that finished but was not polled yet comes out of that poll as
+        load_failed 'aborted'. Scheduled without waiting, a poll could overtake the abort and
+        report the load as loaded instead."""
+        if self._closed:
+            raise RuntimeError("KV connector is closed")
+        if threading.get_ident() == self._thread.ident:
+            self._abort(request_id)
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._abort(request_id)
+            finally:
+                done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        if not done.wait(_ABORT_WAIT_S):
+            logger.warning("KV connector: abort of %s not applied within %.0f s; it stays queued",
+                           request_id, _ABORT_WAIT_S)
 
     def stats(self) -> dict:
         stats = self._events.stats()

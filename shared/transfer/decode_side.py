@@ -51,6 +51,7 @@ class Load:
     transfer_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tag: int = field(default_factory=lambda: random.getrandbits(47) << 16)  # + run index
     task: asyncio.Task | None = None
+    running: bool = False  # the task has begun: cancelling it now runs its cleanup
     receiving: bool = False
     aborted: bool = False
     notify_prefill: bool = True  # False once the prefill side is known not to need our outcome
@@ -81,8 +82,10 @@ class DecodeSide:
         if load is None:
             return self._events.retract_loaded(request_id)
         load.aborted = True
-        if not load.receiving and load.task is not None and self._serial is None:
+        if load.running and not load.receiving and self._serial is None:
             load.task.cancel()
+        # A task cancelled before its first step would never run its cleanup (no event, a leaked
+        # entry): one that has not begun sees `aborted` when it does, and ends at once.
         return True
 
     async def close(self) -> None:
@@ -90,7 +93,7 @@ class DecodeSide:
         self._closing = True
         for load in self._loads.values():
             load.aborted = True
-            if not load.receiving and self._serial is None:
+            if load.running and not load.receiving and self._serial is None:
                 load.task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self._timeout_s)
@@ -100,6 +103,9 @@ class DecodeSide:
         nbytes = num_runs = 0
         draining = False
         try:
+            load.running = True
+            if load.aborted:
+                raise asyncio.CancelledError  # aborted before it began: nothing was sent yet
             if self._serial is not None:
                 async with self._serial:
                     nbytes, num_runs = await self._transfer(load)

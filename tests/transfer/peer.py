@@ -66,6 +66,12 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
                 result = connector.start_load(rid, KvHandle.from_dict(handle), dst)
             elif cmd == "abort":
                 result = connector.abort(*args)
+            elif cmd == "start_then_abort":  # one loop callback: the abort lands before the load's task begins
+                rid, handle, dst = args
+                loaded = KvHandle.from_dict(handle)
+                connector._call(lambda: (connector._start_load(rid, loaded, dst, time.monotonic()),
+                                         connector._abort(rid)))
+                result = None
             elif cmd == "stats":
                 result = connector.stats()
             elif cmd == "blocks":

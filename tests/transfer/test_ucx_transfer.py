@@ -124,6 +124,20 @@ def test_prefill_rejects_mismatched_layout_and_foreign_instance(ucx_pair):
     assert "raw" in prefill.wait_events("released", ["raw"], timeout_s=2)["released"]
 
 
+def test_abort_before_the_load_task_begins_still_ends_in_one_event(ucx_pair):
+    """An abort that runs before the load's task has taken its first step (both land in one loop
+    turn) still ends the load in load_failed 'aborted' and frees the prefill's hold. A task
+    cancelled before it begins never runs its cleanup, which once left such a load with no event
+    (and the engine's dst blocks allocated for good)."""
+    prefill, decode = ucx_pair
+    rid = "abort-before-start"
+    handle = prefill.call("hold", rid, [44, 45], 20)
+    decode.call("start_then_abort", rid, handle, [60, 61])
+    events = decode.wait_events("load_failed", [rid], timeout_s=5)
+    assert (rid, "aborted") in map(tuple, events["load_failed"]) and rid not in events["loaded"]
+    assert rid in prefill.wait_events("released", [rid], timeout_s=5)["released"]
+
+
 @pytest.mark.parametrize("abort_delay_s", [0.0, 0.002, 0.02, 0.2])
 def test_abort_on_the_decode_side_reports_failure_and_frees_the_prefill_hold(ucx_pair, abort_delay_s):
     """Whether the abort lands before the load is sent, while the prefill side accepts it, or after
