@@ -68,6 +68,8 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
 
     if args.processes < 1:
         raise SystemExit(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1 and args.port == 0:
+        raise SystemExit("--processes N shares one port between the processes: give a fixed --port, not 0")
     config = gateway_config_from_args(args)  # validated (and the demo checkpoint built) once, here
     if args.processes > 1:
         return _run_processes(args, config)

@@ -68,3 +68,10 @@ def test_sigterm_stops_every_gateway_process(demo_checkpoint_dir):
     finally:
         parent.kill()
         parent.wait(10)
+
+
+def test_processes_need_a_fixed_port(demo_checkpoint_dir):
+    result = subprocess.run([sys.executable, "-m", "splitserve.cli", "gateway", "--port", "0", "--processes", "2",
+                             "--model", demo_checkpoint_dir, "--worker-urls", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "fixed --port" in result.stderr
