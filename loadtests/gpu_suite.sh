@@ -6,6 +6,9 @@
 # Steps: check (engine parity, graphs and async vs eager), kernels, tune, offline (1B vs transformers
 # vs roofline), offline8b (a smaller 8B workload, with the transformers peer), step8b, profile,
 # serve (whole stack, colocated vs disaggregated), transfer (two GPU processes over UCX).
+# Two-GPU steps, not in the default list: transfer2 (GPU 0 -> GPU 1 over UCX, then NCCL, GB/s against
+# the measured device-to-device copy) and serve2 (prefill on GPU 0 + decode on GPU 1 against two
+# colocated workers, one per GPU, at rising rates with long prompts; UCX, then NCCL).
 # Outputs go to $OUT (default ./gpu-results): STEP.txt, plus JSON where the tool writes it. The
 # summary lines of each step are printed as it ends. splitserve must be importable (installed, or
 # on PYTHONPATH). Steps run from /tmp so a checkout's folders cannot shadow the installed package.
@@ -47,6 +50,17 @@ for step in "${STEPS[@]}"; do
                    --output-len 128 --gpu-memory-utilization 0.4 --ucx-tls tcp,cuda_copy,cuda_ipc --goodput tpot:20 \
                    --out-dir "$OUT/serve" ;;
         transfer) SUMMARY="GB/s|bit-exact|blocks"; run transfer python "$L/gpu_transfer.py" --blocks 256 ;;
-        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve transfer)"; exit 2 ;;
+        transfer2) SUMMARY="GB/s|bit-exact|blocks|peak"
+                   run transfer2 bash -c "python '$L/gpu_transfer.py' --blocks 256 --decode-device cuda:1 && \
+                       python '$L/gpu_transfer.py' --blocks 256 --decode-device cuda:1 --backend nccl" ;;
+        serve2) SUMMARY="^(topology|colocated|disaggregated|-)|requests x"
+                run serve2 bash -c "python '$L/serve_compare.py' --shape llama-3.1-8b --colocated-workers 2 --rates 4,8,16,inf \
+                    --num-prompts 100 --input-len 4096 --output-len 256 --gpu-memory-utilization 0.9 \
+                    --ucx-tls cuda_copy,cuda_ipc,tcp --goodput tpot:25 --out-dir '$OUT/serve2-ucx' && \
+                    python '$L/serve_compare.py' --shape llama-3.1-8b --topologies disaggregated --transfer-backend nccl \
+                    --rates 4,8,16,inf --num-prompts 100 --input-len 4096 --output-len 256 --gpu-memory-utilization 0.9 \
+                    --goodput tpot:25 --out-dir '$OUT/serve2-nccl'" ;;
+        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve transfer;" \
+                "two GPUs: transfer2 serve2)"; exit 2 ;;
     esac
 done
