@@ -137,6 +137,15 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, message: st
     raise AssertionError(f"{message} not reached within {timeout_s} s (last value {last!r})")
 
 
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def metric_total(text: str, name: str) -> float:
     """Sum of the Prometheus samples whose line starts with `name` (all label sets)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

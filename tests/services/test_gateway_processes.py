@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from stack import free_port, wait_until
+from stack import free_port, process_running, wait_until
 
 
 def _start(model_dir: str, processes: int) -> tuple[subprocess.Popen, str]:
@@ -37,21 +37,13 @@ def _pids(url: str, want: int) -> set[int]:
     return seen
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_one_gateway_dying_stops_the_others_and_the_parent_fails(demo_checkpoint_dir):
     parent, url = _start(demo_checkpoint_dir, 2)
     try:
         first, second = sorted(_pids(url, 2))
         os.kill(first, signal.SIGKILL)
         assert parent.wait(30) != 0
-        wait_until(lambda: _gone(second), timeout_s=15, message="the other gateway stopped")
+        wait_until(lambda: not process_running(second), timeout_s=15, message="the other gateway stopped")
     finally:
         parent.kill()
         parent.wait(10)
@@ -64,7 +56,7 @@ def test_sigterm_stops_every_gateway_process(demo_checkpoint_dir):
         time.sleep(0.2)
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
-        wait_until(lambda: all(_gone(p) for p in pids), timeout_s=15, message="every gateway stopped")
+        wait_until(lambda: not any(process_running(p) for p in pids), timeout_s=15, message="every gateway stopped")
     finally:
         parent.kill()
         parent.wait(10)

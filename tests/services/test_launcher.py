@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from stack import LocalStack, wait_until
+from stack import LocalStack, process_running, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is not running
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_ctrl_c_stops_everything(tmp_path):
     stack = LocalStack(["--prefill", "1", "--decode", "1"], str(tmp_path / "cache"))
     with stack:
         pids = [stack.worker_pid("prefill"), stack.worker_pid("decode")]
-        assert all(_alive(pid) for pid in pids)
+        assert all(process_running(pid) for pid in pids)
     assert stack.process.returncode == 0
-    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout_s=10, message="workers gone")
+    wait_until(lambda: not any(process_running(pid) for pid in pids), timeout_s=10, message="workers gone")
     assert any("stopping" in line or "Shutting down" in line for line in stack.lines)

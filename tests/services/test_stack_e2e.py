@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from stack import LocalStack, metric_total, wait_until
+from stack import LocalStack, metric_total, process_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -234,12 +234,4 @@ def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(coloc
         totals = {metric_total(httpx.get(f"{multi.url}/metrics").text, "splitserve_gateway_generation_tokens_total")
                   for _ in range(10)}
         assert totals == {expected}
-    assert not any(_running(pid) for pid in pids)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not any(process_running(pid) for pid in pids)

@@ -11,6 +11,7 @@ failed one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -42,13 +43,24 @@ def _generate(request_id: str, prompt: list[int], max_tokens: int) -> pb.Generat
                               sampling_params=convert.sampling_params_to_proto(params))
 
 
-async def _serve(engine):
+@contextlib.asynccontextmanager
+async def _serving(engine):
+    """A real aio gRPC server over the engine, and a stub connected to it."""
     server = aio_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
     port = add_port(server, "127.0.0.1:0")
     await server.start()
     channel = aio_channel(f"127.0.0.1:{port}")
-    return server, channel, worker_pb2_grpc.WorkerStub(channel)
+    try:
+        yield worker_pb2_grpc.WorkerStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def _next(outputs) -> pb.SessionOutput:
+    """The session's next message, within 30 s."""
+    return await asyncio.wait_for(outputs.__anext__(), 30)
 
 
 async def _blocks_back(engine) -> None:
@@ -78,8 +90,7 @@ def test_session_batches_each_step_and_gives_the_generate_rpc_tokens(engine):
     prompts = {f"r{i}": [3 + i, 17, 29 + 2 * i, 41, 5 + i] for i in range(6)}
 
     async def run():
-        server, channel, stub = await _serve(engine)
-        try:
+        async with _serving(engine) as stub:
             reference = {}
             for rid, prompt in prompts.items():
                 chunks = [c async for c in stub.Generate(_generate(f"ref-{rid}", prompt, 8), timeout=60)]
@@ -105,23 +116,19 @@ def test_session_batches_each_step_and_gives_the_generate_rpc_tokens(engine):
             assert tokens == reference
             assert widest >= 2, "no message carried more than one request's step"
             await _blocks_back(engine)
-        finally:
-            await channel.close()
-            await server.stop(None)
 
     asyncio.run(run())
 
 
 def test_session_errors_are_in_band_and_abort_and_hang_up_free_the_blocks(engine):
     async def run():
-        server, channel, stub = await _serve(engine)
-        try:
+        async with _serving(engine) as stub:
             commands = _Commands()
             call = stub.Session(commands.__aiter__(), timeout=60)
             outputs = call.__aiter__()
 
             async def next_chunks() -> dict[str, pb.GenerateChunk]:
-                return {c.request_id: c for c in (await asyncio.wait_for(outputs.__anext__(), 30)).chunks}
+                return {c.request_id: c for c in (await _next(outputs)).chunks}
 
             commands.send(generate=_generate("long", [5, 6, 7, 8], 200))
             first = await next_chunks()
@@ -154,9 +161,6 @@ def test_session_errors_are_in_band_and_abort_and_hang_up_free_the_blocks(engine
             await next_chunks()
             call.cancel()
             await _blocks_back(engine)
-        finally:
-            await channel.close()
-            await server.stop(None)
 
     asyncio.run(run())
 
@@ -165,14 +169,13 @@ def test_without_credit_the_worker_holds_and_merges_then_sends_one_chunk(engine)
     """A client that granted one message gets one; everything the engine produces after it waits,
     merged per request, until the client grants another."""
     async def run():
-        server, channel, stub = await _serve(engine)
-        try:
+        async with _serving(engine) as stub:
             commands = _Commands()
             call = stub.Session(commands.__aiter__(), timeout=60)
             outputs = call.__aiter__()
             commands.send(credit=1)
             commands.send(generate=_generate("held", [5, 6, 7, 8], 12))
-            first = (await asyncio.wait_for(outputs.__anext__(), 30)).chunks
+            first = (await _next(outputs)).chunks
             assert len(first) == 1 and not first[0].HasField("finish_reason")
             for _ in range(1000):  # the engine finishes the request; its chunks wait in the outbox
                 if engine.load().num_running == 0 and engine.load().num_waiting == 0:
@@ -186,9 +189,6 @@ def test_without_credit_the_worker_holds_and_merges_then_sends_one_chunk(engine)
             assert len(first[0].token_ids) + len(rest[0].token_ids) == 12 and len(rest[0].token_ids) > 1
             commands.queue.put_nowait(None)
             assert [o async for o in outputs] == []
-        finally:
-            await channel.close()
-            await server.stop(None)
 
     asyncio.run(run())
 
