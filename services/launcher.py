@@ -151,19 +151,23 @@ def _wait_gateway_ready(child: Child, url: str, deadline: float, processes: int 
 
 
 def _stop(children: list[Child]) -> None:
-    for child in children:
-        if child.alive():
-            child.process.send_signal(signal.SIGTERM)
+    stop_processes([(child.name, child.process) for child in children if child.process is not None])
+
+
+def stop_processes(processes: list[tuple[str, subprocess.Popen]]) -> None:
+    """SIGTERM every (name, process) still running, wait for all of them together (bounded), and
+    kill the ones that outlast it. Also used by the gateway's own process supervisor."""
+    for _, process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in children:
-        if child.process is None:
-            continue
+    for name, process in processes:
         try:
-            child.process.wait(max(0.1, deadline - time.monotonic()))
+            process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop in %.0f s; killing it", child.name, STOP_TIMEOUT_S)
-            child.process.kill()
-            child.process.wait(5)
+            logger.warning("%s did not stop in %.0f s; killing it", name, STOP_TIMEOUT_S)
+            process.kill()
+            process.wait(5)
 
 
 def run_stack(args: argparse.Namespace) -> int:

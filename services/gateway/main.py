@@ -29,10 +29,10 @@ import tempfile
 import time
 
 from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.launcher import stop_processes
 from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
 
 logger = logging.getLogger(__name__)
-STOP_TIMEOUT_S = 10.0
 
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
@@ -126,16 +126,7 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
             logger.error("a gateway process exited with code %s; stopping the others", exited[0])
         return code
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in children:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(5)
+        stop_processes([(f"gateway process {child.pid}", child) for child in children])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if metrics_dir is not None:
