@@ -309,7 +309,6 @@ class EngineCore:
 
     # ---- finishing --------------------------------------------------------------------
 
-
     def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
         min_tokens = req.sampling_params.min_tokens
         if token_id in req.eos_token_ids and num_outputs > min_tokens:
