@@ -58,6 +58,7 @@ def roofline_s(shape: str, num: int, input_len: int, output_len: int, bandwidth:
 
 
 def run_ours(model_dir: str, prompts: list[list[int]], output_len: int, args, async_scheduling: bool) -> float:
+    from splitserve.shared.heap import release_startup_heap
     from splitserve.shared.llm import LLM
     from splitserve.shared.sampling_params import SamplingParams
 
@@ -86,6 +87,7 @@ def run_ours(model_dir: str, prompts: list[list[int]], output_len: int, args, as
         produced = sum(len(o.outputs[0].token_ids) for o in outs)
         assert produced == len(prompts) * output_len, f"produced {produced} tokens"
     del llm, outs
+    release_startup_heap()  # the engine froze its start-up objects, its KV pool among them
     gc.collect()  # the engine holds reference cycles: free its KV pool before the next system loads
     torch.cuda.empty_cache()
     return elapsed[-1]

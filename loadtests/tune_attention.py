@@ -10,6 +10,7 @@ the bandwidth (decode) or FLOP rate (prefill) they reach. The defaults in
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
@@ -26,6 +27,7 @@ from splitserve.kernels.paged_attention import LaunchConfig, launch_config, page
 SHAPES = [
     ("decode 1B", [1] * 256, [576] * 256, 32, 8, 64),
     ("decode 8B", [1] * 128, [1024] * 128, 32, 8, 128),
+    ("decode 8B b256", [1] * 256, [1024] * 256, 32, 8, 128),
     ("prefill 1B", [512] * 32, [512] * 32, 32, 8, 64),
     ("prefill 8B", [512] * 32, [512] * 32, 32, 8, 128),
 ]
@@ -40,12 +42,15 @@ def candidates(decode: bool) -> list[LaunchConfig]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="run only the shapes whose name contains this")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 2
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
-    for name, query_lens, seq_lens, hq, hkv, d in SHAPES:
+    for name, query_lens, seq_lens, hq, hkv, d in (s for s in SHAPES if args.only in s[0]):
         inp = make_paged(query_lens, seq_lens, hq, hkv, d)
         scale = d**-0.5
         hints = dict(max_query_len=max(query_lens), max_seq_len=max(seq_lens))

@@ -30,6 +30,7 @@ from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, Samp
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
+from splitserve.shared.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class EngineCore:
         self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
+        if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
+            freeze_startup_heap()
 
     # ---- requests ---------------------------------------------------------------------
 
