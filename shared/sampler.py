@@ -11,10 +11,11 @@ Order of processing for the logits `[N, V]`:
    all come from this distribution, so they describe the model, not the sampling transform.
 2. min_tokens: while `len(output) < min_tokens`, stop_token_ids and eos ids (unless ignore_eos)
    are set to -inf.
-3. penalties: repetition (prompt + output tokens; positive logits divided by p, negative
+3. logit_bias: each row's bias added to its token ids' logits (as vLLM v1 does, before penalties).
+4. penalties: repetition (prompt + output tokens; positive logits divided by p, negative
    multiplied), then frequency (minus p * count in output) and presence (minus p if in output).
-4. greedy rows (temperature 0): argmax (first index on ties).
-5. other rows: divide by temperature, top-k, top-p (smallest set whose cumulative probability
+5. greedy rows (temperature 0): argmax (first index on ties).
+6. other rows: divide by temperature, top-k, top-p (smallest set whose cumulative probability
    reaches top_p, at least the top token), min-p (drop tokens with prob < min_p * max prob; the
    ratio does not change under renormalisation, so min-p is a plain mask), then an exponential
    race: token = argmax(probs / q), q ~ Exponential(1) per token. This is equivalent to the
@@ -24,7 +25,7 @@ Order of processing for the logits `[N, V]`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ class SamplingInput:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None
     """Per-request generator (on the logits' device) when params.seed is set; None: global RNG."""
-    eos_token_ids: frozenset[int] = frozenset()
+    eos_token_ids: Collection[int] = frozenset()
     """Banned together with stop_token_ids while len(output) < min_tokens."""
 
 
@@ -93,16 +94,17 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [N, V]
 
         processed = apply_min_tokens(logits, rows)
+        processed = apply_logit_bias(processed, rows)
         processed = apply_penalties(processed, rows)
         token_ids = _choose_tokens(processed, rows)  # [N] int64
         return _pack_logprobs(raw_logprobs, token_ids, rows)
 
 
 def _argmax_only(row: SamplingInput) -> bool:
-    """Greedy, no logprobs asked, and nothing that edits the logits (penalties, min_tokens bans)."""
+    """Greedy, no logprobs asked, and nothing that edits the logits (bias, penalties, min_tokens bans)."""
     p = row.params
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
-            and p.presence_penalty == 0.0 and len(row.output_token_ids) >= p.min_tokens)
+            and p.presence_penalty == 0.0 and not p.logit_bias and len(row.output_token_ids) >= p.min_tokens)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
@@ -114,7 +116,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
             continue
         banned = set(row.params.stop_token_ids)
         if not row.params.ignore_eos:
-            banned |= row.eos_token_ids
+            banned.update(row.eos_token_ids)
         banned = {t for t in banned if t < logits.shape[1]}  # ids past the vocab cannot be sampled
         row_index.extend([i] * len(banned))
         token_index.extend(sorted(banned))
@@ -123,6 +125,25 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
     logits = logits.clone()
     logits[_long(row_index, logits.device), _long(token_index, logits.device)] = float("-inf")
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    """Return logits [N, V] plus each row's `logit_bias` at its token ids (ids past V are skipped:
+    they cannot be sampled, and the gateway rejects them against the tokenizer's vocabulary)."""
+    row_index: list[int] = []
+    token_index: list[int] = []
+    bias: list[float] = []
+    for i, row in enumerate(rows):
+        for token_id, value in row.params.logit_bias.items():
+            if token_id < logits.shape[1]:
+                row_index.append(i)
+                token_index.append(token_id)
+                bias.append(value)
+    if not row_index:
+        return logits
+    device = logits.device
+    values = torch.tensor(bias, dtype=logits.dtype, device=device)
+    return logits.index_put((_long(row_index, device), _long(token_index, device)), values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:

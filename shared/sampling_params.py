@@ -1,38 +1,86 @@
-"""Per-request sampling parameters, named and defaulted as in vLLM's `SamplingParams`."""
+"""Per-request sampling parameters, named and defaulted as in vLLM's `SamplingParams`.
+
+This dataclass is the ONE definition of each sampling field. Each field's metadata (`param(...)`)
+holds its range and where it goes, and everything else derives from it:
+
+    SamplingParams.validate()            the ranges below, for every caller (offline API, workers)
+    gateway request models               one OpenAI/vLLM request field per `openai=True` field, same
+                                         name, same range, null = this default (openai_protocol.py)
+    protobuf <-> dataclass               every `wire=True` field, by name (shared/protocol/convert.py)
+
+Adding a field: declare it here (and, if `wire`, the same name in worker.proto's SamplingParams);
+then use it where it takes effect (the sampler, the detokenizer).
+
+Every integer has a closed range that fits the type it is sent as (int32 in the proto, int64 for
+the seed), so no value can overflow a C type on its way to the engine; every float must be finite.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What a sampling field accepts and where it travels."""
+
+    doc: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    item_ge: float | None = None
+    """Lists: each item's range; dicts: each key's (dict values use ge/le)."""
+    item_le: float | None = None
+    wire: bool = True
+    """Sent to the workers (the gateway handles the others itself)."""
+    openai: bool = True
+    """Accepted under its own name in both OpenAI endpoints (False: an endpoint maps it itself)."""
+    openai_type: typing.Any = None
+    """The request's JSON type where it differs from the field's (`stop` also takes one string)."""
+
+
+def param(doc: str, default: typing.Any = MISSING, *, default_factory: typing.Any = MISSING, **spec) -> typing.Any:
+    return field(default=default, default_factory=default_factory, metadata={"spec": FieldSpec(doc, **spec)})
 
 
 @dataclass
 class SamplingParams:
-    n: int = 1
-    """Number of completions to return for the prompt."""
-    temperature: float = 1.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 (or -1) disables top-k."""
-    min_p: float = 0.0
-    seed: int | None = None
-    """Per-request seed: the same seed and prompt give the same tokens, whatever the batch."""
-    presence_penalty: float = 0.0
-    """OpenAI definition: subtract once from every token that appears in the output so far."""
-    frequency_penalty: float = 0.0
-    """OpenAI definition: subtract count-times from every token in the output so far."""
-    repetition_penalty: float = 1.0
-    """HF/CTRL definition over prompt and output tokens: positive logits divided, negative multiplied."""
-    max_tokens: int | None = 16
-    """None: up to the model's context length."""
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    """Stop strings, matched on detokenized text and never included in the output."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    """Return the sampled token's logprob plus this many top alternatives (0: the sampled one only)."""
-    skip_special_tokens: bool = True
+    n: int = param("Number of completions to return for the prompt.", 1, ge=1, le=INT32_MAX, wire=False)
+    temperature: float = param("0 means greedy.", 1.0, ge=0.0)
+    top_p: float = param("Nucleus sampling: the smallest set of tokens whose probability reaches top_p.", 1.0,
+                         gt=0.0, le=1.0)
+    top_k: int = param("Keep the k most likely tokens; 0 or -1 disables.", 0, ge=-1, le=INT32_MAX)
+    min_p: float = param("Drop tokens whose probability is below min_p times the top token's.", 0.0, ge=0.0, le=1.0)
+    seed: int | None = param("Per-request seed: the same seed and prompt give the same tokens, whatever the batch.",
+                             None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = param("OpenAI definition: subtract once from every token in the output so far.", 0.0,
+                                    ge=-2.0, le=2.0)
+    frequency_penalty: float = param("OpenAI definition: subtract count-times from every token in the output so far.",
+                                     0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = param("HF/CTRL definition over prompt and output tokens: positive logits divided, "
+                                      "negative multiplied.", 1.0, gt=0.0)
+    max_tokens: int | None = param("Tokens to generate at most; None: up to the model's context length.", 16,
+                                   ge=1, le=INT32_MAX)
+    min_tokens: int = param("Tokens to generate before eos or stop_token_ids may end the output.", 0,
+                            ge=0, le=INT32_MAX)
+    stop: list[str] = param("Stop strings, matched on detokenized text and never included in the output.",
+                            default_factory=list, wire=False, openai_type=str | list[str] | None)
+    stop_token_ids: list[int] = param("Token ids that end the output (the id is returned as stop_reason).",
+                                      default_factory=list, item_ge=0, item_le=INT32_MAX)
+    ignore_eos: bool = param("Keep generating past the model's end-of-sequence tokens.", False)
+    logprobs: int | None = param("Return the sampled token's logprob plus this many top alternatives "
+                                 "(0: the sampled one only).", None, ge=0, le=MAX_LOGPROBS, openai=False)
+    logit_bias: dict[int, float] = param("Added to the logits of these token ids before penalties, temperature and "
+                                         "filters (OpenAI's range: -100 bans, 100 forces).", default_factory=dict,
+                                         ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, item_ge=0, item_le=INT32_MAX)
+    skip_special_tokens: bool = param("Leave special tokens out of the returned text.", True, wire=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,24 +95,71 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}")
-        _check(self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k}")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               f"max_tokens must be at least 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name), spec_of(f), FIELD_TYPES[f.name])
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if not all(self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+def spec_of(f) -> FieldSpec:
+    return f.metadata["spec"]
+
+
+def sampling_fields(**where: bool) -> list[tuple[str, FieldSpec]]:
+    """(name, spec) of each field, in declaration order; `wire=True` etc. keeps those that match."""
+    return [(f.name, spec_of(f)) for f in fields(SamplingParams)
+            if all(getattr(spec_of(f), key) == value for key, value in where.items())]
+
+
+FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(SamplingParams)
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typing.Any) -> None:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value is None:
+        if type(None) not in args:
+            raise ValueError(f"{name} must not be None")
+        return
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+        for item in value:
+            _check_scalar(f"{name} items", item, args[0], spec.item_ge, None, spec.item_le)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+        for key, item in value.items():
+            _check_scalar(f"{name} keys", key, args[0], spec.item_ge, None, spec.item_le)
+            _check_scalar(f"{name} values", item, args[1], spec.ge, spec.gt, spec.le)
+    else:
+        scalar = next((a for a in args if a is not type(None)), annotation)
+        _check_scalar(name, value, scalar, spec.ge, spec.gt, spec.le)
+
+
+def _check_scalar(name: str, value: typing.Any, kind: type, ge: float | None, gt: float | None,
+                  le: float | None) -> None:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a boolean, got {value!r}")
+        return
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be strings, got {value!r}")
+        return
+    numeric = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
+        raise ValueError(f"{name} must be {_range_text(ge, gt, le)}, got {value}")
+
+
+def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
+    low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
+    high = f"{le}]" if le is not None else "inf)"
+    return f"in {low}, {high}"

@@ -57,19 +57,48 @@ def test_generate_rejects_a_broken_proto(tmp_path: Path) -> None:
 import grpc
 from types import SimpleNamespace
 
+import typing
+
 from splitserve.shared.protocol import convert
-from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.sampling_params import FIELD_TYPES, SamplingParams, sampling_fields
 
 
 def test_sampling_params_round_trip_keeps_every_worker_field() -> None:
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=0, presence_penalty=0.5,
                             frequency_penalty=-0.3, repetition_penalty=1.1, max_tokens=7, min_tokens=2,
-                            stop=["x"], stop_token_ids=[3, 4], ignore_eos=True, logprobs=0)
+                            stop=["x"], stop_token_ids=[3, 4], ignore_eos=True, logprobs=0,
+                            logit_bias={7: -100.0, 9: 2.5})
     back = convert.sampling_params_from_proto(convert.sampling_params_to_proto(params))
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs"):
+    for name, _ in sampling_fields(wire=True):
         assert getattr(back, name) == getattr(params, name), name
     assert back.stop == [] and back.n == 1  # the gateway handles these
+
+
+def test_the_proto_carries_exactly_the_wire_fields() -> None:
+    assert {name for name, _ in sampling_fields(wire=True)} == set(worker_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def _integer_edges(name: str, spec) -> tuple[int, int] | None:
+    """The declared range of an integer field (of its items or keys for a list or dict)."""
+    kind = FIELD_TYPES[name]
+    if typing.get_origin(kind) in (list, dict):
+        return spec.item_ge, spec.item_le
+    return (spec.ge, spec.le) if int in (kind, *typing.get_args(kind)) else None
+
+
+@pytest.mark.parametrize("end", [0, 1])
+def test_every_integer_range_fits_its_proto_type(end: int) -> None:
+    """Each integer field at either edge of its declared range survives the proto: no overflow."""
+    for name, spec in sampling_fields(wire=True):
+        edges = _integer_edges(name, spec)
+        if edges is None:
+            continue
+        edge = edges[end]
+        value = {list: [edge], dict: {edge: 1.0}}.get(typing.get_origin(FIELD_TYPES[name]), edge)
+        extra = {"max_tokens": None} if name == "min_tokens" else {}
+        params = SamplingParams(**{name: value, **extra})
+        back = convert.sampling_params_from_proto(convert.sampling_params_to_proto(params))
+        assert getattr(back, name) == getattr(params, name), name
 
 
 def test_sampling_params_absent_optionals_stay_none() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.shared.protocol import worker_pb2 as pb
-from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.sampling_params import SamplingParams, sampling_fields
 
 ROLE_TO_PROTO = {
     "prefill": pb.WORKER_ROLE_PREFILL,
@@ -26,33 +26,33 @@ ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
 # ---- sampling params ----------------------------------------------------------------------
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    """Drops what the gateway handles itself: n, stop strings, skip_special_tokens."""
-    msg = pb.SamplingParams(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-    )
-    if params.seed is not None:
-        msg.seed = params.seed
-    if params.max_tokens is not None:
-        msg.max_tokens = params.max_tokens
-    if params.logprobs is not None:
-        msg.logprobs = params.logprobs
+    """Every `wire` field of the dataclass, by name; None leaves an optional field absent."""
+    msg = pb.SamplingParams()
+    for name, _ in sampling_fields(wire=True):
+        value = getattr(params, name)
+        if isinstance(value, dict):
+            getattr(msg, name).update(value)
+        elif isinstance(value, (list, tuple)):
+            getattr(msg, name).extend(value)
+        elif value is not None:
+            setattr(msg, name, value)
     return msg
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """Raises ValueError (naming the field) if the message holds invalid values."""
-    return SamplingParams(
-        n=1, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
-        seed=msg.seed if msg.HasField("seed") else None,
-        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        repetition_penalty=msg.repetition_penalty,
-        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
-        min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-    )
+    values: dict[str, Any] = {}
+    for name, _ in sampling_fields(wire=True):
+        descriptor = msg.DESCRIPTOR.fields_by_name[name]
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            values[name] = dict(getattr(msg, name))
+        elif descriptor.is_repeated:
+            values[name] = list(getattr(msg, name))
+        elif descriptor.has_presence and not msg.HasField(name):
+            values[name] = None
+        else:
+            values[name] = getattr(msg, name)
+    return SamplingParams(n=1, **values)
 
 
 # ---- KV handle ----------------------------------------------------------------------------

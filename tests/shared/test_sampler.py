@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from splitserve.shared.sampler import Sampler, SamplingInput, apply_penalties
+from splitserve.shared.sampler import Sampler, SamplingInput, apply_logit_bias, apply_penalties
 from splitserve.shared.sampling_params import SamplingParams
 
 # A crafted distribution with no ties, so every filter's support is unambiguous.
@@ -18,7 +18,7 @@ PROBS = [0.30, 0.20, 0.15, 0.12, 0.09, 0.07, 0.05, 0.02]
 def row(params: SamplingParams, prompt=(), output=(), seed: int | None = None, eos=frozenset()) -> SamplingInput:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return SamplingInput(params=params, prompt_token_ids=list(prompt), output_token_ids=list(output),
-                         generator=generator, eos_token_ids=frozenset(eos))
+                         generator=generator, eos_token_ids=tuple(eos))  # a tuple, as the engine passes
 
 
 def crafted_logits(num_rows: int) -> torch.Tensor:
@@ -259,6 +259,36 @@ def test_min_tokens_bans_hold_over_many_random_draws():
     torch.manual_seed(0)
     out = Sampler()(logits, [row(params, eos={3}) for _ in range(2000)])
     assert set(out.token_ids) == {1, 2}
+
+
+# ---------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_adds_to_each_rows_own_tokens_and_skips_ids_past_the_vocab():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
+    biases = [{2: 5.0, 7: -100.0, 10**6: 3.0}, {}, {0: 0.5}]
+    rows = [row(SamplingParams(logit_bias=b)) for b in biases]
+    expected = logits.clone()
+    for i, bias in enumerate(biases):  # the direct computation
+        for token_id, value in bias.items():
+            if token_id < 10:
+                expected[i, token_id] += value
+    assert torch.equal(apply_logit_bias(logits, rows), expected)
+
+
+def test_logit_bias_steers_greedy_and_random_rows_but_not_logprobs():
+    logits = torch.zeros(2000, 6)
+    logits[:, 0] = 10.0
+    raw = torch.log_softmax(logits[0], dim=-1)
+    greedy = SamplingParams(temperature=0.0, logit_bias={4: 50.0}, logprobs=0)
+    banned = SamplingParams(temperature=1.0, logit_bias={0: -100.0, 1: -100.0})
+    torch.manual_seed(0)
+    out = Sampler()(logits, [row(greedy)] + [row(banned) for _ in range(1999)])
+    assert out.token_ids[0] == 4
+    assert out.logprobs[0] == pytest.approx(raw[4].item())  # logprobs describe the model (vLLM v1)
+    assert set(out.token_ids[1:]) == {2, 3, 4, 5}
+    counts = Counter(out.token_ids[1:])
+    assert chi_square(counts, {t: 0.25 for t in (2, 3, 4, 5)}) < 20  # uniform over the unbanned four
 
 
 # ---------------------------------------------------------------- mixed batch and errors
