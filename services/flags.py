@@ -85,9 +85,18 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--worker-devices", default=None,
                    help="comma list of devices, one per worker in start order (prefill workers, then decode, "
                         "or the colocated ones), e.g. cuda:0,cuda:1; default: with several GPUs, round-robin")
+    _add_gateway_limit_flags(p)
     add_engine_flags(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)
+
+
+def _add_gateway_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """`up` passes these on to its gateway (the API key through the environment)."""
+    from splitserve.services.gateway.config import RequestLimits, add_api_key_arg
+
+    add_api_key_arg(parser)
+    add_dataclass_flags(parser, RequestLimits, "gateway request limits")
 
 
 def add_service_parsers(sub) -> None:

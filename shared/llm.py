@@ -62,7 +62,7 @@ class LLM:
             result = RequestOutput(str(self._next_id), text, token_ids)
             self._next_id += 1
             for k in range(params.n):
-                child = params if params.n == 1 else _child_params(params, k)
+                child = params if params.n == 1 else params.for_choice(k)
                 child_id = f"{result.request_id}-{k}"
                 self.engine.add_request(child_id, token_ids, child, priority=priority[i] if priority else 0)
                 out = CompletionOutput(k, "", [], 0.0 if params.logprobs is not None else None,
@@ -138,9 +138,3 @@ def _broadcast(params, n: int) -> list[SamplingParams]:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
     return params
 
-
-def _child_params(params: SamplingParams, k: int) -> SamplingParams:
-    """The k-th of n samples: its own seed (seed + k) so the n samples differ but reproduce."""
-    from dataclasses import replace
-
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + k)

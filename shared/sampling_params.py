@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -92,6 +92,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_choice(self, k: int) -> SamplingParams:
+        """The k-th of n samples, n = 1: its own seed (seed + k, wrapped into int64) so that the n
+        samples differ and each reproduces, as vLLM does. Used by the offline API and the gateway."""
+        if self.seed is None:
+            return replace(self, n=1)
+        return replace(self, n=1, seed=(self.seed + k - INT64_MIN) % 2**64 + INT64_MIN)
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""

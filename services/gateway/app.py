@@ -3,15 +3,18 @@
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
     GET  /v1/models, GET /health, GET /metrics
 
-A request: model check -> admission slot -> prepare (tokenize, validate) -> one worker request
-per choice (dispatch.py) -> text deltas (completion.py) -> OpenAI JSON (responses.py). Errors are
-mapped in openai_protocol.py; during a stream they become an SSE error event followed by [DONE].
+A request: API key and body size (`_RequestGuard`, before the body is parsed) -> model check ->
+admission slot -> prepare (validate, tokenize: prepare.py) -> one worker request per choice
+(dispatch.py) -> text deltas (completion.py) -> OpenAI JSON (responses.py). Errors are mapped in
+openai_protocol.py; during a stream they become an SSE error event followed by [DONE]. A client
+that hangs up, streaming or not, cancels its request, and with it the worker calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -22,18 +25,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.services.gateway.admission import AdmissionQueue
-from splitserve.services.gateway.completion import (
-    PreparedRequest, choice_streams, merge_streams, prepare_chat, prepare_completion)
+from splitserve.services.gateway.completion import choice_streams, merge_streams
 from splitserve.services.gateway.config import GatewayConfig
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.openai_protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, install_error_handlers, model_not_found,
-    service_unavailable, to_api_error)
+    APIError, body_too_large, install_error_handlers, model_not_found, service_unavailable, to_api_error,
+    unauthorized)
+from splitserve.services.gateway.prepare import (
+    PrepareContext, PreparedRequest, longest_token_chars, prepare_chat, prepare_completion, text_chars)
+from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.responses import SSE_DONE, ResponseBuilder, sse_event
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
 from splitserve.services.gateway.worker_client import WorkerClient
@@ -42,6 +47,8 @@ from splitserve.shared.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 _COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+LONG_TEXT_CHARS = 32768
+"""Requests with more text than this are tokenized on their own thread (`GatewayState`)."""
 
 
 @dataclass
@@ -55,6 +62,10 @@ class GatewayState:
     tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
     """Tokenization and chat templates run here, off the event loop (a long prompt must not stall
     every other stream); one thread, because HF tokenizers mutate state when encoding."""
+    long_tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize-long"))
+    """Requests with more than LONG_TEXT_CHARS of text queue here instead, so that a few huge prompts
+    (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
+    max_token_chars: int = 1
 
     def max_model_len(self) -> int:
         value = self.config.max_model_len or self.router.max_model_len() or _checkpoint_max_len(self.config.model_dir)
@@ -62,10 +73,14 @@ class GatewayState:
             raise service_unavailable("the model's context length is unknown until a worker reports it")
         return value
 
+    def prepare_context(self) -> PrepareContext:
+        return PrepareContext(self.tokenizer, self.max_model_len(), self.config.limits, self.max_token_chars)
+
 
 def build_app(config: GatewayConfig, *, tokenizer: Any = None,
-              client_interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> FastAPI:
-    """The gateway app; workers are polled from startup to shutdown (the app's lifespan)."""
+              client_interceptors: Sequence[grpc.aio.ClientInterceptor] = (), api_key: str | None = None) -> FastAPI:
+    """The gateway app; workers are polled from startup to shutdown (the app's lifespan). With
+    `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`."""
     config.validate()
     state = GatewayState(
         config, tokenizer if tokenizer is not None else load_tokenizer(config.model_dir),
@@ -74,6 +89,7 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
         AdmissionQueue(config.max_inflight_requests, config.max_queued_requests, config.queue_timeout_s,
                        config.retry_after_s),
         GatewayMetrics())
+    state.max_token_chars = longest_token_chars(state.tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -96,6 +112,7 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
     app = FastAPI(title="splitserve gateway", lifespan=lifespan)
     app.state.gateway = state
     install_error_handlers(app)
+    app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=config.limits.max_request_body_bytes)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
     _add_routes(app, state)
     return app
@@ -103,12 +120,12 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
 
 def _add_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return await _serve(state, body, prepare_completion)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _serve(state, body, prepare_completion, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return await _serve(state, body, prepare_chat)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _serve(state, body, prepare_chat, request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -118,8 +135,8 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        workers = [{"url": i.url, "role": i.role, "healthy": i.healthy, "error": i.last_error}
-                   for i in state.router.instances]
+        # Names and states only: addresses and error text are internal (they are in the logs).
+        workers = [{"name": i.name, "role": i.role, "healthy": i.healthy} for i in state.router.instances]
         ready = state.router.is_ready()
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers, "pid": os.getpid()},
                             status_code=200 if ready else 503)
@@ -131,22 +148,21 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
             m.healthy_workers.labels(role).set(len(state.router.healthy(role)))
         for instance in state.router.instances:
             if instance.load is not None:
-                m.observe_worker(instance.url, instance.load)
+                m.observe_worker(instance.name, instance.load)
         m.inflight.set(state.admission.num_inflight)
         m.queued.set(state.admission.num_queued)
         return Response(m.render(), media_type=m.content_type)
 
 
 async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRequest,
-                 prepare: Callable[..., PreparedRequest]) -> Response:
+                 prepare: Callable[..., PreparedRequest], request: Request) -> Response:
     if body.model != state.config.served_model_name:
         raise model_not_found(body.model)
     slot = contextlib.AsyncExitStack()
     await slot.enter_async_context(state.admission.admit())
     try:
-        max_model_len = state.max_model_len()
-        prep = await asyncio.get_running_loop().run_in_executor(
-            state.tokenize_pool, prepare, body, state.tokenizer, max_model_len, state.config.max_n)
+        pool = state.long_tokenize_pool if text_chars(body) > LONG_TEXT_CHARS else state.tokenize_pool
+        prep = await asyncio.get_running_loop().run_in_executor(pool, prepare, body, state.prepare_context())
         state.router.route(prep.prompts[0])  # fail with 503 now, not inside a 200 stream, if nothing is routable
         builder = ResponseBuilder(prep, state.tokenizer)
         streams = choice_streams(prep, state.tokenizer, state.dispatcher, state.metrics)
@@ -159,10 +175,32 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
         # never start if the client hangs up at once).
         return _SSEResponse(_sse_body(state, prep, builder, streams, slot), on_close=slot.aclose)
     async with slot:
-        async for delta in merge_streams(streams):
-            builder.add(delta)
+        if not await until_disconnect(_collect(builder, streams), request.receive):
+            return Response(status_code=499)  # nobody reads it: the worker calls are cancelled
     state.metrics.e2e_s.observe(time.monotonic() - prep.arrival_s)
     return JSONResponse(builder.final_body())
+
+
+async def _collect(builder: ResponseBuilder, streams) -> None:
+    async for delta in merge_streams(streams):
+        builder.add(delta)
+
+
+async def until_disconnect(work: Awaitable[Any], receive) -> bool:
+    """Run `work` unless the client disconnects first (then cancel it and return False); a
+    failure of `work` is raised."""
+    working = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({working, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, disconnect):
+            task.cancel()
+        await asyncio.gather(working, disconnect, return_exceptions=True)
+    if working.cancelled():
+        return False
+    working.result()  # raises its failure
+    return True
 
 
 async def _sse_body(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder, streams,
@@ -206,22 +244,70 @@ class _SSEResponse(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            await asyncio.wait({streaming, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            await until_disconnect(self.stream_response(send), receive)
         finally:
-            for task in (streaming, disconnect):
-                task.cancel()
-            await asyncio.gather(streaming, disconnect, return_exceptions=True)
             await self._on_close()
-        if streaming.done() and not streaming.cancelled() and streaming.exception() is not None:
-            raise streaming.exception()
 
 
 async def _wait_for_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class _RequestGuard:
+    """ASGI middleware in front of the routes: the API key on /v1 routes (401), then the body size
+    (413), both before anything is parsed. The body is read here, up to the limit, and replayed to
+    the app; later `receive` calls (the disconnect watch) go to the server."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"].startswith("/v1") and not hmac.compare_digest(
+                headers.get(b"authorization", b""), self.expected):
+            return await _send_error(send, unauthorized())
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            return await _send_error(send, body_too_large(self.max_body_bytes))
+        body = await self._read_body(receive)
+        if body is None:
+            return await _send_error(send, body_too_large(self.max_body_bytes))
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or None once it passes the limit (chunked uploads have no length)."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(parts)
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _StatusCounter:

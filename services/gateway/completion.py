@@ -1,9 +1,8 @@
-"""The request pipeline: OpenAI request -> prompts + sampling params -> choices streamed as text.
+"""Running a prepared request (prepare.py): its choices streamed as text.
 
-    prepare_completion / prepare_chat   validate, tokenize (or take token ids), chat template,
-                                        length check against max_model_len, SamplingParams
-    stream_choices                      one worker request per (prompt, choice): n > 1 and prompt
-                                        lists become parallel requests, merged as they produce
+    choice_streams                      one worker request per (prompt, choice): n > 1 and prompt
+                                        lists become parallel requests, merged as they produce;
+                                        choice k of a prompt has seed + k, as in the offline API
     ChoiceStream                        token chunks -> incremental text; stop strings end the
                                         choice (the worker call is cancelled, the stop string is
                                         never emitted)
@@ -15,39 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
-from splitserve.services.gateway.openai_protocol import (
-    ChatCompletionRequest, CompletionRequest, GenerationFields, bad_request, service_unavailable)
+from splitserve.services.gateway.openai_protocol import service_unavailable
+from splitserve.services.gateway.prepare import PreparedRequest
 from splitserve.services.gateway.worker_client import WorkerRequest
-from splitserve.shared.sampling_params import SamplingParams
-from splitserve.shared.tokenizer import IncrementalDetokenizer, apply_chat_template
-
-
-@dataclass
-class PreparedRequest:
-    """A validated request, ready to run: `prompts` x `n` choices with one set of params."""
-
-    kind: str
-    """'completion' or 'chat'."""
-    request_id: str
-    model: str
-    prompts: list[list[int]]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    priority: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
-    arrival_s: float = field(default_factory=time.monotonic)
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.params.n
+from splitserve.shared.tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -69,97 +45,6 @@ class ChoiceDelta:
     stop_reason: str | int | None = None
 
 
-# ---- preparation ------------------------------------------------------------------------------
-
-def prepare_completion(body: CompletionRequest, tokenizer: Any, max_model_len: int, max_n: int) -> PreparedRequest:
-    if body.echo:
-        raise bad_request("echo is not supported", "echo")
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
-    prompts = _completion_prompts(body.prompt, tokenizer)
-    params = _sampling_params(body, body.max_tokens, body.logprobs, max_n)
-    return _prepared("completion", "cmpl", body, prompts, params, tokenizer, max_model_len)
-
-
-def prepare_chat(body: ChatCompletionRequest, tokenizer: Any, max_model_len: int, max_n: int) -> PreparedRequest:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt = apply_chat_template(tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
-    except Exception as exc:  # jinja errors of a template that rejects these messages
-        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-    if body.top_logprobs is not None and not body.logprobs:
-        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling_params(body, max_tokens, logprobs, max_n)
-    return _prepared("chat", "chatcmpl", body, [prompt], params, tokenizer, max_model_len)
-
-
-def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[list[int]], params: SamplingParams,
-              tokenizer: Any, max_model_len: int) -> PreparedRequest:
-    vocab_size = len(tokenizer)
-    for prompt in prompts:
-        check_prompt(prompt, params.max_tokens, max_model_len, vocab_size)
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    return PreparedRequest(kind, f"{id_prefix}-{uuid.uuid4().hex}", body.model, prompts, params, body.stream,
-                           include_usage, body.priority)
-
-
-def _completion_prompts(prompt: str | list, tokenizer: Any) -> list[list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> token ids of each prompt."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise bad_request("prompt must not be empty", "prompt")
-    if all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]
-    prompts = []
-    for p in prompt:
-        ids = list(tokenizer.encode(p)) if isinstance(p, str) else list(p)
-        if not ids:
-            raise bad_request("prompt must not be empty", "prompt")
-        prompts.append(ids)
-    return prompts
-
-
-def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: int, vocab_size: int) -> None:
-    """400 unless the prompt's tokens exist and prompt + max_tokens fit the context."""
-    bad = [t for t in prompt if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
-    if len(prompt) >= max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt has {len(prompt)} "
-            f"tokens (at least one token must be generated). Shorten the prompt.", "prompt")
-    if max_tokens is not None and len(prompt) + max_tokens > max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in the completion). "
-            f"Reduce the prompt or max_tokens.", "max_tokens")
-
-
-def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None, max_n: int) -> SamplingParams:
-    if body.n > max_n:
-        raise bad_request(f"n must be at most {max_n}, got {body.n}", "n")
-    given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p}
-    try:
-        return SamplingParams(
-            n=body.n, max_tokens=max_tokens, seed=body.seed, stop=_stop_list(body.stop),
-            stop_token_ids=list(body.stop_token_ids or []), presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens, **{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
-
-
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise bad_request("stop strings must be non-empty", "stop")
-    return stops
-
-
 # ---- running ----------------------------------------------------------------------------------
 
 class ChoiceStream:
@@ -171,7 +56,8 @@ class ChoiceStream:
         self.dispatcher, self.metrics = dispatcher, metrics
         params = prep.params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens, params.stop)
-        worker_params = SamplingParams(**{**params.__dict__, "n": 1, "stop": []})
+        # Choice index = prompt index * n + k; choice k gets seed + k (distinct, reproducible).
+        worker_params = replace(params.for_choice(index % params.n), stop=[])
         suffix = f"-{index}" if prep.num_choices > 1 else ""
         self.worker_request = WorkerRequest(f"{prep.request_id}{suffix}", prompt, worker_params, prep.priority)
 

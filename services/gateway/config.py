@@ -1,12 +1,45 @@
-"""Gateway configuration: topology, limits and timeouts, in one frozen dataclass."""
+"""Gateway configuration: topology, limits and timeouts, in frozen dataclasses.
+
+`RequestLimits` bounds what one HTTP request may ask for; each is a flag of `splitserve gateway`
+and `splitserve up` (`--max-request-body-bytes` ...), and a request past one is answered 400 (413
+for the body size) with a message naming the limit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+API_KEY_ENV = "SPLITSERVE_API_KEY"
 
 
 class GatewayConfigError(ValueError):
     """A gateway setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_request_body_bytes: int = 8 * 2**20
+    """Largest request body; a larger one is refused (413) before it is read, let alone parsed."""
+    max_prompts_per_request: int = 32
+    """Prompts in one /v1/completions request (its prompt list); each becomes its own request on the
+    workers, so one HTTP request cannot flood them."""
+    max_n: int = 16
+    """Largest `n` (completions per prompt) accepted."""
+    max_stop_sequences: int = 16
+    """Stop strings in one request."""
+    max_stop_sequence_chars: int = 512
+    """Characters of one stop string (the text held back while a stop may still match grows with it)."""
+    max_stop_token_ids: int = 256
+    """Token ids in `stop_token_ids`."""
+    max_logit_bias_tokens: int = 300
+    """Token ids in `logit_bias` (OpenAI's own limit)."""
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise GatewayConfigError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
 
 
 @dataclass(frozen=True)
@@ -29,8 +62,8 @@ class GatewayConfig:
     queue_timeout_s: float = 30.0
     """A queued request that gets no slot in this time is answered 429."""
     retry_after_s: int = 1
-    max_n: int = 16
-    """Largest `n` (completions per prompt) accepted."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """What one request may ask for (its own flags)."""
     load_poll_interval_s: float = 0.5
     """How often the router polls every worker's GetLoad."""
     load_rpc_timeout_s: float = 1.0
@@ -55,7 +88,8 @@ class GatewayConfig:
             raise GatewayConfigError("prefill_urls and decode_urls must be given together (a disaggregated pair)")
         if not (self.prefill_urls or self.worker_urls):
             raise GatewayConfigError("no workers: give prefill_urls + decode_urls, or worker_urls")
-        for name in ("max_inflight_requests", "max_n", "affinity_blocks", "default_block_size"):
+        self.limits.validate()
+        for name in ("max_inflight_requests", "affinity_blocks", "default_block_size"):
             if getattr(self, name) < 1:
                 raise GatewayConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "session_window"):
@@ -67,3 +101,14 @@ class GatewayConfig:
                      "generate_timeout_s", "abort_timeout_s"):
             if getattr(self, name) <= 0:
                 raise GatewayConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def add_api_key_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=None,
+                        help=f"require `Authorization: Bearer KEY` on every /v1 route (default: ${API_KEY_ENV}, "
+                             "if set; else no key)")
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """--api-key, else $SPLITSERVE_API_KEY (as vLLM reads VLLM_API_KEY); an empty key is no key."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 
-from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.gateway.config import (
+    API_KEY_ENV, GatewayConfig, RequestLimits, add_api_key_arg, api_key_from_args)
 from splitserve.services.launcher import stop_processes
 from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
 
@@ -42,7 +43,9 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="gateway processes sharing the port (SO_REUSEPORT); admission limits apply to each")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the N processes
-    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir",))
+    add_api_key_arg(parser)
+    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir", "limits"))
+    add_dataclass_flags(parser, RequestLimits, "request limits")
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -51,7 +54,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
     served = getattr(args, "served_model_name", None) or served_model_name(args.model)
     model_dir = args.model if args.model is not None else ensure_demo_checkpoint()  # built on first use
-    config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=served)
+    config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=served,
+                                 limits=dataclass_from_args(RequestLimits, args))
     config.validate()
     return config
 
@@ -75,7 +79,7 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
         return _run_processes(args, config)
     telemetry.setup_tracing("splitserve-gateway")
     interceptors = [*client_interceptors, *telemetry.grpc_client_interceptors()]
-    app = build_app(config, client_interceptors=interceptors)
+    app = build_app(config, client_interceptors=interceptors, api_key=api_key_from_args(args))
     telemetry.instrument_fastapi(app)
     try:
         if args.reuse_port:
@@ -103,12 +107,15 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
     all; one that exits stops the others, and its exit code is ours."""
     metrics_dir = None
     env = dict(os.environ)
+    api_key = api_key_from_args(args)
+    if api_key:
+        env[API_KEY_ENV] = api_key  # in the environment, not on command lines that `ps` shows
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="splitserve-gateway-metrics-")
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
             "--model", config.model_dir, "--served-model-name", config.served_model_name, "--processes", "1", "--reuse-port",
-            *dataclass_flags_to_argv(GatewayConfig, args)]
+            *dataclass_flags_to_argv(GatewayConfig, args), *dataclass_flags_to_argv(RequestLimits, args)]
     stopping = False
 
     def on_signal(signum, frame):

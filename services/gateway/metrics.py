@@ -67,9 +67,9 @@ class GatewayMetrics:
         self.worker_counter = Gauge("splitserve_worker_counter", "A worker's monotonic totals (preemptions, KV "
                                     "transfers, bytes)", [*labels, "name"], registry=r, **latest)
 
-    def observe_worker(self, url: str, load) -> None:
-        """Record one worker's `WorkerLoad` report."""
-        labels = (url, load.role)
+    def observe_worker(self, name: str, load) -> None:
+        """Record one worker's `WorkerLoad` report under its name (role-index, not its address)."""
+        labels = (name, load.role)
         self.worker_running.labels(*labels).set(load.num_running)
         self.worker_waiting.labels(*labels).set(load.num_waiting)
         self.worker_kv_usage.labels(*labels).set(load.kv_usage)

@@ -2,8 +2,11 @@
 
 Every error the gateway answers has the body `{"error": {"message", "type", "param", "code"}}`:
 
-    malformed JSON, wrong types, bad values, prompt too long    -> 400 invalid_request_error
+    malformed JSON, wrong types, bad values, prompt too long,
+    a field this server does not know or implement, a limit     -> 400 invalid_request_error
+    missing or wrong API key                                    -> 401 invalid_api_key
     unknown model                                               -> 404 model_not_found
+    request body over --max-request-body-bytes                  -> 413 invalid_request_error
     admission queue full                                        -> 429 (+ Retry-After)
     no healthy worker / worker failed                           -> 503
 Bad input never yields 500; a 500 means a bug in the gateway.
@@ -12,13 +15,12 @@ Bad input never yields 500; a 500 means a bug in the gateway.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.services.gateway.admission import AdmissionRejected
@@ -26,9 +28,6 @@ from splitserve.services.gateway.router import NoHealthyWorker
 from splitserve.services.gateway.worker_client import WorkerError
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
-
 
 class APIError(Exception):
     """An error answered to the client in OpenAI's format."""
@@ -49,6 +48,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, "invalid_value" if param else None)
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer KEY`.",
+                    "invalid_request_error", None, "invalid_api_key")
+
+
+def body_too_large(limit_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit_bytes} bytes.",
+                    "invalid_request_error", None, "request_too_large")
 
 
 def model_not_found(model: str) -> APIError:
@@ -117,6 +126,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
+    if first.get("type") == "extra_forbidden":
+        name = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return bad_request(f"{name} is not supported by this server (unknown field)", name)
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -124,71 +136,3 @@ def validation_error(exc: RequestValidationError) -> APIError:
     param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
     message = first.get("msg", "invalid value")
     return bad_request(f"{param}: {message}" if param else message, param or None)
-
-
-# ---- request models ---------------------------------------------------------------------------
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class GenerationFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions (vLLM's extensions included)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
-    n: int = Field(1, ge=1)
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    priority: int = 0
-    user: str | None = None
-
-
-class CompletionRequest(GenerationFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = None
-
-
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(GenerationFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True

@@ -10,7 +10,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from splitserve.services.gateway.completion import ChoiceDelta, PreparedRequest, TokenLogprob
+from splitserve.services.gateway.completion import ChoiceDelta, TokenLogprob
+from splitserve.services.gateway.prepare import PreparedRequest
 
 
 def sse_event(payload: dict[str, Any] | str) -> bytes:

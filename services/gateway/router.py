@@ -42,6 +42,9 @@ class NoHealthyWorker(Exception):
 class Instance:
     url: str
     role: str
+    name: str = ""
+    """`role-index` in the order the urls were given: what /health and /metrics show (not the
+    address, which is internal)."""
     load: WorkerLoad | None = None
     healthy: bool = False
     last_error: str | None = None
@@ -81,8 +84,9 @@ class Router:
                  worker_urls: Sequence[str] = (), *, affinity_blocks: int = 4,
                  overload_margin_tokens: int = 8192, default_block_size: int = 16) -> None:
         self.instances: list[Instance] = (
-            [Instance(u, "prefill") for u in prefill_urls] + [Instance(u, "decode") for u in decode_urls]
-            + [Instance(u, "colocated") for u in worker_urls])
+            [Instance(u, role, f"{role}-{i}") for role, urls in
+             (("prefill", prefill_urls), ("decode", decode_urls), ("colocated", worker_urls))
+             for i, u in enumerate(urls)])
         if len({i.url for i in self.instances}) != len(self.instances):
             raise ValueError("a worker url is listed twice")
         self.affinity_blocks = affinity_blocks

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from checkpoints import demo_tokenizer
 from splitserve.services.gateway.app import build_app
-from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.gateway.config import GatewayConfig, RequestLimits
 
 MODEL = "splitserve-demo"
 
@@ -31,7 +31,7 @@ bodies = st.dictionaries(st.sampled_from(KEYS), values, max_size=8).map(
 @pytest.fixture(scope="module")
 def client():
     config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=("127.0.0.1:9",),
-                           max_model_len=64, max_n=4, load_rpc_timeout_s=0.5)
+                           max_model_len=64, limits=RequestLimits(max_n=4), load_rpc_timeout_s=0.5)
     with TestClient(build_app(config, tokenizer=demo_tokenizer()), raise_server_exceptions=False) as c:
         yield c
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from checkpoints import demo_tokenizer
 from splitserve.services.gateway.app import build_app
-from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.gateway.config import GatewayConfig, RequestLimits
 
 MODEL = "splitserve-demo"
 MAX_MODEL_LEN = 64
@@ -20,7 +20,7 @@ UNREACHABLE = "127.0.0.1:9"  # discard port: connection refused, so no worker is
 @pytest.fixture(scope="module")
 def client():
     config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=(UNREACHABLE,),
-                           max_model_len=MAX_MODEL_LEN, max_n=4, load_rpc_timeout_s=0.5)
+                           max_model_len=MAX_MODEL_LEN, limits=RequestLimits(max_n=4), load_rpc_timeout_s=0.5)
     with TestClient(build_app(config, tokenizer=demo_tokenizer()), raise_server_exceptions=False) as c:
         yield c
 
@@ -154,7 +154,7 @@ def test_cli_args_become_a_config(tmp_path):
         ["--model", str(model_dir), "--prefill-urls", "a:1,b:2", "--decode-urls", "c:3", "--max-n", "8",
          "--max-model-len", "100"]))
     assert config.served_model_name == "my-model" and config.prefill_urls == ("a:1", "b:2")
-    assert config.decode_urls == ("c:3",) and config.max_n == 8 and config.max_model_len == 100
+    assert config.decode_urls == ("c:3",) and config.limits.max_n == 8 and config.max_model_len == 100
     assert config.max_inflight_requests == GatewayConfig.max_inflight_requests  # defaults from the dataclass
     named = gateway_config_from_args(parser.parse_args(
         ["--model", str(model_dir), "--served-model-name", "x", "--worker-urls", "w:1"]))

@@ -55,8 +55,7 @@ def test_models_health_and_fleet_metrics(disagg):
     assert [m.id for m in disagg.openai().models.list().data] == ["splitserve-demo"]
     assert httpx.get(f"{disagg.url}/health").status_code == 200
     metrics = httpx.get(f"{disagg.url}/metrics").text
-    decode = disagg.worker_address("decode")
-    free = metric_total(metrics, f'splitserve_worker_free_kv_blocks{{instance="{decode}",role="decode"}}')
+    free = metric_total(metrics, 'splitserve_worker_free_kv_blocks{instance="decode-0",role="decode"}')
     assert free == disagg.load("decode").num_free_blocks > 0
 
 

@@ -1,0 +1,200 @@
+"""OpenAI request -> validated prompts (token ids) and `SamplingParams`, or a 400 naming the problem.
+
+    unsupported fields, request limits   before any tokenization (RequestLimits, request_models)
+    prompts                              token ids as given, or text tokenized; text so long that its
+                                         length alone proves it cannot fit the context is refused
+                                         without tokenizing it
+    chat                                 messages -> chat template -> token ids
+    SamplingParams                       the table's fields by name (shared/sampling_params.py)
+    context                              prompt + max_tokens within max_model_len, token ids in the
+                                         vocabulary
+
+Runs on a tokenizer thread, not the event loop (app.py). Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.services.gateway.config import RequestLimits
+from splitserve.services.gateway.openai_protocol import bad_request
+from splitserve.services.gateway.request_models import (
+    ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
+from splitserve.shared.sampling_params import SamplingParams, sampling_fields
+from splitserve.shared.tokenizer import apply_chat_template
+
+# A token's text is at most its vocabulary entry's length (byte-level BPE: one character per byte;
+# SentencePiece: one per character); the margin covers normalizers that merge characters.
+_CHARS_PER_TOKEN_MARGIN = 4
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    tokenizer: Any
+    max_model_len: int
+    limits: RequestLimits
+    max_token_chars: int
+    """The longest vocabulary entry, in characters (`longest_token_chars`)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def max_prompt_chars(self) -> int:
+        """Text longer than this has more than max_model_len tokens, whatever it says."""
+        return self.max_model_len * self.max_token_chars * _CHARS_PER_TOKEN_MARGIN
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready to run: `prompts` x `n` choices with one set of params."""
+
+    kind: str
+    """'completion' or 'chat'."""
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    priority: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+def prepare_completion(body: CompletionRequest, ctx: PrepareContext) -> PreparedRequest:
+    check_request(body, ctx)
+    prompts = _completion_prompts(body.prompt, ctx)
+    params = _sampling_params(body, body.max_tokens, body.logprobs)
+    return _prepared("completion", "cmpl", body, prompts, params, ctx)
+
+
+def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRequest:
+    check_request(body, ctx)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    _check_text_length(sum(len(m["content"]) for m in messages), ctx, "messages")
+    try:
+        prompt = apply_chat_template(ctx.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
+    except Exception as exc:  # jinja errors of a template that rejects these messages
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _sampling_params(body, max_tokens, logprobs)
+    return _prepared("chat", "chatcmpl", body, [prompt], params, ctx)
+
+
+def text_chars(body: CompletionRequest | ChatCompletionRequest) -> int:
+    """Characters of text the request would have tokenized (app.py picks a tokenizer thread by it)."""
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(m.text()) for m in body.messages)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    return sum(len(p) for p in prompts if isinstance(p, str))
+
+
+# ---- checks before tokenizing ------------------------------------------------------------------
+
+def check_request(body: GenerationFields, ctx: PrepareContext) -> None:
+    """400 for a field this server does not implement or a value past a limit."""
+    unsupported = unsupported_field(body)
+    if unsupported is not None:
+        raise bad_request(unsupported[1], unsupported[0])
+    limits = ctx.limits
+    _at_most("n", body.n or 1, limits.max_n, "--max-n")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    _at_most("stop", len(stops), limits.max_stop_sequences, "--max-stop-sequences", "stop sequences")
+    for stop in stops:
+        _at_most("stop", len(stop), limits.max_stop_sequence_chars, "--max-stop-sequence-chars",
+                 "characters in a stop sequence")
+    _at_most("stop_token_ids", len(body.stop_token_ids or ()), limits.max_stop_token_ids, "--max-stop-token-ids",
+             "token ids")
+    bias = body.logit_bias or {}
+    _at_most("logit_bias", len(bias), limits.max_logit_bias_tokens, "--max-logit-bias-tokens", "token ids")
+    outside = [t for t in bias if t >= ctx.vocab_size]
+    if outside:
+        raise bad_request(f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {ctx.vocab_size})",
+                          "logit_bias")
+
+
+def _at_most(param: str, value: int, limit: int, flag: str, what: str = "") -> None:
+    if value > limit:
+        what = f" {what}" if what else ""
+        raise bad_request(f"{param}: at most {limit}{what} allowed ({flag}), got {value}", param)
+
+
+def _check_text_length(num_chars: int, ctx: PrepareContext, param: str) -> None:
+    if num_chars > ctx.max_prompt_chars():
+        raise bad_request(
+            f"This model's maximum context length is {ctx.max_model_len} tokens, and {num_chars} characters of "
+            f"{param} are more than that many tokens of this tokenizer can hold. Shorten the {param}.", param)
+
+
+# ---- prompts and params ------------------------------------------------------------------------
+
+def _completion_prompts(prompt: str | list, ctx: PrepareContext) -> list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> token ids of each prompt."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    _at_most("prompt", len(prompt), ctx.limits.max_prompts_per_request, "--max-prompts-per-request", "prompts")
+    for p in prompt:
+        if isinstance(p, str):
+            _check_text_length(len(p), ctx, "prompt")
+    prompts = []
+    for p in prompt:
+        ids = list(ctx.tokenizer.encode(p)) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_request("prompt must not be empty", "prompt")
+        prompts.append(ids)
+    return prompts
+
+
+def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Every sampling field the request set (null: the dataclass default), by its table name."""
+    given = {name: getattr(body, name) for name, _ in sampling_fields(openai=True)}
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs})
+    except ValueError as exc:
+        raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[list[int]], params: SamplingParams,
+              ctx: PrepareContext) -> PreparedRequest:
+    for prompt in prompts:
+        check_prompt(prompt, params.max_tokens, ctx.max_model_len, ctx.vocab_size)
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    return PreparedRequest(kind, f"{id_prefix}-{uuid.uuid4().hex}", body.model, prompts, params, body.stream,
+                           include_usage, body.priority)
+
+
+def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: int, vocab_size: int) -> None:
+    """400 unless the prompt's tokens exist and prompt + max_tokens fit the context."""
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+    if len(prompt) >= max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has {len(prompt)} "
+            f"tokens (at least one token must be generated). Shorten the prompt.", "prompt")
+    if max_tokens is not None and len(prompt) + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in the completion). "
+            f"Reduce the prompt or max_tokens.", "max_tokens")

@@ -1,0 +1,147 @@
+"""The OpenAI request bodies the gateway accepts, field by field.
+
+Every accepted field is declared here; any other field is refused with a 400 that names it
+(`extra="forbid"`, mapped in openai_protocol.validation_error). The sampling fields are not
+written out: `SamplingFields` is generated from `SamplingParams`' table (shared/sampling_params.py),
+with the same names and ranges, null meaning "the dataclass default". What is declared by hand
+is what belongs to one endpoint (prompt, messages, the chat form of logprobs) or to the request
+rather than the sampling (model, stream, priority, user).
+
+OpenAI fields this server does not implement are declared too, so that a client sending their
+"off" value (`echo: false`, `best_of` equal to `n`, `tools: null`) is served, and any other value
+is refused by name (`unsupported_field`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
+
+from splitserve.shared.sampling_params import FIELD_TYPES, INT32_MAX, MAX_LOGPROBS, FieldSpec, sampling_fields
+
+Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+
+
+class OpenAIModel(BaseModel):
+    """Unknown fields are errors; floats must be finite; every string must be valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        check_unicode(data, "")
+        return data
+
+
+def check_unicode(value: Any, path: str) -> None:
+    """JSON may carry lone surrogates (\\ud800), which no tokenizer or UTF-8 response can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("invalid_unicode", "{path} is not valid Unicode (it holds a lone surrogate)",
+                                      {"path": path or "the request"}) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, path)
+            check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_unicode(item, f"{path}[{i}]")
+
+
+def _constrained(name: str, spec: FieldSpec) -> Any:
+    """The request's type for a sampling field: its dataclass type with the table's range."""
+    if spec.openai_type is not None:
+        return spec.openai_type
+    kind = FIELD_TYPES[name]
+    args = getattr(kind, "__args__", ())
+    origin = getattr(kind, "__origin__", None)
+    items = Field(ge=spec.item_ge, le=spec.item_le)
+    if origin is list:
+        return list[Annotated[args[0], items]] | None
+    if origin is dict:
+        return dict[Annotated[args[0], items], Annotated[args[1], Field(ge=spec.ge, le=spec.le)]] | None
+    scalar = next((a for a in args if a is not type(None)), kind)
+    return Annotated[scalar, Field(ge=spec.ge, gt=spec.gt, le=spec.le)] | None
+
+
+SamplingFields = create_model(
+    "SamplingFields", __base__=OpenAIModel,
+    **{name: (_constrained(name, spec), Field(None, description=spec.doc)) for name, spec in sampling_fields(openai=True)})
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class GenerationFields(SamplingFields):
+    """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
+    user: str | None = Field(None, description="Accepted and ignored, as OpenAI and vLLM do.")
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="Not supported: only false is accepted.")
+    suffix: str | None = Field(None, description="Not supported: only null or empty is accepted.")
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Only null or equal to n is accepted "
+                                "(vLLM v1 dropped best_of).")
+
+
+class TextContentPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: str
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    tools: list[Any] | None = Field(None, description="Not supported yet: only null or [] is accepted.")
+    tool_choice: Any = Field(None, description="Not supported yet: only null or \"none\" is accepted.")
+    functions: list[Any] | None = Field(None, description="Not supported: only null or [] is accepted.")
+    function_call: Any = Field(None, description="Not supported: only null or \"none\" is accepted.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted only without tools (it has no effect).")
+    response_format: Any = Field(None, description="Not supported yet: only null or {\"type\": \"text\"}.")
+
+
+# Fields declared above that the server does not implement: the values that mean "off".
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+}
+
+
+def unsupported_field(body: GenerationFields) -> tuple[str, str] | None:
+    """(field, message) for the first field the request sets to something this server does not do."""
+    for name, off in _OFF_VALUES.items():
+        if name in type(body).model_fields and getattr(body, name) not in off:
+            return name, f"{name} is not supported by this server"
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != (body.n or 1):
+        return "best_of", f"best_of must be null or equal to n ({body.n or 1}): it is not supported, as in vLLM v1"
+    return None
