@@ -285,3 +285,51 @@ def test_the_openai_client_understands_the_gateway(make_stack, tokenizer):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def _post_then_hang_up(url: str, body: dict, until) -> None:
+    """POST a non-streaming request on a raw socket, wait for `until()`, then close the connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head + payload)
+        until()
+
+
+def test_non_streaming_client_hang_up_mid_decode_cancels_the_worker_stream(make_stack, tokenizer):
+    tokens = _tokens(tokenizer)
+    stack = make_stack(prefill=[Script(tokens)], decode=[Script(tokens, delay_s=0.5)])
+    decode = stack.workers["decode0"].record
+    _post_then_hang_up(stack.gateway.url, {"model": MODEL, "prompt": "abc", "max_tokens": 50},
+                       lambda: wait_until(lambda: len(decode.generates) == 1, 5, "the decode worker to get it"))
+    wait_until(lambda: len(decode.cancelled) == 1, 5, "the decode worker to see the cancellation")
+    assert decode.completed == [] and decode.cancelled == [decode.generates[0].request_id]
+
+
+def test_non_streaming_client_hang_up_during_prefill_aborts_the_held_kv(make_stack, tokenizer):
+    tokens = _tokens(tokenizer)
+    stack = make_stack(prefill=[Script(tokens, prefill_delay_s=1.0)], decode=[Script(tokens)])
+    prefill = stack.workers["prefill0"].record
+    _post_then_hang_up(stack.gateway.url, {"model": MODEL, "prompt": "abc", "max_tokens": 50},
+                       lambda: wait_until(lambda: len(prefill.prefills) == 1, 5, "prefill to start"))
+    wait_until(lambda: len(prefill.aborts) == 1, 5, "Abort to reach the prefill worker")
+    assert prefill.aborts == [prefill.prefills[0].request_id]
+    assert stack.workers["decode0"].record.generates == []
+
+
+def test_n_choices_with_a_seed_get_seed_plus_k(make_stack, tokenizer):
+    """Each choice is its own worker request; choice k of each prompt carries seed + k (the offline
+    API's rule), so the n choices differ and each reproduces."""
+    tokens = _tokens(tokenizer)
+    stack = make_stack(colocated=[Script(tokens)])
+    resp = stack.http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 3, "seed": 2**63 - 2,
+                                                     "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    generates = stack.workers["colocated0"].record.generates
+    seeds = sorted(g.sampling_params.seed for g in generates)
+    assert seeds == sorted([2**63 - 2, 2**63 - 1, -(2**63)] * 2)  # wrapped into int64
