@@ -240,9 +240,9 @@ def server_url():
     server = uvicorn.Server(uvicorn.Config(_stand_in_app(), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + 60.0
     while not server.started:
-        assert time.monotonic() < deadline, "stand-in server did not start within 10 s"
+        assert time.monotonic() < deadline, "stand-in server did not start within 60 s"
         time.sleep(0.02)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True

@@ -52,8 +52,7 @@ def test_one_gateway_dying_stops_the_others_and_the_parent_fails(demo_checkpoint
 def test_sigterm_stops_every_gateway_process(demo_checkpoint_dir):
     parent, url = _start(demo_checkpoint_dir, 2)
     try:
-        pids = _pids(url, 2)
-        time.sleep(0.2)
+        pids = _pids(url, 2)  # both serve, so both have their signal handlers
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
         wait_until(lambda: not any(process_running(p) for p in pids), timeout_s=15, message="every gateway stopped")

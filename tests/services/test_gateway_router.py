@@ -140,7 +140,10 @@ def test_admission_queues_then_rejects_with_retry_after():
                 await release.wait()
 
         holders = [asyncio.create_task(hold(i)) for i in range(3)]  # 2 run, 1 queues
-        await asyncio.sleep(0.05)
+        for _ in range(1000):  # wait on the state, not on time: let the three tasks run
+            if len(admitted) == 2 and gate.num_queued == 1:
+                break
+            await asyncio.sleep(0)
         assert admitted == [0, 1] and gate.num_queued == 1
         with pytest.raises(AdmissionRejected) as info:
             async with gate.admit():
