@@ -179,11 +179,11 @@ class GatewayServer:
                                                     lifespan="on"))
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self._task = asyncio.run_coroutine_threadsafe(self.server.serve(), loop.loop)
-        wait_until(lambda: self.server.started, timeout_s=10, what="uvicorn start")
+        wait_until(lambda: self.server.started, timeout_s=60, what="uvicorn start")
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._task.result(timeout=10)
+        self._task.result(timeout=60)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -16,14 +16,16 @@ from splitserve.services.gateway.config import GatewayConfig, RequestLimits
 
 MODEL = "splitserve-demo"
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=20))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.integers(-2**70, 2**70),
+                    st.floats(allow_nan=True), st.text(max_size=20))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
         "min_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
-        "frequency_penalty", "repetition_penalty", "ignore_eos", "echo", "user", "min_tokens", "stop_token_ids"]
+        "frequency_penalty", "repetition_penalty", "ignore_eos", "echo", "user", "min_tokens", "stop_token_ids",
+        "logit_bias", "best_of", "suffix", "priority", "tools", "tool_choice", "response_format", "skip_special_tokens",
+        "add_generation_prompt", "unknown_field"]
 bodies = st.dictionaries(st.sampled_from(KEYS), values, max_size=8).map(
     lambda d: {"model": MODEL, **d} if "model" not in d else d)
 

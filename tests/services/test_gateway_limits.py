@@ -218,3 +218,29 @@ def test_health_and_metrics_reveal_no_addresses_or_error_text(client):
     assert health.json()["workers"] == [{"name": "colocated-0", "role": "colocated", "healthy": False}]
     for text in (health.text, client.get("/metrics").text):
         assert UNREACHABLE not in text and "127.0.0.1" not in text and "refused" not in text.lower()
+
+
+def test_a_50_mb_body_is_refused_from_its_headers_over_real_http():
+    """Real uvicorn, raw socket: the 413 comes back after the headers alone, before any of the
+    50 MB is sent, so nothing grows and nothing waits for it."""
+    import http.client
+    import socket
+
+    from scripted_worker import BackgroundLoop, GatewayServer
+
+    loop = BackgroundLoop()
+    config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=(UNREACHABLE,),
+                           max_model_len=64, load_rpc_timeout_s=0.5)  # the default limits
+    server = GatewayServer(loop, build_app(config, tokenizer=demo_tokenizer()))
+    try:
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {50 * 2**20}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(head + b'{"model": "splitserve-demo", "prompt": "')
+            reply = http.client.HTTPResponse(sock)
+            reply.begin()
+            assert reply.status == 413
+            assert json.loads(reply.read())["error"]["code"] == "request_too_large"
+    finally:
+        server.stop()
+        loop.close()
