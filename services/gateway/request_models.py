@@ -14,6 +14,7 @@ is refused by name (`unsupported_field`).
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -25,15 +26,9 @@ Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 
 
 class OpenAIModel(BaseModel):
-    """Unknown fields are errors; floats must be finite; every string must be valid Unicode."""
+    """Unknown fields are errors; floats must be finite."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_is_unicode(cls, data: Any) -> Any:
-        check_unicode(data, "")
-        return data
 
 
 def check_unicode(value: Any, path: str) -> None:
@@ -58,8 +53,7 @@ def _constrained(name: str, spec: FieldSpec) -> Any:
     if spec.openai_type is not None:
         return spec.openai_type
     kind = FIELD_TYPES[name]
-    args = getattr(kind, "__args__", ())
-    origin = getattr(kind, "__origin__", None)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     items = Field(ge=spec.item_ge, le=spec.item_le)
     if origin is list:
         return list[Annotated[args[0], items]] | None
@@ -79,13 +73,20 @@ class StreamOptions(OpenAIModel):
 
 
 class GenerationFields(SamplingFields):
-    """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones."""
+    """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones; every
+    string in the request (keys included) must be valid Unicode."""
 
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
     user: str | None = Field(None, description="Accepted and ignored, as OpenAI and vLLM do.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        check_unicode(data, "")
+        return data
 
 
 class CompletionRequest(GenerationFields):
