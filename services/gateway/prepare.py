@@ -85,7 +85,8 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     check_request(body, ctx)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    # `name` goes to the template as vLLM passes it (templates that have no use for it skip it).
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     _check_text_length(sum(len(m["content"]) for m in messages), ctx, "messages")
     try:
         prompt = apply_chat_template(ctx.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)

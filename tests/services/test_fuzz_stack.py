@@ -163,7 +163,7 @@ def requests(draw):
 
 
 def test_every_sampling_field_combination_is_served(fuzzed):
-    @fuzz(20)
+    @fuzz(15)
     @given(request=requests())
     def call(request):
         path, body = request
