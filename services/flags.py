@@ -86,6 +86,9 @@ def _add_up_parser(sub) -> None:
                    help="comma list of devices, one per worker in start order (prefill workers, then decode, "
                         "or the colocated ones), e.g. cuda:0,cuda:1; default: with several GPUs, round-robin")
     _add_gateway_limit_flags(p)
+    from splitserve.services.gateway.config import AgentApiConfig
+
+    add_dataclass_flags(p, AgentApiConfig, "gateway: tools, reasoning and the Responses API")
     add_engine_flags(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from splitserve.services.gateway.config import API_KEY_ENV, RequestLimits, api_key_from_args
+from splitserve.services.gateway.config import API_KEY_ENV, AgentApiConfig, RequestLimits, api_key_from_args
 from splitserve.shared.config_flags import dataclass_flags_to_argv, engine_flags_to_argv
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def run_stack(args: argparse.Namespace) -> int:
     topology = (["--worker-urls", ",".join(c.address for c in colocated)] if colocated else
                 ["--prefill-urls", ",".join(c.address for c in prefill),
                  "--decode-urls", ",".join(c.address for c in decode)])
-    gateway_options = ["--processes", str(args.gateway_processes), *dataclass_flags_to_argv(RequestLimits, args)]
+    gateway_options = ["--processes", str(args.gateway_processes), *dataclass_flags_to_argv(RequestLimits, args),
+                       *dataclass_flags_to_argv(AgentApiConfig, args)]
     if api_key_from_args(args):  # the children inherit it; a command line would show it to `ps`
         os.environ[API_KEY_ENV] = api_key_from_args(args)
     if args.session_window is not None:

@@ -4,7 +4,7 @@ It lets splitserve serve, test and demo end to end with no model hub. Everything
 from fixed seeds and a sorted, bounded slice of the Python standard library's source, so the
 same Python and library versions always produce byte-identical files:
 
-    <cache>/demo-v1/config.json, generation_config.json, model.safetensors,
+    <cache>/demo-v2/config.json, generation_config.json, model.safetensors,
                     tokenizer.json, tokenizer_config.json, chat_template.jinja, ...
 
 Several processes may call `ensure_demo_checkpoint` at once: each builds in its own temporary
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 DEMO_MODEL_NAME = "splitserve-demo"
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # v2: the chat template renders tools
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -30,10 +30,34 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, END_OF_TURN_TOKEN, *ROLE_TOKENS)
 
 # One line per turn: <|role|>\ncontent<|end|>\n ; a generation prompt opens the assistant turn.
+# (Hugging Face renders templates with trim_blocks: a newline right after a tag is written as {{ '\n' }}.)
+# With tools (Hermes/Qwen style): the system turn lists them as JSON inside <tools></tools> and
+# asks for <tool_call>{"name": ..., "arguments": ...}</tool_call>; an assistant's calls are written
+# that way, and each tool result is a user turn holding <tool_response>...</tool_response>.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|end|>\n'
+    "{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>\n{"name": {{ call["function"]["name"] | tojson }}, '
+    '"arguments": {{ call["function"]["arguments"] | tojson }}}\n</tool_call>'
+    "{% endfor %}<|end|>\n"
+    "{% elif message['role'] == 'tool' %}<|user|>\n<tool_response>\n{{ message['content'] }}\n"
+    "</tool_response><|end|>\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -59,19 +59,28 @@ def _tokenizer_class(model_dir: str) -> str | None:
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render `messages` with the tokenizer's chat template and return the prompt's token ids.
+    """Render `messages` (and `tools`) with the tokenizer's chat template; the prompt's token ids.
 
     The template writes any BOS token itself, so the text is encoded without adding special
     tokens a second time.
     """
+    text = render_chat_prompt(tokenizer, messages, add_generation_prompt, tools)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_chat_prompt(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The chat template's text for `messages` (and `tools`, OpenAI's tool objects)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template; send a plain completion prompt instead")
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return tokenizer.apply_chat_template(
+        list(messages), tools=list(tools) if tools else None, tokenize=False,
+        add_generation_prompt=add_generation_prompt)
 
 
 def backend_decoder(tokenizer: Any):

@@ -74,7 +74,8 @@ class GatewayState:
         return value
 
     def prepare_context(self) -> PrepareContext:
-        return PrepareContext(self.tokenizer, self.max_model_len(), self.config.limits, self.max_token_chars)
+        return PrepareContext(self.tokenizer, self.max_model_len(), self.config.limits, self.max_token_chars,
+                              self.config.agent_api)
 
 
 def build_app(config: GatewayConfig, *, tokenizer: Any = None,
@@ -215,7 +216,9 @@ async def _sse_events(state: GatewayState, prep: PreparedRequest, builder: Respo
     try:
         async for delta in merge_streams(streams):
             builder.add(delta)
-            yield sse_event(builder.chunk(delta))
+            chunk = builder.chunk(delta)
+            if chunk is not None:
+                yield sse_event(chunk)
         if prep.include_usage:
             yield sse_event(builder.usage_chunk())
         state.metrics.e2e_s.observe(time.monotonic() - prep.arrival_s)

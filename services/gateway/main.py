@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from splitserve.services.gateway.config import (
-    API_KEY_ENV, GatewayConfig, RequestLimits, add_api_key_arg, api_key_from_args)
+    API_KEY_ENV, AgentApiConfig, GatewayConfig, RequestLimits, add_api_key_arg, api_key_from_args)
 from splitserve.services.launcher import stop_processes
 from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
 
@@ -44,8 +44,9 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
                         help="gateway processes sharing the port (SO_REUSEPORT); admission limits apply to each")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the N processes
     add_api_key_arg(parser)
-    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir", "limits"))
+    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir", "limits", "agent_api"))
     add_dataclass_flags(parser, RequestLimits, "request limits")
+    add_dataclass_flags(parser, AgentApiConfig, "tools, reasoning and the Responses API")
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -55,7 +56,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
     served = getattr(args, "served_model_name", None) or served_model_name(args.model)
     model_dir = args.model if args.model is not None else ensure_demo_checkpoint()  # built on first use
     config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=served,
-                                 limits=dataclass_from_args(RequestLimits, args))
+                                 limits=dataclass_from_args(RequestLimits, args),
+                                 agent_api=dataclass_from_args(AgentApiConfig, args))
     config.validate()
     return config
 
@@ -115,7 +117,8 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
             "--model", config.model_dir, "--served-model-name", config.served_model_name, "--processes", "1", "--reuse-port",
-            *dataclass_flags_to_argv(GatewayConfig, args), *dataclass_flags_to_argv(RequestLimits, args)]
+            *dataclass_flags_to_argv(GatewayConfig, args), *dataclass_flags_to_argv(RequestLimits, args),
+            *dataclass_flags_to_argv(AgentApiConfig, args)]
     stopping = False
 
     def on_signal(signum, frame):

@@ -20,12 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.services.gateway.config import RequestLimits
+from splitserve.services.gateway.chat_output import OutputSpec
+from splitserve.services.gateway.chat_tools import (
+    ToolUse, check_template_renders_tools, constrained, resolve_tool_use, template_messages)
+from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
 from splitserve.services.gateway.openai_protocol import bad_request
+from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
 from splitserve.services.gateway.request_models import (
     ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
-from splitserve.shared.tokenizer import apply_chat_template
+from splitserve.shared.tokenizer import render_chat_prompt
 
 # A token's text is at most its vocabulary entry's length (byte-level BPE: one character per byte;
 # SentencePiece: one per character); the margin covers normalizers that merge characters.
@@ -39,6 +43,8 @@ class PrepareContext:
     limits: RequestLimits
     max_token_chars: int
     """The longest vocabulary entry, in characters (`longest_token_chars`)."""
+    agent_api: AgentApiConfig = field(default_factory=AgentApiConfig)
+    """Tool and reasoning parsers."""
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +72,8 @@ class PreparedRequest:
     stream: bool
     include_usage: bool
     priority: int = 0
+    output: OutputSpec = field(default_factory=OutputSpec)
+    """How a chat choice's text is read (reasoning, tool calls)."""
     created: int = field(default_factory=lambda: int(time.time()))
     arrival_s: float = field(default_factory=time.monotonic)
 
@@ -85,17 +93,31 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     check_request(body, ctx)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    use = resolve_tool_use(body, ctx.agent_api)
+    if use.tools:
+        check_template_renders_tools(ctx.tokenizer)
     # `name` goes to the template as vLLM passes it (templates that have no use for it skip it).
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    messages = template_messages(body.messages)
     _check_text_length(sum(len(m["content"]) for m in messages), ctx, "messages")
     try:
-        prompt = apply_chat_template(ctx.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
+        prompt_text = render_chat_prompt(ctx.tokenizer, messages, body.add_generation_prompt, use.tools)
     except Exception as exc:  # jinja errors of a template that rejects these messages
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+    prompt = list(ctx.tokenizer.encode(prompt_text, add_special_tokens=False))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling_params(body, max_tokens, logprobs)
-    return _prepared("chat", "chatcmpl", body, [prompt], params, ctx)
+    output = _output_spec(use, ctx.agent_api, prompt_text)
+    if getattr(output.tool_parser, "keeps_special_tokens", False):
+        params.skip_special_tokens = False  # the call markers are special tokens
+    prep = _prepared("chat", "chatcmpl", body, [prompt], constrained(params, use), ctx)
+    prep.output = output
+    return prep
+
+
+def _output_spec(use: ToolUse, config: AgentApiConfig, prompt_text: str) -> OutputSpec:
+    reasoning = REASONING_PARSERS[config.reasoning_parser]() if config.reasoning_parser else None
+    return OutputSpec(use.parser, use.max_calls, reasoning, prompt_text)
 
 
 def text_chars(body: CompletionRequest | ChatCompletionRequest) -> int:

@@ -103,10 +103,26 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+    """A JSON object, as text (OpenAI's format)."""
+
+
+class AssistantToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    """An assistant message's calls (sent back in the next turn of an agent loop)."""
+    tool_call_id: str | None = None
+    """A `tool` message: the call it answers."""
 
     def text(self) -> str:
         if self.content is None:
@@ -116,23 +132,47 @@ class ChatMessage(OpenAIModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments object."""
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: str
+    """Only "function" is served; other types are refused by name (chat_tools.py)."""
+    function: FunctionDefinition | None = None
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[Any] | None = Field(None, description="Not supported yet: only null or [] is accepted.")
-    tool_choice: Any = Field(None, description="Not supported yet: only null or \"none\" is accepted.")
+    tools: list[ChatTool] | None = Field(None, description="Function tools, rendered by the chat template.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='Default: "auto" with tools, else "none". "auto" needs --enable-auto-tool-choice.')
     functions: list[Any] | None = Field(None, description="Not supported: only null or [] is accepted.")
     function_call: Any = Field(None, description="Not supported: only null or \"none\" is accepted.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted only without tools (it has no effect).")
+    parallel_tool_calls: bool | None = Field(None, description="False: at most one call per response.")
     response_format: Any = Field(None, description="Not supported yet: only null or {\"type\": \"text\"}.")
 
 
 # Fields declared above that the server does not implement: the values that mean "off".
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "echo": (False,), "suffix": (None, ""),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
 }
 

@@ -10,6 +10,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from splitserve.services.gateway.chat_output import ChatDelta, ChatOutput, ChatOutputStream, parse_chat_output
 from splitserve.services.gateway.completion import ChoiceDelta, TokenLogprob
 from splitserve.services.gateway.prepare import PreparedRequest
 
@@ -34,6 +35,8 @@ class ResponseBuilder:
         self.num_completion_tokens = 0
         self._text_offsets = [0] * num
         self._role_sent = [False] * num
+        parses = prep.kind == "chat" and prep.output.parses
+        self._outputs = [ChatOutputStream(prep.output) for _ in range(num)] if parses and prep.stream else None
 
     def add(self, delta: ChoiceDelta) -> None:
         """Record a delta (for the final body and for usage)."""
@@ -57,8 +60,11 @@ class ResponseBuilder:
             finish_reason, stop_reason = self.finish[index]
             logprobs = self._logprobs(index, self.logprobs[index]) if self._wants_logprobs() else None
             if self.prep.kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
-                                "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason})
+                output = (parse_chat_output(self.prep.output, texts[index]) if self.prep.output.parses
+                          else ChatOutput(None, texts[index], []))
+                choices.append({"index": index, "message": chat_message(output), "logprobs": logprobs,
+                                "finish_reason": _chat_finish(finish_reason, bool(output.tool_calls)),
+                                "stop_reason": stop_reason})
             else:
                 choices.append({"index": index, "text": texts[index], "logprobs": logprobs,
                                 "finish_reason": finish_reason, "stop_reason": stop_reason})
@@ -66,18 +72,32 @@ class ResponseBuilder:
 
     # ---- stream chunks -----------------------------------------------------------------
 
-    def chunk(self, delta: ChoiceDelta) -> dict[str, Any]:
+    def chunk(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        """The SSE chunk of `delta`; None when a parser holds all of its text back for now."""
         logprobs = self._logprobs(delta.index, delta.logprobs) if self._wants_logprobs() else None
+        finish_reason = delta.finish_reason
         if self.prep.kind == "chat":
-            message: dict[str, Any] = {"content": delta.text}
-            if not self._role_sent[delta.index]:
-                self._role_sent[delta.index] = True
-                message = {"role": "assistant", **message}
-            choice = {"index": delta.index, "delta": message, "logprobs": logprobs}
+            message = self._chat_delta(delta)
+            if message is None and logprobs is None and finish_reason is None:
+                return None
+            if self._outputs is not None:
+                finish_reason = _chat_finish(finish_reason, self._outputs[delta.index].has_tool_calls)
+            choice = {"index": delta.index, "delta": message or {}, "logprobs": logprobs}
         else:
             choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs}
-        choice.update(finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
         return {**self._envelope(stream=True), "choices": [choice]}
+
+    def _chat_delta(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        if self._outputs is None:
+            message: dict[str, Any] = {"content": delta.text}
+        else:
+            parsed = self._outputs[delta.index].feed(delta.text, final=delta.finish_reason is not None)
+            message = delta_message(parsed) if parsed else {}
+        if not self._role_sent[delta.index]:
+            self._role_sent[delta.index] = True
+            message = {"role": "assistant", **message}
+        return message or None
 
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": self.usage()}
@@ -117,3 +137,37 @@ class ResponseBuilder:
                for k, e in enumerate(entries)]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
                 "text_offset": offsets}
+
+
+def chat_message(output: ChatOutput) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": output.content}
+    if output.reasoning is not None:
+        message["reasoning_content"] = output.reasoning
+    if output.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in output.tool_calls]
+    return message
+
+
+def delta_message(parsed: ChatDelta) -> dict[str, Any]:
+    """OpenAI's chunk delta: a call's first entry has its index, id, type and name, later ones
+    only its index and argument fragments."""
+    message: dict[str, Any] = {}
+    if parsed.reasoning:
+        message["reasoning_content"] = parsed.reasoning
+    if parsed.content:
+        message["content"] = parsed.content
+    calls = []
+    for d in parsed.tool_calls:
+        if d.id is not None:
+            calls.append({"index": d.index, "id": d.id, "type": "function",
+                          "function": {"name": d.name, "arguments": ""}})
+        else:
+            calls.append({"index": d.index, "function": {"arguments": d.arguments}})
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _chat_finish(finish_reason: str | None, has_tool_calls: bool) -> str | None:
+    return "tool_calls" if finish_reason == "stop" and has_tool_calls else finish_reason

@@ -1,0 +1,161 @@
+"""Tools in a chat request: checks, what the chat template gets, and how the output is read.
+
+    tool_choice   output read by                          decoding
+    none          no parser (a call is plain content)     free
+    auto          --tool-call-parser (needs --enable-auto-tool-choice)   free
+    required      RequiredCallsParser                     constrained to forced_call_schema
+    named         NamedCallParser (output = arguments)    constrained to the tool's parameters
+
+Forcing a call relies on structured outputs (the grammar-constrained sampler): the JSON schema
+of the call goes to the workers as the request's `structured_outputs`, as vLLM does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from splitserve.services.gateway.config import AgentApiConfig
+from splitserve.services.gateway.openai_protocol import bad_request
+from splitserve.services.gateway.request_models import ChatCompletionRequest, ChatMessage
+from splitserve.services.gateway.tool_parsers import TOOL_PARSERS, ToolParser
+from splitserve.services.gateway.tool_parsers.forced import NamedCallParser, RequiredCallsParser
+from splitserve.shared.sampling_params import SamplingParams
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "splitserve_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+@dataclass
+class ToolUse:
+    """What a request's tools mean for its prompt and its output."""
+
+    mode: str  # "none" | "auto" | "required" | "named"
+    tools: list[dict[str, Any]]  # OpenAI's tool objects, as chat templates expect them
+    parser: Callable[[], ToolParser] | None = None
+    max_calls: int | None = None
+    schema: dict[str, Any] | None = None  # the call's JSON schema, when decoding is constrained
+
+
+def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> ToolUse:
+    tools = _function_tools(body)
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if not tools:
+        if choice != "none":
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return ToolUse("none", [])
+    max_calls = 1 if body.parallel_tool_calls is False else None
+    if choice == "none":
+        return ToolUse("none", tools)
+    if choice == "auto":
+        if not config.enable_auto_tool_choice:
+            raise bad_request('"auto" tool choice needs the gateway started with --enable-auto-tool-choice '
+                              "--tool-call-parser NAME", "tool_choice")
+        return ToolUse("auto", tools, TOOL_PARSERS[config.tool_call_parser], max_calls)
+    if choice == "required":
+        return ToolUse("required", tools, RequiredCallsParser, max_calls, forced_call_schema(tools, max_calls))
+    name = choice.function.name
+    tool = next((t for t in tools if t["function"]["name"] == name), None)
+    if tool is None:
+        raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
+    return ToolUse("named", tools, lambda: NamedCallParser(name), 1, _parameters(tool))
+
+
+def _function_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    tools = []
+    for i, tool in enumerate(body.tools or []):
+        if tool.type != "function":
+            raise bad_request(f"tools[{i}].type {tool.type!r} is not supported; only \"function\" tools are",
+                              f"tools[{i}].type")
+        if tool.function is None:
+            raise bad_request(f"tools[{i}].function is required", f"tools[{i}].function")
+        tools.append({"type": "function", "function": tool.function.model_dump(exclude_none=True)})
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tool function names must be unique", "tools")
+    return tools
+
+
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+
+
+def forced_call_schema(tools: list[dict[str, Any]], max_calls: int | None) -> dict[str, Any]:
+    """JSON schema of `[{"name": <a tool>, "parameters": <its arguments>}, ...]` (at least one call)."""
+    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                               "parameters": _parameters(t)},
+              "required": ["name", "parameters"]} for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if max_calls is not None:
+        schema["maxItems"] = max_calls
+    return schema
+
+
+def constrained(params: SamplingParams, use: ToolUse) -> SamplingParams:
+    """`params` with decoding constrained to `use.schema` (structured outputs), if it has one."""
+    if use.schema is None:
+        return params
+    try:
+        from splitserve.shared.sampling_params import StructuredOutputsParams
+    except ImportError:  # the grammar-constrained sampler is not in this build yet
+        raise bad_request(f"tool_choice {use.mode!r} needs structured outputs (decoding constrained to the "
+                          "call's JSON schema), which this server does not have yet", "tool_choice") from None
+    return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=use.schema))
+
+
+# ---- what the chat template gets --------------------------------------------------------------
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat templates expect them (tool call arguments as objects, as in HF)."""
+    out = []
+    for i, message in enumerate(messages):
+        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.role == "developer":
+            entry["role"] = "system"  # templates know system, not OpenAI's newer name for it
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise bad_request(f"messages[{i}]: a tool message needs tool_call_id", f"messages.{i}.tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+            entry["tool_calls"] = [_template_call(i, j, call) for j, call in enumerate(message.tool_calls)]
+        if message.name:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def _template_call(i: int, j: int, call) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except ValueError:
+        raise bad_request(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
+                          f"messages.{i}.tool_calls.{j}.function.arguments") from None
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def check_template_renders_tools(tokenizer: Any) -> None:
+    """400 unless the chat template writes the tools into the prompt (many ignore them silently)."""
+    if not _renders_tools(tokenizer, getattr(tokenizer, "chat_template", None) or ""):
+        raise bad_request("this model's chat template does not render tools, so the model would never see "
+                          "them; use a checkpoint whose template supports tools", "tools")
+
+
+_TOOLS_RENDERED: dict[str, bool] = {}  # chat template -> whether it writes tools into the prompt
+
+
+def _renders_tools(tokenizer: Any, template: str) -> bool:
+    if not template:
+        return False
+    cache = _TOOLS_RENDERED
+    if template not in cache:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL],
+                                                 tokenize=False, add_generation_prompt=True)
+            cache[template] = _PROBE_TOOL["function"]["name"] in text
+        except Exception:  # a template that fails on tools cannot render them
+            cache[template] = False
+    return cache[template]
