@@ -2,7 +2,8 @@
 proto, no engine behind it) and a real uvicorn gateway, both on one background event loop.
 
 The scripted worker answers from a script instead of a model: Prefill returns `tokens[0]`;
-Generate streams `tokens` (or, with a KV handle, `tokens[1:]`) one per chunk, every `delay_s`
+Generate streams `tokens` (or, with a KV handle, `tokens[1:]`; or what `reply` chooses for the
+prompt) one per chunk, every `delay_s`
 (a Session serves its requests the same way, through the worker's own session code),
 ending with "length" at max_tokens or "stop" when the script runs out. It records every call,
 every Abort and every Generate the client cancelled, so tests can see what reached a worker.
@@ -37,6 +38,12 @@ class Script:
     max_model_len: int = 256
     num_waiting_tokens: int = 0
     num_running: int = 0
+    reply: Callable[[list[int]], list[int]] | None = None
+    """If set, the tokens to answer a prompt with (e.g. a tool call, then text once the
+    prompt holds the tool's result), instead of `tokens`."""
+
+    def tokens_for(self, prompt_token_ids) -> list[int]:
+        return self.reply(list(prompt_token_ids)) if self.reply is not None else self.tokens
 
 
 @dataclass
@@ -62,12 +69,13 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     async def Prefill(self, request, context):
         self.record.prefills.append(request)
         await asyncio.sleep(self.script.prefill_delay_s)
-        first = self.script.tokens[0]
+        tokens = self.script.tokens_for(request.prompt_token_ids)
+        first = tokens[0]
         k = request.sampling_params.logprobs if request.sampling_params.HasField("logprobs") else 0
         resp = pb.PrefillResponse(request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
                                   first_token=pb.FirstToken(token_id=first, logprob=self.script.logprob, rank=1,
                                                             top_logprobs=self._top(first, k)))
-        if request.sampling_params.max_tokens == 1 or len(self.script.tokens) == 1:
+        if request.sampling_params.max_tokens == 1 or len(tokens) == 1:
             resp.finish_reason = "length" if request.sampling_params.max_tokens == 1 else "stop"
         else:
             resp.kv_handle.CopyFrom(pb.KvHandle(version=1, instance_id=self.instance_id,
@@ -91,8 +99,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         k = params.logprobs if wants_logprobs else 0
         max_tokens = params.max_tokens if params.HasField("max_tokens") else self.script.max_model_len
         emitted = 1 if request.HasField("kv_handle") else 0
+        tokens = self.script.tokens_for(request.prompt_token_ids)
         try:
-            for token in self.script.tokens[emitted:max_tokens]:
+            for token in tokens[emitted:max_tokens]:
                 await asyncio.sleep(self.script.delay_s)
                 emitted += 1
                 if self.script.die_after_tokens is not None and emitted > self.script.die_after_tokens:
@@ -104,7 +113,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     chunk.logprobs.append(self.script.logprob)
                     chunk.ranks.append(1)
                     chunk.top_logprobs.append(pb.TopLogprobs(entries=self._top(token, k)))
-                if emitted == max_tokens or emitted == len(self.script.tokens):
+                if emitted == max_tokens or emitted == len(tokens):
                     chunk.finish_reason = "length" if emitted == max_tokens else "stop"
                     chunk.stats.num_prompt_tokens = len(request.prompt_token_ids)
                     chunk.stats.kv_bytes_received = 4096 if request.HasField("kv_handle") else 0

@@ -1,0 +1,206 @@
+"""Tool calling and reasoning through the real gateway (uvicorn, HTTP, the `openai` client, the
+OpenAI Agents SDK) in front of a SCRIPTED worker that answers with a chosen model output.
+
+The worker is a real gRPC server replaying tokens of a Hermes-format tool call (or, once the prompt
+holds the tool's result, a final answer): what is under test is that tools reach the prompt through
+the chat template and that the gateway reads the call back in OpenAI's shapes, whole and streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from checkpoints import demo_tokenizer
+from scripted_worker import BackgroundLoop, GatewayServer, Script, start_scripted_worker, stop_scripted_worker
+from splitserve.services.gateway.app import build_app
+from splitserve.services.gateway.config import AgentApiConfig, GatewayConfig
+
+MODEL = "splitserve-demo"
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+ANSWER = "It is sunny in Paris."
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _reply(tokenizer):
+    """The scripted model: a call (after a reasoning block and a sentence) until the prompt holds a
+    tool result, then the answer."""
+    def reply(prompt: list[int]) -> list[int]:
+        prompt_text = tokenizer.decode(prompt)
+        if "<tool_response>" in prompt_text:
+            return tokenizer.encode(ANSWER, add_special_tokens=False)
+        if "get_time" in prompt_text:  # two tools offered: call both
+            two = CALL + "\n" + CALL.replace("get_weather", "get_time").replace('"city": "Paris"', '"tz": "CET"')
+            return tokenizer.encode(two, add_special_tokens=False)
+        return tokenizer.encode("<think>\nThe user wants weather.\n</think>\n\nLet me check.\n" + CALL,
+                                add_special_tokens=False)
+    return reply
+
+
+@pytest.fixture(scope="module")
+def stack():
+    tokenizer = demo_tokenizer()
+    loop = BackgroundLoop()
+    worker, url = loop.call(lambda: start_scripted_worker(
+        "colocated", Script(tokens=[1], reply=_reply(tokenizer), max_model_len=2048), "w0"))
+    config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=(url,),
+                           load_poll_interval_s=0.1, load_rpc_timeout_s=0.5,
+                           agent_api=AgentApiConfig(enable_auto_tool_choice=True, tool_call_parser="hermes",
+                                                    reasoning_parser="qwen3"))
+    gateway = GatewayServer(loop, build_app(config, tokenizer=tokenizer))
+    yield gateway, worker, tokenizer
+    gateway.stop()
+    loop.call(lambda: stop_scripted_worker(worker))
+    loop.close()
+
+
+def _client(gateway, cls=None):
+    from openai import OpenAI
+    return (cls or OpenAI)(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+def _last_prompt(worker, tokenizer) -> str:
+    return tokenizer.decode(list(worker.record.generates[-1].prompt_token_ids))
+
+
+def test_tools_and_tool_results_reach_the_prompt(stack):
+    gateway, worker, tokenizer = stack
+    client = _client(gateway)
+    client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+    prompt = _last_prompt(worker, tokenizer)
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt and "Current weather of a city" in prompt
+    assert '"required": ["city"]' in prompt
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    reply = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
+    prompt = _last_prompt(worker, tokenizer)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
+    assert reply.choices[0].message.content == ANSWER and reply.choices[0].finish_reason == "stop"
+
+
+def test_whole_response_carries_tool_calls_and_reasoning(stack):
+    gateway, _, _ = stack
+    reply = _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "\n\nLet me check.\n"
+    assert choice.message.model_extra["reasoning_content"] == "\nThe user wants weather.\n"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(stack):
+    gateway, _, _ = stack
+    with _client(gateway).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert final.choices[0].finish_reason == "tool_calls"
+    call_deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert call_deltas[0].id and call_deltas[0].function.name == "get_weather"
+    assert len(call_deltas) >= 2 and all(d.id is None and d.function.name is None for d in call_deltas[1:])
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert reasoning == "\nThe user wants weather.\n"
+
+
+def test_parallel_calls_and_parallel_tool_calls_false(stack):
+    gateway, _, _ = stack
+    tools = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    client = _client(gateway)
+    both = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools).choices[0].message.tool_calls
+    assert [c.function.name for c in both] == ["get_weather", "get_time"] and both[0].id != both[1].id
+    one = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, parallel_tool_calls=False)
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_tool_choice_none_reads_no_calls(stack):
+    gateway, _, _ = stack
+    reply = _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none")
+    assert reply.choices[0].message.tool_calls is None and "<tool_call>" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("change,param", [
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "messages": [*ASK, {"role": "tool", "content": "sunny"}]}, "messages.1.tool_call_id"),
+    ({"tools": TOOLS, "messages": [*ASK, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+])
+def test_bad_tool_requests_are_400_and_the_stack_keeps_serving(stack, change, param):
+    gateway, _, _ = stack
+    body = {"model": MODEL, "messages": ASK, **change}
+    resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=10)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices[0].message.tool_calls
+
+
+def _offline_app(tokenizer, agent_api: AgentApiConfig) -> TestClient:
+    config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=("127.0.0.1:9",),
+                           max_model_len=512, load_rpc_timeout_s=0.5, agent_api=agent_api)
+    return TestClient(build_app(config, tokenizer=tokenizer), raise_server_exceptions=False)
+
+
+def test_auto_tool_choice_needs_the_flag_and_templates_must_render_tools():
+    body = {"model": MODEL, "messages": ASK, "tools": TOOLS}
+    with _offline_app(demo_tokenizer(), AgentApiConfig()) as client:
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400 and "--enable-auto-tool-choice" in resp.json()["error"]["message"]
+    plain = copy.deepcopy(demo_tokenizer())
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with _offline_app(plain, AgentApiConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")) as client:
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools"
+        assert "does not render tools" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_agents_sdk_loop_over_chat_completions(stack, streamed):
+    """Two model turns: the agent calls get_weather, sends the result back, gets the answer."""
+    from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    gateway, worker, tokenizer = stack
+    set_tracing_disabled(True)
+    cities = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    async def run():
+        client = _client(gateway, AsyncOpenAI)
+        agent = Agent(name="weather", instructions="Answer weather questions.", tools=[get_weather],
+                      model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client))
+        if not streamed:
+            return await Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+        result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=4)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    before = len(worker.record.generates)
+    result = asyncio.run(run())
+    assert result.final_output == ANSWER and cities == ["Paris"]
+    assert len(worker.record.generates) - before == 2
+    prompt = _last_prompt(worker, tokenizer)
+    assert "<tool_response>\nsunny in Paris\n</tool_response>" in prompt and "Answer weather questions." in prompt
