@@ -1,6 +1,7 @@
 """The gateway's FastAPI app: OpenAI-compatible endpoints in front of the workers.
 
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
+    POST /v1/responses                                (the Responses API; stream: typed SSE events)
     GET  /v1/models, GET /health, GET /metrics
 
 A request: API key and body size (`_RequestGuard`, before the body is parsed) -> model check ->
@@ -40,13 +41,17 @@ from splitserve.services.gateway.prepare import (
     PrepareContext, PreparedRequest, longest_token_chars, prepare_chat, prepare_completion, text_chars)
 from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.responses import SSE_DONE, ResponseBuilder, sse_event
+from splitserve.services.gateway.responses_input import ResponseStore, chat_request, previous_conversation
+from splitserve.services.gateway.responses_output import ResponsesBuilder
+from splitserve.services.gateway.responses_protocol import ResponsesRequest
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
 from splitserve.services.gateway.worker_client import WorkerClient
 from splitserve.shared.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+_COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health",
+                            "/metrics"})
 LONG_TEXT_CHARS = 32768
 """Requests with more text than this are tokenized on their own thread (`GatewayState`)."""
 
@@ -66,6 +71,7 @@ class GatewayState:
     """Requests with more than LONG_TEXT_CHARS of text queue here instead, so that a few huge prompts
     (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
     max_token_chars: int = 1
+    response_store: ResponseStore | None = None  # /v1/responses kept for previous_response_id
 
     def max_model_len(self) -> int:
         value = self.config.max_model_len or self.router.max_model_len() or _checkpoint_max_len(self.config.model_dir)
@@ -110,6 +116,7 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
             await state.dispatcher.drain()
             await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
+    state.response_store = ResponseStore(config.agent_api.response_store_size, config.agent_api.response_store_ttl_s)
     app = FastAPI(title="splitserve gateway", lifespan=lifespan)
     app.state.gateway = state
     install_error_handlers(app)
@@ -127,6 +134,13 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _serve(state, body, prepare_chat, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        history = previous_conversation(state.response_store, body.previous_response_id)
+        chat, conversation = chat_request(body, history)
+        return await _serve(state, chat, prepare_chat, request, lambda prep: ResponsesBuilder(
+            prep, body, conversation, state.response_store, state.tokenizer))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -156,7 +170,9 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
 
 
 async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRequest,
-                 prepare: Callable[..., PreparedRequest], request: Request) -> Response:
+                 prepare: Callable[..., PreparedRequest], request: Request,
+                 make_builder: Callable[[PreparedRequest], Any] | None = None) -> Response:
+    """Run one OpenAI request; `make_builder` formats its output (default: completions / chat)."""
     if body.model != state.config.served_model_name:
         raise model_not_found(body.model)
     slot = contextlib.AsyncExitStack()
@@ -165,7 +181,7 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
         pool = state.long_tokenize_pool if text_chars(body) > LONG_TEXT_CHARS else state.tokenize_pool
         prep = await asyncio.get_running_loop().run_in_executor(pool, prepare, body, state.prepare_context())
         state.router.route(prep.prompts[0])  # fail with 503 now, not inside a 200 stream, if nothing is routable
-        builder = ResponseBuilder(prep, state.tokenizer)
+        builder = make_builder(prep) if make_builder is not None else ResponseBuilder(prep, state.tokenizer)
         streams = choice_streams(prep, state.tokenizer, state.dispatcher, state.metrics)
     except BaseException:
         await slot.aclose()
@@ -182,7 +198,7 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
     return JSONResponse(builder.final_body())
 
 
-async def _collect(builder: ResponseBuilder, streams) -> None:
+async def _collect(builder, streams) -> None:
     async for delta in merge_streams(streams):
         builder.add(delta)
 
@@ -204,23 +220,21 @@ async def until_disconnect(work: Awaitable[Any], receive) -> bool:
     return True
 
 
-async def _sse_body(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder, streams,
+async def _sse_body(state: GatewayState, prep: PreparedRequest, builder, streams,
                     slot: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
     async with slot:
         async for event in _sse_events(state, prep, builder, streams):
             yield event
 
 
-async def _sse_events(state: GatewayState, prep: PreparedRequest, builder: ResponseBuilder,
-                      streams) -> AsyncIterator[bytes]:
+async def _sse_events(state: GatewayState, prep: PreparedRequest, builder, streams) -> AsyncIterator[bytes]:
     try:
         async for delta in merge_streams(streams):
             builder.add(delta)
-            chunk = builder.chunk(delta)
-            if chunk is not None:
-                yield sse_event(chunk)
-        if prep.include_usage:
-            yield sse_event(builder.usage_chunk())
+            for event in builder.sse_chunks(delta):
+                yield event
+        for event in builder.sse_closing():
+            yield event
         state.metrics.e2e_s.observe(time.monotonic() - prep.arrival_s)
     except Exception as exc:  # the status line is sent: report the failure in-band
         error = to_api_error(exc)

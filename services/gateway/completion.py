@@ -43,6 +43,8 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (on the final delta)."""
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -74,6 +76,7 @@ class ChoiceStream:
                 delta.num_tokens += held_tokens
                 if delta.finish_reason is not None:
                     self._observe_final(chunk)
+                    delta.num_cached_tokens = chunk.num_cached_tokens
                     yield delta
                     return  # closing `tokens` cancels the worker call when a stop string ended us
                 if delta.text or delta.logprobs:

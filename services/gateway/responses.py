@@ -99,6 +99,13 @@ class ResponseBuilder:
             message = {"role": "assistant", **message}
         return message or None
 
+    def sse_chunks(self, delta: ChoiceDelta) -> list[bytes]:
+        chunk = self.chunk(delta)
+        return [sse_event(chunk)] if chunk is not None else []
+
+    def sse_closing(self) -> list[bytes]:
+        return [sse_event(self.usage_chunk())] if self.prep.include_usage else []
+
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": self.usage()}
 
