@@ -15,6 +15,7 @@ import json
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from checkpoints import demo_tokenizer
 from scripted_tools import ANSWER, ASK, MODEL, TOOLS, client as _client, tool_stack
@@ -165,3 +166,32 @@ def test_agents_sdk_loop_over_chat_completions(stack, streamed):
     assert len(worker.record.generates) - before == 2
     prompt = _last_prompt(worker, tokenizer)
     assert "<tool_response>\nsunny in Paris\n</tool_response>" in prompt and "Answer weather questions." in prompt
+
+
+@pytest.fixture(scope="module")
+def offline_client():
+    with _offline_app(demo_tokenizer(), AgentApiConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")) as c:
+        yield c
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=8))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["type", "function", "name", "arguments", "parameters", "role", "content", "tool_calls", "tool_call_id",
+         "call_id", "output", "id", "text"]), inner, max_size=4)), max_leaves=10)
+_near_valid = st.one_of(_values, st.just(TOOLS), st.just([{"type": "function", "function": {"name": "f"}}]),
+                        st.just({"type": "function", "function": {"name": "get_weather"}}), st.just("required"))
+_CHAT_KEYS = ["tools", "tool_choice", "parallel_tool_calls", "messages"]
+_RESPONSES_KEYS = ["input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "previous_response_id",
+                   "include", "max_output_tokens", "store", "text", "truncation", "metadata"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(st.sampled_from(_CHAT_KEYS + _RESPONSES_KEYS), _near_valid, max_size=4),
+       responses=st.booleans())
+def test_random_tool_fields_never_give_a_500(offline_client, fields, responses):
+    body = {"model": MODEL, **({"input": "hi"} if responses else {"messages": ASK}), **fields}
+    path = "/v1/responses" if responses else "/v1/chat/completions"
+    resp = offline_client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert resp.status_code in (400, 404, 503), (resp.status_code, resp.text)
+    assert resp.json()["error"]["message"]
