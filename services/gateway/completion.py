@@ -58,6 +58,9 @@ class ChoiceStream:
         self.dispatcher, self.metrics = dispatcher, metrics
         params = prep.params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens, params.stop)
+        # Text kept with its special tokens (tool-call markers) still does not show the special
+        # token that ended the output (EOS), as in vLLM.
+        self._hidden_stop_ids = frozenset() if params.skip_special_tokens else frozenset(tokenizer.all_special_ids)
         # Choice index = prompt index * n + k; choice k gets seed + k (distinct, reproducible).
         worker_params = replace(params.for_choice(index % params.n), stop=[])
         suffix = f"-{index}" if prep.num_choices > 1 else ""
@@ -89,7 +92,10 @@ class ChoiceStream:
         raise service_unavailable(f"worker stream for {self.worker_request.request_id} ended without a finish reason")
 
     def _delta(self, chunk) -> ChoiceDelta:
-        text = self.detokenizer.add(chunk.token_ids)
+        token_ids = chunk.token_ids
+        if chunk.finish_reason == "stop" and token_ids and token_ids[-1] in self._hidden_stop_ids:
+            token_ids = token_ids[:-1]
+        text = self.detokenizer.add(token_ids)
         finish, stop_reason = None, None
         if self.detokenizer.stopped is None and chunk.finish_reason is not None:
             text += self.detokenizer.finish()

@@ -36,15 +36,16 @@ def _reply(tokenizer):
 
 
 @contextlib.contextmanager
-def tool_stack(**agent_api):
+def tool_stack(reply=None, **agent_api):
+    """`reply(tokenizer)` -> the scripted model (default: Hermes calls); `agent_api` overrides."""
     tokenizer = demo_tokenizer()
     loop = BackgroundLoop()
     worker, url = loop.call(lambda: start_scripted_worker(
-        "colocated", Script(tokens=[1], reply=_reply(tokenizer), max_model_len=2048), "w0"))
+        "colocated", Script(tokens=[1], reply=(reply or _reply)(tokenizer), max_model_len=2048), "w0"))
     config = GatewayConfig(model_dir="/nonexistent", served_model_name=MODEL, worker_urls=(url,),
                            load_poll_interval_s=0.1, load_rpc_timeout_s=0.5,
-                           agent_api=AgentApiConfig(enable_auto_tool_choice=True, tool_call_parser="hermes",
-                                                    reasoning_parser="qwen3", **agent_api))
+                           agent_api=AgentApiConfig(**{"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+                                                       "reasoning_parser": "qwen3", **agent_api}))
     gateway = GatewayServer(loop, build_app(config, tokenizer=tokenizer))
     try:
         yield gateway, worker, tokenizer

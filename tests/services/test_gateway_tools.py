@@ -195,3 +195,18 @@ def test_random_tool_fields_never_give_a_500(offline_client, fields, responses):
     resp = offline_client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert resp.status_code in (400, 404, 503), (resp.status_code, resp.text)
     assert resp.json()["error"]["message"]
+
+
+def test_mistral_parser_reads_special_token_markers_and_hides_the_eos():
+    """[TOOL_CALLS] is a special token in Mistral's tokenizer, so the parser's text keeps special
+    tokens; the EOS that ends the output must still not show up as content."""
+    mistral = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+
+    def reply(tokenizer):
+        return lambda prompt: tokenizer.encode(mistral, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    with tool_stack(reply, tool_call_parser="mistral", reasoning_parser=None) as (gateway, _, _):
+        choice = _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.message.content is None and choice.finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and len(call.id) == 9
