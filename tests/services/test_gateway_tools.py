@@ -210,3 +210,18 @@ def test_mistral_parser_reads_special_token_markers_and_hides_the_eos():
     (call,) = choice.message.tool_calls
     assert choice.message.content is None and choice.finish_reason == "tool_calls"
     assert call.function.name == "get_weather" and len(call.id) == 9
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_calls_need_structured_outputs(offline_client, choice):
+    """Until the grammar-constrained sampler is in this build, forcing a call is refused by name
+    (never run unconstrained and silently ignored)."""
+    resp = offline_client.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "tools": TOOLS,
+                                                             "tool_choice": choice})
+    try:
+        from splitserve.shared.sampling_params import StructuredOutputsParams  # noqa: F401
+    except ImportError:
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice"
+        assert "structured outputs" in resp.json()["error"]["message"]
+    else:
+        assert resp.status_code == 503  # accepted; no worker behind the offline app
