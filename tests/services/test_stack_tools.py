@@ -71,3 +71,39 @@ def test_bad_tool_input_is_400_and_the_stack_keeps_serving(disagg):
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     ok = disagg.openai().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def _structured_outputs_available() -> bool:
+    try:
+        from splitserve.shared.sampling_params import StructuredOutputsParams  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _structured_outputs_available(), reason="needs structured outputs (forced tool calls)")
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_agents_sdk_loop_with_a_forced_call_on_the_real_stack(disagg, api):
+    """Turn 1 forces a call (tool_choice required: the grammar makes even the random demo model
+    write one that fits the schema); the SDK runs the tool, sends the result back and resets
+    tool_choice, so turn 2 answers in text."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner,
+                        function_tool, set_tracing_disabled)
+
+    set_tracing_disabled(True)
+    cities = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    model_class = OpenAIChatCompletionsModel if api == "chat" else OpenAIResponsesModel
+    agent = Agent(name="weather", tools=[get_weather], model=model_class(model=MODEL, openai_client=disagg.async_openai()),
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=48, temperature=0))
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=3))
+    assert len(cities) == 1 and isinstance(cities[0], str)
+    assert isinstance(result.final_output, str)
