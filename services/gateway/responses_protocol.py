@@ -10,8 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitserve.services.gateway.request_models import StreamOptions
-
 
 class InputText(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -92,7 +90,6 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     """Keep this response for a later `previous_response_id` (bounded in count and time)."""
     stream: bool = False
-    stream_options: StreamOptions | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
