@@ -1,4 +1,4 @@
-"""Request models of the Responses API (`POST /v1/responses`), beside openai_protocol.py's.
+"""Request models of the Responses API (`POST /v1/responses`), beside request_models.py's.
 
 The request itself forbids unknown fields, so anything we do not serve is a 400 naming it; input
 items ignore the extra keys clients echo back from earlier outputs (`id`, `status`, `annotations`).
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from splitserve.services.gateway.request_models import OpenAIModel
 
 
 class InputText(BaseModel):
@@ -77,8 +79,7 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponsesRequest(OpenAIModel):
 
     model: str
     input: str | list[InputItem]
