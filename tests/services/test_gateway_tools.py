@@ -186,7 +186,7 @@ _RESPONSES_KEYS = ["input", "instructions", "tools", "tool_choice", "parallel_to
                    "include", "max_output_tokens", "store", "text", "truncation", "metadata"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fields=st.dictionaries(st.sampled_from(_CHAT_KEYS + _RESPONSES_KEYS), _near_valid, max_size=4),
        responses=st.booleans())
 def test_random_tool_fields_never_give_a_500(offline_client, fields, responses):
