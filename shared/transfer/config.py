@@ -16,11 +16,13 @@ class TransferConfig:
     """Data plane: 'ucx' (ucxx; TCP on CPU, cuda_ipc/rc on GPUs) or 'nccl' (torch.distributed
     point-to-point; gloo on CPU tensors, nccl on CUDA tensors)."""
     host: str = "127.0.0.1"
-    """Address this connector binds (ZMQ control socket, UCX listener) and advertises."""
+    """Address this connector binds (ZMQ control socket; UCX's transports listen on the network
+    device holding it) and advertises."""
     control_port: int = 0
     """Port of the prefill side's ZMQ ROUTER; 0 picks a free one."""
-    data_port: int = 0
-    """Port of the decode side's UCX listener; 0 picks a free one."""
+    trusted_prefills: tuple[str, ...] = ()
+    """Decode side: prefill control addresses (`host:port`, or `host` for any port) a KV handle
+    may name; empty: any handle from an authenticated gateway."""
     timeout_s: float = 10.0
     """A load not complete by then fails (the decode side recomputes)."""
     lease_s: float = 30.0

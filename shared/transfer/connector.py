@@ -28,6 +28,8 @@ import torch
 import zmq.asyncio
 
 from .config import TransferConfig
+from splitserve.shared.auth import control_key
+
 from .control import ControlClient, ControlServer
 from .decode_side import DecodeSide
 from .events import ConnectorEvents, EventQueue
@@ -43,7 +45,9 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 class KVConnector:
-    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig):
+    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig, secret: bytes | None = None):
+        """`secret`: the stack's shared secret (shared/auth.py); control messages are signed with
+        a key derived from it and messages not signed with it are dropped."""
         config.validate()
         if kv_cache.dim() != 6 or not kv_cache.is_contiguous():
             raise ValueError(f"kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
@@ -56,6 +60,7 @@ class KVConnector:
             config.model_id, str(kv_cache.dtype).removeprefix("torch."), block_size, num_layers,
             num_kv_heads, head_dim)
         self._kv_cache = kv_cache
+        self._control_key = control_key(secret)
         self._events = EventQueue()
         self._prefill: PrefillSide | None = None
         self._decode: DecodeSide | None = None
@@ -79,8 +84,7 @@ class KVConnector:
             return NcclDataPlane(cfg.nccl_init_method, cfg.nccl_rank, cfg.nccl_world_size,
                                  self._kv_cache, cfg.timeout_s)
         from .ucx_backend import UcxDataPlane
-        return UcxDataPlane(self.instance_id, cfg.host, cfg.data_port, cfg.ucx_tls,
-                            listen=cfg.role in ("decode", "both"), kv_cache=self._kv_cache)
+        return UcxDataPlane(self.instance_id, cfg.host, cfg.ucx_tls, kv_cache=self._kv_cache)
 
     async def _start(self) -> None:
         cfg = self.config
@@ -90,18 +94,20 @@ class KVConnector:
         self._tasks: list[asyncio.Task] = []
         self._server = self._client = None
         if cfg.role in ("prefill", "both"):
-            self._server = ControlServer(self._zctx, cfg.host, cfg.control_port)
+            self._server = ControlServer(self._zctx, cfg.host, cfg.control_port, self._control_key)
             self._prefill = PrefillSide(self._kv_cache, self.instance_id, self.layout_hash,
                                         self._data_plane, self._server, self._events,
                                         cfg.timeout_s, cfg.lease_s)
             tick_s = min(0.5, cfg.lease_s / 4)
             self._tasks += [asyncio.ensure_future(self._prefill.serve()),
                             asyncio.ensure_future(self._prefill.expire_leases(tick_s))]
-            logger.info("KV connector %s: prefill control at %s", self.instance_id, self._server.address)
+            logger.info("KV connector %s: prefill control at %s (bound %s)", self.instance_id,
+                        self._server.address, self._server.bound)
         if cfg.role in ("decode", "both"):
-            self._client = ControlClient(self._zctx)
+            self._client = ControlClient(self._zctx, self._control_key)
             self._decode = DecodeSide(self._kv_cache, self.instance_id, self.layout_hash,
-                                      self._data_plane, self._client, self._events, cfg.timeout_s)
+                                      self._data_plane, self._client, self._events, cfg.timeout_s,
+                                      cfg.trusted_prefills)
         logger.info("KV connector %s: role %s, backend %s, layout %s", self.instance_id, cfg.role,
                     cfg.backend, self.layout_hash)
 
@@ -169,7 +175,21 @@ class KVConnector:
     def stats(self) -> dict:
         stats = self._events.stats()
         stats["held"] = self._prefill.num_held() if self._prefill else 0
+        stats["control_dropped"] = sum(side.dropped for side in (self._server, self._client) if side)
         return stats
+
+    def failure(self) -> str | None:
+        """Why this connector can no longer serve (its loop thread or a control task ended), or
+        None. A worker reports itself unhealthy while this is set."""
+        if self._closed:
+            return "the KV connector is closed"
+        if not self._thread.is_alive():
+            return "the KV connector's loop thread died"
+        for task in self._tasks:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                return f"a KV connector control task ended: {error!r}"
+        return None
 
     def close(self) -> None:
         if self._closed:

@@ -35,8 +35,8 @@ class DataPlane(Protocol):
     async def send(self, peer_id: str, peer_address: dict, tag: int,
                    regions: list[torch.Tensor], deadline: float) -> None: ...
 
-    async def recv(self, peer_id: str, tag: int, regions: list[torch.Tensor], deadline: float,
-                   stop: asyncio.Event) -> None:
+    async def recv(self, peer_id: str, peer_address: dict, tag: int, regions: list[torch.Tensor],
+                   deadline: float, stop: asyncio.Event) -> None:
         """`stop` set: the peer said no data will come; give up at once (TransferError)."""
 
     async def close(self) -> None: ...

@@ -19,6 +19,10 @@ retire -- it is marked aborted and reported as failed ('aborted') when the recei
 is bounded by the transfer deadline. A load that already finished but was not yet polled is
 moved from `loaded` to `load_failed`. So: once a request shows up in load_failed, nothing writes
 into its dst blocks any more, and the engine must keep them allocated until then.
+
+Trust: a handle's control address is dialled only if it is among `trusted_prefills` (when that
+list is set); the gRPC plane already admits handles from authenticated callers only. The data
+plane connects only to the address the prefill's authenticated `accepted` names.
 """
 
 from __future__ import annotations
@@ -59,10 +63,12 @@ class Load:
 
 class DecodeSide:
     def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout_hash: str,
-                 data_plane: DataPlane, client: ControlClient, events: EventQueue, timeout_s: float):
+                 data_plane: DataPlane, client: ControlClient, events: EventQueue, timeout_s: float,
+                 trusted_prefills: tuple[str, ...] = ()):
         self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
         self._data_plane, self._client, self._events = data_plane, client, events
         self._timeout_s = timeout_s
+        self._trusted = frozenset(trusted_prefills)
         self._loads: dict[str, Load] = {}
         # nccl: one transfer at a time keeps send/recv order identical on both ranks
         self._serial = asyncio.Lock() if data_plane.name == "nccl" else None
@@ -150,6 +156,9 @@ class DecodeSide:
         if h.layout_hash != self._layout_hash:
             raise TransferError(f"layout hash mismatch: handle has {h.layout_hash!r}, this decode "
                                 f"engine has {self._layout_hash!r} (model, dtype, block size or shape differ)")
+        if self._trusted and not _is_trusted(h.control_address, self._trusted):
+            raise TransferError(f"the handle names control address {h.control_address!r}, which is not "
+                                f"among the trusted prefill addresses {sorted(self._trusted)}")
         inbox = self._client.open_inbox(load.transfer_id)
         self._client.send(h.control_address, self._load_message(load))
         reply = await self._next_reply(load, inbox)
@@ -164,7 +173,8 @@ class DecodeSide:
         watcher = asyncio.ensure_future(self._watch_send_failed(inbox, stop))
         load.receiving = True
         try:
-            await self._data_plane.recv(h.instance_id, load.tag, regions, load.deadline, stop)
+            await self._data_plane.recv(h.instance_id, reply["data_address"], load.tag, regions,
+                                        load.deadline, stop)
         finally:
             watcher.cancel()
         return sum(r.numel() * r.element_size() for r in regions), len(runs)
@@ -180,8 +190,8 @@ class DecodeSide:
             runs = coalesce_runs(load.handle.block_ids, load.dst_block_ids)
             scratch = [torch.empty_like(run_region(self._kv_cache, r.dst_start, r.num_blocks))
                        for r in runs]
-            await self._data_plane.recv(load.handle.instance_id, load.tag, scratch, load.deadline,
-                                        asyncio.Event())
+            await self._data_plane.recv(load.handle.instance_id, reply["data_address"], load.tag,
+                                        scratch, load.deadline, asyncio.Event())
         except (asyncio.TimeoutError, TransferError) as exc:
             logger.info("draining aborted load %s: %r", load.request_id, exc)
         finally:
@@ -211,3 +221,9 @@ class DecodeSide:
                 "layout_hash": self._layout_hash, "src_block_ids": list(h.block_ids),
                 "dst_block_ids": list(load.dst_block_ids), "tag": load.tag,
                 "data_address": self._data_plane.address()}
+
+
+def _is_trusted(control_address: str, trusted: frozenset[str]) -> bool:
+    """`tcp://host:port` matches a trusted `host:port`, or a bare `host` (any port)."""
+    host_port = control_address.removeprefix("tcp://")
+    return host_port in trusted or host_port.rpartition(":")[0] in trusted

@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import logging
+import socket
 import time
 from urllib.parse import urlparse
 
@@ -45,6 +46,7 @@ class NcclDataPlane:
         self._timeout_s = timeout_s
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-nccl")
         self._store = None
+        self._listener: socket.socket | None = None
         self._group = None
         self._ready: asyncio.Future | None = None
         self._broken: str | None = None
@@ -55,14 +57,26 @@ class NcclDataPlane:
 
     def _init_group(self) -> None:
         timeout = datetime.timedelta(seconds=max(30.0, self._timeout_s))
+        listen_fd = self._listen_socket().fileno() if self._rank == 0 else None
         self._store = dist.TCPStore(self._url.hostname, self._url.port, self._world_size,
-                                    is_master=self._rank == 0, timeout=timeout)
+                                    is_master=self._rank == 0, timeout=timeout, master_listen_fd=listen_fd)
         if self._is_cuda:
             self._group = dist.ProcessGroupNCCL(self._store, self._rank, self._world_size)
         else:
             self._group = dist.ProcessGroupGloo(self._store, self._rank, self._world_size, timeout)
         logger.info("KV transfer group formed: %s rank %d of %d via %s",
                     "nccl" if self._is_cuda else "gloo", self._rank, self._world_size, self._url.geturl())
+
+    def _listen_socket(self) -> socket.socket:
+        """The rendezvous socket, bound to the init method's host only: TCPStore given just a
+        port would listen on every interface."""
+        family = socket.AF_INET6 if ":" in self._url.hostname else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((self._url.hostname, self._url.port))
+        self._listener.listen()
+        logger.info("KV transfer rendezvous listens on %s:%d", *self._listener.getsockname()[:2])
+        return self._listener
 
     def address(self) -> dict:
         return {"backend": self.name, "rank": self._rank}
@@ -85,8 +99,8 @@ class NcclDataPlane:
         await self._run(lambda: [self._group.send([r], peer_rank, _tag(tag, i))
                                  for i, r in enumerate(regions)], deadline, "send")
 
-    async def recv(self, peer_id: str, tag: int, regions: list[torch.Tensor], deadline: float,
-                   stop: asyncio.Event) -> None:
+    async def recv(self, peer_id: str, peer_address: dict, tag: int, regions: list[torch.Tensor],
+                   deadline: float, stop: asyncio.Event) -> None:
         # `stop` cannot shorten a posted receive here: only the deadline (then the group breaks).
         await self._ensure_group(deadline)
         peer_rank = 1 - self._rank
@@ -133,6 +147,8 @@ class NcclDataPlane:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("transfer group shutdown: %s", exc)
         self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._listener is not None:
+            self._listener.close()
 
 
 def _tag(tag: int, run_index: int) -> int:

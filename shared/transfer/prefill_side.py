@@ -81,17 +81,26 @@ class PrefillSide:
         return hold is not None
 
     async def serve(self) -> None:
+        """Forever: one control message after another. A message that fails its checks, or
+        that the handlers cannot take, is dropped and counted: it never ends this task."""
         while True:
             peer, msg = await self._server.recv()
             if msg is None:
                 continue
-            kind = msg["type"]
-            if kind == "load":
-                self._on_load(peer, msg)
-            elif kind in ("done", "failed"):
-                self._on_outcome(msg)
-            else:
-                logger.warning("unknown control message type %r", kind)
+            try:
+                self._handle(peer, msg)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the control plane
+                self._server.dropped += 1
+                logger.exception("dropping a control message its handler failed on: %.200r", msg)
+
+    def _handle(self, peer: bytes, msg: dict) -> None:
+        if msg["type"] == "load":
+            self._on_load(peer, msg)
+        elif msg["type"] in ("done", "failed"):
+            self._on_outcome(msg)
+        else:
+            self._server.dropped += 1
+            logger.warning("control message of type %r is not for a prefill side", msg["type"])
 
     async def expire_leases(self, tick_s: float) -> None:
         while True:
@@ -120,8 +129,8 @@ class PrefillSide:
         if msg.get("layout_hash") != self._layout_hash:
             return (f"layout hash mismatch: decode sent {msg.get('layout_hash')!r}, this prefill has "
                     f"{self._layout_hash!r} (model, dtype, block size or shape differ)")
-        if msg.get("data_address", {}).get("backend") != self._data_plane.name:
-            return (f"backend mismatch: decode uses {msg.get('data_address', {}).get('backend')!r}, "
+        if msg["data_address"].get("backend") != self._data_plane.name:
+            return (f"backend mismatch: decode uses {msg['data_address'].get('backend')!r}, "
                     f"this prefill uses {self._data_plane.name!r}")
         if hold is None:
             return f"request {msg.get('request_id')!r} is not held here (released, expired or never held)"
@@ -148,7 +157,7 @@ class PrefillSide:
         hold.expires_at = time.monotonic() + self._timeout_s + self._lease_s
         runs = coalesce_runs(hold.block_ids, msg["dst_block_ids"])
         self._server.reply(peer, {"type": "accepted", "transfer_id": hold.transfer_id,
-                                  "num_runs": len(runs)})
+                                  "num_runs": len(runs), "data_address": self._data_plane.address()})
         asyncio.ensure_future(self._send(peer, hold, msg, runs))
 
     async def _send(self, peer: bytes, hold: Hold, msg: dict, runs) -> None:

@@ -1,9 +1,17 @@
-"""UCX data plane over ucxx: the decode side listens, the prefill side connects and sends.
+"""UCX data plane over ucxx: endpoints made from worker addresses the control plane exchanged.
 
-Connections: the prefill side keeps one endpoint per decode instance (created on first use,
-dropped on any failure so a restarted or vanished peer is reconnected, never reused). Right after
-connecting it sends a hello carrying its instance id, which is how the decode side knows which
-accepted endpoint belongs to which prefill instance.
+Connections: no UCX listener. ucxx's listener binds every interface whatever host it is given,
+and anyone could connect to it and say hello as any prefill. Instead each side puts its UCX
+worker address in its authenticated control messages (decode -> prefill in `load`, prefill ->
+decode in `accepted`), and endpoints are made from those addresses only. The prefill side keeps
+one sending endpoint per decode instance, the decode side one receiving endpoint per prefill
+instance (receives are posted on it, so closing it cancels them); both are created on first use
+and dropped on any failure, so a restarted or vanished peer is reconnected, never reused.
+
+Binding: the only sockets UCX opens are its transports' own (the tcp transport listens on each
+network device it uses). `UCX_NET_DEVICES` is set to the device that carries the configured
+host's address, so they listen on that address only; a wildcard host (0.0.0.0) keeps every
+device, and a UCX_NET_DEVICES set by the operator (RDMA devices across nodes) is left alone.
 
 Messages: one tagged message per coalesced block run, tag = transfer tag + run index (the
 transfer tag is random and 48-bit-shifted, so tags never collide across transfers). The decode
@@ -29,8 +37,9 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
+
+from splitserve.shared.listening import listening_sockets, net_device_of
 
 from .data_plane import GRACE_S, TransferError, as_bytes, remaining_s, retire, wait_all
 
@@ -41,22 +50,19 @@ import ucxx  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-HELLO_BYTES = 64  # a uuid4 string (36 bytes), zero-padded
 _owner: object | None = None  # ucxx has one context per process: one UCX data plane at a time
 
 
 class UcxDataPlane:
     name = "ucx"
 
-    def __init__(self, instance_id: str, host: str, port: int, tls: str | None, listen: bool,
-                 kv_cache: torch.Tensor):
+    def __init__(self, instance_id: str, host: str, tls: str | None, kv_cache: torch.Tensor):
         self._instance_id = instance_id
-        self._host, self._port, self._tls, self._listen = host, port, tls, listen
+        self._host, self._tls = host, tls
         self._is_cuda = kv_cache.is_cuda
-        self._listener = None
-        self._accepted: dict[str, object] = {}        # decode side: prefill instance id -> endpoint
-        self._accepted_event: dict[str, asyncio.Event] = {}
-        self._connected: dict[str, object] = {}       # prefill side: decode instance id -> endpoint
+        self._worker_address = ""
+        self._receiving: dict[str, object] = {}       # decode side: prefill instance id -> endpoint
+        self._sending: dict[str, object] = {}         # prefill side: decode instance id -> endpoint
         self._connect_locks: dict[str, asyncio.Lock] = {}
 
     async def start(self) -> None:
@@ -65,18 +71,24 @@ class UcxDataPlane:
             raise RuntimeError("a UCX KV connector is already running in this process "
                                "(ucxx keeps one context per process); use role='both'")
         _owner = self
+        before = listening_sockets()
         # Created on this (the connector's) loop: ucxx binds its notifier thread to it.
         # Python futures + notifier thread: waiting requests cost no CPU (wait_yield polls).
-        ucxx.init(options={"TLS": self._tls} if self._tls else {}, enable_python_future=True)
+        ucxx.init(options=self._ucx_options(), enable_python_future=True)
+        self._worker_address = bytes(ucxx.get_worker_address()).hex()
         self._log_transports()
-        if self._listen:
-            self._listener = ucxx.create_listener(self._on_connect, port=self._port or None)
-            logger.info("UCX listener on %s:%d", self._host, self._listener.port)
+        logger.info("UCX transports listen on %s", sorted(listening_sockets() - before) or "nothing")
+
+    def _ucx_options(self) -> dict:
+        options = {"TLS": self._tls} if self._tls else {}
+        if "UCX_NET_DEVICES" not in os.environ:
+            device = net_device_of(self._host)
+            if device is not None:
+                options["NET_DEVICES"] = device
+        return options
 
     def address(self) -> dict:
-        if self._listener is None:
-            raise RuntimeError("this UCX data plane does not listen (role 'prefill')")
-        return {"backend": self.name, "host": self._host, "port": self._listener.port}
+        return {"backend": self.name, "worker_address": self._worker_address}
 
     def _log_transports(self) -> None:
         config = ucxx.get_config()
@@ -89,78 +101,47 @@ class UcxDataPlane:
                            "blocks would bounce through host memory over TCP. Set UCX_TLS to "
                            "e.g. cuda_copy,cuda_ipc,rc,tcp", active)
 
+    # ---- both sides ------------------------------------------------------------------------
+
+    async def _endpoint(self, cache: dict, peer_id: str, address: dict, deadline: float):
+        async with self._connect_locks.setdefault(peer_id, asyncio.Lock()):
+            ep = cache.get(peer_id)
+            if ep is not None and not ep.closed:
+                return ep
+            try:
+                worker_address = ucxx.get_ucx_address_from_buffer(bytes.fromhex(address["worker_address"]))
+                ep = await asyncio.wait_for(ucxx.create_endpoint_from_worker_address(worker_address),
+                                            remaining_s(deadline))
+            except Exception as exc:  # noqa: BLE001 - a bad address or an unreachable peer
+                raise TransferError(f"UCX connect to {peer_id} failed: {exc!r}") from exc
+            cache[peer_id] = ep
+            return ep
+
     # ---- decode side -----------------------------------------------------------------------
 
-    async def _on_connect(self, ep) -> None:
-        hello = np.zeros(HELLO_BYTES, dtype=np.uint8)
-        try:
-            await asyncio.wait_for(ep.recv(hello), GRACE_S)
-        except Exception as exc:  # noqa: BLE001 - a bad peer must not kill the listener
-            logger.warning("UCX peer connected without a hello (%s); closing it", exc)
-            ep.abort()
-            return
-        peer_id = bytes(hello).rstrip(b"\0").decode()
-        old = self._accepted.pop(peer_id, None)
-        if old is not None:
-            old.abort()
-        self._accepted[peer_id] = ep
-        self._accepted_event.setdefault(peer_id, asyncio.Event()).set()
-        logger.info("UCX connection from prefill %s", peer_id)
-
-    async def _accepted_endpoint(self, peer_id: str, deadline: float):
-        ep = self._accepted.get(peer_id)
-        while ep is None or ep.closed:
-            event = self._accepted_event.setdefault(peer_id, asyncio.Event())
-            event.clear()
-            try:
-                await asyncio.wait_for(event.wait(), remaining_s(deadline))
-            except asyncio.TimeoutError:
-                raise TransferError(f"prefill {peer_id} never connected its UCX endpoint") from None
-            ep = self._accepted.get(peer_id)
-        return ep
-
-    async def recv(self, peer_id: str, tag: int, regions: list[torch.Tensor], deadline: float,
-                   stop: asyncio.Event) -> None:
-        ep = await self._accepted_endpoint(peer_id, deadline)
+    async def recv(self, peer_id: str, peer_address: dict, tag: int, regions: list[torch.Tensor],
+                   deadline: float, stop: asyncio.Event) -> None:
+        ep = await self._endpoint(self._receiving, peer_id, peer_address, deadline)
         tasks = [asyncio.ensure_future(ep.recv(as_bytes(r), tag=tag + i, force_tag=True))
                  for i, r in enumerate(regions)]
         reason = await wait_all(tasks, deadline, stop)
         if reason is not None:
-            if self._accepted.get(peer_id) is ep:
-                del self._accepted[peer_id]
+            if self._receiving.get(peer_id) is ep:
+                del self._receiving[peer_id]
             await self._cancel(ep, tasks)
             raise TransferError(f"UCX receive from prefill {peer_id} failed: {reason}")
 
     # ---- prefill side ----------------------------------------------------------------------
 
-    async def _connected_endpoint(self, peer_id: str, address: dict, deadline: float):
-        async with self._connect_locks.setdefault(peer_id, asyncio.Lock()):
-            ep = self._connected.get(peer_id)
-            if ep is not None and not ep.closed:
-                return ep
-            try:
-                ep = await asyncio.wait_for(
-                    ucxx.create_endpoint(address["host"], address["port"],
-                                         connect_timeout=max(0.1, remaining_s(deadline))),
-                    remaining_s(deadline))
-                hello = np.zeros(HELLO_BYTES, dtype=np.uint8)
-                hello[:len(self._instance_id)] = np.frombuffer(self._instance_id.encode(), np.uint8)
-                await asyncio.wait_for(ep.send(hello), remaining_s(deadline))
-            except Exception as exc:  # noqa: BLE001
-                raise TransferError(f"UCX connect to decode {peer_id} at "
-                                    f"{address.get('host')}:{address.get('port')} failed: {exc!r}") from exc
-            self._connected[peer_id] = ep
-            return ep
-
     async def send(self, peer_id: str, peer_address: dict, tag: int,
                    regions: list[torch.Tensor], deadline: float) -> None:
-        ep = await self._connected_endpoint(peer_id, peer_address, deadline)
+        ep = await self._endpoint(self._sending, peer_id, peer_address, deadline)
         tasks = [asyncio.ensure_future(ep.send(as_bytes(r), tag=tag + i, force_tag=True))
                  for i, r in enumerate(regions)]
         reason = await wait_all(tasks, deadline, None)
         if reason is not None:
-            if self._connected.get(peer_id) is ep:
-                del self._connected[peer_id]  # never reuse an endpoint that failed
+            if self._sending.get(peer_id) is ep:
+                del self._sending[peer_id]  # never reuse an endpoint that failed
             await self._cancel(ep, tasks)
             raise TransferError(f"UCX send to decode {peer_id} failed: {reason}")
 
@@ -182,13 +163,10 @@ class UcxDataPlane:
 
     async def close(self) -> None:
         global _owner
-        for ep in [*self._accepted.values(), *self._connected.values()]:
+        for ep in [*self._receiving.values(), *self._sending.values()]:
             ep.abort(period=int(0.5e9))
-        self._accepted.clear()
-        self._connected.clear()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._receiving.clear()
+        self._sending.clear()
         try:  # lets a later connector in this process start a fresh context on its own loop
             ucxx.reset()
         except Exception as exc:  # noqa: BLE001

@@ -2,8 +2,9 @@
 
 Modes:
 - "silent":  binds the control ROUTER, reads load requests, never answers.
-- "no_data": answers `accepted`, opens a UCX endpoint to the decode side and says hello (so
-             the decode side posts its receives), then never sends a byte.
+- "no_data": answers `accepted` with its UCX worker address, connects an endpoint to the decode
+             side's worker address (so the decode side posts its receives), then never sends a
+             byte.
 The load messages it saw are sent back over the pipe on request, so tests can inspect them.
 """
 
@@ -13,13 +14,11 @@ import multiprocessing as mp
 import os
 
 
-def _child(conn, mode: str) -> None:
+def _child(conn, mode: str, key: bytes | None) -> None:
     os.environ.setdefault("UCX_TLS", "tcp")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     import asyncio
-    import json
 
-    import numpy as np
     import zmq
     import zmq.asyncio
 
@@ -34,19 +33,19 @@ def _child(conn, mode: str) -> None:
             ucxx.init(options={"TLS": "tcp"}, enable_python_future=True)
 
         async def serve():
+            from splitserve.shared.transfer.control import decode, encode
             while True:
                 peer, frame = await router.recv_multipart()
-                msg = json.loads(frame)
+                msg = decode(key, frame)
                 seen.append(msg)
                 if mode == "no_data" and msg["type"] == "load":
-                    reply = {"v": 1, "type": "accepted", "transfer_id": msg["transfer_id"], "num_runs": 1}
-                    await router.send_multipart([peer, json.dumps(reply).encode()])
-                    addr = msg["data_address"]
-                    ep = await ucxx.create_endpoint(addr["host"], addr["port"])
-                    hello = np.zeros(64, dtype=np.uint8)
-                    ident = msg["prefill_instance_id"].encode()
-                    hello[:len(ident)] = np.frombuffer(ident, np.uint8)
-                    await ep.send(hello)
+                    address = {"backend": "ucx", "worker_address": bytes(ucxx.get_worker_address()).hex()}
+                    reply = {"type": "accepted", "transfer_id": msg["transfer_id"], "num_runs": 1,
+                             "data_address": address}
+                    await router.send_multipart([peer, encode(key, reply)])
+                    theirs = bytes.fromhex(msg["data_address"]["worker_address"])
+                    ep = await ucxx.create_endpoint_from_worker_address(
+                        ucxx.get_ucx_address_from_buffer(theirs))
                     endpoints.append(ep)  # keep it open, send nothing
 
         task = asyncio.ensure_future(serve())
@@ -70,10 +69,10 @@ def _child(conn, mode: str) -> None:
 
 
 class FakePrefill:
-    def __init__(self, mode: str, timeout_s: float = 60.0):
+    def __init__(self, mode: str, timeout_s: float = 60.0, key: bytes | None = None):
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_child, args=(child_conn, mode), daemon=True)
+        self.process = ctx.Process(target=_child, args=(child_conn, mode, key), daemon=True)
         self.process.start()
         self._timeout_s = timeout_s
         self.control_address = None

@@ -35,7 +35,8 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
     torch.set_num_threads(1)
     kv_cache = make_cache(seed)
     try:
-        connector = KVConnector(kv_cache, TransferConfig(**config_kwargs))
+        secret = config_kwargs.pop("secret", None)
+        connector = KVConnector(kv_cache, TransferConfig(**config_kwargs), secret=secret)
         conn.send(("ok", {"instance_id": connector.instance_id, "layout_hash": connector.layout_hash,
                           "control_address": getattr(connector, "_server", None)
                           and connector.control_address}))
@@ -74,6 +75,8 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
                 result = None
             elif cmd == "stats":
                 result = connector.stats()
+            elif cmd == "failure":
+                result = connector.failure()
             elif cmd == "blocks":
                 result = kv_cache[list(args[0])].clone()
             elif cmd == "cache":

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from .conftest import DECODE_TIMEOUT_S, PREFILL_LEASE_S
+from .conftest import CONTROL_KEY, DECODE_TIMEOUT_S, PREFILL_LEASE_S, TEST_SECRET
 from .fake_prefill import FakePrefill
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,7 +42,7 @@ def test_control_address_nobody_serves_fails_within_timeout(ucx_pair):
 
 def test_prefill_that_accepts_but_never_sends_fails_and_writes_nothing(ucx_pair):
     _, decode = ucx_pair
-    fake = FakePrefill("no_data").ready()
+    fake = FakePrefill("no_data", key=CONTROL_KEY).ready()
     try:
         before = decode.call("cache")
         t0 = time.monotonic()
@@ -59,7 +59,7 @@ def test_prefill_that_accepts_but_never_sends_fails_and_writes_nothing(ucx_pair)
 
 def test_abort_while_the_prefill_is_silent_is_immediate(ucx_pair):
     _, decode = ucx_pair
-    fake = FakePrefill("silent").ready()
+    fake = FakePrefill("silent", key=CONTROL_KEY).ready()
     try:
         decode.call("start_load", "hush", _handle(fake.control_address, decode.info["layout_hash"]), [7, 8])
         time.sleep(0.1)
@@ -91,7 +91,8 @@ def test_restarted_prefill_on_the_same_address_is_a_new_peer(ucx_pair):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     from .peer import Peer, make_cache
-    common = dict(role="prefill", ucx_tls="tcp", model_id="tiny", control_port=port, timeout_s=5, lease_s=10)
+    common = dict(role="prefill", ucx_tls="tcp", model_id="tiny", control_port=port, timeout_s=5, lease_s=10,
+                  secret=TEST_SECRET)
     first = Peer(5, **common).ready()
     try:
         old = first.call("hold", "gen1", [1], 16)

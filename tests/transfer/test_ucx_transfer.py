@@ -3,7 +3,6 @@ abort on both sides, concurrent loads. Control messages cross real ZMQ sockets."
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -11,7 +10,9 @@ import pytest
 import torch
 import zmq
 
-from .conftest import DECODE_TIMEOUT_S
+from splitserve.shared.transfer.control import decode, encode
+
+from .conftest import CONTROL_KEY, DECODE_TIMEOUT_S
 from .peer import BLOCK_BYTES, make_cache
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,19 +92,19 @@ def test_layout_mismatch_fails_the_load_and_releases_the_hold(ucx_pair):
 
 def _raw_load(control_address: str, handle: dict, **overrides) -> dict:
     """A hand-written decode side: one DEALER, one load message, the prefill's reply."""
-    msg = {"v": 1, "type": "load", "transfer_id": uuid.uuid4().hex, "request_id": handle["request_id"],
+    msg = {"type": "load", "transfer_id": uuid.uuid4().hex, "request_id": handle["request_id"],
            "prefill_instance_id": handle["instance_id"], "decode_instance_id": "raw",
            "layout_hash": handle["layout_hash"], "src_block_ids": handle["block_ids"],
            "dst_block_ids": [0] * len(handle["block_ids"]), "tag": 1 << 16,
-           "data_address": {"backend": "ucx", "host": "127.0.0.1", "port": 1}, **overrides}
+           "data_address": {"backend": "ucx", "worker_address": "00"}, **overrides}
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(control_address)
     try:
-        sock.send(json.dumps(msg).encode())
+        sock.send(encode(CONTROL_KEY, msg))
         assert sock.poll(5000), "prefill did not answer"
-        return json.loads(sock.recv())
+        return decode(CONTROL_KEY, sock.recv())
     finally:
         sock.close()
         ctx.term()
