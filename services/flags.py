@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from splitserve.shared.config_flags import add_dataclass_flags, add_engine_flags
+from splitserve.shared.grpc_security import add_grpc_security_args
 
 
 def _run_prefill(args):
@@ -53,6 +54,7 @@ def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, t
     p.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="model name reported to the gateway")
     add_engine_flags(p)
+    add_grpc_security_args(p)
     if transfer:
         _add_transfer_flags(p)
     p.set_defaults(run=run)
@@ -90,6 +92,7 @@ def _add_up_parser(sub) -> None:
 
     add_dataclass_flags(p, AgentApiConfig, "gateway: tools, reasoning and the Responses API")
     add_engine_flags(p)
+    add_grpc_security_args(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)
 

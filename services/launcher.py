@@ -3,8 +3,15 @@ workers) and the gateway in front, the same commands docker-compose runs, one pe
 
 Start order: make sure the checkpoint exists (the demo one is built once, here, not raced by
 three processes), start the workers and wait until each answers Health, then start the gateway
-and wait until /health is 200. A worker that dies is restarted (a restarted worker is a new
-instance: new instance id, empty KV pool). Ctrl-C or SIGTERM stops everything, gateway first.
+and wait until /health is 200. A worker or gateway that dies is restarted (a restarted worker is
+a new instance: new instance id, empty KV pool), after a back-off that doubles with every crash in
+a row (RESTART_MIN_S .. RESTART_MAX_S; a process that stayed up STABLE_S starts over at the
+minimum), so a client that crashes a service on purpose cannot keep it restarting in a loop.
+Ctrl-C or SIGTERM stops everything, gateway first.
+
+Security: unless --secret-file names one, a fresh random secret is written to a 0600 file in a
+0700 directory that lives as long as the stack; every process gets the file's path, never the
+secret (shared/auth.py). The --grpc-tls-* files are passed on likewise.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
 
 
 @dataclass
@@ -34,12 +45,26 @@ class Child:
     address: str = ""
     process: subprocess.Popen | None = None
     restarts: int = 0
+    crashes_in_a_row: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    """Set while the child is down: when the supervisor starts it again."""
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv)
+        self.started_at, self.restart_at = time.monotonic(), None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def schedule_restart(self, now: float) -> float:
+        """Back-off before the next start: doubles with each crash in a row, resets after a stable run."""
+        if now - self.started_at >= STABLE_S:
+            self.crashes_in_a_row = 0
+        delay = min(RESTART_MAX_S, RESTART_MIN_S * 2 ** self.crashes_in_a_row)
+        self.crashes_in_a_row += 1
+        self.restart_at = now + delay
+        return delay
 
 
 def _cli(*args: str) -> list[str]:
@@ -108,14 +133,14 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _wait_worker_ready(child: Child, deadline: float) -> None:
+def _wait_worker_ready(child: Child, deadline: float, security) -> None:
     import grpc
 
     from splitserve.shared.grpc_channel import sync_channel
     from splitserve.shared.protocol import worker_pb2 as pb
     from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 
-    with sync_channel(child.address) as channel:
+    with sync_channel(child.address, security=security) as channel:
         stub = pb_grpc.WorkerStub(channel)
         while time.monotonic() < deadline:
             if not child.alive():
@@ -127,6 +152,20 @@ def _wait_worker_ready(child: Child, deadline: float) -> None:
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"{child.name} did not become ready within {START_TIMEOUT_S:.0f} s")
+
+
+def _make_secret_file(args: argparse.Namespace) -> str | None:
+    """A fresh secret for this stack unless --secret-file names one; returns the dir to remove."""
+    if args.secret_file:
+        return None
+    import tempfile
+
+    from splitserve.shared.auth import write_secret_file
+
+    directory = tempfile.mkdtemp(prefix="splitserve-secret-")  # mode 0700
+    args.secret_file = os.path.join(directory, "secret")
+    write_secret_file(args.secret_file)
+    return directory
 
 
 def _wait_gateway_ready(child: Child, url: str, deadline: float, processes: int = 1) -> None:
@@ -176,10 +215,14 @@ def run_stack(args: argparse.Namespace) -> int:
     from splitserve.shared.demo import served_model_name
     from splitserve.shared.engine_parts import resolve_model_dir
 
+    from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
+
     name = served_model_name(args.model)
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children
     args.model = model_dir
-    model_argv = [*engine_flags_to_argv(args), "--served-model-name", name]
+    secret_dir = _make_secret_file(args)
+    security = grpc_security_from_args(args)
+    model_argv = [*engine_flags_to_argv(args), "--served-model-name", name, *grpc_security_argv(args)]
     prefill, decode, colocated = _worker_children(args, model_argv)
     workers = prefill + decode + colocated
     url = f"http://{args.host}:{args.port}"
@@ -193,7 +236,8 @@ def run_stack(args: argparse.Namespace) -> int:
     if args.session_window is not None:
         gateway_options += ["--session-window", str(args.session_window)]
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port), "--model", model_dir,
-                                    "--served-model-name", name, *gateway_options, *topology))
+                                    "--served-model-name", name, *gateway_options, *topology,
+                                    *grpc_security_argv(args)))
     stopping = False
 
     def on_signal(signum, frame):
@@ -207,30 +251,36 @@ def run_stack(args: argparse.Namespace) -> int:
         for child in workers:
             child.start()
         for child in workers:
-            _wait_worker_ready(child, deadline)
+            _wait_worker_ready(child, deadline, security)
         gateway.start()
         _wait_gateway_ready(gateway, url, deadline, args.gateway_processes)
         print(f"splitserve is up: {url}/v1  (OpenAI API; model dir {model_dir}; "
               f"{'%d colocated' % len(colocated) if colocated else '%d prefill + %d decode' % (len(prefill), len(decode))}"
               f" workers). Ctrl-C stops it.", flush=True)
         while not stopping:
-            _supervise(workers, gateway, args.restart_workers)
-            time.sleep(0.5)
+            _supervise([*(workers if args.restart_workers else []), gateway])
+            time.sleep(0.2)
         return 0
     except (RuntimeError, TimeoutError) as exc:
         print(f"splitserve up failed: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         _stop([gateway, *workers])
+        if secret_dir is not None:
+            shutil.rmtree(secret_dir, ignore_errors=True)
 
 
-def _supervise(workers: list[Child], gateway: Child, restart: bool) -> None:
-    if not gateway.alive():
-        raise RuntimeError(f"gateway exited with code {gateway.process.returncode}")
-    for child in workers:
-        if child.alive() or not restart:
+def _supervise(children: list[Child]) -> None:
+    """Restart, after its back-off, each child that exited (a worker left out stays down: the
+    NCCL pairs and --no-restart-workers)."""
+    now = time.monotonic()
+    for child in children:
+        if child.alive():
             continue
-        child.restarts += 1
-        logger.warning("%s exited with code %s; restarting it (restart %d)", child.name, child.process.returncode,
-                       child.restarts)
-        child.start()
+        if child.restart_at is None:
+            delay = child.schedule_restart(now)
+            logger.warning("%s exited with code %s; restarting it in %.1f s (crash %d in a row)", child.name,
+                           child.process.returncode, delay, child.crashes_in_a_row)
+        elif now >= child.restart_at:
+            child.restarts += 1
+            child.start()

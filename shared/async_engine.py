@@ -35,6 +35,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; the request cannot complete."""
 
 
+class RequestFailedInEngine(RuntimeError):
+    """A step failed on this request and aborted it; the engine goes on (EngineCore.step)."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -104,6 +108,8 @@ class AsyncEngine:
                         error = following
                         break
                     _merge_into(item, following)
+                if item.error is not None:
+                    raise RequestFailedInEngine(item.error)
                 finished = item.finished
                 yield item
                 if finished:

@@ -11,6 +11,12 @@ A request's life in one engine (see request.py for the statuses):
 
 Single-threaded: only the thread calling `step()` touches the block pool. Token ids in,
 token ids out; text lives in the layers above (`llm.py`, the gateway).
+
+A step that raises a Python exception (a request the code cannot handle, not a device fault)
+fails the requests that were in it: each is aborted, its blocks freed, and its output carries
+`error`; the block pool is checked and the engine goes on. A device fault (a CUDA error, out of
+memory) or MAX_FAILED_STEPS failing steps in a row re-raise: the engine is then unusable and the
+worker exits to be restarted.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
+
+
+MAX_FAILED_STEPS = 3
+"""Consecutive failing steps after which the engine itself is taken to be broken."""
 
 
 class RequestError(ValueError):
@@ -67,6 +77,8 @@ class EngineOutput:
     kv_handle: object | None = None
     kv_load_window_ns: tuple[int, int, bool] | None = None
     """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
+    error: str | None = None
+    """Set (with finish_reason 'error') when a step failed on this request and aborted it."""
 
 
 @dataclass
@@ -76,6 +88,14 @@ class InflightStep:
     pending: PendingStep
     launched: list[tuple[Request, int, int | None]]
     """(request, its computed tokens after this step, index of its placeholder output or None)."""
+
+
+def _is_device_fault(exc: BaseException) -> bool:
+    """A fault of the device or its memory rather than of one request: the engine cannot go on."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
 
 
 def _penalised(params: SamplingParams) -> bool:
@@ -125,6 +145,8 @@ class EngineCore:
         self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
+        self._step_request_ids: list[str] | None = None  # the running step's requests, once scheduled
+        self._failed_steps = 0
         if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
             freeze_startup_heap()
 
@@ -194,11 +216,36 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
+        self._step_request_ids = None
+        try:
+            outputs = self._step()
+        except Exception as exc:  # noqa: BLE001 - classified: a device fault re-raises
+            return self._fail_step(exc)
+        self._failed_steps = 0
+        return outputs
+
+    def _fail_step(self, exc: Exception) -> list[EngineOutput]:
+        """Abort the requests of a step that raised (see the module docstring), or re-raise."""
+        self._failed_steps += 1
+        if _is_device_fault(exc) or self._failed_steps >= MAX_FAILED_STEPS:
+            raise exc
+        inflight = [req.request_id for req, _, _ in self._inflight.launched] if self._inflight else []
+        self._inflight = None
+        culprits = dict.fromkeys([*(self._step_request_ids or self.requests), *inflight])
+        logger.exception("a step failed; aborting its %d requests", len(culprits))
+        message = f"the engine failed on this request: {type(exc).__name__}: {exc}"
+        outputs = [EngineOutput(rid, finished=True, finish_reason="error", error=message)
+                   for rid in culprits if self.abort_request(rid)]
+        self.kv.check_integrity()  # a pool left inconsistent is a broken engine: this raises
+        return outputs
+
+    def _step(self) -> list[EngineOutput]:
         outputs: dict[str, EngineOutput] = {}
         self._handle_connector_events(outputs)
         if self._inflight is not None and self._needs_exact_history():
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         sched = self.scheduler.schedule()
+        self._step_request_ids = [s.request.request_id for s in sched.scheduled]
         for req, block_ids in sched.kv_loads:
             self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)

@@ -5,7 +5,8 @@ raised above gRPC's 4 MiB default (a 100k-token prompt is ~500 kB of varints, fi
 but long prompts with logprobs should never hit a limit), HTTP/2 keepalive so a dead peer is
 noticed in seconds rather than at the next TCP timeout, and short reconnect backoff so a worker
 that comes back is usable at once. Interceptors (OpenTelemetry's, which carry W3C `traceparent`
-in metadata) are passed in by the caller; this module imports no telemetry.
+in metadata) are passed in by the caller; this module imports no telemetry. Authentication (a
+bearer token, mutual TLS: shared/grpc_security.py) is applied here, to every channel and server.
 
 Torch-free: the gateway uses it.
 """
@@ -16,6 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+
+from splitserve.shared.grpc_security import GrpcSecurity, SyncTokenInterceptor, TokenCheck, aio_token_interceptors
+
+_OPEN = GrpcSecurity()
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 KEEPALIVE_TIME_MS = 10_000
@@ -70,11 +75,15 @@ def aio_channel(
     *,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: GrpcSecurity = _OPEN,
 ) -> grpc.aio.Channel:
-    """An insecure asyncio channel to `url` (must be created inside the event loop that uses it)."""
-    return grpc.aio.insecure_channel(
-        normalize_address(url), options=channel_options(max_message_bytes), interceptors=list(interceptors) or None
-    )
+    """An asyncio channel to `url` (must be created inside the event loop that uses it)."""
+    chain = [*interceptors, *(aio_token_interceptors(security.metadata()) if security.token else [])]
+    options = channel_options(max_message_bytes)
+    if security.tls:
+        return grpc.aio.secure_channel(normalize_address(url), security.channel_credentials(), options=options,
+                                       interceptors=chain or None)
+    return grpc.aio.insecure_channel(normalize_address(url), options=options, interceptors=chain or None)
 
 
 def sync_channel(
@@ -82,24 +91,33 @@ def sync_channel(
     *,
     interceptors: Sequence[Any] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: GrpcSecurity = _OPEN,
 ) -> grpc.Channel:
     """A blocking channel (launchers, health probes, scripts); interceptors as for `grpc.intercept_channel`."""
-    channel = grpc.insecure_channel(normalize_address(url), options=channel_options(max_message_bytes))
-    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+    options = channel_options(max_message_bytes)
+    channel = (grpc.secure_channel(normalize_address(url), security.channel_credentials(), options=options)
+               if security.tls else grpc.insecure_channel(normalize_address(url), options=options))
+    chain = [*interceptors, *([SyncTokenInterceptor(security.metadata())] if security.token else [])]
+    return grpc.intercept_channel(channel, *chain) if chain else channel
 
 
 def aio_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: GrpcSecurity = _OPEN,
 ) -> grpc.aio.Server:
-    """An asyncio server with splitserve's options; the caller adds servicers and ports."""
-    return grpc.aio.server(interceptors=list(interceptors) or None, options=server_options(max_message_bytes))
+    """An asyncio server with splitserve's options; the caller adds servicers and ports (add_port,
+    with the same `security`). With a token, every call but Health must carry it."""
+    chain = [*([TokenCheck(security.token)] if security.token else []), *interceptors]
+    return grpc.aio.server(interceptors=chain or None, options=server_options(max_message_bytes))
 
 
-def add_port(server: grpc.aio.Server, address: str) -> int:
+def add_port(server: grpc.aio.Server, address: str, security: GrpcSecurity = _OPEN) -> int:
     """Bind `address` (`host:port`, port 0 picks a free one); return the bound port or raise OSError."""
-    port = server.add_insecure_port(normalize_address(address))
+    address = normalize_address(address)
+    port = (server.add_secure_port(address, security.server_credentials()) if security.tls
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address} (address in use?)")
     return port

@@ -186,6 +186,16 @@ def test_gateway_worker_urls_point_at_listening_services(services):
                 assert services[host].get("profiles") == service.get("profiles"), f"{name} -> {host}: profiles differ"
 
 
+def test_published_ports_bind_the_host_loopback_only(compose):
+    """`ports` without a host address publish on every interface of the host; ours name 127.0.0.1."""
+    gpu = _load(GPU_OVERRIDE_PATH)["services"]
+    published = [(name, str(p)) for file in (compose["services"], gpu) for name, s in file.items()
+                 for p in s.get("ports", [])]
+    assert published, "the stack publishes nothing?"
+    for name, port in published:
+        assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port!r}"
+
+
 def test_healthchecks_probe_the_service_port(services):
     for name, service in _splitserve_services(services).items():
         probe = " ".join(service["healthcheck"]["test"])

@@ -46,6 +46,7 @@ from splitserve.services.gateway.responses_output import ResponsesBuilder
 from splitserve.services.gateway.responses_protocol import ResponsesRequest
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
 from splitserve.services.gateway.worker_client import WorkerClient
+from splitserve.shared.grpc_security import GrpcSecurity
 from splitserve.shared.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,11 @@ class GatewayState:
 
 
 def build_app(config: GatewayConfig, *, tokenizer: Any = None,
-              client_interceptors: Sequence[grpc.aio.ClientInterceptor] = (), api_key: str | None = None) -> FastAPI:
+              client_interceptors: Sequence[grpc.aio.ClientInterceptor] = (), api_key: str | None = None,
+              security: GrpcSecurity = GrpcSecurity()) -> FastAPI:
     """The gateway app; workers are polled from startup to shutdown (the app's lifespan). With
-    `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`."""
+    `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`; `security` authenticates
+    the gateway to the workers (shared/grpc_security.py)."""
     config.validate()
     state = GatewayState(
         config, tokenizer if tokenizer is not None else load_tokenizer(config.model_dir),
@@ -100,14 +103,15 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        clients = {i.url: WorkerClient(i.url, client_interceptors, session_window=config.session_window)
+        clients = {i.url: WorkerClient(i.url, client_interceptors, session_window=config.session_window,
+                                       security=security)
                    for i in state.router.instances}
         state.dispatcher = Dispatcher(state.router, clients, state.metrics, prefill_timeout_s=config.prefill_timeout_s,
                                       generate_timeout_s=config.generate_timeout_s,
                                       abort_timeout_s=config.abort_timeout_s)
         await poll_once(state.router, clients, config.load_rpc_timeout_s)
         poller = asyncio.create_task(poll_loads(state.router, clients, config.load_poll_interval_s,
-                                                config.load_rpc_timeout_s))
+                                                config.load_rpc_timeout_s, config.stalled_after_polls))
         try:
             yield
         finally:

@@ -98,6 +98,9 @@ class GatewayConfig:
     load_poll_interval_s: float = 0.5
     """How often the router polls every worker's GetLoad."""
     load_rpc_timeout_s: float = 1.0
+    stalled_after_polls: int = 3
+    """A worker that misses this many load polls in a row is stalled: its open calls are ended
+    (their requests fail over if nothing was streamed yet, else end with an error)."""
     prefill_timeout_s: float = 600.0
     """Deadline of one Prefill call (queueing included)."""
     generate_timeout_s: float = 3600.0
@@ -123,7 +126,8 @@ class GatewayConfig:
         if not (self.prefill_urls or self.worker_urls):
             raise GatewayConfigError("no workers: give prefill_urls + decode_urls, or worker_urls")
         self.limits.validate()
-        for name in ("max_inflight_requests", "affinity_blocks", "default_block_size"):
+        for name in ("max_inflight_requests", "affinity_blocks", "default_block_size",
+                     "stalled_after_polls"):
             if getattr(self, name) < 1:
                 raise GatewayConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "session_window"):

@@ -31,7 +31,9 @@ import time
 from splitserve.services.gateway.config import (
     API_KEY_ENV, AgentApiConfig, GatewayConfig, RequestLimits, add_api_key_arg, api_key_from_args)
 from splitserve.services.launcher import stop_processes
+from splitserve.shared.auth import secret_from_args, warn_if_open
 from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
+from splitserve.shared.grpc_security import add_grpc_security_args, grpc_security_argv, grpc_security_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir", "limits", "agent_api"))
     add_dataclass_flags(parser, RequestLimits, "request limits")
     add_dataclass_flags(parser, AgentApiConfig, "tools, reasoning and the Responses API")
+    add_grpc_security_args(parser)
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -81,7 +84,9 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
         return _run_processes(args, config)
     telemetry.setup_tracing("splitserve-gateway")
     interceptors = [*client_interceptors, *telemetry.grpc_client_interceptors()]
-    app = build_app(config, client_interceptors=interceptors, api_key=api_key_from_args(args))
+    security = grpc_security_from_args(args)
+    warn_if_open(secret_from_args(args), "gateway")
+    app = build_app(config, client_interceptors=interceptors, api_key=api_key_from_args(args), security=security)
     telemetry.instrument_fastapi(app)
     try:
         if args.reuse_port:
@@ -118,7 +123,7 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
     argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
             "--model", config.model_dir, "--served-model-name", config.served_model_name, "--processes", "1", "--reuse-port",
             *dataclass_flags_to_argv(GatewayConfig, args), *dataclass_flags_to_argv(RequestLimits, args),
-            *dataclass_flags_to_argv(AgentApiConfig, args)]
+            *dataclass_flags_to_argv(AgentApiConfig, args), *grpc_security_argv(args)]
     stopping = False
 
     def on_signal(signum, frame):

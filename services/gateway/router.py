@@ -13,7 +13,10 @@ Prompts shorter than one block go to the least-loaded instance.
 Decode instances: the least loaded (running requests, then free blocks).
 
 An instance whose RPC fails is marked unhealthy and skipped; the poller keeps probing it and
-marks it healthy again when GetLoad answers.
+marks it healthy again when GetLoad answers. An instance that misses `stalled_after_polls` polls
+in a row (each bounded by its timeout) is taken to be stalled (frozen, SIGSTOPped, or cut off): the
+calls still open on it are abandoned with UNAVAILABLE, so their requests fail over (nothing
+streamed yet) or end with an error, instead of waiting for as long as it is frozen.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Instance:
     """Requests this gateway has on the instance right now."""
     inflight_tokens: int = 0
     """Prompt tokens of those requests (prefill cost)."""
+    failed_polls: int = 0
+    """Load polls in a row that failed or timed out."""
 
     def queued_tokens(self) -> int:
         """Best estimate of the tokens waiting here: the report, or our own count if that is larger."""
@@ -184,18 +189,25 @@ class Router:
         return min(rotated, key=cost)
 
 
-async def poll_loads(router: Router, clients: dict, interval_s: float, timeout_s: float) -> None:
+async def poll_loads(router: Router, clients: dict, interval_s: float, timeout_s: float,
+                     stalled_after_polls: int = 3) -> None:
     """Forever: GetLoad on every instance at once, then sleep `interval_s`. Cancel to stop."""
     while True:
-        await poll_once(router, clients, timeout_s)
+        await poll_once(router, clients, timeout_s, stalled_after_polls)
         await asyncio.sleep(interval_s)
 
 
-async def poll_once(router: Router, clients: dict, timeout_s: float) -> None:
+async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_after_polls: int = 3) -> None:
     async def probe(instance: Instance) -> None:
         try:
             router.update_load(instance, await clients[instance.url].get_load(timeout_s))
+            instance.failed_polls = 0
         except Exception as exc:  # any failure of the probe means: do not route here for now
             router.mark_failed(instance, str(exc))
+            instance.failed_polls += 1
+            if instance.failed_polls == stalled_after_polls:
+                logger.warning("worker %s missed %d load polls in a row; abandoning its open calls",
+                               instance.url, stalled_after_polls)
+                clients[instance.url].abandon_calls(f"worker missed {stalled_after_polls} load polls in a row")
 
     await asyncio.gather(*(probe(i) for i in router.instances))

@@ -27,6 +27,7 @@ import grpc
 from splitserve.services.gateway.config import GatewayConfig
 from splitserve.shared import telemetry
 from splitserve.shared.grpc_channel import aio_channel
+from splitserve.shared.grpc_security import GrpcSecurity
 from splitserve.shared.protocol import convert, worker_pb2 as pb, worker_pb2_grpc
 from splitserve.shared.protocol.convert import TokenChunk, WorkerLoad
 from splitserve.shared.sampling_params import SamplingParams
@@ -78,14 +79,24 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 class WorkerClient:
     def __init__(self, url: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-                 session_window: int = GatewayConfig.session_window) -> None:
+                 session_window: int = GatewayConfig.session_window, security: GrpcSecurity = GrpcSecurity()) -> None:
         """`session_window`: session messages in flight, one being handled here while the next is
         on its way (0: no credit; see GatewayConfig)."""
         self.url = url
         self.session_window = session_window
-        self._channel = aio_channel(url, interceptors=interceptors)
+        self._channel = aio_channel(url, interceptors=interceptors, security=security)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._session: _Session | None = None
+        self._prefills: set = set()  # Prefill calls in flight, for abandon_calls
+        self._abandoned: str | None = None
+
+    def abandon_calls(self, reason: str) -> None:
+        """The worker stalled: end every open call on it now with UNAVAILABLE (see router.py)."""
+        self._abandoned = reason
+        if self._session is not None:
+            self._session.abandon(WorkerError(self.url, "Generate", grpc.StatusCode.UNAVAILABLE, reason))
+        for call in list(self._prefills):
+            call.cancel()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -95,10 +106,18 @@ class WorkerClient:
     async def prefill(self, req: WorkerRequest, timeout_s: float) -> PrefillResult:
         msg = pb.PrefillRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                 sampling_params=convert.sampling_params_to_proto(req.params), priority=req.priority)
+        call = self._stub.Prefill(msg, timeout=timeout_s)
+        self._prefills.add(call)
         try:
-            resp = await self._stub.Prefill(msg, timeout=timeout_s)
+            resp = await call
         except grpc.aio.AioRpcError as exc:
             raise self._error("Prefill", exc) from None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # our caller was cancelled (its client left)
+            raise WorkerError(self.url, "Prefill", grpc.StatusCode.UNAVAILABLE, self._abandoned or "cancelled") from None
+        finally:
+            self._prefills.discard(call)
         return PrefillResult(convert.chunk_from_prefill_response(resp), resp)
 
     async def generate(self, req: WorkerRequest, timeout_s: float,
@@ -181,6 +200,7 @@ class _Session:
     def __init__(self, stub: worker_pb2_grpc.WorkerStub, url: str, window: int) -> None:
         self.url, self.window = url, window
         self.failed: WorkerError | None = None
+        self._abandoned: WorkerError | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._commands: asyncio.Queue = asyncio.Queue()
         # Opened outside the current request's context: the call outlives the request, and its own
@@ -217,9 +237,15 @@ class _Session:
             failure = WorkerError(self.url, "Generate", grpc.StatusCode.CANCELLED, "the gateway closed the session")
             raise
         finally:
-            self.failed = failure
+            self.failed = failure = self._abandoned or failure
             for stream in self._streams.values():
                 stream.put_nowait(failure)
+
+    def abandon(self, failure: WorkerError) -> None:
+        """End the call now; every open request gets `failure` (the worker stalled)."""
+        if self.failed is None:
+            self._abandoned = failure
+            self._call.cancel()
 
     def open(self, msg: pb.GenerateRequest) -> asyncio.Queue:
         """Start a request; its chunks (or a WorkerError) arrive on the returned queue."""

@@ -15,13 +15,16 @@ import signal
 from splitserve.shared import telemetry
 from splitserve.shared.async_engine import AsyncEngine
 from splitserve.shared.config_flags import dataclass_from_args, engine_config_from_args
+from splitserve.shared.auth import secret_from_args, warn_if_open
 from splitserve.shared.grpc_channel import add_port, aio_server
+from splitserve.shared.grpc_security import grpc_security_from_args
+from splitserve.shared.listening import listening_sockets
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 
-def connector_factory(args: argparse.Namespace, role: str):
+def connector_factory(args: argparse.Namespace, role: str, secret: bytes | None = None):
     """Build the KV connector once the engine has allocated its KV pool (None when colocated)."""
     if role == "colocated":
         return None
@@ -35,7 +38,7 @@ def connector_factory(args: argparse.Namespace, role: str):
         tls = args.transfer_ucx_tls or ("tcp" if parts.device.type == "cpu" else None)
         config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh,
                                      model_id=parts.model_dir, ucx_tls=tls)
-        return KVConnector(parts.kv_cache, config)
+        return KVConnector(parts.kv_cache, config, secret=secret)
 
     return make
 
@@ -62,14 +65,19 @@ async def _serve(args: argparse.Namespace, role: str, config) -> bool:
         died.append(exc)
         loop.call_soon_threadsafe(stop.set)
 
-    engine = AsyncEngine(config, role, connector_factory(args, role), model_name=args.served_model_name,
+    secret = secret_from_args(args)
+    warn_if_open(secret, f"{role} worker")
+    security = grpc_security_from_args(args)
+    engine = AsyncEngine(config, role, connector_factory(args, role, secret), model_name=args.served_model_name,
                          on_dead=on_dead)
-    server = aio_server(interceptors=telemetry.grpc_server_interceptors())
+    server = aio_server(interceptors=telemetry.grpc_server_interceptors(), security=security)
     from splitserve.services.worker.servicer import WorkerServicer
 
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
-    port = add_port(server, f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", security)
     await server.start()
+    logger.info("%s worker listens on %s (gRPC%s%s)", role, sorted(listening_sockets()),
+                ", mutual TLS" if security.tls else "", ", token required" if security.token else ", no auth")
     print(f"splitserve {role} ready on {args.host}:{port} (instance {engine.instance_id})", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -19,7 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from splitserve.services.worker.session import RequestFailed, serve_session
 from splitserve.shared import telemetry
-from splitserve.shared.async_engine import AsyncEngine, EngineDeadError
+from splitserve.shared.async_engine import AsyncEngine, EngineDeadError, RequestFailedInEngine
 from splitserve.shared.protocol import convert
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
@@ -42,7 +42,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
                                                       priority=request.priority, hold_kv=True):
                     final = out
-            except (ValueError, EngineDeadError) as exc:
+            except (ValueError, EngineDeadError, RequestFailedInEngine) as exc:
                 await _abort_for(context, exc)
             if final is None or final.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
@@ -88,6 +88,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     yield convert.engine_output_to_chunk(out)
             except EngineDeadError as exc:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            except RequestFailedInEngine as exc:  # this request only: the worker is fine
+                raise RequestFailed(grpc.StatusCode.ABORTED, str(exc)) from None
             except ValueError as exc:
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -98,12 +100,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.AbortResponse(found=found)
 
     async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
+        problem = self.problem()
+        if problem is not None:  # the gateway's router marks this worker unhealthy
+            await context.abort(grpc.StatusCode.UNAVAILABLE, problem)
         return convert.load_to_proto(worker_load(self.engine))
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        dead = self.engine._dead
-        return pb.HealthResponse(ready=dead is None, instance_id=self.engine.instance_id,
-                                 message="ok" if dead is None else f"engine failed: {dead}")
+        problem = self.problem()
+        return pb.HealthResponse(ready=problem is None, instance_id=self.engine.instance_id,
+                                 message=problem or "ok")
+
+    def problem(self) -> str | None:
+        """Why this worker cannot serve (its engine died, its KV transfer plane died), or None."""
+        if self.engine._dead is not None:
+            return "engine failed"
+        connector = self.engine.core.connector
+        failure = connector.failure() if connector is not None else None
+        if failure is not None:
+            logger.error("KV transfer plane failed: %s", failure)
+            return "KV transfer plane failed"
+        return None
 
 
 def worker_load(engine: AsyncEngine) -> convert.WorkerLoad:
@@ -136,4 +152,6 @@ def _record_final(span, out) -> None:
 async def _abort_for(context, exc: Exception) -> None:
     if isinstance(exc, EngineDeadError):
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, RequestFailedInEngine):
+        await context.abort(grpc.StatusCode.ABORTED, str(exc))
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from splitserve.shared.auth import write_secret_file
+
 READY_TIMEOUT_S = 240.0
 
 
@@ -55,8 +57,12 @@ class LocalStack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.colocated = "--colocated" in args
         self.num_prefill = 0 if self.colocated else int(_flag(args, "--prefill", "1"))
+        self.secret_file = os.path.join(cache_dir, f"secret-{self.port}")
+        os.makedirs(cache_dir, exist_ok=True)
+        write_secret_file(self.secret_file)  # the stack's; the tests' own calls authenticate with it
         argv = [sys.executable, "-m", "splitserve.cli", "up", "--port", str(self.port),
-                "--worker-base-port", str(self.worker_base_port), "--device", device, *args]
+                "--worker-base-port", str(self.worker_base_port), "--device", device,
+                "--secret-file", self.secret_file, *args]
         self.env = dict(os.environ, SPLITSERVE_CACHE=cache_dir, PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         self.lines: list[str] = []
@@ -102,8 +108,22 @@ class LocalStack:
         from splitserve.shared.protocol import worker_pb2 as pb
         from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 
-        with sync_channel(self.worker_address(role, index)) as channel:
+        with sync_channel(self.worker_address(role, index), security=self.security()) as channel:
             return pb_grpc.WorkerStub(channel).GetLoad(pb.LoadRequest(), timeout=5)
+
+    def security(self):
+        from splitserve.shared.auth import grpc_token, read_secret_file
+        from splitserve.shared.grpc_security import GrpcSecurity
+
+        return GrpcSecurity(token=grpc_token(read_secret_file(self.secret_file)))
+
+    def gateway_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-f", f"splitserve.cli gateway --host 127.0.0.1 --port {self.port} "],
+                             capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        if len(pids) != 1:
+            raise RuntimeError(f"expected one gateway process on port {self.port}, found {pids}")
+        return pids[0]
 
     def openai(self, **kwargs):
         from openai import OpenAI

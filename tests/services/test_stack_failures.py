@@ -44,7 +44,7 @@ def test_transfer_from_silent_prefill_times_out_and_recomputes(stack):
         request_id="silent-1", prompt_token_ids=prompt,
         sampling_params=pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=6, ignore_eos=True),
         kv_handle=handle, first_token=pb.FirstToken(token_id=42, logprob=-1.0, rank=1))
-    with sync_channel(stack.worker_address("decode")) as channel:
+    with sync_channel(stack.worker_address("decode"), security=stack.security()) as channel:
         chunks = list(pb_grpc.WorkerStub(channel).Generate(request, timeout=60))
     silent.close()
     final = chunks[-1]
@@ -90,7 +90,7 @@ def _layout_hash(stack) -> str:
     from splitserve.shared.protocol import worker_pb2 as pb
     from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 
-    with sync_channel(stack.worker_address("prefill")) as channel:
+    with sync_channel(stack.worker_address("prefill"), security=stack.security()) as channel:
         stub = pb_grpc.WorkerStub(channel)
         response = stub.Prefill(pb.PrefillRequest(
             request_id="probe", prompt_token_ids=[5, 6, 7],

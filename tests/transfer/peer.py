@@ -77,6 +77,14 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
                 result = connector.stats()
             elif cmd == "failure":
                 result = connector.failure()
+            elif cmd == "break_control":  # a failpoint: the task serving the control socket dies
+                import asyncio
+
+                async def die():
+                    raise RuntimeError("injected control task failure")
+                connector._tasks[0].cancel()
+                connector._tasks[0] = asyncio.run_coroutine_threadsafe(die(), connector._loop)
+                result = None
             elif cmd == "blocks":
                 result = kv_cache[list(args[0])].clone()
             elif cmd == "cache":

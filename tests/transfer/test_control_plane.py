@@ -163,3 +163,16 @@ def test_data_moves_with_the_signed_addresses_only(ucx_pair):
     assert "signed" in decode_peer.wait_events("loaded", ["signed"], timeout_s=20)["loaded"]
     import torch
     assert torch.equal(decode_peer.call("blocks", [55]), make_cache(prefill.seed)[[44]])
+
+
+def test_a_dead_control_task_is_reported_as_a_failure():
+    from .peer import Peer
+
+    peer = Peer(9, role="prefill", backend="ucx", ucx_tls="tcp", model_id="tiny", secret=b"x" * 32).ready()
+    try:
+        assert peer.call("failure") is None
+        peer.call("break_control")
+        wait_until(lambda: peer.call("failure") is not None, 20, message="failure reported")
+        assert "control task ended" in peer.call("failure")
+    finally:
+        peer.close()
