@@ -25,6 +25,7 @@ def _decode_address(hex_address: str) -> tuple[str, int]:
         ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
     else:  # /proc prints IPv6 as four little-endian 32-bit words
         ip = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+        ip = ip.removeprefix("::ffff:") if ip.startswith("::ffff:") and "." in ip else ip  # IPv4-mapped
     return ip, int(port, 16)
 
 

@@ -108,11 +108,25 @@ def _freeze_during(stack, pid: int, n: int, max_tokens: int) -> list:
 def test_a_frozen_prefill_fails_over_and_a_frozen_decode_ends_with_errors(stack):
     results = _freeze_during(stack, stack.worker_pid("prefill", 0), n=8, max_tokens=4)
     failed = [r for r in results if isinstance(r, Exception)]
-    assert len(failed) < len(results), failed  # those on the frozen prefill moved to the other one
+    assert not failed, failed  # those on the frozen prefill moved to the other one and completed
+    assert any("abandoning its open calls" in line for line in stack.lines)
+    assert any("routing it to another instance" in line for line in stack.lines)
     results = _freeze_during(stack, stack.worker_pid("decode"), n=4, max_tokens=200)
     assert all(isinstance(r, (str, Exception)) for r in results)  # every request ended
     wait_until(lambda: _pools_full(stack), BOUND_S, interval_s=1.0, message="every pool full after SIGCONT")
-    assert all(isinstance(r, str) for r in asyncio.run(_requests(stack, 2, 4)))
+    wait_until(lambda: _all_healthy(stack), BOUND_S, interval_s=0.5, message="the gateway sees every worker")
+    after = asyncio.run(_requests(stack, 2, 4))
+    assert all(isinstance(r, str) for r in after), after
+
+
+def _all_healthy(stack) -> bool:
+    import httpx
+
+    try:
+        workers = httpx.get(f"{stack.url}/health", timeout=10).json()["workers"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return all(w["healthy"] for w in workers)
 
 
 def test_a_killed_gateway_is_restarted(stack):
@@ -128,6 +142,7 @@ def test_a_killed_gateway_is_restarted(stack):
             return False
 
     wait_until(serves, BOUND_S * 2, interval_s=1.0, message="the restarted gateway serves")
+    wait_until(lambda: _all_healthy(stack), BOUND_S, interval_s=0.5, message="the gateway sees every worker")
     assert any("gateway exited" in line and "restarting it" in line for line in stack.lines)
     wait_until(lambda: _pools_full(stack), BOUND_S, interval_s=1.0, message="every pool full")
 
