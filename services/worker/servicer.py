@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._reported_failure = False
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         if self.engine.role != "prefill":
@@ -116,10 +117,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return "engine failed"
         connector = self.engine.core.connector
         failure = connector.failure() if connector is not None else None
-        if failure is not None:
-            logger.error("KV transfer plane failed: %s", failure)
-            return "KV transfer plane failed"
-        return None
+        if failure is None:
+            return None
+        if not self._reported_failure:  # asked every poll: say it once
+            self._reported_failure = True
+            logger.error("KV transfer plane failed, this worker reports itself unhealthy: %s", failure)
+        return "KV transfer plane failed"
 
 
 def worker_load(engine: AsyncEngine) -> convert.WorkerLoad:
