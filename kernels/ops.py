@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from splitserve.kernels import activation, kv_cache_write, paged_attention as _attention, rms_norm as _norm, rotary
+from splitserve.kernels import activation, fused_moe as _moe, kv_cache_write, paged_attention as _attention
+from splitserve.kernels import rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.kernels.triton_import import HAS_TRITON
 
@@ -24,6 +25,7 @@ __all__ = [
     "act_and_mul",
     "compute_cos_sin_cache",
     "fused_add_rms_norm",
+    "fused_moe",
     "paged_attention",
     "rms_norm",
     "rotary_embedding",
@@ -110,3 +112,17 @@ def act_and_mul(x: torch.Tensor, hidden_act: str) -> torch.Tensor:
     if use_triton(x):
         return activation.act_and_mul(x, hidden_act)
     return _ACT_AND_MUL_REFS[hidden_act](x)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """`x [T, H]` through its top-k experts of `w13 [E, 2I, H]`, `w2 [E, H, I]` -> `[T, H]`;
+    see `kernels/fused_moe.py`."""
+    fn = _moe.fused_moe if use_triton(x) else _moe.fused_moe_ref
+    return fn(x, w13, w2, topk_weights, topk_ids, activation)

@@ -110,10 +110,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
-        inv_freq, attention_scaling = rope_inverse_frequencies(rope, rotary_dim, max_positions)
         # [max_positions, rotary_dim] rows cos ‖ sin, fp32; not a checkpoint weight.
-        cache = compute_cos_sin_cache(inv_freq, max_positions, attention_scaling)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(rope, rotary_dim, max_positions), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -126,11 +124,15 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The RoPE settings as one dict with `rope_type` and `rope_theta`, whichever way the
-    config stores them (transformers 5 `rope_parameters`, or older `rope_theta` + `rope_scaling`)."""
+    config stores them (transformers 5 `rope_parameters`, or older `rope_theta` + `rope_scaling`).
+    Configs with one RoPE per layer kind (Gemma 3: "sliding_attention" / "full_attention") give
+    `layer_type`'s."""
     params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
+    if isinstance(params, dict) and layer_type is not None and isinstance(params.get(layer_type), dict):
+        rope = dict(params[layer_type])
+    elif isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
         rope = dict(params)
     else:
         rope = dict(getattr(hf_config, "rope_scaling", None) or {})
@@ -138,7 +140,37 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
     if rope.get("partial_rotary_factor") is None and getattr(hf_config, "partial_rotary_factor", None):
         rope["partial_rotary_factor"] = hf_config.partial_rotary_factor
+    if rope.get("original_max_position_embeddings") is None and getattr(hf_config, "original_max_position_embeddings", None):
+        rope["original_max_position_embeddings"] = hf_config.original_max_position_embeddings
     return rope
+
+
+def rope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """`[max_positions, rotary_dim]` fp32 rows cos ‖ sin for the config's rope type."""
+    if rope["rope_type"] == "longrope":
+        return _longrope_cos_sin_cache(rope, rotary_dim, max_positions)
+    inv_freq, attention_scaling = rope_inverse_frequencies(rope, rotary_dim, max_positions)
+    return compute_cos_sin_cache(inv_freq, max_positions, attention_scaling)
+
+
+def _longrope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """LongRoPE (Phi-3 "su"): frequencies divided by per-channel `short_factor` for positions within
+    `original_max_position_embeddings`, by `long_factor` beyond, both scaled by
+    `sqrt(1 + ln(factor) / ln(original))`. transformers switches the factors by the longest
+    position of each forward call, so a prompt that itself passes the original length is rotated
+    with the long factors throughout there and per position here; within it the two agree exactly."""
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor") or max_positions / original
+    scaling = rope.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = float(rope["rope_theta"])
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    caches = [
+        compute_cos_sin_cache(1.0 / (torch.tensor(rope[key], dtype=torch.float32) * base**exponents), max_positions, scaling)
+        for key in ("short_factor", "long_factor")
+    ]
+    return torch.cat([caches[0][:original], caches[1][original:]])
 
 
 def rope_inverse_frequencies(
@@ -158,7 +190,7 @@ def rope_inverse_frequencies(
     if rope_type == "yarn":
         return _yarn_inverse_frequencies(rope, base, rotary_dim, max_positions)
     raise UnsupportedRopeError(
-        f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)"
+        f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3, yarn, longrope)"
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from splitserve.shared.model import llama
+from splitserve.shared.model import gemma, llama, mixtral, olmo2, phi3, qwen_moe
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -19,7 +19,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 _ARCHITECTURES: dict[str, Callable[[Any], nn.Module]] = {}
-for _family in (llama,):
+for _family in (llama, qwen_moe, mixtral, gemma, phi3, olmo2):
     _ARCHITECTURES.update(_family.ARCHITECTURES)
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
