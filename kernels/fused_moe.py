@@ -61,7 +61,8 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     num_pairs = flat.numel()
     device = flat.device
     max_tiles = -(-num_pairs // block_m) + num_experts
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]  # [E]
+    # scatter_add rather than bincount, whose CUDA version reads the maximum back to the host
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
