@@ -51,6 +51,13 @@ class CausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every attention layer slides by the same one (the engine then frees the
+        blocks it slid past), else None."""
+        windows = {layer.sliding_window for layer in self.attention_layers()}
+        return windows.pop() if len(windows) == 1 else None
+
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         """Give every attention layer its views of the pool `[num_blocks, num_layers, 2, block_size, Hkv, D]`."""
         layers = self.attention_layers()

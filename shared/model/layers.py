@@ -140,8 +140,9 @@ def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, 
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
     if rope.get("partial_rotary_factor") is None and getattr(hf_config, "partial_rotary_factor", None):
         rope["partial_rotary_factor"] = hf_config.partial_rotary_factor
-    if rope.get("original_max_position_embeddings") is None and getattr(hf_config, "original_max_position_embeddings", None):
-        rope["original_max_position_embeddings"] = hf_config.original_max_position_embeddings
+    original = getattr(hf_config, "original_max_position_embeddings", None)
+    if rope.get("original_max_position_embeddings") is None and original:
+        rope["original_max_position_embeddings"] = original
     return rope
 
 
@@ -167,7 +168,8 @@ def _longrope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions
     base = float(rope["rope_theta"])
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     caches = [
-        compute_cos_sin_cache(1.0 / (torch.tensor(rope[key], dtype=torch.float32) * base**exponents), max_positions, scaling)
+        compute_cos_sin_cache(1.0 / (torch.tensor(rope[key], dtype=torch.float32) * base**exponents),
+                              max_positions, scaling)
         for key in ("short_factor", "long_factor")
     ]
     return torch.cat([caches[0][:original], caches[1][original:]])
@@ -257,7 +259,8 @@ class SelfAttention(nn.Module):
         logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, num_kv_heads_of(cfg), head_dim_of(cfg)
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, num_kv_heads_of(cfg)
+        self.head_dim = head_dim_of(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias)
