@@ -52,8 +52,10 @@ def _layer_types(cfg: Any) -> list[str]:
 
 def _rope_of(cfg: Any, layer_type: str) -> dict[str, Any]:
     rope = rope_parameters(cfg, layer_type)
+    per_kind = getattr(cfg, "rope_parameters", None)
+    has_own = isinstance(per_kind, dict) and isinstance(per_kind.get(layer_type), dict)
     local_base = getattr(cfg, "rope_local_base_freq", None)
-    if layer_type == "sliding_attention" and local_base and not isinstance(cfg.rope_parameters.get(layer_type), dict):
+    if layer_type == "sliding_attention" and local_base and not has_own:
         rope = {**rope, "rope_theta": local_base}
     return rope
 

@@ -148,7 +148,7 @@ def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, 
 
 def rope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> torch.Tensor:
     """`[max_positions, rotary_dim]` fp32 rows cos ‖ sin for the config's rope type."""
-    if rope["rope_type"] == "longrope":
+    if rope["rope_type"] in ("longrope", "su"):  # "su": Phi-3's first name for LongRoPE
         return _longrope_cos_sin_cache(rope, rotary_dim, max_positions)
     inv_freq, attention_scaling = rope_inverse_frequencies(rope, rotary_dim, max_positions)
     return compute_cos_sin_cache(inv_freq, max_positions, attention_scaling)
