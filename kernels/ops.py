@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from splitserve.kernels import activation, kv_cache_write, paged_attention as _attention, rms_norm as _norm, rotary
+from splitserve.kernels import activation, fused_moe as _moe, kv_cache_write, paged_attention as _attention
+from splitserve.kernels import rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.kernels.triton_import import HAS_TRITON
 
@@ -21,8 +22,10 @@ from splitserve.kernels.triton_import import HAS_TRITON
 FORCE_TRITON = False
 
 __all__ = [
+    "act_and_mul",
     "compute_cos_sin_cache",
     "fused_add_rms_norm",
+    "fused_moe",
     "paged_attention",
     "rms_norm",
     "rotary_embedding",
@@ -55,6 +58,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     *,
+    logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
@@ -62,7 +66,7 @@ def paged_attention(
     fn = _attention.paged_attention if use_triton(q) else _attention.paged_attention_cpu
     return fn(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
-        max_query_len=max_query_len, max_seq_len=max_seq_len,
+        logit_softcap=logit_softcap, max_query_len=max_query_len, max_seq_len=max_seq_len,
     )
 
 
@@ -97,4 +101,28 @@ def rotary_embedding(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """`x [T, 2I]` -> `silu(x[:, :I]) * x[:, I:]`."""
-    return (activation.silu_and_mul if use_triton(x) else activation.silu_and_mul_ref)(x)
+    return act_and_mul(x, "silu")
+
+
+_ACT_AND_MUL_REFS = {"silu": activation.silu_and_mul_ref, "gelu_pytorch_tanh": activation.gelu_tanh_and_mul_ref}
+
+
+def act_and_mul(x: torch.Tensor, hidden_act: str) -> torch.Tensor:
+    """`x [T, 2I]` -> `act(x[:, :I]) * x[:, I:]` for `hidden_act` "silu" or "gelu_pytorch_tanh"."""
+    if use_triton(x):
+        return activation.act_and_mul(x, hidden_act)
+    return _ACT_AND_MUL_REFS[hidden_act](x)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """`x [T, H]` through its top-k experts of `w13 [E, 2I, H]`, `w2 [E, H, I]` -> `[T, H]`;
+    see `kernels/fused_moe.py`."""
+    fn = _moe.fused_moe if use_triton(x) else _moe.fused_moe_ref
+    return fn(x, w13, w2, topk_weights, topk_ids, activation)

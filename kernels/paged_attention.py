@@ -8,7 +8,9 @@ the pool `kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim
 contiguous across blocks. Request `b` owns query rows `query_start_loc[b]:query_start_loc[b+1]` of
 `q`; its keys are the first `seq_lens[b]` slots named by `block_tables[b]`. Query token `i` sits at
 position `p = seq_lens[b] - q_len_b + i` and sees key positions `j <= p` (and `p - j < sliding_window`
-when given). Query head `h` reads kv head `h // (Hq // Hkv)`.
+when given; the kernel does not even read the blocks that lie wholly before the window). Query head
+`h` reads kv head `h // (Hq // Hkv)`. With `logit_softcap` (Gemma 2) each score `s = scale * q.k` becomes
+`cap * tanh(s / cap)` before the softmax.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def _check_ragged_lengths(query_lens: list[int], seq_lens: list[int]) -> None:
             raise ValueError(f"request {b}: query length {q_len} must be in [0, seq_len={seq_len}]")
 
 
+def softcap_scores(scores: torch.Tensor, logit_softcap: float | None) -> torch.Tensor:
+    """`cap * tanh(scores / cap)`, or `scores` unchanged without a cap."""
+    return scores if logit_softcap is None else torch.tanh(scores / logit_softcap) * logit_softcap
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -38,6 +45,7 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     *,
+    logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
@@ -62,7 +70,7 @@ def paged_attention_ref(
         k = k.transpose(0, 1).repeat_interleave(group, dim=0)
         v = v.transpose(0, 1).repeat_interleave(group, dim=0)
         q_b = q[starts[b] : starts[b + 1]].float().transpose(0, 1)  # [Hq, q_len, D]
-        scores = torch.matmul(q_b, k.transpose(1, 2)) * scale  # [Hq, q_len, seq_len]
+        scores = softcap_scores(torch.matmul(q_b, k.transpose(1, 2)) * scale, logit_softcap)  # [Hq, q_len, seq_len]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         visible = k_pos <= q_pos
@@ -84,6 +92,7 @@ def paged_attention_cpu(
     scale: float,
     sliding_window: int | None = None,
     *,
+    logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
@@ -96,7 +105,7 @@ def paged_attention_cpu(
     decode = [b for b, n in enumerate(query_lens) if n == 1]
     if len(decode) < 2:
         return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                   sliding_window)
+                                   sliding_window, logit_softcap=logit_softcap)
     lens = seq_lens.tolist()
     _check_ragged_lengths(query_lens, lens)
     out = torch.empty_like(q)
@@ -107,7 +116,7 @@ def paged_attention_cpu(
                                   dtype=query_start_loc.dtype)
         rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in others])
         out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, sub_starts, seq_lens[idx], block_tables[idx],
-                                        scale, sliding_window)
+                                        scale, sliding_window, logit_softcap=logit_softcap)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -118,7 +127,7 @@ def paged_attention_cpu(
     v = v_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).float()
     rows = torch.tensor([starts[b] for b in decode])
     q_d = q[rows].float().view(len(decode), num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
-    scores = torch.einsum("rhgd,rshd->rhgs", q_d, k) * scale  # [R, Hkv, G, S]
+    scores = softcap_scores(torch.einsum("rhgd,rshd->rhgs", q_d, k) * scale, logit_softcap)  # [R, Hkv, G, S]
     key_pos = torch.arange(k.shape[1])[None, :]
     visible = key_pos < ctx[:, None]  # the query sits at position ctx - 1 and sees everything before it
     if sliding_window is not None:
@@ -155,7 +164,12 @@ def _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q: tl.constexpr)
     return lo
 
 
-@triton.jit(do_not_specialize=["num_reqs", "sliding_window", "stride_bt"])
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)  # saturates to +-1 where exp over/underflows
+
+
+@triton.jit(do_not_specialize=["num_reqs", "sliding_window", "logit_softcap", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # NUM_SPLITS == 1: [T, Hq, D] in q's dtype; else partials [T, Hq, NUM_SPLITS, D] fp32
     lse_ptr,  # NUM_SPLITS > 1: [T, Hq, NUM_SPLITS] fp32 log2-sum-exp per split
@@ -168,6 +182,7 @@ def _paged_attention_kernel(
     num_reqs,
     scale_log2,  # softmax scale * log2(e): scores live in the exp2 domain
     sliding_window,
+    logit_softcap,  # USE_SOFTCAP: scores become cap * tanh(score / cap), in natural-log units
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -183,6 +198,7 @@ def _paged_attention_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
@@ -234,6 +250,8 @@ def _paged_attention_kernel(
                   + kv_head * stride_kh + offs_d[:, None])
         k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if USE_SOFTCAP:  # cap in natural-log units: cap * tanh(s / cap), s = scores / log2(e)
+            scores = logit_softcap * _tanh(scores / (logit_softcap * 1.4426950408889634)) * 1.4426950408889634
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         if USE_WINDOW:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
@@ -295,7 +313,8 @@ def _combine_splits_kernel(
 _LOG2E = 1.4426950408889634
 
 
-def _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window) -> None:
+def _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window,
+                  logit_softcap=None) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"expected q [T, Hq, D] and k_cache == v_cache [N, block_size, Hkv, D]; got q {tuple(q.shape)}, "
@@ -322,6 +341,8 @@ def _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, 
                          f"{query_start_loc.shape[0]} and {block_tables.shape[0]}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive or None; got {sliding_window}")
+    if logit_softcap is not None and logit_softcap <= 0:
+        raise ValueError(f"logit_softcap must be positive or None; got {logit_softcap}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,6 +405,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     *,
+    logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
@@ -396,7 +418,7 @@ def paged_attention(
     forces the split count (1 = no split); `config` overrides the tiles (for tuning).
     """
     require_triton()
-    _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window)
+    _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sliding_window, logit_softcap)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_reqs = seq_lens.shape[0]
@@ -428,7 +450,7 @@ def paged_attention(
     head_dim_pad = triton.next_power_of_2(head_dim)
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         partial, lse, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-        num_reqs, scale * _LOG2E, sliding_window or 0,
+        num_reqs, scale * _LOG2E, sliding_window or 0, logit_softcap or 0.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -436,7 +458,7 @@ def paged_attention(
         *out_strides, *lse_strides,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_N=config.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

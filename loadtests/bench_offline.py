@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shapes import SHAPES, kv_bytes_per_token, param_count, write_shape  # noqa: E402
+from shapes import SHAPES, expected_experts_touched, kv_bytes_per_token, moe_experts, param_count, write_shape  # noqa: E402
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -41,20 +41,33 @@ def measure_ceilings() -> tuple[float, float]:
     return bandwidth, flops
 
 
-def roofline_s(shape: str, num: int, input_len: int, output_len: int, bandwidth: float, flops: float) -> tuple[float, float]:
-    """Lower bounds. Prefill is matmul-bound: 2·(params − embedding)·prompt tokens, the LM head only
-    for each request's last prompt token, plus causal attention. Each of the output_len − 1 decode
-    steps must read every weight once plus every live token's KV once."""
+def roofline_s(shape: str, num: int, input_len: int, output_len: int, bandwidth: float, flops: float,
+               max_num_seqs: int | None = None) -> tuple[float, float]:
+    """Lower bounds. Prefill is matmul-bound: 2·(active params − embedding)·prompt tokens, the LM head
+    only for each request's last prompt token, plus causal attention. Each of the output_len − 1
+    decode steps must read every weight it uses once plus every live token's KV once; for a
+    mixture of experts that is the experts its batch touches (`decode_weight_bytes`)."""
     c = SHAPES[shape]
-    params = param_count(shape)
+    _, top_k, _ = moe_experts(shape)
     head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
     embedding = c["vocab_size"] * c["hidden_size"]
-    body = params - embedding - (0 if c["tie_word_embeddings"] else embedding)
+    active = param_count(shape, active_experts=top_k) if top_k else param_count(shape)
+    body = active - embedding - (0 if c["tie_word_embeddings"] else embedding)
     attn_flops = 4 * c["num_hidden_layers"] * c["num_attention_heads"] * head_dim * num * input_len * input_len / 2
     prefill = (2 * body * num * input_len + 2 * embedding * num + attn_flops) / flops
     kv = kv_bytes_per_token(shape)
-    decode = sum(2 * params + num * (input_len + step) * kv for step in range(1, output_len)) / bandwidth
+    weight_bytes = decode_weight_bytes(shape, min(num, max_num_seqs or num))
+    decode = sum(weight_bytes + num * (input_len + step) * kv for step in range(1, output_len)) / bandwidth
     return prefill, decode
+
+
+def decode_weight_bytes(shape: str, batch: int) -> float:
+    """bf16 weight bytes one decode step of `batch` requests reads: every dense weight, and per MoE
+    layer the experts that batch touches (all 128 of Qwen3-30B-A3B's at batch 64 under uniform
+    routing, so the active-parameter bytes alone, also printed, are no bound there)."""
+    if not moe_experts(shape)[0]:
+        return 2 * param_count(shape)
+    return 2 * param_count(shape, active_experts=expected_experts_touched(shape, batch))
 
 
 def run_ours(model_dir: str, prompts: list[list[int]], output_len: int, args, async_scheduling: bool) -> float:
@@ -146,6 +159,18 @@ def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, 
     return elapsed
 
 
+def _print_moe_floors(shape: str, batch: int, bandwidth: float) -> None:
+    num_experts, top_k, _ = moe_experts(shape)
+    if not num_experts:
+        return
+    active = 2 * param_count(shape, active_experts=top_k)
+    touched = decode_weight_bytes(shape, batch)
+    print(f"MoE decode step at batch {batch}: active-parameter bytes {active / 1e9:.2f} GB "
+          f"({active / bandwidth * 1e3:.2f} ms), bytes of the {expected_experts_touched(shape, batch):.1f}/{num_experts} "
+          f"experts per layer the batch touches {touched / 1e9:.2f} GB ({touched / bandwidth * 1e3:.2f} ms, "
+          f"the floor used)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
@@ -166,10 +191,12 @@ def main() -> int:
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = [[rng.randrange(1000, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     bandwidth, flops = measure_ceilings()
-    prefill_floor, decode_floor = roofline_s(args.shape, args.num_prompts, args.input_len, args.output_len, bandwidth, flops)
+    prefill_floor, decode_floor = roofline_s(args.shape, args.num_prompts, args.input_len, args.output_len,
+                                             bandwidth, flops, args.max_num_seqs)
     floor = prefill_floor + decode_floor
     print(f"ceilings: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; roofline "
           f"{floor:.3f} s (prefill {prefill_floor:.3f} + decode {decode_floor:.3f})", flush=True)
+    _print_moe_floors(args.shape, min(args.num_prompts, args.max_num_seqs), bandwidth)
     rows = [("roofline", floor)]
     for mode in args.scheduling.split(","):
         if mode not in ("async", "sync"):

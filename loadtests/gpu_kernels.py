@@ -1,4 +1,5 @@
-"""GPU check and timing of every splitserve Triton kernel at Llama shapes (bf16).
+"""GPU check and timing of every splitserve Triton kernel at Llama shapes (bf16), and the fused MoE
+kernel at Qwen3-30B-A3B and Mixtral-8x7B shapes against a dense grouped-GEMM floor.
 
 Each case builds fresh random bf16 inputs, runs the Triton kernel, and compares it with the torch
 reference computed in fp32 from the same bf16 inputs: relative error `||out - ref|| / ||ref||`
@@ -200,6 +201,61 @@ def silu_case(num_tokens: int, inter: int) -> Row:
     return Row("silu_and_mul", f"T={num_tokens} I={inter}", err, eager_us, graph_us, 3 * num_tokens * inter * 2)
 
 
+def _routing(num_tokens: int, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE)
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def _moe_weights(num_experts: int, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=BF16) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=BF16) * inter**-0.5
+    return w13, w2
+
+
+def _moe_bytes_flops(num_tokens, num_experts, top_k, hidden, inter, touched) -> tuple[int, float]:
+    weight_bytes = int(touched * 3 * hidden * inter * 2)
+    activation_bytes = num_tokens * hidden * 2 * 2 + num_tokens * top_k * (inter + hidden) * 2 * 2
+    return weight_bytes + activation_bytes, 2.0 * num_tokens * top_k * 3 * hidden * inter
+
+
+def moe_case(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int) -> Row:
+    """The fused MoE kernel at a real routing; bytes count the experts this routing touches."""
+    from splitserve.kernels.fused_moe import fused_moe, fused_moe_ref
+
+    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=BF16)
+    w13, w2 = _moe_weights(num_experts, hidden, inter)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    run = lambda: fused_moe(x, w13, w2, weights, ids)  # noqa: E731
+    err = _rel_err(run(), fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids))
+    eager_us, graph_us = _bench(run)
+    touched = torch.unique(ids).numel()
+    moved, flops = _moe_bytes_flops(num_tokens, num_experts, top_k, hidden, inter, touched)
+    return Row("fused_moe", f"T={num_tokens} E={num_experts} k={top_k} H={hidden} I={inter}", err, eager_us,
+               graph_us, moved, flops, note=f"{touched} experts touched")
+
+
+def moe_dense_floor(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int) -> Row:
+    """The floor the fused kernel is held against: the same GEMMs with the tokens already grouped and
+    perfectly balanced (T*k/E rows per expert, at least one), as two batched cuBLAS GEMMs and the
+    activation, with no routing, sorting, gathering or combining."""
+    from splitserve.kernels.activation import silu_and_mul
+
+    touched = min(num_experts, num_tokens * top_k)
+    rows = max(1, num_tokens * top_k // touched)
+    x = torch.randn(touched, rows, hidden, device=DEVICE, dtype=BF16)
+    w13, w2 = _moe_weights(touched, hidden, inter)
+
+    def run():
+        gate_up = torch.bmm(x, w13.transpose(1, 2)).view(touched * rows, 2 * inter)
+        return torch.bmm(silu_and_mul(gate_up).view(touched, rows, inter), w2.transpose(1, 2))
+
+    eager_us, graph_us = _bench(run)
+    moved, flops = _moe_bytes_flops(num_tokens, num_experts, top_k, hidden, inter, touched)
+    return Row("moe dense bmm floor", f"T={num_tokens} E={num_experts} k={top_k} H={hidden} I={inter}", None,
+               eager_us, graph_us, moved, flops, note=f"{rows} rows x {touched} experts, balanced")
+
+
 def wrapper_overhead() -> None:
     """Host time per call (no sync) of the attention wrapper and its parts, and of a one-line kernel."""
     import time
@@ -255,6 +311,13 @@ def cases():
     yield lambda: rotary_case(8192, 32, 8, 64)
     yield lambda: silu_case(8192, 14336)
     yield lambda: silu_case(256, 8192)
+    qwen3_moe, mixtral = (128, 8, 2048, 768), (8, 2, 4096, 14336)  # experts, per token, hidden, expert inter
+    for num_tokens in (1, 64, 256, 8192):
+        yield lambda t=num_tokens: moe_case(t, *qwen3_moe)
+        yield lambda t=num_tokens: moe_dense_floor(t, *qwen3_moe)
+    for num_tokens in (64, 4096):
+        yield lambda t=num_tokens: moe_case(t, *mixtral)
+        yield lambda t=num_tokens: moe_dense_floor(t, *mixtral)
 
 
 def main() -> int:

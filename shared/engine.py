@@ -31,6 +31,7 @@ import torch
 from splitserve.shared.config import EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
+from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
 from splitserve.shared.request import Request, RequestStatus
 from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
@@ -125,7 +126,13 @@ class EngineCore:
         self.model_dir = parts.model_dir
         self.max_model_len = parts.max_model_len
         self.block_size = config.cache.block_size
-        self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        window = getattr(parts.model, "uniform_sliding_window", None)
+        if window:  # every layer slides: blocks behind the window go back to the pool
+            self.kv = self._window_kv = SlidingWindowKVCacheManager(
+                parts.num_blocks, self.block_size, window, config.cache.enable_prefix_caching)
+        else:
+            self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+            self._window_kv = None
         self.scheduler = Scheduler(config.scheduler, self.kv)
         graphs = None
         if parts.device.type == "cuda" and not config.model.enforce_eager:
@@ -289,6 +296,7 @@ class EngineCore:
                 continue  # aborted or finished while the step was in flight
             if req.num_computed_tokens >= num_computed:  # not preempted since
                 self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
+                self._release_out_of_window(req, num_computed)
             if index is None:
                 continue
             token = sampled[req.request_id]
@@ -301,10 +309,17 @@ class EngineCore:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self._release_out_of_window(req, req.num_computed_tokens)
             token = sampled.get(req.request_id)
             if token is not None:
                 req.append_output(token.token_id)
                 self._emit(req, token, len(req.output_token_ids), outputs)
+
+    def _release_out_of_window(self, req: Request, num_computed: int) -> None:
+        """Sliding-window models: free the blocks no later query can see, except while the KV is to
+        be held for another engine (it must receive, and may cache, real blocks only)."""
+        if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
+            self._window_kv.release_out_of_window(req.request_id, num_computed)
 
     def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
         """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""

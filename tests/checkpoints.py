@@ -2,7 +2,9 @@
 
     build_checkpoint(tmp_dir, arch, **overrides) -> checkpoint directory
 
-`arch` is one of ARCHITECTURES ("llama", "mistral", "qwen2", "qwen3"). Every checkpoint holds
+`arch` is one of ARCHITECTURES: the Llama family ("llama", "mistral", "qwen2", "qwen3") and the
+other families (NEW_FAMILIES: mixture-of-experts, Gemma, Phi-3, OLMo 2, and Mistral / Qwen2 / Qwen3
+with real sliding windows shorter than the test prompts). Every checkpoint holds
 the demo tokenizer (so vocab sizes match), fp32 safetensors and a config of a few layers.
 Keyword overrides go to the transformers config (e.g. `tie_word_embeddings=True`,
 `rope_parameters={...}`, `sliding_window=4`), except `max_shard_size`, which is passed to
@@ -18,7 +20,16 @@ import functools
 import os
 from typing import Any
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+NEW_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "gemma2", "gemma3", "phi3", "olmo2",
+                "mistral_window", "qwen2_window", "qwen3_window")
+ARCHITECTURES = LLAMA_FAMILY + NEW_FAMILIES
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# Phi-3's LongRoPE: original length 48 < the 72 positions a parity test reaches, so both the short
+# and the long factors are used (per position; see layers._longrope_cos_sin_cache).
+_LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=48,
+                 short_factor=[1.0 + 0.1 * i for i in range(4)], long_factor=[1.0 + 0.5 * i for i in range(4)])
 
 # Shared small shape; qwen3 gets a head_dim that is not hidden/heads to exercise the attribute.
 BASE_SHAPE = dict(
@@ -36,6 +47,21 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {"head_dim": 32},
+    "qwen3_moe": dict(_MOE, head_dim=32, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen2_moe": dict(_MOE, norm_topk_prob=False, shared_expert_intermediate_size=48),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=None),
+    "gemma2": dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=4.0,
+                   final_logit_softcapping=8.0, layer_types=["sliding_attention", "full_attention"],
+                   tie_word_embeddings=True),
+    "gemma3": dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=6, tie_word_embeddings=True,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}),
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, rope_parameters=_LONGROPE),
+    "olmo2": dict(attention_bias=True),
+    "mistral_window": dict(sliding_window=7),
+    "qwen2_window": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3_window": dict(head_dim=32, use_sliding_window=True, sliding_window=6, max_window_layers=0),
 }
 
 
@@ -55,6 +81,16 @@ def _config_and_model_classes(arch: str):
         "mistral": ("MistralConfig", "MistralForCausalLM"),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+        "mistral_window": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3_window": ("Qwen3Config", "Qwen3ForCausalLM"),
     }
     if arch not in names:
         raise ValueError(f"unknown test architecture {arch!r}; choose from {ARCHITECTURES}")

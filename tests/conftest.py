@@ -2,8 +2,8 @@
 
 Fixtures (all session-scoped, built once per test run):
 - `checkpoint_factory(arch, **overrides) -> dir`: cached `checkpoints.build_checkpoint`.
-- `tiny_checkpoint`: parametrized over ARCHITECTURES; a test using it runs once per arch and
-  gets `(arch, dir)`.
+- `tiny_checkpoint`: parametrized over LLAMA_FAMILY; a test using it runs once per arch and
+  gets `(arch, dir)`. `family_checkpoint`: the same over NEW_FAMILIES.
 - `demo_checkpoint_dir`: the demo checkpoint built into a temporary cache.
 
 torch and transformers are imported inside the fixtures only, so test modules that need
@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # make `checkpoints` importable from any test dir
 
-from checkpoints import ARCHITECTURES  # noqa: E402
+from checkpoints import LLAMA_FAMILY, NEW_FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,15 @@ def checkpoint_factory(tmp_path_factory) -> Callable[..., str]:
     return make
 
 
-@pytest.fixture(scope="session", params=ARCHITECTURES)
+@pytest.fixture(scope="session", params=LLAMA_FAMILY)
 def tiny_checkpoint(request, checkpoint_factory) -> tuple[str, str]:
     """(arch, checkpoint dir) for each of the Llama-family architectures."""
+    return request.param, checkpoint_factory(request.param)
+
+
+@pytest.fixture(scope="session", params=NEW_FAMILIES)
+def family_checkpoint(request, checkpoint_factory) -> tuple[str, str]:
+    """(arch, checkpoint dir) for each of the other families and the sliding-window variants."""
     return request.param, checkpoint_factory(request.param)
 
 

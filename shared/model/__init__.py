@@ -1,4 +1,4 @@
-"""Model loading and the Llama-family implementation.
+"""Model loading, the architecture registry and one file per model family.
 
     model, hf_config = load_model(model_dir, dtype, device)
     model.bind_kv_cache(kv_cache)   # [num_blocks, num_layers, 2, block_size, Hkv, D]
@@ -8,16 +8,16 @@
 
 from splitserve.shared.model.attention import Attention, AttentionMetadata
 from splitserve.shared.model.layers import UnsupportedRopeError
-from splitserve.shared.model.llama import LlamaFlags, LlamaForCausalLM, WeightLoadError
+from splitserve.shared.model.llama import LlamaForCausalLM
 from splitserve.shared.model.loader import CheckpointError, ModelInfo, load_hf_config, load_model, model_info
 from splitserve.shared.model.registry import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
+from splitserve.shared.model.weights import WeightLoadError
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "Attention",
     "AttentionMetadata",
     "CheckpointError",
-    "LlamaFlags",
     "LlamaForCausalLM",
     "ModelInfo",
     "UnsupportedArchitectureError",

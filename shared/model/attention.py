@@ -78,7 +78,12 @@ class Attention(nn.Module):
         head_dim: int,
         layer_idx: int,
         sliding_window: int | None = None,
+        *,
+        scale: float | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
+        """`scale` defaults to `head_dim ** -0.5`; `logit_softcap` caps scores to
+        `cap * tanh(score / cap)` before the softmax (Gemma 2)."""
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -87,7 +92,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.logit_softcap = logit_softcap
         # [num_blocks, block_size, Hkv, D] strided views into the pool; set by bind_kv_cache.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -118,6 +124,7 @@ class Attention(nn.Module):
             attn.block_tables,
             self.scale,
             self.sliding_window,
+            logit_softcap=self.logit_softcap,
             max_query_len=attn.max_query_len,
             max_seq_len=attn.max_seq_len,
         )

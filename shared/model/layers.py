@@ -1,8 +1,11 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embedding, gated MLP, merged projections.
+"""Building blocks every model family shares: RMSNorm, merged projections, gated MLP, rotary
+embedding and the self-attention block around the paged `Attention`.
 
 Every numeric op goes through `splitserve.kernels.ops` (Triton on GPU, torch reference on CPU).
 The merged projections keep Hugging Face's separate matrices as row blocks of one weight, so
-one GEMM serves q/k/v (or gate/up); `load_shard` copies one HF matrix into its rows.
+one GEMM serves q/k/v (or gate/up); `load_shard` copies one HF matrix into its rows. Modules with
+such sharded parameters answer `shards(param_name)`, which the weight loader uses to check that
+every shard was loaded. Families pick and configure these blocks; they hold no family logic.
 """
 
 from __future__ import annotations
@@ -15,26 +18,39 @@ from torch import nn
 
 from splitserve.kernels import ops
 from splitserve.kernels.rotary import compute_cos_sin_cache
+from splitserve.shared.model.attention import Attention, AttentionMetadata
 
 
 class UnsupportedRopeError(NotImplementedError):
     """The checkpoint asks for a RoPE scaling type this implementation does not compute."""
 
 
-class RMSNorm(nn.Module):
-    """`forward(x)` normalises; `forward(x, residual)` adds first and also returns the sum."""
+def head_dim_of(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+
+def num_kv_heads_of(hf_config: Any) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    """`forward(x)` normalises; `forward(x, residual)` adds first and also returns the sum.
+
+    `one_centered`: the checkpoint stores `w - 1` and the scale is `1 + w` (Gemma)."""
+
+    def __init__(self, hidden_size: int, eps: float, one_centered: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if one_centered else torch.ones(hidden_size))
         self.eps = eps
+        self.one_centered = one_centered
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        weight = self.weight + 1.0 if self.one_centered else self.weight
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)  # (normed, x + residual)
+            return ops.rms_norm(x, weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, weight, self.eps)  # (normed, x + residual)
 
 
 class MergedLinear(nn.Linear):
@@ -49,6 +65,9 @@ class MergedLinear(nn.Linear):
             self.shard_offsets[name] = (offset, size)
             offset += size
 
+    def shards(self, param_name: str) -> list[str]:
+        return list(self.shard_offsets)
+
     def load_shard(self, param_name: str, shard: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint matrix (or bias) into its rows of `weight` (or `bias`)."""
         param = getattr(self, param_name)
@@ -59,19 +78,28 @@ class MergedLinear(nn.Linear):
         target.copy_(tensor)
 
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+"""Gate activations of the gated MLPs (`hidden_act` / `hidden_activation` in HF configs)."""
+
+
+def check_activation(hidden_act: str) -> str:
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return hidden_act
+
+
 class GatedMLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))` with gate and up merged into one GEMM."""
+    """SwiGLU / GeGLU: `down(act(gate(x)) * up(x))` with gate and up merged into one GEMM."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, hidden_act: str) -> None:
         super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"only hidden_act='silu' is supported, the checkpoint has {hidden_act!r}")
+        self.activation = check_activation(hidden_act)
         self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]
-        return self.down_proj(ops.silu_and_mul(gate_up))  # [T, I] -> [T, H]
+        return self.down_proj(ops.act_and_mul(gate_up, self.activation))  # [T, I] -> [T, H]
 
 
 class RotaryEmbedding(nn.Module):
@@ -82,10 +110,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
-        inv_freq, attention_scaling = rope_inverse_frequencies(rope, rotary_dim, max_positions)
         # [max_positions, rotary_dim] rows cos ‖ sin, fp32; not a checkpoint weight.
-        cache = compute_cos_sin_cache(inv_freq, max_positions, attention_scaling)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(rope, rotary_dim, max_positions), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -98,11 +124,15 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The RoPE settings as one dict with `rope_type` and `rope_theta`, whichever way the
-    config stores them (transformers 5 `rope_parameters`, or older `rope_theta` + `rope_scaling`)."""
+    config stores them (transformers 5 `rope_parameters`, or older `rope_theta` + `rope_scaling`).
+    Configs with one RoPE per layer kind (Gemma 3: "sliding_attention" / "full_attention") give
+    `layer_type`'s."""
     params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
+    if isinstance(params, dict) and layer_type is not None and isinstance(params.get(layer_type), dict):
+        rope = dict(params[layer_type])
+    elif isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
         rope = dict(params)
     else:
         rope = dict(getattr(hf_config, "rope_scaling", None) or {})
@@ -110,7 +140,39 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
     if rope.get("partial_rotary_factor") is None and getattr(hf_config, "partial_rotary_factor", None):
         rope["partial_rotary_factor"] = hf_config.partial_rotary_factor
+    original = getattr(hf_config, "original_max_position_embeddings", None)
+    if rope.get("original_max_position_embeddings") is None and original:
+        rope["original_max_position_embeddings"] = original
     return rope
+
+
+def rope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """`[max_positions, rotary_dim]` fp32 rows cos ‖ sin for the config's rope type."""
+    if rope["rope_type"] in ("longrope", "su"):  # "su": Phi-3's first name for LongRoPE
+        return _longrope_cos_sin_cache(rope, rotary_dim, max_positions)
+    inv_freq, attention_scaling = rope_inverse_frequencies(rope, rotary_dim, max_positions)
+    return compute_cos_sin_cache(inv_freq, max_positions, attention_scaling)
+
+
+def _longrope_cos_sin_cache(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """LongRoPE (Phi-3 "su"): frequencies divided by per-channel `short_factor` for positions within
+    `original_max_position_embeddings`, by `long_factor` beyond, both scaled by
+    `sqrt(1 + ln(factor) / ln(original))`. transformers switches the factors by the longest
+    position of each forward call, so a prompt that itself passes the original length is rotated
+    with the long factors throughout there and per position here; within it the two agree exactly."""
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor") or max_positions / original
+    scaling = rope.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = float(rope["rope_theta"])
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    caches = [
+        compute_cos_sin_cache(1.0 / (torch.tensor(rope[key], dtype=torch.float32) * base**exponents),
+                              max_positions, scaling)
+        for key in ("short_factor", "long_factor")
+    ]
+    return torch.cat([caches[0][:original], caches[1][original:]])
 
 
 def rope_inverse_frequencies(
@@ -130,7 +192,7 @@ def rope_inverse_frequencies(
     if rope_type == "yarn":
         return _yarn_inverse_frequencies(rope, base, rotary_dim, max_positions)
     raise UnsupportedRopeError(
-        f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)"
+        f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3, yarn, longrope)"
     )
 
 
@@ -175,3 +237,61 @@ def _yarn_inverse_frequencies(
     extrapolate = 1 - ramp  # weight of the unscaled frequency
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv_freq, float(attention)
+
+
+class SelfAttention(nn.Module):
+    """The attention block: merged q/k/v projection -> optional q/k RMSNorm -> RoPE -> paged
+    attention -> output projection. `qk_norm` is "head" (over each head's D channels, Qwen3 and
+    Gemma 3), "full" (over the whole projection, OLMo 2) or None."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+        one_centered_norm: bool = False,
+        sliding_window: int | None = None,
+        scale: float | None = None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, num_kv_heads_of(cfg)
+        self.head_dim = head_dim_of(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm is not None:
+            q_dim, k_dim = (self.head_dim, self.head_dim) if qk_norm == "head" else (q_size, kv_size)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, one_centered_norm)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, one_centered_norm)
+        self.rotary_emb = rotary_emb  # shared by the layers of one rope kind
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx, sliding_window,
+                              scale=scale, logit_softcap=logit_softcap)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)  # [T, Hq*D], [T, Hkv*D] x 2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        num_tokens = x.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, attn))  # [T, Hq*D] -> [T, H]
+
+
+def rotary_embedding_for(cfg: Any, rope: dict[str, Any] | None = None) -> RotaryEmbedding:
+    """The config's RoPE (or the given `rope` settings) over `head_dim` channels."""
+    head_dim = head_dim_of(cfg)
+    rope = rope or rope_parameters(cfg)
+    rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
+    return RotaryEmbedding(head_dim, rotary_dim, cfg.max_position_embeddings, rope)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.shared.model.llama import head_dim_of
+from splitserve.shared.model.layers import head_dim_of, num_kv_heads_of
 from splitserve.shared.model.registry import resolve_architecture
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -68,11 +68,11 @@ def load_model(
     if load_format not in ("auto", "dummy"):
         raise CheckpointError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     hf_config = load_hf_config(model_dir)
-    model_cls, flags = resolve_architecture(hf_config)
+    build_model = resolve_architecture(hf_config)
     files = [] if load_format == "dummy" else safetensors_files(model_dir)
     device = torch.device(device)
     with _default_dtype(dtype), torch.device(device):
-        model = model_cls(hf_config, flags)
+        model = build_model(hf_config)
     if load_format == "dummy":
         init_dummy_weights(model, std=float(getattr(hf_config, "initializer_range", 0.02)), seed=seed)
     else:
@@ -130,7 +130,7 @@ def model_info(hf_config: Any, model_dir: str | None = None) -> ModelInfo:
                 eos_ids += _as_id_list(json.load(f).get("eos_token_id"))
     return ModelInfo(
         num_layers=hf_config.num_hidden_layers,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+        num_kv_heads=num_kv_heads_of(hf_config),
         head_dim=head_dim_of(hf_config),
         vocab_size=hf_config.vocab_size,
         max_position_embeddings=hf_config.max_position_embeddings,

@@ -74,7 +74,8 @@ def make_paged_batch(
     )
 
 
-def dense_attention(batch: PagedBatch, sliding_window: int | None = None) -> torch.Tensor:
+def dense_attention(batch: PagedBatch, sliding_window: int | None = None,
+                    logit_softcap: float | None = None) -> torch.Tensor:
     """Independent oracle in float64: walk each request's block table token by token to rebuild its
     dense K/V, then a masked softmax per head. Returns `[T, Hq, D]` float64."""
     q = batch.q.double()
@@ -93,5 +94,7 @@ def dense_attention(batch: PagedBatch, sliding_window: int | None = None) -> tor
             for h in range(num_q_heads):
                 kv_h = h * num_kv_heads // num_q_heads
                 s = k[keys, kv_h].double() @ q[starts[b] + i, h] * batch.scale
+                if logit_softcap is not None:
+                    s = logit_softcap * torch.tanh(s / logit_softcap)
                 out[starts[b] + i, h] = torch.softmax(s, 0) @ v[keys, kv_h].double()
     return out

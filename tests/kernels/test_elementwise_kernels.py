@@ -119,6 +119,20 @@ def test_silu_and_mul_kernel(poison_outputs, inter):
     torch.testing.assert_close(activation.silu_and_mul(x), activation.silu_and_mul_ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_gelu_tanh_and_mul_ref_matches_hf_gelu_pytorch_tanh():
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(5, 80) * 3
+    torch.testing.assert_close(activation.gelu_tanh_and_mul_ref(x), ACT2FN["gelu_pytorch_tanh"](x[:, :40]) * x[:, 40:])
+
+
+@needs_triton
+def test_gelu_tanh_and_mul_kernel(poison_outputs):
+    poison_outputs(activation)
+    x = torch.randn(3, 2 * 40) * 4
+    torch.testing.assert_close(activation.gelu_tanh_and_mul(x), activation.gelu_tanh_and_mul_ref(x), atol=1e-5, rtol=1e-5)
+
+
 @needs_triton
 def test_kernels_reject_bad_shapes():
     with pytest.raises(ValueError, match="weight"):

@@ -34,3 +34,17 @@ def test_force_triton_runs_every_op_through_the_interpreter(monkeypatch):
     k_cache = torch.zeros(2, 4, 1, 32)
     ops.write_kv_cache(x.view(3, 1, 32), x.view(3, 1, 32), k_cache, k_cache.clone(), torch.tensor([0, 5, -1]))
     torch.testing.assert_close(k_cache[1, 1, 0], x[1])
+
+
+@needs_triton
+def test_fused_moe_dispatches_by_device_and_force_flag(monkeypatch):
+    from splitserve.kernels.fused_moe import fused_moe_ref
+
+    x, w13, w2 = torch.randn(5, 32), torch.randn(4, 32, 32) * 0.2, torch.randn(4, 32, 16) * 0.2
+    weights, ids = torch.topk(torch.softmax(torch.randn(5, 4), -1), 2, dim=-1)
+    ref = fused_moe_ref(x, w13, w2, weights, ids, "silu")
+    torch.testing.assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref, atol=0, rtol=0)
+    monkeypatch.setattr(ops, "FORCE_TRITON", True)
+    torch.testing.assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ops.act_and_mul(torch.cat([x, x], 1), "gelu_pytorch_tanh"),
+                               torch.nn.functional.gelu(x, approximate="tanh") * x, atol=1e-5, rtol=1e-5)

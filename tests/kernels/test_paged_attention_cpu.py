@@ -30,6 +30,15 @@ def test_sliding_window_matches_dense(sliding_window):
     torch.testing.assert_close(out.double(), dense_attention(batch, sliding_window), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("query_lens,seq_lens", [MIXED, DECODES])
+def test_logit_softcap_matches_dense(query_lens, seq_lens):
+    batch = make_paged_batch(query_lens, seq_lens, 4, 2, 64, seed=5)
+    batch.q.mul_(8.0)  # scores well past the cap, so capping changes the result
+    out = paged_attention_cpu(*batch.args(), 6, logit_softcap=5.0)
+    torch.testing.assert_close(out.double(), dense_attention(batch, 6, logit_softcap=5.0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, paged_attention_cpu(*batch.args(), 6), atol=1e-3)
+
+
 def test_a_decode_row_does_not_depend_on_its_batch():
     """Padding to the longest context is masked: a request's output is the same alone or batched."""
     batch = make_paged_batch(*DECODES, 4, 2, 64, seed=3)

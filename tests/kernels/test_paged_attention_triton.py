@@ -15,9 +15,9 @@ pytestmark = needs_triton
 MIXED = ([1, 6, 20, 1], [45, 30, 20, 9])  # decode, chunk, full prefill, decode
 
 
-def _check(batch, sliding_window=None, **kwargs):
-    out = paged_attention(*batch.args(), sliding_window, **kwargs)
-    ref = paged_attention_ref(*batch.args(), sliding_window)
+def _check(batch, sliding_window=None, logit_softcap=None, **kwargs):
+    out = paged_attention(*batch.args(), sliding_window, logit_softcap=logit_softcap, **kwargs)
+    ref = paged_attention_ref(*batch.args(), sliding_window, logit_softcap=logit_softcap)
     assert not out.isnan().any(), "kernel left output elements unwritten"
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
@@ -35,6 +35,27 @@ def test_sliding_window(poison_outputs, num_splits):
     poison_outputs(attention_module)
     batch = make_paged_batch([1, 70], [150, 70], 4, 2, 32, block_size=16, seed=11)
     _check(batch, sliding_window=20, num_splits=num_splits)
+
+
+def test_window_skips_blocks_before_it(poison_outputs):
+    """K/V blocks wholly before every query's window are never read: NaN there leaves the output finite."""
+    poison_outputs(attention_module)
+    batch = make_paged_batch([1, 8], [200, 200], 4, 2, 32, block_size=16, seed=12)
+    ref = paged_attention_ref(*batch.args(), 20)
+    for b, first_visible in enumerate((200 - 20, 200 - 8 - 20)):
+        stale = batch.block_tables[b, : (first_visible - 64) // 16].long()  # past the kernel's 64-key rounding
+        assert len(stale) >= 4
+        batch.kv_cache[stale] = float("nan")
+    out = paged_attention(*batch.args(), 20, num_splits=1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_logit_softcap(poison_outputs, num_splits):
+    poison_outputs(attention_module)
+    batch = make_paged_batch(*MIXED, 4, 2, 32, seed=13)
+    batch.q.mul_(8.0)  # scores past the cap
+    _check(batch, sliding_window=24, logit_softcap=5.0, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])

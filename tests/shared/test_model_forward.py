@@ -146,3 +146,14 @@ def test_partial_rotary_rotates_only_the_leading_channels():
     assert torch.equal(q_out[..., 8:], q[..., 8:]) and torch.equal(k_out[..., 8:], k[..., 8:])
     assert torch.allclose(q_out[..., :8], q_ref) and torch.allclose(k_out[..., :8], k_ref)
     assert not torch.allclose(q_out[1:, :, :8], q[1:, :, :8])  # positions > 0 do rotate
+
+
+def test_family_matches_transformers(family_checkpoint):
+    """Every other family: a prefill then decode steps past the sliding windows, logits against HF."""
+    _, model_dir = family_checkpoint
+    run = PagedRun(model_dir)
+    prompt = _prompt(run.vocab_size, 16, seed=5)
+    expected = _hf_logits(model_dir, prompt)
+    _assert_close(run.step([("a", prompt[:11])]), expected[:11])
+    for i in range(11, 16):
+        _assert_close(run.step([("a", prompt[i : i + 1])]), expected[i : i + 1])
