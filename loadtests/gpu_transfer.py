@@ -1,5 +1,5 @@
 """KV transfer between two processes on GPUs: a prefill process holds blocks of a CUDA KV pool, a
-decode process loads them through the real `KVConnector` (ZMQ control + UCX or NCCL data), and we
+decode process loads them through the real `TransferConnector` (ZMQ control + UCX or NCCL data), and we
 check bit-exactness and report GB/s against the link's measured peak: the same GPU's copy rate
 when both processes share one GPU, the measured device-to-device copy (NVLink P2P) when they are
 on two.
@@ -67,11 +67,11 @@ def _config(args, role: str):
 def prefill_proc(args, requests, handles, done):
     import torch
 
-    from splitserve.shared.transfer.connector import KVConnector
+    from splitserve.shared.transfer.connector import TransferConnector
 
     _use(args.prefill_device)
     pool = _pool(args, args.prefill_device, seed=1)
-    connector = KVConnector(pool, _config(args, "prefill"))
+    connector = TransferConnector(pool, _config(args, "prefill"))
     while True:
         item = requests.get()
         if item is None:
@@ -85,7 +85,7 @@ def prefill_proc(args, requests, handles, done):
 def decode_main(args) -> list[tuple[str, float, float, bool]]:
     import torch
 
-    from splitserve.shared.transfer.connector import KVConnector
+    from splitserve.shared.transfer.connector import TransferConnector
     from splitserve.shared.transfer.handle import KvHandle
 
     ctx = mp.get_context("spawn")
@@ -94,7 +94,7 @@ def decode_main(args) -> list[tuple[str, float, float, bool]]:
     prefill.start()
     _use(args.decode_device)
     pool = torch.zeros_like(_pool(args, args.decode_device, seed=2))
-    connector = KVConnector(pool, _config(args, "decode"))
+    connector = TransferConnector(pool, _config(args, "decode"))
     # The prefill's pool, rebuilt here on the prefill's device (same generator, same numbers) and
     # brought over: what every loaded block must equal, bit for bit.
     src_expected = _pool(args, args.prefill_device, seed=1).to(args.decode_device)

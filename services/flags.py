@@ -82,6 +82,9 @@ def _add_up_parser(sub) -> None:
                         "(like vLLM's --api-server-count)")
     p.add_argument("--session-window", type=int, default=None,
                    help="the gateway's session credit per worker (see splitserve gateway --help)")
+    p.add_argument("--decode-prefill-max-new-tokens", type=int, default=None,
+                   help="a keyed session's turn with at most this many new tokens runs whole on the decode worker "
+                        "holding its history (see splitserve gateway --help; 0: never)")
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker process that dies")
     p.add_argument("--worker-devices", default=None,

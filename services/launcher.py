@@ -235,6 +235,8 @@ def run_stack(args: argparse.Namespace) -> int:
         os.environ[API_KEY_ENV] = api_key_from_args(args)
     if args.session_window is not None:
         gateway_options += ["--session-window", str(args.session_window)]
+    if args.decode_prefill_max_new_tokens is not None:
+        gateway_options += ["--decode-prefill-max-new-tokens", str(args.decode_prefill_max_new_tokens)]
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port), "--model", model_dir,
                                     "--served-model-name", name, *gateway_options, *topology,
                                     *grpc_security_argv(args)))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 from splitserve.shared.config import EngineConfig
 from splitserve.shared.engine import EngineCore, EngineOutput, EngineStats, KvTransferParams
+from splitserve.shared.request import SessionHint
 from splitserve.shared.runner import SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class _Add:
     priority: int
     kv_transfer: KvTransferParams | None
     first_token: SampledToken | None
+    session: SessionHint | None = None
 
 
 @dataclass
@@ -83,7 +85,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        priority: int = 0, hold_kv: bool = False, kv_handle=None,
-                       first_token: SampledToken | None = None) -> AsyncIterator[EngineOutput]:
+                       first_token: SampledToken | None = None,
+                       session: SessionHint | None = None) -> AsyncIterator[EngineOutput]:
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead}")
         kv_transfer = KvTransferParams(hold=True) if hold_kv else (
@@ -92,7 +95,7 @@ class AsyncEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._queues[request_id] = (asyncio.get_running_loop(), out_queue)
-        self._send(_Add(request_id, list(prompt_token_ids), params, priority, kv_transfer, first_token))
+        self._send(_Add(request_id, list(prompt_token_ids), params, priority, kv_transfer, first_token, session))
         finished = False
         try:
             while True:
@@ -195,7 +198,7 @@ class AsyncEngine:
             try:
                 self.core.add_request(command.request_id, command.prompt_token_ids, command.params,
                                       priority=command.priority, kv_transfer=command.kv_transfer,
-                                      first_token=command.first_token)
+                                      first_token=command.first_token, session=command.session)
             except ValueError as exc:
                 self._deliver(command.request_id, exc)
 

@@ -53,6 +53,9 @@ class CacheConfig:
     """On CPU: memory given to the KV pool."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes (chained block hashes, LRU eviction)."""
+    kv_offload_gib: float = 0.0
+    """Host-memory KV tier (CPU RAM, pinned on CUDA) in GiB: blocks the device pool evicts stay
+    there and are restored on a later prefix hit instead of recomputed. 0 turns it off."""
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -63,6 +66,10 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gib <= 0:
             raise ConfigError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.kv_offload_gib < 0:
+            raise ConfigError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
+        if self.kv_offload_gib and not self.enable_prefix_caching:
+            raise ConfigError("kv_offload_gib needs enable_prefix_caching: host blocks are found by their hashes")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,12 @@
 """The engine: one synchronous step loop, used by every service and by the offline `LLM` API.
 
-    step():  connector events ─▶ schedule ─▶ start KV loads ─▶ run + sample ─▶ update ─▶ outputs
+    step():  connector events ─▶ schedule ─▶ start KV loads ─▶ run + sample ─▶ update ─▶ save
+             new blocks ─▶ outputs
+
+External KV (KV that lives outside this engine's device pool: another engine's, the host tier)
+goes through one `KVConnector` (shared/kv/connector.py), called at fixed points: lookup inside
+scheduling, start_load after it, save_blocks for newly computed blocks, hold for a finished
+prefill, retain for a keyed session's blocks, poll at the top of each step, abort.
 
 A request's life in one engine (see request.py for the statuses):
 
@@ -8,6 +14,7 @@ A request's life in one engine (see request.py for the statuses):
                                             └─(hold KV)─▶ held until the decode side has them
     add_request(kv handle) ─▶ WAITING_FOR_KV ─▶ (KV landed) RUNNING ─▶ ...
                                             └─(failed) WAITING: recomputed here
+    WAITING, host tier hit ─▶ WAITING_FOR_KV ─▶ (restored) RUNNING; (failed) WAITING: recomputed
 
 Single-threaded: only the thread calling `step()` touches the block pool. Token ids in,
 token ids out; text lives in the layers above (`llm.py`, the gateway).
@@ -28,11 +35,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitserve.shared.config import EngineConfig
+from splitserve.shared.config import ConfigError, EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
+from splitserve.shared.kv.connector import CompositeConnector
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
-from splitserve.shared.request import Request, RequestStatus
+from splitserve.shared.request import Request, RequestStatus, SessionHint
 from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
@@ -127,20 +135,24 @@ class EngineCore:
         self.max_model_len = parts.max_model_len
         self.block_size = config.cache.block_size
         window = getattr(parts.model, "uniform_sliding_window", None)
+        tier = _host_tier(config, parts, window)
         if window:  # every layer slides: blocks behind the window go back to the pool
             self.kv = self._window_kv = SlidingWindowKVCacheManager(
                 parts.num_blocks, self.block_size, window, config.cache.enable_prefix_caching)
         else:
-            self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+            self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching,
+                                     track_newly_cached=tier is not None)
             self._window_kv = None
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        transfer = connector_factory(parts) if connector_factory else None
+        self.connector = CompositeConnector(tier, transfer) if tier or transfer else None
+        self.has_transfer = transfer is not None
+        self.scheduler = Scheduler(config.scheduler, self.kv, tier.lookup if tier else None)
         graphs = None
         if parts.device.type == "cuda" and not config.model.enforce_eager:
             graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
                                   parts.device)
         warmup_tokens = config.scheduler.max_num_batched_tokens if parts.device.type == "cuda" else 0
         self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs, warmup_tokens)
-        self.connector = connector_factory(parts) if connector_factory else None
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
         """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
@@ -161,22 +173,23 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     priority: int = 0, kv_transfer: KvTransferParams | None = None,
-                    first_token: SampledToken | None = None) -> None:
+                    first_token: SampledToken | None = None, session: SessionHint | None = None) -> None:
         self._validate(request_id, prompt_token_ids)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = frozenset() if params.ignore_eos else self.model_info.eos_token_ids
-        req = Request(request_id, list(prompt_token_ids), params, max_tokens, eos, priority, kv_transfer=kv_transfer)
+        req = Request(request_id, list(prompt_token_ids), params, max_tokens, eos, priority, kv_transfer=kv_transfer,
+                      session=session)
         if params.seed is not None:
             self.runner.add_generator(request_id, params.seed)
         if kv_transfer is not None and kv_transfer.handle is not None:
-            if self.connector is None:
+            if not self.has_transfer:
                 raise RequestError("this engine has no KV connector, so it cannot load remote KV")
             if first_token is None:
                 raise RequestError("a request with remote KV must carry the first token sampled by prefill")
             req.status = RequestStatus.WAITING_FOR_KV
             req.append_output(first_token.token_id)
-        elif kv_transfer is not None and kv_transfer.hold and self.connector is None:
+        elif kv_transfer is not None and kv_transfer.hold and not self.has_transfer:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -218,7 +231,8 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self.held) or bool(self.aborting) or self._inflight is not None
+        return (bool(self.requests) or bool(self.held) or bool(self.aborting) or self._inflight is not None
+                or self.kv.num_pinned_blocks > 0)
 
     # ---- the step ---------------------------------------------------------------------
 
@@ -251,15 +265,18 @@ class EngineCore:
         self._handle_connector_events(outputs)
         if self._inflight is not None and self._needs_exact_history():
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
+        self.kv.sessions.expire(time.monotonic())
         sched = self.scheduler.schedule()
         self._step_request_ids = [s.request.request_id for s in sched.scheduled]
-        for req, block_ids in sched.kv_loads:
-            self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
-            self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
+        for req, source, block_ids in sched.kv_loads:
+            if source is getattr(req.kv_transfer, "handle", None):
+                self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
+            self.connector.start_load(req.request_id, source, block_ids)
         tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
             result = self.runner.execute(sched, tables)
             self._update(sched, result.sampled, outputs)
+            self._save_new_blocks()
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
         previous = self._inflight
@@ -267,6 +284,7 @@ class EngineCore:
         launched = self._advance(sched)
         if previous is not None:
             self._resolve(outputs)
+            self._save_new_blocks()
         self._inflight = InflightStep(pending, launched) if launched else None
         return list(outputs.values())
 
@@ -348,6 +366,8 @@ class EngineCore:
         if self.connector is None:
             return
         events = self.connector.poll()
+        if events.saved_block_ids:
+            self.kv.unpin(events.saved_block_ids)
         for request_id in events.released:
             if self.held.pop(request_id, None) is not None:
                 self.kv.free(request_id)
@@ -359,14 +379,14 @@ class EngineCore:
         for request_id in events.loaded:
             req = self.scheduler.finish_kv_load(request_id, ok=True)
             if req is not None:
-                req.num_computed_tokens = req.num_cached_tokens = req.num_prompt_tokens
                 self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
-                self._kv_bytes[request_id] = events.loaded_bytes.get(request_id, 0)
+                if request_id in self._kv_windows:  # remote KV (a host-tier restore moved no KV between engines)
+                    self._kv_bytes[request_id] = events.loaded_bytes.get(request_id, 0)
                 self._end_kv_window(request_id, ok=True)
         for request_id, reason in events.load_failed:
             if self.scheduler.finish_kv_load(request_id, ok=False) is not None:
                 self._end_kv_window(request_id, ok=False)
-                logger.warning("KV load for %s failed (%s); recomputing the prompt here", request_id, reason)
+                logger.warning("KV load for %s failed (%s); recomputing it here", request_id, reason)
 
     def _end_kv_window(self, request_id: str, ok: bool) -> None:
         if request_id in self._kv_windows:
@@ -394,7 +414,27 @@ class EngineCore:
         req.finish_reason = status.value
         self.requests.pop(req.request_id, None)
         self.runner.drop_request(req.request_id)
+        self._retain_session(req)
         self.kv.free(req.request_id)
+
+    def _retain_session(self, req: Request) -> None:
+        """A keyed request's blocks (prompt + output) outlive it at a higher priority, on both tiers."""
+        if req.session is None:
+            return
+        hashes = self.kv.block_hashes(req.request_id)
+        until_s = time.monotonic() + req.session.retention_s
+        self.kv.retain_session(req.session.key, hashes, until_s)
+        if self.connector is not None:
+            self.connector.retain(req.session.key, hashes, until_s)
+
+    def _save_new_blocks(self) -> None:
+        """Hand newly computed full blocks to the connector (the host tier copies them out); the
+        ones it reads stay pinned until poll() says their copy ended."""
+        if not self.kv.track_newly_cached:
+            return
+        pairs = self.kv.take_newly_cached()
+        if pairs:
+            self.kv.pin(self.connector.save_blocks([b for b, _ in pairs], [h for _, h in pairs]))
 
     def _hold(self, req: Request):
         """Keep the prompt's KV blocks past the request until the decode side has copied them."""
@@ -402,6 +442,7 @@ class EngineCore:
         self.runner.drop_request(req.request_id)
         block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
         self.held[req.request_id] = req
+        self._retain_session(req)
         return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
 
     def _fill_final(self, req: Request, out: EngineOutput) -> None:
@@ -428,3 +469,21 @@ class EngineCore:
     def close(self) -> None:
         if self.connector is not None:
             self.connector.close()
+
+
+def _host_tier(config: EngineConfig, parts: EngineParts, window: int | None):
+    """The host-memory KV tier of `--kv-offload-gib`, or None when it is off."""
+    gib = config.cache.kv_offload_gib
+    if not gib:
+        return None
+    if window:
+        raise ConfigError("kv_offload_gib is not supported yet for models whose every layer slides a window")
+    from splitserve.shared.offload.host_tier import HostTier
+
+    block_bytes = parts.kv_cache[0].numel() * parts.kv_cache.element_size()
+    num_host_blocks = int(gib * 2**30) // block_bytes
+    if num_host_blocks < 1:
+        raise ConfigError(f"kv_offload_gib {gib} holds no block of {block_bytes} bytes")
+    logger.info("host KV tier: %d blocks (%.2f GiB)%s", num_host_blocks, num_host_blocks * block_bytes / 2**30,
+                ", pinned" if parts.device.type == "cuda" else "")
+    return HostTier(parts.kv_cache, num_host_blocks)

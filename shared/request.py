@@ -6,8 +6,8 @@ Lifecycle (one scheduling model, no phases: `num_computed_tokens` catches up to 
        ▲                     │
        └────preempt──────────┘   (blocks freed, recomputed later; prefix cache may save work)
 
-    WAITING_FOR_KV ──KV landed──▶ RUNNING        (decode side of a disaggregated pair)
-          └────transfer failed──▶ WAITING        (recompute the prompt here)
+    WAITING_FOR_KV ──KV landed──▶ RUNNING        (remote KV on a decode instance, or host-tier blocks)
+          └────load failed──▶ WAITING            (recompute those tokens here)
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
+@dataclass(frozen=True)
+class SessionHint:
+    """OpenAI's `prompt_cache_key` and `prompt_cache_retention`, resolved to seconds."""
+
+    key: str
+    retention_s: float
+
+
 @dataclass
 class Request:
     request_id: str
@@ -49,11 +57,15 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (or received from a prefill instance)."""
+    num_loading_tokens: int = 0
+    """Tokens whose KV a connector is loading now (remote or host tier); computed once it lands."""
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     """Tokens computed again after a preemption or a failed KV transfer."""
     kv_transfer: object | None = None
     """Disaggregation parameters (a KvHandle to load, or a request to hold KV); see transfer/."""
+    session: SessionHint | None = None
+    """A keyed session (`prompt_cache_key`): its blocks are retained after it ends."""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

@@ -12,6 +12,11 @@ Request lifecycle here:
               └───────preempt────────┘   blocks freed; recomputed when scheduled again
     add(kv handle) ──▶ waiting ──blocks allocated──▶ loading ──KV landed──▶ running
                                                          └──transfer failed──▶ waiting (recompute)
+    waiting, host tier holds blocks after its device hits ──▶ loading ──restored──▶ running
+                                                         └──restore failed──▶ waiting (recompute)
+
+Before a waiting request is admitted, `external_lookup` (the engine's KV connector) says how many
+of its next blocks it can load; those go through `loading` like remote KV (`num_loading_tokens`).
 
 Knows nothing of tensors: the runner turns `SchedulerOutput` into them.
 """
@@ -21,8 +26,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from collections.abc import Callable
+
 from splitserve.shared.config import SchedulerConfig
 from splitserve.shared.kv import KVCacheManager
+from splitserve.shared.kv.block_hash import hash_prompt_blocks
+from splitserve.shared.kv.connector import HostBlocks
 from splitserve.shared.request import Request, RequestStatus
 
 
@@ -43,8 +52,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
-    kv_loads: list[tuple[Request, list[int]]] = field(default_factory=list)
-    """Requests whose blocks were allocated this step and whose KV must now be loaded remotely."""
+    kv_loads: list[tuple[Request, object, list[int]]] = field(default_factory=list)
+    """(request, source, dst block ids): blocks allocated this step whose KV the connector must
+    now load from `source` (a remote KvHandle, or HostBlocks)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -56,9 +66,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 external_lookup: Callable[[list[bytes]], int] | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.external_lookup = external_lookup
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: dict[str, Request] = {}
@@ -89,15 +101,18 @@ class Scheduler:
         req = self.loading.pop(request_id, None)
         if req is None:
             return None
+        num_loaded, req.num_loading_tokens = req.num_loading_tokens, 0
         if ok:
+            req.num_computed_tokens += num_loaded
+            req.num_cached_tokens = max(req.num_cached_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
         else:
             # Keep the allocated blocks: recompute writes the same slots.
             req.status = RequestStatus.WAITING
-            req.num_recomputed_tokens += req.num_prompt_tokens
-            req.num_computed_tokens = 0
-            req.kv_transfer = None
+            req.num_recomputed_tokens += num_loaded
+            if getattr(req.kv_transfer, "handle", None) is not None:
+                req.kv_transfer = None
             self.waiting.appendleft(req)
         return req
 
@@ -152,6 +167,12 @@ class Scheduler:
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, record_stats=False)
             else:
                 hit_blocks, num_hit = [], 0
+            if looked_up and self.external_lookup is not None:
+                started = self._start_host_load(req, hit_blocks, num_hit, out)
+                if started is not None:
+                    if not started:
+                        return
+                    continue
             num_computed = req.num_computed_tokens + num_hit
             num_new = req.num_tokens - num_computed
             if num_new > budget:
@@ -178,7 +199,31 @@ class Scheduler:
             return False
         self.waiting.popleft()
         self.loading[req.request_id] = req
-        out.kv_loads.append((req, list(block_ids)))
+        req.num_loading_tokens = num_kv_tokens
+        out.kv_loads.append((req, getattr(req.kv_transfer, "handle", None), list(block_ids)))
+        return True
+
+    def _start_host_load(self, req: Request, hit_blocks: list[int], num_hit: int, out: SchedulerOutput) -> bool | None:
+        """None: the connector holds none of the blocks after the device hits (compute them);
+        else whether the blocks for the ones it holds were allocated and their load started."""
+        bs = self.kv.block_size
+        hashes = hash_prompt_blocks(req.all_token_ids[: (req.num_tokens - 1) // bs * bs], bs)[len(hit_blocks):]
+        num_external = self.external_lookup(hashes) if hashes else 0
+        if not num_external:
+            return None
+        num_load_tokens = num_external * bs
+        table = self.kv.allocate_slots(req.request_id, req.all_token_ids, num_hit, num_load_tokens, hit_blocks)
+        if table is None:
+            return False
+        self.waiting.popleft()
+        self.kv.record_prefix_query(req.num_tokens, num_hit)
+        req.num_computed_tokens = num_hit
+        req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
+        req.num_loading_tokens = num_load_tokens
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.request_id] = req
+        dst = table[len(hit_blocks) : len(hit_blocks) + num_external]
+        out.kv_loads.append((req, HostBlocks(tuple(hashes[:num_external])), dst))
         return True
 
     @property

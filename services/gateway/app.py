@@ -95,7 +95,8 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
     state = GatewayState(
         config, tokenizer if tokenizer is not None else load_tokenizer(config.model_dir),
         Router(config.prefill_urls, config.decode_urls, config.worker_urls, affinity_blocks=config.affinity_blocks,
-               overload_margin_tokens=config.overload_margin_tokens, default_block_size=config.default_block_size),
+               overload_margin_tokens=config.overload_margin_tokens, default_block_size=config.default_block_size,
+               decode_prefill_max_new_tokens=config.decode_prefill_max_new_tokens),
         AdmissionQueue(config.max_inflight_requests, config.max_queued_requests, config.queue_timeout_s,
                        config.retry_after_s),
         GatewayMetrics())

@@ -44,7 +44,8 @@ class ChoiceDelta:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
-    """Prompt tokens served from the prefix cache (on the final delta)."""
+    """On the final delta: prompt tokens served from a cache (usage.prompt_tokens_details)."""
+    token_ids: list[int] = field(default_factory=list)
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -64,11 +65,12 @@ class ChoiceStream:
         # Choice index = prompt index * n + k; choice k gets seed + k (distinct, reproducible).
         worker_params = replace(params.for_choice(index % params.n), stop=[])
         suffix = f"-{index}" if prep.num_choices > 1 else ""
-        self.worker_request = WorkerRequest(f"{prep.request_id}{suffix}", prompt, worker_params, prep.priority)
+        self.worker_request = WorkerRequest(f"{prep.request_id}{suffix}", prompt, worker_params, prep.priority,
+                                            prep.session)
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         last_token_s: float | None = None
-        held_tokens = 0  # tokens whose text the detokenizer still holds back (partial UTF-8, stop prefix)
+        held_ids: list[int] = []  # tokens whose text the detokenizer still holds back (partial UTF-8, stop prefix)
         tokens = self.dispatcher.generate(self.worker_request)
         try:
             async for chunk in tokens:
@@ -76,17 +78,17 @@ class ChoiceStream:
                 self._observe_latency(now, last_token_s, len(chunk.token_ids))
                 last_token_s = now
                 delta = self._delta(chunk)
-                delta.num_tokens += held_tokens
+                delta.num_tokens += len(held_ids)
+                delta.token_ids = held_ids + delta.token_ids
                 if delta.finish_reason is not None:
                     self._observe_final(chunk)
-                    delta.num_cached_tokens = chunk.num_cached_tokens
                     yield delta
                     return  # closing `tokens` cancels the worker call when a stop string ended us
                 if delta.text or delta.logprobs:
-                    held_tokens = 0
+                    held_ids = []
                     yield delta
                 else:
-                    held_tokens = delta.num_tokens
+                    held_ids = delta.token_ids
         finally:
             await tokens.aclose()
         raise service_unavailable(f"worker stream for {self.worker_request.request_id} ended without a finish reason")
@@ -107,7 +109,8 @@ class ChoiceStream:
         if self.prep.params.logprobs is not None:
             tops = chunk.top_logprobs or [[] for _ in chunk.token_ids]
             logprobs = [TokenLogprob(t, lp, top) for t, lp, top in zip(chunk.token_ids, chunk.logprobs, tops)]
-        return ChoiceDelta(self.index, text, len(chunk.token_ids), logprobs, finish, stop_reason)
+        return ChoiceDelta(self.index, text, len(chunk.token_ids), logprobs, finish, stop_reason,
+                           chunk.num_cache_hit_tokens if finish is not None else 0, list(chunk.token_ids))
 
     def _observe_latency(self, now: float, last_token_s: float | None, num_tokens: int) -> None:
         if last_token_s is None:

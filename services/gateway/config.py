@@ -112,6 +112,9 @@ class GatewayConfig:
     """An instance this many queued tokens above the least loaded one loses its affinity requests."""
     default_block_size: int = 16
     """Block size for prefix hashing until a worker reports its own."""
+    decode_prefill_max_new_tokens: int = 1024
+    """Disaggregated: a keyed session's next turn runs whole on the decode instance holding its
+    history when at most this many of its prompt tokens are new (0: never)."""
     session_window: int = 2
     """Session messages a worker may have in flight to this gateway (its credit); while none is
     granted the worker merges each request's new tokens. 0 turns the credit off (gRPC's own flow
@@ -130,7 +133,7 @@ class GatewayConfig:
                      "stalled_after_polls"):
             if getattr(self, name) < 1:
                 raise GatewayConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queued_requests", "session_window"):
+        for name in ("max_queued_requests", "session_window", "decode_prefill_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise GatewayConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

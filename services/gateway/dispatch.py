@@ -7,7 +7,10 @@ Life of a disaggregated request, as seen from here:
                  ▼
              Generate(handle, first token) on the decode instance ─▶ token chunks ─▶ done
 
-A colocated worker gets one Generate without a handle. Failure and cancellation:
+A colocated worker gets one Generate without a handle, and so does a decode instance that holds
+most of a keyed session's next turn (route reason 'session-on-decode', see router.py). The route's
+reason goes on the request's trace span and the routes metric; a keyed turn's tokens are
+remembered as held by the instance that ran it. Failure and cancellation:
 
 * the consumer stops iterating (client gone, stop string matched) or a call fails: the open gRPC
   call is cancelled, which aborts the request on that worker;
@@ -22,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+
+from opentelemetry import trace
 
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.router import Instance, Router
@@ -45,13 +50,16 @@ class Dispatcher:
         A worker that fails before anything was streamed (it died since the last load poll) is
         marked unhealthy and the request is routed once more, so the client never sees it."""
         for attempt in range(2):
-            route = self.router.route(req.prompt_token_ids)
+            route = self.router.route(req.prompt_token_ids, req.session.key if req.session else None)
+            self._record_route(route)
             chunks = (self._stream(route.worker, req, None) if route.worker is not None
                       else self._disaggregated(route.prefill, route.decode, req))
             started = False
+            output_ids: list[int] = []
             try:
                 async for chunk in chunks:
                     started = True
+                    output_ids += chunk.token_ids
                     yield chunk
                 return
             except WorkerError as exc:
@@ -60,6 +68,17 @@ class Dispatcher:
                 logger.warning("request %s: %s; routing it to another instance", req.request_id, exc)
             finally:
                 await chunks.aclose()
+                if req.session is not None and output_ids:
+                    holder = route.worker or (route.decode if len(output_ids) > 1 else route.prefill)
+                    self.router.remember_session(req.session.key, holder, req.prompt_token_ids + output_ids)
+
+    def _record_route(self, route) -> None:
+        self.metrics.routes.labels(route.reason).inc()
+        span = trace.get_current_span()
+        span.set_attribute("splitserve.route_reason", route.reason)
+        for role in ("worker", "prefill", "decode"):
+            if getattr(route, role) is not None:
+                span.set_attribute(f"splitserve.route_{role}", getattr(route, role).url)
 
     async def _disaggregated(self, prefill: Instance, decode: Instance, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
         # True while the prefill instance may hold KV for this request that no decode has taken.
@@ -74,6 +93,8 @@ class Dispatcher:
                 return
             async for chunk in self._stream(decode, req, result):
                 kv_may_be_held = False  # the decode side has loaded (or recomputed) the prompt
+                if chunk.finish_reason is not None:  # the prompt's cache hits were the prefill's
+                    chunk.num_cache_hit_tokens = result.first.num_cache_hit_tokens
                 yield chunk
         finally:
             if kv_may_be_held:

@@ -47,6 +47,9 @@ class GatewayMetrics:
         self.kv_bytes = Counter("splitserve_gateway_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
         self.recomputed_tokens = Counter("splitserve_gateway_recomputed_tokens",
                                          "Tokens a worker computed again (preemption or failed KV transfer)", registry=r)
+        self.routes = Counter("splitserve_gateway_routes", "Routing decisions by reason (load, prefix-affinity, "
+                              "session, session-on-decode, session-overloaded, session-moved)", ["reason"],
+                              registry=r)
         self.worker_failures = Counter("splitserve_gateway_worker_failures", "Failed worker RPCs",
                                        ["role", "method"], registry=r)
         self.inflight = Gauge("splitserve_gateway_inflight_requests", "Requests generating now", registry=r, **summed)

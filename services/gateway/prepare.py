@@ -27,7 +27,8 @@ from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
 from splitserve.services.gateway.openai_protocol import bad_request
 from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
 from splitserve.services.gateway.request_models import (
-    ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
+    RETENTION_S, ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
+from splitserve.shared.request import SessionHint
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
 from splitserve.shared.tokenizer import render_chat_prompt
 
@@ -74,6 +75,9 @@ class PreparedRequest:
     priority: int = 0
     output: OutputSpec = field(default_factory=OutputSpec)
     """How a chat choice's text is read (reasoning, tool calls)."""
+    session: SessionHint | None = None
+    """prompt_cache_key and its retention (see request_models.RETENTION_S)."""
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     arrival_s: float = field(default_factory=time.monotonic)
 
@@ -204,7 +208,17 @@ def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[l
         check_prompt(prompt, params.max_tokens, ctx.max_model_len, ctx.vocab_size)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     return PreparedRequest(kind, f"{id_prefix}-{uuid.uuid4().hex}", body.model, prompts, params, body.stream,
-                           include_usage, body.priority)
+                           include_usage, body.priority, session=_session(body),
+                           return_token_ids=body.return_token_ids)
+
+
+def _session(body: GenerationFields) -> SessionHint | None:
+    if body.prompt_cache_key is None:
+        if body.prompt_cache_retention is not None:
+            raise bad_request("prompt_cache_retention needs a prompt_cache_key: retention applies to a keyed "
+                              "session's blocks", "prompt_cache_retention")
+        return None
+    return SessionHint(body.prompt_cache_key, RETENTION_S[body.prompt_cache_retention or "in_memory"])
 
 
 def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: int, vocab_size: int) -> None:

@@ -23,6 +23,10 @@ from pydantic_core import PydanticCustomError
 from splitserve.shared.sampling_params import FIELD_TYPES, INT32_MAX, MAX_LOGPROBS, FieldSpec, sampling_fields
 
 Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+MAX_PROMPT_CACHE_KEY_CHARS = 256
+RETENTION_S = {"in_memory": 600.0, "24h": 86400.0}
+"""`prompt_cache_retention` -> seconds a keyed session's blocks are retained after its latest turn
+(OpenAI: in-memory retention lasts minutes of inactivity; extended retention up to 24 h)."""
 
 
 class OpenAIModel(BaseModel):
@@ -81,6 +85,14 @@ class GenerationFields(SamplingFields):
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
     user: str | None = Field(None, description="Accepted and ignored, as OpenAI and vLLM do.")
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CACHE_KEY_CHARS, description=(
+        "OpenAI's: a conversation or agent id; its latest turn's KV is retained ahead of anonymous prefixes "
+        "and its next turn is routed to the instance holding it."))
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description=(
+        "OpenAI's: how long a keyed session's blocks are retained (in_memory: 600 s; 24h); needs prompt_cache_key."))
+    return_token_ids: bool = Field(False, description=(
+        "vLLM's: each choice also lists prompt_token_ids and its generated token_ids (streamed: each chunk's "
+        "new token_ids), so an agent builds its next turn from the exact ids."))
 
     @model_validator(mode="before")
     @classmethod

@@ -31,8 +31,10 @@ class ResponseBuilder:
         num = prep.num_choices
         self._text_parts: list[list[str]] = [[] for _ in range(num)]  # joined once, for a whole response
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
+        self.token_ids: list[list[int]] = [[] for _ in range(num)]
         self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * num
         self.num_completion_tokens = 0
+        self.num_cached_tokens = 0
         self._text_offsets = [0] * num
         self._role_sent = [False] * num
         parses = prep.kind == "chat" and prep.output.parses
@@ -42,14 +44,21 @@ class ResponseBuilder:
         """Record a delta (for the final body and for usage)."""
         self._text_parts[delta.index].append(delta.text)
         self.logprobs[delta.index].extend(delta.logprobs)
+        if self.prep.return_token_ids:
+            self.token_ids[delta.index].extend(delta.token_ids)
         self.num_completion_tokens += delta.num_tokens
+        self.num_cached_tokens += delta.num_cached_tokens
         if delta.finish_reason is not None:
             self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage; cached_tokens: prompt tokens whose KV was reused instead of computed.
+        prompt_tokens counts each prompt once (as OpenAI does for n > 1); cached_tokens is summed
+        over the choices, so with n > 1 it can exceed a single prompt's cached count."""
         prompt_tokens = sum(len(p) for p in self.prep.prompts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.num_completion_tokens,
-                "total_tokens": prompt_tokens + self.num_completion_tokens}
+                "total_tokens": prompt_tokens + self.num_completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
 
     # ---- whole responses ---------------------------------------------------------------
 
@@ -68,6 +77,9 @@ class ResponseBuilder:
             else:
                 choices.append({"index": index, "text": texts[index], "logprobs": logprobs,
                                 "finish_reason": finish_reason, "stop_reason": stop_reason})
+            if self.prep.return_token_ids:
+                choices[-1].update(prompt_token_ids=self.prep.prompts[index // self.prep.params.n],
+                                   token_ids=self.token_ids[index])
         return {**self._envelope(stream=False), "choices": choices, "usage": self.usage()}
 
     # ---- stream chunks -----------------------------------------------------------------
@@ -86,6 +98,8 @@ class ResponseBuilder:
         else:
             choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs}
         choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
+        if self.prep.return_token_ids:  # each chunk's new ids (vLLM puts the prompt's on the first one only)
+            choice["token_ids"] = delta.token_ids
         return {**self._envelope(stream=True), "choices": [choice]}
 
     def _chat_delta(self, delta: ChoiceDelta) -> dict[str, Any] | None:

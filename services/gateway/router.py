@@ -12,6 +12,14 @@ Prompts shorter than one block go to the least-loaded instance.
 
 Decode instances: the least loaded (running requests, then free blocks).
 
+Keyed sessions (`prompt_cache_key`, see sessions.py): a turn goes back to the instance holding the
+session's latest turn unless it is overloaded (same test as above). Disaggregated, that instance
+is the decode worker, which computed the previous output's KV: when it holds all but at most
+`decode_prefill_max_new_tokens` of the new prompt, the whole turn runs there (its prefill computes
+only the new tokens; nothing crosses the transfer plane); otherwise the turn is split as usual and
+its decode goes to that instance. Every route carries the reason it was chosen (trace attribute,
+metric label).
+
 An instance whose RPC fails is marked unhealthy and skipped; the poller keeps probing it and
 marks it healthy again when GetLoad answers. An instance that misses `stalled_after_polls` polls
 in a row (each bounded by its timeout) is taken to be stalled (frozen, SIGSTOPped, or cut off): the
@@ -29,6 +37,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from splitserve.services.gateway.sessions import SessionDirectory
 from splitserve.shared.kv.block_hash import hash_prompt_blocks
 from splitserve.shared.protocol.convert import WorkerLoad
 
@@ -78,6 +87,9 @@ class Route:
     prefill: Instance | None = None
     decode: Instance | None = None
     worker: Instance | None = None
+    reason: str = "load"
+    """Why: 'load', 'prefix-affinity', 'session', 'session-on-decode' (a disaggregated session's
+    turn run whole on the decode instance holding it), 'session-overloaded', 'session-moved'."""
 
 
 def rendezvous_score(key: bytes, url: str) -> int:
@@ -87,7 +99,8 @@ def rendezvous_score(key: bytes, url: str) -> int:
 class Router:
     def __init__(self, prefill_urls: Sequence[str] = (), decode_urls: Sequence[str] = (),
                  worker_urls: Sequence[str] = (), *, affinity_blocks: int = 4,
-                 overload_margin_tokens: int = 8192, default_block_size: int = 16) -> None:
+                 overload_margin_tokens: int = 8192, default_block_size: int = 16,
+                 decode_prefill_max_new_tokens: int = 1024) -> None:
         self.instances: list[Instance] = (
             [Instance(u, role, f"{role}-{i}") for role, urls in
              (("prefill", prefill_urls), ("decode", decode_urls), ("colocated", worker_urls))
@@ -97,6 +110,8 @@ class Router:
         self.affinity_blocks = affinity_blocks
         self.overload_margin_tokens = overload_margin_tokens
         self.default_block_size = default_block_size
+        self.decode_prefill_max_new_tokens = decode_prefill_max_new_tokens
+        self.sessions = SessionDirectory()
         self._tie_breaker = itertools.count()
 
     # ---- state -------------------------------------------------------------------------
@@ -142,14 +157,48 @@ class Router:
 
     # ---- choice ------------------------------------------------------------------------
 
-    def route(self, prompt_token_ids: Sequence[int]) -> Route:
+    def route(self, prompt_token_ids: Sequence[int], session_key: str | None = None) -> Route:
         """Colocated workers when configured, else a prefill + decode pair; raises NoHealthyWorker."""
-        if any(i.role == "colocated" for i in self.instances) and self.healthy("colocated"):
-            return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))
-        if any(i.role == "prefill" for i in self.instances):
-            return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids),
-                         decode=self.pick_decode_instance(prompt_token_ids))
-        return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))  # raises NoHealthyWorker
+        colocated = any(i.role == "colocated" for i in self.instances) and self.healthy("colocated")
+        if colocated or not any(i.role == "prefill" for i in self.instances):
+            held = self._session_instance("colocated", session_key, prompt_token_ids)
+            if isinstance(held, Instance):
+                return Route(worker=held, reason="session")
+            worker = self.pick_prompt_instance("colocated", prompt_token_ids)  # raises NoHealthyWorker
+            return Route(worker=worker, reason=held or self._prompt_reason(prompt_token_ids))
+        held = self._session_instance("decode", session_key, prompt_token_ids)
+        if isinstance(held, Instance):
+            _, num_held = self.sessions.held_tokens(session_key, prompt_token_ids, self.block_size())
+            if 0 < len(prompt_token_ids) - num_held <= self.decode_prefill_max_new_tokens:
+                return Route(worker=held, reason="session-on-decode")
+            return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids), decode=held, reason="session")
+        return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids),
+                     decode=self.pick_decode_instance(prompt_token_ids),
+                     reason=held or self._prompt_reason(prompt_token_ids))
+
+    def remember_session(self, key: str, instance: Instance, turn_token_ids: Sequence[int]) -> None:
+        self.sessions.remember(key, instance.url, turn_token_ids, self.block_size())
+
+    def _session_instance(self, role: str, key: str | None, prompt_token_ids: Sequence[int]) -> Instance | str | None:
+        """The healthy, not overloaded `role` instance holding the session's blocks, or why not
+        (None: no session, or this prompt does not extend its latest turn)."""
+        if key is None:
+            return None
+        url, num_held = self.sessions.held_tokens(key, prompt_token_ids, self.block_size())
+        if url is None or not num_held:
+            return None
+        candidates = [i for i in self.healthy(role)]
+        held = next((i for i in candidates if i.url == url), None)
+        if held is None:
+            return "session-moved"
+        least = min(i.queued_tokens() for i in candidates)
+        num_blocks = -(-(len(prompt_token_ids) - num_held) // self.block_size())
+        if held.queued_tokens() > least + self.overload_margin_tokens or held.lacks_blocks(num_blocks):
+            return "session-overloaded"
+        return held
+
+    def _prompt_reason(self, prompt_token_ids: Sequence[int]) -> str:
+        return "prefix-affinity" if self.affinity_key(prompt_token_ids) is not None else "load"
 
     def affinity_key(self, prompt_token_ids: Sequence[int]) -> bytes | None:
         block_size = self.block_size()

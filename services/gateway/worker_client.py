@@ -30,6 +30,7 @@ from splitserve.shared.grpc_channel import aio_channel
 from splitserve.shared.grpc_security import GrpcSecurity
 from splitserve.shared.protocol import convert, worker_pb2 as pb, worker_pb2_grpc
 from splitserve.shared.protocol.convert import TokenChunk, WorkerLoad
+from splitserve.shared.request import SessionHint
 from splitserve.shared.sampling_params import SamplingParams
 
 # Codes that say "this worker is broken or gone" (the router marks it unhealthy), as opposed to
@@ -60,6 +61,8 @@ class WorkerRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    session: SessionHint | None = None
+    """prompt_cache_key and its retention: the workers retain the request's blocks for it."""
 
 
 @dataclass
@@ -106,6 +109,8 @@ class WorkerClient:
     async def prefill(self, req: WorkerRequest, timeout_s: float) -> PrefillResult:
         msg = pb.PrefillRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                 sampling_params=convert.sampling_params_to_proto(req.params), priority=req.priority)
+        if req.session is not None:
+            msg.session.CopyFrom(convert.session_to_proto(req.session))
         call = self._stub.Prefill(msg, timeout=timeout_s)
         self._prefills.add(call)
         try:
@@ -127,6 +132,8 @@ class WorkerClient:
         msg = pb.GenerateRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                  sampling_params=convert.sampling_params_to_proto(req.params), priority=req.priority,
                                  trace_context=telemetry.context_carrier())
+        if req.session is not None:
+            msg.session.CopyFrom(convert.session_to_proto(req.session))
         if prefill is not None:
             msg.kv_handle.CopyFrom(prefill.handoff.kv_handle)
             msg.first_token.CopyFrom(prefill.handoff.first_token)

@@ -28,7 +28,7 @@ def connector_factory(args: argparse.Namespace, role: str, secret: bytes | None 
     """Build the KV connector once the engine has allocated its KV pool (None when colocated)."""
     if role == "colocated":
         return None
-    from splitserve.shared.transfer.connector import KVConnector, TransferConfig
+    from splitserve.shared.transfer.connector import TransferConnector, TransferConfig
     from splitserve.shared.transfer.handle import layout_hash
 
     def make(parts):
@@ -38,7 +38,7 @@ def connector_factory(args: argparse.Namespace, role: str, secret: bytes | None 
         tls = args.transfer_ucx_tls or ("tcp" if parts.device.type == "cpu" else None)
         config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh,
                                      model_id=parts.model_dir, ucx_tls=tls)
-        return KVConnector(parts.kv_cache, config, secret=secret)
+        return TransferConnector(parts.kv_cache, config, secret=secret)
 
     return make
 

@@ -35,13 +35,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         if self.engine.role != "prefill":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.engine.role}, not prefill")
-        params = convert.sampling_params_from_proto(request.sampling_params)
+        try:
+            params = convert.sampling_params_from_proto(request.sampling_params)
+            session = convert.session_from_proto(request.session) if request.HasField("session") else None
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with telemetry.span("prefill", **{"splitserve.request_id": request.request_id,
                                           "splitserve.prompt_tokens": len(request.prompt_token_ids)}) as span:
             final = None
             try:
                 async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
-                                                      priority=request.priority, hold_kv=True):
+                                                      priority=request.priority, hold_kv=True, session=session):
                     final = out
             except (ValueError, EngineDeadError, RequestFailedInEngine) as exc:
                 await _abort_for(context, exc)
@@ -71,6 +75,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         kv_handle = first_token = None
         try:
             params = convert.sampling_params_from_proto(request.sampling_params)
+            session = convert.session_from_proto(request.session) if request.HasField("session") else None
             if request.HasField("kv_handle"):
                 if not request.HasField("first_token"):
                     raise ValueError("kv_handle requires first_token")
@@ -83,7 +88,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             try:
                 async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
                                                       priority=request.priority, kv_handle=kv_handle,
-                                                      first_token=first_token):
+                                                      first_token=first_token, session=session):
                     if out.finished:
                         _record_final(span, out)
                     yield convert.engine_output_to_chunk(out)

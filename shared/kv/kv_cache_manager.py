@@ -9,24 +9,30 @@ How the scheduler uses it for one request (all on the engine thread):
     allocate_slots(rid, token_ids, num_computed_tokens, n)               # next chunk / decode step
     free(rid)                                                            # finish or preemption
 
+With a host tier, `take_newly_cached()` hands the blocks registered since the last call to the
+tier, which copies them out while `pin()` keeps them from reuse (`unpin()` when the copy ended).
+A keyed session's latest blocks are retained (`retain_session`): evicted after anonymous ones.
+
 A request's slot for token position p is `table[p // block_size] * block_size + p % block_size`.
 The manager assumes it is the pool's only user, so `check_integrity()` can demand that every
-block's refcount equals the number of tables holding it.
+block's refcount equals the number of tables holding it plus its pins.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from splitserve.shared.kv.block_hash import BlockHash, hash_block_tokens
 from splitserve.shared.kv.block_pool import BlockPool, _require
+from splitserve.shared.kv.retention import SessionRetention
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 track_newly_cached: bool = False):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
@@ -37,6 +43,10 @@ class KVCacheManager:
         self._block_hashes: dict[str, list[BlockHash]] = {}
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
+        self.track_newly_cached = track_newly_cached
+        self._newly_cached: list[tuple[int, BlockHash]] = []
+        self._pins: Counter[int] = Counter()
+        self.sessions = SessionRetention(self.pool.retain_hashes)
         # A numpy mirror of the tables, one row per request, written as tables grow, so a step's
         # [B, width] block-table array is one gather instead of a Python pass over every entry.
         self._rows = np.zeros((16, 64), np.int32)
@@ -154,8 +164,41 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), num_computed_tokens // bs):
             block_hash = hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
-            self.pool.cache_block(table[i], block_hash)
+            if self.pool.cache_block(table[i], block_hash) and self.track_newly_cached:
+                self._newly_cached.append((table[i], block_hash))
             hashes.append(block_hash)
+
+    def block_hashes(self, request_id: str) -> list[BlockHash]:
+        """Chained hashes of the request's full computed blocks registered so far."""
+        return list(self._block_hashes.get(request_id, ()))
+
+    def take_newly_cached(self) -> list[tuple[int, BlockHash]]:
+        """(block_id, hash) of every block registered since the last call that is still cached."""
+        taken, self._newly_cached = self._newly_cached, []
+        return [(b, h) for b, h in taken if self.pool.cached_hash(b) == h]
+
+    def pin(self, block_ids: Iterable[int]) -> None:
+        """Hold a reference that is no request's (a copy out of the block is in flight)."""
+        block_ids = list(block_ids)
+        self.pool.incref(block_ids)
+        self._pins.update(block_ids)
+
+    def unpin(self, block_ids: Iterable[int]) -> None:
+        block_ids = list(block_ids)
+        for block_id, count in Counter(block_ids).items():
+            if count > self._pins[block_id]:
+                raise ValueError(f"block {block_id} unpinned more often than pinned")
+        self._pins.subtract(block_ids)
+        self._pins += Counter()  # drop zero counts
+        self.pool.free(block_ids)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return len(self._pins)
+
+    def retain_session(self, key: str, block_hashes: list[BlockHash], until_s: float) -> None:
+        """Retain a keyed session's latest blocks until `until_s` (see retention.py)."""
+        self.sessions.retain(key, block_hashes, until_s)
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks tail first, so its tail is evicted before its prefix."""
@@ -189,7 +232,7 @@ class KVCacheManager:
         """Pool invariants, plus: no table holds a block twice, each block's refcount equals the
         number of tables holding it, and every hash a request registered matches the pool's."""
         self.pool.check_integrity()
-        holders = Counter(b for table in self._tables.values() for b in table)
+        holders = Counter(b for table in self._tables.values() for b in table) + self._pins
         for request_id, table in self._tables.items():
             _require(len(set(table)) == len(table), f"request {request_id!r} holds a block twice: {table}")
             row = self._row_of.get(request_id)
@@ -200,7 +243,7 @@ class KVCacheManager:
         for block_id in range(self.pool.num_blocks):
             refcount = self.pool.refcount(block_id)
             held = holders[block_id]
-            _require(refcount == held, f"block {block_id}: refcount {refcount} but held by {held} tables")
+            _require(refcount == held, f"block {block_id}: refcount {refcount} but held by {held} tables and pins")
         for request_id, hashes in self._block_hashes.items():
             table = self._tables[request_id]
             _require(len(hashes) <= len(table), f"request {request_id!r} hashed more blocks than it holds")

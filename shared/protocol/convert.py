@@ -153,6 +153,22 @@ class TokenChunk:
     num_cached_tokens: int = 0
     kv_bytes_received: int = 0
     num_recomputed_tokens: int = 0
+    num_cache_hit_tokens: int = 0
+    """Prompt tokens served from a cache (prefix cache, host tier) by the worker that ran the
+    prompt phase: OpenAI's usage.prompt_tokens_details.cached_tokens. On a decode instance that
+    loaded a prefill's KV it is the prefill's count, set by the gateway."""
+
+
+def session_to_proto(session: Any) -> pb.SessionHint:
+    return pb.SessionHint(key=session.key, retention_s=session.retention_s)
+
+
+def session_from_proto(msg: pb.SessionHint) -> Any:
+    from splitserve.shared.request import SessionHint
+
+    if not msg.key or msg.retention_s <= 0:
+        raise ValueError("a session needs a key and a positive retention_s")
+    return SessionHint(msg.key, msg.retention_s)
 
 
 def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
@@ -165,6 +181,7 @@ def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
         stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_prompt_tokens=msg.stats.num_prompt_tokens, num_cached_tokens=msg.stats.num_cached_tokens,
         kv_bytes_received=msg.stats.kv_bytes_received, num_recomputed_tokens=msg.stats.num_recomputed_tokens,
+        num_cache_hit_tokens=msg.stats.num_cached_tokens,
     )
 
 
@@ -175,6 +192,7 @@ def chunk_from_prefill_response(msg: pb.PrefillResponse) -> TokenChunk:
         finish_reason=msg.finish_reason if msg.HasField("finish_reason") else None,
         stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
+        num_cache_hit_tokens=msg.num_cached_tokens,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\"\xbf\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"n\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x99\x01\n\x08KvHandle\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"\x88\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\x93\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\tkv_handle\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KvHandleB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"\xe3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\tkv_handle\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12.\n\x0b\x66irst_token\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12G\n\rtrace_context\x18\x07 \x03(\x0b\x32\x30.splitserve.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\rGenerateStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x03\x12\x1d\n\x15num_recomputed_tokens\x18\x04 \x01(\x05\"\xbe\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobs\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.splitserve.v1.GenerateStats\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12*\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.splitserve.v1.RequestErrorB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0eSessionCommand\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.splitserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.AbortRequestH\x00\x12\x10\n\x06\x63redit\x18\x03 \x01(\rH\x00\x42\t\n\x07\x63ommand\"=\n\rSessionOutput\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.GenerateChunk\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\x99\x03\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1a\n\x12num_waiting_tokens\x18\x07 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\t \x01(\x05\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fprefix_hit_rate\x18\x0b \x01(\x01\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x39\n\x08\x63ounters\x18\r \x03(\x0b\x32\'.splitserve.v1.LoadReport.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb7\x03\n\x06Worker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12J\n\x07Session\x12\x1d.splitserve.v1.SessionCommand\x1a\x1c.splitserve.v1.SessionOutput(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.LoadReport\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\"\xbf\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"n\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x99\x01\n\x08KvHandle\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"/\n\x0bSessionHint\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bretention_s\x18\x02 \x01(\x01\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12+\n\x07session\x18\x05 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\"\x93\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\tkv_handle\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KvHandleB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"\x90\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\tkv_handle\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12.\n\x0b\x66irst_token\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12G\n\rtrace_context\x18\x07 \x03(\x0b\x32\x30.splitserve.v1.GenerateRequest.TraceContextEntry\x12+\n\x07session\x18\x08 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\rGenerateStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x03\x12\x1d\n\x15num_recomputed_tokens\x18\x04 \x01(\x05\"\xbe\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobs\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.splitserve.v1.GenerateStats\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12*\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.splitserve.v1.RequestErrorB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0eSessionCommand\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.splitserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.AbortRequestH\x00\x12\x10\n\x06\x63redit\x18\x03 \x01(\rH\x00\x42\t\n\x07\x63ommand\"=\n\rSessionOutput\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.GenerateChunk\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\x99\x03\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1a\n\x12num_waiting_tokens\x18\x07 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\t \x01(\x05\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fprefix_hit_rate\x18\x0b \x01(\x01\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x39\n\x08\x63ounters\x18\r \x03(\x0b\x32\'.splitserve.v1.LoadReport.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb7\x03\n\x06Worker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12J\n\x07Session\x12\x1d.splitserve.v1.SessionCommand\x1a\x1c.splitserve.v1.SessionOutput(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.LoadReport\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_LOADREPORT_COUNTERSENTRY']._loaded_options = None
   _globals['_LOADREPORT_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=2935
-  _globals['_WORKERROLE']._serialized_end=3052
+  _globals['_WORKERROLE']._serialized_start=3074
+  _globals['_WORKERROLE']._serialized_end=3191
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=493
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=408
@@ -51,38 +51,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIRSTTOKEN']._serialized_end=713
   _globals['_KVHANDLE']._serialized_start=716
   _globals['_KVHANDLE']._serialized_end=869
-  _globals['_PREFILLREQUEST']._serialized_start=872
-  _globals['_PREFILLREQUEST']._serialized_end=1008
-  _globals['_PREFILLRESPONSE']._serialized_start=1011
-  _globals['_PREFILLRESPONSE']._serialized_end=1286
-  _globals['_GENERATEREQUEST']._serialized_start=1289
-  _globals['_GENERATEREQUEST']._serialized_end=1644
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=1593
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=1644
-  _globals['_GENERATESTATS']._serialized_start=1646
-  _globals['_GENERATESTATS']._serialized_end=1773
-  _globals['_GENERATECHUNK']._serialized_start=1776
-  _globals['_GENERATECHUNK']._serialized_end=2094
-  _globals['_REQUESTERROR']._serialized_start=2096
-  _globals['_REQUESTERROR']._serialized_end=2141
-  _globals['_SESSIONCOMMAND']._serialized_start=2144
-  _globals['_SESSIONCOMMAND']._serialized_end=2287
-  _globals['_SESSIONOUTPUT']._serialized_start=2289
-  _globals['_SESSIONOUTPUT']._serialized_end=2350
-  _globals['_ABORTREQUEST']._serialized_start=2352
-  _globals['_ABORTREQUEST']._serialized_end=2386
-  _globals['_ABORTRESPONSE']._serialized_start=2388
-  _globals['_ABORTRESPONSE']._serialized_end=2418
-  _globals['_LOADREQUEST']._serialized_start=2420
-  _globals['_LOADREQUEST']._serialized_end=2433
-  _globals['_LOADREPORT']._serialized_start=2436
-  _globals['_LOADREPORT']._serialized_end=2845
-  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_start=2798
-  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_end=2845
-  _globals['_HEALTHREQUEST']._serialized_start=2847
-  _globals['_HEALTHREQUEST']._serialized_end=2862
-  _globals['_HEALTHRESPONSE']._serialized_start=2864
-  _globals['_HEALTHRESPONSE']._serialized_end=2933
-  _globals['_WORKER']._serialized_start=3055
-  _globals['_WORKER']._serialized_end=3494
+  _globals['_SESSIONHINT']._serialized_start=871
+  _globals['_SESSIONHINT']._serialized_end=918
+  _globals['_PREFILLREQUEST']._serialized_start=921
+  _globals['_PREFILLREQUEST']._serialized_end=1102
+  _globals['_PREFILLRESPONSE']._serialized_start=1105
+  _globals['_PREFILLRESPONSE']._serialized_end=1380
+  _globals['_GENERATEREQUEST']._serialized_start=1383
+  _globals['_GENERATEREQUEST']._serialized_end=1783
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=1732
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=1783
+  _globals['_GENERATESTATS']._serialized_start=1785
+  _globals['_GENERATESTATS']._serialized_end=1912
+  _globals['_GENERATECHUNK']._serialized_start=1915
+  _globals['_GENERATECHUNK']._serialized_end=2233
+  _globals['_REQUESTERROR']._serialized_start=2235
+  _globals['_REQUESTERROR']._serialized_end=2280
+  _globals['_SESSIONCOMMAND']._serialized_start=2283
+  _globals['_SESSIONCOMMAND']._serialized_end=2426
+  _globals['_SESSIONOUTPUT']._serialized_start=2428
+  _globals['_SESSIONOUTPUT']._serialized_end=2489
+  _globals['_ABORTREQUEST']._serialized_start=2491
+  _globals['_ABORTREQUEST']._serialized_end=2525
+  _globals['_ABORTRESPONSE']._serialized_start=2527
+  _globals['_ABORTRESPONSE']._serialized_end=2557
+  _globals['_LOADREQUEST']._serialized_start=2559
+  _globals['_LOADREQUEST']._serialized_end=2572
+  _globals['_LOADREPORT']._serialized_start=2575
+  _globals['_LOADREPORT']._serialized_end=2984
+  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_start=2937
+  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_end=2984
+  _globals['_HEALTHREQUEST']._serialized_start=2986
+  _globals['_HEALTHREQUEST']._serialized_end=3001
+  _globals['_HEALTHRESPONSE']._serialized_start=3003
+  _globals['_HEALTHRESPONSE']._serialized_end=3072
+  _globals['_WORKER']._serialized_start=3194
+  _globals['_WORKER']._serialized_end=3633
 # @@protoc_insertion_point(module_scope)

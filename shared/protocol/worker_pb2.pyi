@@ -101,17 +101,27 @@ class KvHandle(_message.Message):
     control_address: str
     def __init__(self, version: _Optional[int] = ..., instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., control_address: _Optional[str] = ...) -> None: ...
 
+class SessionHint(_message.Message):
+    __slots__ = ("key", "retention_s")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_S_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    retention_s: float
+    def __init__(self, key: _Optional[str] = ..., retention_s: _Optional[float] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "session")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    session: SessionHint
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., session: _Optional[_Union[SessionHint, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token", "finish_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "kv_handle")
@@ -132,7 +142,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., finish_reason: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., kv_handle: _Optional[_Union[KvHandle, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "kv_handle", "first_token", "trace_context")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "kv_handle", "first_token", "trace_context", "session")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +157,7 @@ class GenerateRequest(_message.Message):
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
@@ -154,7 +165,8 @@ class GenerateRequest(_message.Message):
     kv_handle: KvHandle
     first_token: FirstToken
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., kv_handle: _Optional[_Union[KvHandle, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    session: SessionHint
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., kv_handle: _Optional[_Union[KvHandle, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., session: _Optional[_Union[SessionHint, _Mapping]] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("num_prompt_tokens", "num_cached_tokens", "kv_bytes_received", "num_recomputed_tokens")

@@ -1,4 +1,5 @@
-"""`KVConnector`: the narrow interface the engine calls to move KV blocks between engines.
+"""`TransferConnector`: the P/D implementation of `KVConnector` (shared/kv/connector.py), which
+moves KV blocks between a prefill and a decode engine.
 
 One per engine. The engine thread calls hold / start_load / poll / abort / stats; none of them
 blocks on I/O (abort waits, bounded, until the connector's loop has applied it). All I/O runs on the connector's own thread, which owns one asyncio loop carrying
@@ -39,12 +40,12 @@ from .prefill_side import PrefillSide
 logger = logging.getLogger(__name__)
 _ABORT_WAIT_S = 5.0
 
-__all__ = ["KVConnector", "ConnectorEvents", "TransferConfig"]
+__all__ = ["TransferConnector", "ConnectorEvents", "TransferConfig"]
 
 STARTUP_TIMEOUT_S = 30.0
 
 
-class KVConnector:
+class TransferConnector:
     def __init__(self, kv_cache: torch.Tensor, config: TransferConfig, secret: bytes | None = None):
         """`secret`: the stack's shared secret (shared/auth.py); control messages are signed with
         a key derived from it and messages not signed with it are dropped."""
@@ -146,6 +147,16 @@ class KVConnector:
 
     def poll(self) -> ConnectorEvents:
         return self._events.take()
+
+    # The host tier's side of the interface: a transfer connector keeps no blocks of its own.
+    def lookup(self, block_hashes) -> int:
+        return 0
+
+    def save_blocks(self, block_ids, block_hashes) -> list[int]:
+        return []
+
+    def retain(self, key: str, block_hashes, until_s: float) -> None:
+        return None
 
     def abort(self, request_id: str) -> None:
         """Cancels a pending load (decode) or a hold (prefill); see the module docstring.

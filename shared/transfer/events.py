@@ -7,25 +7,13 @@ guards both sides, and `take()` hands each event out exactly once.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+
+from splitserve.shared.kv.connector import KVConnectorEvents
 
 
-@dataclass
-class ConnectorEvents:
-    loaded: list[str] = field(default_factory=list)
-    """Decode side: requests whose KV landed completely in their dst blocks."""
-    load_failed: list[tuple[str, str]] = field(default_factory=list)
-    """Decode side: (request_id, reason). Nothing writes into the dst blocks any more: free them
-    (and recompute the request)."""
-    released: list[str] = field(default_factory=list)
-    """Prefill side: held requests whose blocks may now be freed."""
-    loaded_bytes: dict[str, int] = field(default_factory=dict)
-    """Decode side: bytes received for each request in `loaded` (metrics / trace attribute)."""
-    sent_bytes: dict[str, int] = field(default_factory=dict)
-    """Prefill side: bytes sent for each request in `released` (0: its KV never left)."""
-
-    def __bool__(self) -> bool:
-        return bool(self.loaded or self.load_failed or self.released)
+# The engine-facing event record of every connector (decode side: loaded, load_failed; prefill
+# side: released), defined with the interface in shared/kv/connector.py.
+ConnectorEvents = KVConnectorEvents
 
 
 class EventQueue:

@@ -1,5 +1,5 @@
 """loadtests/gpu_transfer.py runs end to end on CPU too (UCX over TCP, gloo for the nccl backend):
-two real processes, the real KVConnector, bit-exact blocks and a result table. The same script
+two real processes, the real TransferConnector, bit-exact blocks and a result table. The same script
 measures GB/s on one or two GPUs (docs/benchmarks.md)."""
 
 from __future__ import annotations

@@ -161,3 +161,15 @@ def test_cli_args_become_a_config(tmp_path):
     assert named.served_model_name == "x" and named.worker_urls == ("w:1",)
     with pytest.raises(GatewayConfigError, match="together"):
         gateway_config_from_args(parser.parse_args(["--model", str(model_dir), "--prefill-urls", "a:1"]))
+
+
+@pytest.mark.parametrize("path,extra", [("/v1/completions", {"prompt": "hi"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+@pytest.mark.parametrize("fields,param", [
+    ({"prompt_cache_key": "k" * 257}, "prompt_cache_key"),
+    ({"prompt_cache_key": ""}, "prompt_cache_key"),
+    ({"prompt_cache_key": "agent", "prompt_cache_retention": "forever"}, "prompt_cache_retention"),
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),  # retention of no session
+])
+def test_bad_prompt_cache_fields_are_400(client, path, extra, fields, param):
+    _assert_error(client.post(path, json={"model": MODEL, **extra, **fields}), 400, param=param)

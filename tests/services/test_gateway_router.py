@@ -168,3 +168,35 @@ def test_admission_queue_timeout_rejects():
             pass
 
     asyncio.run(scenario())
+
+
+def test_a_session_returns_to_the_colocated_worker_that_holds_it_unless_overloaded():
+    router = Router(worker_urls=["w0:1", "w1:1", "w2:1"], affinity_blocks=2, overload_margin_tokens=100)
+    for inst in router.instances:
+        router.update_load(inst, WorkerLoad(inst.url, inst.role, "m", 1024, BLOCK, num_free_blocks=100,
+                                            num_total_blocks=100))
+    turn = list(range(100, 100 + 5 * BLOCK + 2))
+    first = router.route(turn, "agent")
+    assert first.reason == "prefix-affinity"
+    holder = next(i for i in router.instances if i.url != first.worker.url)  # say another one ran it
+    router.remember_session("agent", holder, turn)
+    follow_up = turn + [7, 8, 9]
+    assert (router.route(follow_up, "agent").worker, router.route(follow_up, "agent").reason) == (holder, "session")
+    assert router.route([5] + follow_up, "agent").reason != "session"
+    _load(router, holder.url, num_waiting_tokens=500)
+    moved = router.route(follow_up, "agent")
+    assert moved.worker is not holder and moved.reason == "session-overloaded"
+    router.mark_failed(holder, "gone")
+    assert router.route(follow_up, "agent").reason == "session-moved"
+
+
+def test_a_mostly_cached_disaggregated_turn_runs_on_the_decode_instance_that_holds_it():
+    router = _router(decode_prefill_max_new_tokens=8)
+    turn = list(range(200, 200 + 6 * BLOCK + 1))
+    decode = router.instances[-1]
+    router.remember_session("agent", decode, turn)
+    short = router.route(turn + [1, 2, 3], "agent")
+    assert short.worker is decode and short.prefill is None and short.reason == "session-on-decode"
+    long = router.route(turn + list(range(20)), "agent")  # too many new tokens: split, decode stays
+    assert long.prefill is not None and long.decode is decode and long.reason == "session"
+    assert router.route(turn + [1, 2, 3]).reason != "session-on-decode"  # no key: no session

@@ -98,7 +98,8 @@ def test_disaggregated_completion_whole_response(make_stack, tokenizer):
     [choice] = body["choices"]
     assert choice["text"] == tokenizer.decode(tokens[:5]) and choice["finish_reason"] == "length"
     prompt_len = len(tokenizer.encode("hello there"))
-    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": prompt_len + 5}
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": prompt_len + 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     prefill, decode = stack.workers["prefill0"].record, stack.workers["decode0"].record
     [gen] = decode.generates
     assert gen.HasField("kv_handle") and gen.kv_handle.instance_id == "prefill0"

@@ -190,7 +190,8 @@ def test_block_hash_wire_format():
 
 
 class BlockPoolMachine(RuleBasedStateMachine):
-    """Drives a small pool against a reference model of holders, hashes and LRU order."""
+    """Drives a small pool against a reference model of holders, hashes, LRU order and session
+    retention (evictable blocks of retained hashes are evicted after all anonymous ones)."""
 
     NUM_BLOCKS = 6
 
@@ -201,28 +202,36 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.next_holder = 0
         self.free_fifo: list[int] = list(range(self.NUM_BLOCKS))  # model of the free list
         self.lru: list[int] = []  # model of evictable cached blocks, least recent first
+        self.lru_retained: list[int] = []  # the same for blocks whose hash a session retains
+        self.retained: Counter = Counter()
         self.hash_of: dict[int, bytes] = {}
 
     def model_refcounts(self) -> Counter:
         return Counter(b for blocks in self.holders.values() for b in blocks)
 
     def take(self, n: int) -> list[int]:
-        expected = self.free_fifo[:n] + self.lru[: max(0, n - len(self.free_fifo))]
+        expected = (self.free_fifo + self.lru + self.lru_retained)[:n]
         refs = self.model_refcounts()
         got = self.pool.allocate(n)
         assert got == expected
         assert not any(refs[b] for b in got), "allocate handed out a block another holder references"
         for b in got:
-            if b in self.lru:
-                self.lru.remove(b)
-                del self.hash_of[b]
-            else:
+            if b in self.free_fifo:
                 self.free_fifo.remove(b)
+            else:
+                self.evictable_of(b).remove(b)
+                del self.hash_of[b]
         return got
+
+    def evictable_of(self, b: int) -> list[int]:
+        return self.lru_retained if b in self.lru_retained else self.lru
+
+    def num_free(self) -> int:
+        return len(self.free_fifo) + len(self.lru) + len(self.lru_retained)
 
     @rule(n=st.integers(0, 4))
     def allocate(self, n):
-        if n > len(self.free_fifo) + len(self.lru):
+        if n > self.num_free():
             with pytest.raises(NoFreeBlocksError):
                 self.pool.allocate(n)
             return
@@ -233,7 +242,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
     @rule(data=st.data(), n=st.integers(1, 3))
     def append(self, data, n):
         holder = data.draw(st.sampled_from(sorted(self.holders)))
-        if n <= len(self.free_fifo) + len(self.lru):
+        if n <= self.num_free():
             self.holders[holder] += self.take(n)
 
     @precondition(lambda self: self.holders)
@@ -252,8 +261,11 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.pool.free(reversed(blocks))
         refs = self.model_refcounts()
         for b in reversed(blocks):
-            if refs[b] == 0 and b not in self.lru and b not in self.free_fifo:
-                (self.lru if b in self.hash_of else self.free_fifo).append(b)
+            if refs[b] == 0 and b not in self.lru + self.lru_retained + self.free_fifo:
+                if b not in self.hash_of:
+                    self.free_fifo.append(b)
+                else:
+                    (self.lru_retained if self.retained[self.hash_of[b]] else self.lru).append(b)
 
     @precondition(lambda self: self.holders)
     @rule(data=st.data(), block_hash=st.sampled_from([H1, H2, H3, b"h4"]))
@@ -276,17 +288,35 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert self.pool.lookup(block_hash) == owner
         if owner is not None:  # adopt the hit as a new holder, as a prefix-cache hit does
             self.pool.incref([owner])
-            if owner in self.lru:
-                self.lru.remove(owner)
+            if owner in self.lru + self.lru_retained:
+                self.evictable_of(owner).remove(owner)
             self.holders[self.next_holder] = [owner]
             self.next_holder += 1
+
+    @rule(block_hash=st.sampled_from([H1, H2, H3, b"h4"]), retain=st.booleans())
+    def retain(self, block_hash, retain):
+        if not retain and not self.retained[block_hash]:
+            return
+        before = self.retained[block_hash] > 0
+        self.pool.retain_hashes([block_hash], retain)
+        self.retained[block_hash] += 1 if retain else -1
+        owner = {h: b for b, h in self.hash_of.items()}.get(block_hash)
+        if owner is None or before == (self.retained[block_hash] > 0):
+            return
+        if retain and owner in self.lru:  # newly retained: the recent end of the retained class
+            self.lru.remove(owner)
+            self.lru_retained.append(owner)
+        elif not retain and owner in self.lru_retained:  # expired: evicted next
+            self.lru_retained.remove(owner)
+            self.lru.insert(0, owner)
 
     @invariant()
     def pool_matches_model(self):
         self.pool.check_integrity()
         refs = self.model_refcounts()
         assert [self.pool.refcount(b) for b in range(self.NUM_BLOCKS)] == [refs[b] for b in range(self.NUM_BLOCKS)]
-        assert self.pool.num_free_blocks == self.NUM_BLOCKS - len(refs) == len(self.free_fifo) + len(self.lru)
+        assert self.pool.num_free_blocks == self.NUM_BLOCKS - len(refs) == self.num_free()
+        assert self.pool.num_retained_evictable_blocks == len(self.lru_retained)
         assert {b: self.pool.cached_hash(b) for b in self.hash_of} == self.hash_of
 
 

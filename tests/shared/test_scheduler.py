@@ -118,10 +118,10 @@ def test_kv_load_allocates_without_budget_then_runs_or_recomputes():
         req.append_output(11)  # the first token sampled by the prefill instance
         s.add(req)
     out = s.schedule()
-    assert [r.request_id for r, _ in out.kv_loads] == ["ok", "bad"] and not out.scheduled
-    assert all(len(blocks) == 3 for _, blocks in out.kv_loads)  # 9 prompt tokens in 4-token blocks
+    assert [r.request_id for r, _, _ in out.kv_loads] == ["ok", "bad"] and not out.scheduled
+    assert all(len(blocks) == 3 for _, _, blocks in out.kv_loads)  # 9 prompt tokens in 4-token blocks
     assert s.finish_kv_load("ok", ok=True) is ok and ok.status is RequestStatus.RUNNING
-    ok.num_computed_tokens = ok.num_prompt_tokens  # what the engine does when the KV landed
+    assert ok.num_computed_tokens == ok.num_cached_tokens == ok.num_prompt_tokens
     assert s.finish_kv_load("bad", ok=False) is bad and bad.status is RequestStatus.WAITING
     out = s.schedule()
     # ok decodes its first token's successor at once; bad recomputes its prompt (and the first token) here

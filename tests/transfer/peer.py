@@ -1,6 +1,6 @@
-"""A KVConnector in its own process, driven over a multiprocessing pipe (spawn context).
+"""A TransferConnector in its own process, driven over a multiprocessing pipe (spawn context).
 
-The test process sends commands; the child runs them on its own KVConnector and answers. Every
+The test process sends commands; the child runs them on its own TransferConnector and answers. Every
 answer is awaited with a timeout, so a hung child fails the test instead of hanging it.
 
 The child's kv_cache is filled deterministically from `seed`
@@ -30,13 +30,13 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
     import torch
 
     from splitserve.shared.transfer import KvHandle, TransferConfig
-    from splitserve.shared.transfer.connector import KVConnector
+    from splitserve.shared.transfer.connector import TransferConnector
 
     torch.set_num_threads(1)
     kv_cache = make_cache(seed)
     try:
         secret = config_kwargs.pop("secret", None)
-        connector = KVConnector(kv_cache, TransferConfig(**config_kwargs), secret=secret)
+        connector = TransferConnector(kv_cache, TransferConfig(**config_kwargs), secret=secret)
         conn.send(("ok", {"instance_id": connector.instance_id, "layout_hash": connector.layout_hash,
                           "control_address": getattr(connector, "_server", None)
                           and connector.control_address}))
@@ -110,7 +110,7 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
 
 
 class Peer:
-    """Handle on a child process running one KVConnector."""
+    """Handle on a child process running one TransferConnector."""
 
     def __init__(self, seed: int, start_timeout_s: float = 60.0, **config_kwargs):
         ctx = mp.get_context("spawn")

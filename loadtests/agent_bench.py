@@ -1,0 +1,288 @@
+"""Multi-turn agent benchmark: sessions that come back, on a device pool too small to keep them.
+
+S sessions x T turns. Every session starts with one shared system prompt and its own first user
+message; each turn streams a completion (token ids in, `return_token_ids` out, so the next prompt
+extends this one exactly), then "runs a tool" for a think time and appends its result of L tokens.
+Sessions arrive over time, so the device pool cannot hold them all. Each mode starts the real
+stack (`splitserve up`), runs the same workload, and one table prints them side by side:
+
+    no-tier             colocated, prefix caching only
+    tier                + host-memory KV tier (--kv-offload-gib)
+    tier+retention      + prompt_cache_key on every request
+    disagg              prefill + decode (tier + keys), every turn split (no next-turn design)
+    disagg+next-turn    prefill + decode, a mostly-cached turn runs on the decode holding it
+
+Per mode: TTFT p50/p99 by turn, cached_tokens / prompt tokens, recomputed prompt tokens (prompt -
+cached), output throughput, task time (a session's arrival to its last token), the worker's
+restore bandwidth, and a roofline per turn kind (prefill FLOPs of only the new tokens over the
+measured matmul peak; restore bytes over the measured host->device bandwidth) when on CUDA.
+JSON and a PNG (TTFT p50 by turn) go to --out-dir. On CPU (a test runs it tiny):
+
+    python loadtests/agent_bench.py --model demo --device cpu --sessions 3 --turns 2 --system-len 32 \\
+        --first-len 16 --tool-len 8 --output-len 4 --num-blocks 12 --kv-offload-gib 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
+
+from metrics import percentile  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+from stack import LocalStack, metric_total  # noqa: E402
+
+MODES = ("no-tier", "tier", "tier+retention", "disagg", "disagg+next-turn")
+
+
+@dataclass
+class TurnResult:
+    session: int
+    turn: int
+    prompt_tokens: int
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    end_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    turns: list[TurnResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    counters: dict = field(default_factory=dict)
+    session_start_s: dict = field(default_factory=dict)
+
+
+def mode_args(mode: str, args: argparse.Namespace) -> list[str]:
+    """The `splitserve up` flags of a mode."""
+    tier = [] if mode == "no-tier" else ["--kv-offload-gib", str(args.kv_offload_gib)]
+    if mode.startswith("disagg"):
+        topology = ["--prefill", "1", "--decode", "1"]
+        if mode == "disagg":
+            topology += ["--decode-prefill-max-new-tokens", "0"]
+    else:
+        topology = ["--colocated"]
+    return [*topology, *tier, "--num-blocks", str(args.num_blocks), "--block-size", str(args.block_size),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+
+
+def session_prompts(args: argparse.Namespace, vocab: int) -> tuple[list[int], list[list[int]], random.Random]:
+    rng = random.Random(args.seed)
+    system = [rng.randrange(10, vocab) for _ in range(args.system_len)]
+    firsts = [[rng.randrange(10, vocab) for _ in range(args.first_len)] for _ in range(args.sessions)]
+    return system, firsts, rng
+
+
+async def stream_turn(http, url: str, body: dict, result: TurnResult, started: float) -> list[int]:
+    """One streamed completion; fills TTFT, usage and end time; returns the generated ids."""
+    ids: list[int] = []
+    async with http.post(url, json=body) as response:
+        if response.status != 200:
+            result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+            return ids
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice.get("token_ids") and not ids:
+                    result.ttft_s = time.perf_counter() - started
+                ids += choice.get("token_ids", [])
+            if chunk.get("usage"):
+                result.cached_tokens = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+    result.output_tokens = len(ids)
+    return ids
+
+
+async def run_session(http, url: str, model: str, k: int, args, prompt: list[int], keyed: bool,
+                      rng: random.Random, out: ModeResult, progress, t0: float) -> None:
+    await asyncio.sleep(k * args.arrival_s)
+    out.session_start_s[k] = time.perf_counter() - t0
+    for turn in range(args.turns):
+        body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "return_token_ids": True}
+        if keyed:
+            body["prompt_cache_key"] = f"session-{k}"
+        result = TurnResult(k, turn, len(prompt))
+        started = time.perf_counter()
+        ids = await stream_turn(http, url, body, result, started)
+        result.end_s = time.perf_counter() - t0
+        out.turns.append(result)
+        progress.update(1)
+        if result.error:
+            return
+        think = rng.expovariate(1 / args.think_s) if args.random_think and args.think_s else args.think_s
+        await asyncio.sleep(think)
+        prompt = prompt + ids + [rng.randrange(10, 1000) for _ in range(args.tool_len)]
+
+
+async def run_workload(base_url: str, mode: str, args: argparse.Namespace, vocab: int) -> ModeResult:
+    import aiohttp
+    from tqdm.asyncio import tqdm
+
+    system, firsts, rng = session_prompts(args, vocab)
+    out = ModeResult(mode)
+    timeout = aiohttp.ClientTimeout(total=args.timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.get(f"{base_url}/v1/models") as r:
+            model = (await r.json())["data"][0]["id"]
+        progress = tqdm(total=args.sessions * args.turns, desc=mode, disable=args.disable_tqdm)
+        t0 = time.perf_counter()
+        keyed = mode not in ("no-tier", "tier")
+        await asyncio.gather(*(run_session(http, f"{base_url}/v1/completions", model, k, args, system + firsts[k],
+                                           keyed, random.Random(rng.random()), out, progress, t0)
+                               for k in range(args.sessions)))
+        out.wall_s = time.perf_counter() - t0
+        progress.close()
+    return out
+
+
+def worker_counters(stack: LocalStack, mode: str) -> dict:
+    roles = ("prefill", "decode") if mode.startswith("disagg") else ("worker",)
+    return {role: dict(stack.load(role).counters) for role in roles}
+
+
+def run_mode(mode: str, args: argparse.Namespace, model_argv: list[str], vocab: int, out_dir: str) -> ModeResult:
+    with LocalStack([*mode_args(mode, args), *model_argv], os.path.join(out_dir, "cache"), device=args.device) as stack:
+        result = asyncio.run(run_workload(stack.url, mode, args, vocab))
+        result.counters = worker_counters(stack, mode)
+        with urllib.request.urlopen(stack.url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        result.counters["gateway"] = {
+            "kv_transfer_bytes": metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total"),
+            "routes_session_on_decode": metric_total(metrics, 'splitserve_gateway_routes_total{reason="session-on-decode"}')}
+    return result
+
+
+def summarize(result: ModeResult, block_size: int) -> dict:
+    ok = [t for t in result.turns if t.error is None]
+    by_turn = {}
+    for turn in sorted({t.turn for t in ok}):
+        ttfts = [t.ttft_s * 1e3 for t in ok if t.turn == turn]
+        by_turn[turn] = {"ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99)}
+    prompt = sum(t.prompt_tokens for t in ok)
+    cached = sum(t.cached_tokens for t in ok)
+    ends = {}
+    for t in ok:
+        ends[t.session] = max(ends.get(t.session, 0.0), t.end_s)
+    tasks = [ends[k] - result.session_start_s.get(k, 0.0) for k in ends]
+    later = [t.ttft_s * 1e3 for t in ok if t.turn > 0]
+    worker = result.counters.get("worker") or result.counters.get("decode") or {}
+    restore_gbps = (worker.get("restore_bytes", 0) / (worker["restore_us_total"] * 1e-6) / 1e9
+                    if worker.get("restore_us_total") else 0.0)
+    return {
+        "mode": result.mode, "turns_ok": len(ok), "turns_failed": len(result.turns) - len(ok),
+        "ttft_p50_ms": percentile([t.ttft_s * 1e3 for t in ok], 50), "ttft_p99_ms": percentile([t.ttft_s * 1e3 for t in ok], 99),
+        "later_turns_ttft_p50_ms": percentile(later, 50) if later else 0.0,
+        "cached_fraction": cached / prompt if prompt else 0.0, "recomputed_prompt_tokens": prompt - cached,
+        "output_tok_s": sum(t.output_tokens for t in ok) / result.wall_s if result.wall_s else 0.0,
+        "task_time_p50_s": percentile(tasks, 50) if tasks else 0.0, "restore_gbps": restore_gbps,
+        "by_turn": by_turn, "counters": result.counters,
+    }
+
+
+def print_table(summaries: list[dict]) -> None:
+    rows = [("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"),
+            ("later turns TTFT p50 ms", "later_turns_ttft_p50_ms", "{:.1f}"),
+            ("cached / prompt tokens", "cached_fraction", "{:.2f}"),
+            ("recomputed prompt tokens", "recomputed_prompt_tokens", "{:d}"),
+            ("output tok/s", "output_tok_s", "{:.1f}"), ("task time p50 s", "task_time_p50_s", "{:.2f}"),
+            ("host restore GB/s", "restore_gbps", "{:.2f}"), ("failed turns", "turns_failed", "{:d}")]
+    width = max(18, *(len(s["mode"]) + 2 for s in summaries))
+    print("".ljust(26) + "".join(s["mode"].rjust(width) for s in summaries))
+    for label, key, fmt in rows:
+        print(label.ljust(26) + "".join(fmt.format(s[key]).rjust(width) for s in summaries))
+    turns = sorted({t for s in summaries for t in s["by_turn"]})
+    for turn in turns:
+        cells = [s["by_turn"].get(turn, {}).get("ttft_p50_ms") for s in summaries]
+        print(f"turn {turn} TTFT p50 ms".ljust(26) + "".join(("-" if c is None else f"{c:.1f}").rjust(width) for c in cells))
+
+
+def plot(summaries: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for s in summaries:
+        turns = sorted(s["by_turn"])
+        ax.plot(turns, [s["by_turn"][t]["ttft_p50_ms"] for t in turns], marker="o", label=s["mode"])
+    ax.set_xlabel("turn")
+    ax.set_ylabel("TTFT p50 (ms)")
+    ax.set_title("Agent sessions: time to first token by turn")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from roofline import model_argv_and_vocab, print_roofline
+
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="agent-bench-")
+    os.makedirs(out_dir, exist_ok=True)
+    model_argv, vocab = model_argv_and_vocab(args)
+    summaries = []
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
+        summaries.append(summarize(run_mode(mode, args, model_argv, vocab, out_dir), args.block_size))
+    print(f"\n{args.sessions} sessions x {args.turns} turns (system {args.system_len}, first {args.first_len}, "
+          f"tool {args.tool_len}, output {args.output_len} tokens), pool {args.num_blocks} x {args.block_size}-token "
+          f"blocks, host tier {args.kv_offload_gib} GiB; model {args.model or args.shape}, device {args.device}")
+    print_table(summaries)
+    print_roofline(args, summaries)
+    with open(os.path.join(out_dir, "agent_bench.json"), "w") as f:
+        json.dump({"args": vars(args), "modes": summaries}, f, indent=1)
+    plot(summaries, os.path.join(out_dir, "agent_ttft_by_turn.png"))
+    print(f"results: {out_dir}/agent_bench.json, {out_dir}/agent_ttft_by_turn.png")
+    return 1 if any(s["turns_failed"] for s in summaries) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--system-len", type=int, default=1024, help="shared system prompt tokens")
+    p.add_argument("--first-len", type=int, default=512, help="each session's first user message tokens")
+    p.add_argument("--tool-len", type=int, default=256, help="tokens of the tool result appended each turn")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--think-s", type=float, default=1.0, help="tool time between turns")
+    p.add_argument("--random-think", action="store_true", help="exponential think times of mean --think-s")
+    p.add_argument("--arrival-s", type=float, default=0.5, help="a new session every this many seconds")
+    p.add_argument("--num-blocks", type=int, default=4096, help="device KV pool per worker, in blocks")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-offload-gib", type=float, default=64.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--timeout-s", type=float, default=1800.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--out-dir", default=None)
+    return p
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
