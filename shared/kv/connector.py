@@ -132,6 +132,14 @@ class CompositeConnector:
         if part is not None:
             part.abort(request_id)
 
+    def failure(self) -> str | None:
+        """Why a part can no longer serve (its I/O thread died), or None: the worker's Health."""
+        for part in self._parts:
+            reason = part.failure() if hasattr(part, "failure") else None
+            if reason:
+                return reason
+        return None
+
     def stats(self) -> dict:
         stats: dict = {}
         for part in self._parts:
