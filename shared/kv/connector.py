@@ -133,12 +133,9 @@ class CompositeConnector:
             part.abort(request_id)
 
     def failure(self) -> str | None:
-        """Why a part can no longer serve (its I/O thread died), or None: the worker's Health."""
-        for part in self._parts:
-            reason = part.failure() if hasattr(part, "failure") else None
-            if reason:
-                return reason
-        return None
+        """Why the transfer can no longer serve, or None (the worker's Health). A host tier whose
+        copier stopped is not a failure of the worker: its restores are recomputed and counted."""
+        return self.transfer.failure() if self.transfer is not None else None
 
     def stats(self) -> dict:
         stats: dict = {}

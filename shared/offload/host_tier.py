@@ -139,9 +139,6 @@ class HostTier:
                      host_blocks_pinned=len(self._pins), host_sessions=len(self.sessions))
         return stats
 
-    def failure(self) -> str | None:
-        return None if self._copier.alive else "the host KV copier thread stopped (restores are recomputed)"
-
     def close(self) -> None:
         self._copier.close()
 
