@@ -2,7 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
     POST /v1/responses                                (the Responses API; stream: typed SSE events)
-    GET  /v1/models, GET /health, GET /metrics
+    GET  /v1/models, GET /health (ready: workers to route to), GET /livez (alive), GET /metrics
 
 A request: API key and body size (`_RequestGuard`, before the body is parsed) -> model check ->
 admission slot -> prepare (validate, tokenize: prepare.py) -> one worker request per choice
@@ -159,6 +159,12 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
         ready = state.router.is_ready()
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers, "pid": os.getpid()},
                             status_code=200 if ready else 503)
+
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # Liveness: this process's event loop answers. Unlike /health it does not depend on the
+        # workers, so an orchestrator does not restart a gateway because its workers are down.
+        return JSONResponse({"status": "alive", "pid": os.getpid()})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 
+from splitserve.services.worker.health import WorkerHealth
 from splitserve.shared import telemetry
 from splitserve.shared.async_engine import AsyncEngine
 from splitserve.shared.config_flags import dataclass_from_args, engine_config_from_args
@@ -74,14 +75,17 @@ async def _serve(args: argparse.Namespace, role: str, config) -> bool:
     from splitserve.services.worker.servicer import WorkerServicer
 
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+    health = WorkerHealth(server)
     port = add_port(server, f"{args.host}:{args.port}", security)
     await server.start()
+    await health.serving()
     logger.info("%s worker listens on %s (gRPC%s%s)", role, sorted(listening_sockets()),
                 ", mutual TLS" if security.tls else "", ", token required" if security.token else ", no auth")
     print(f"splitserve {role} ready on {args.host}:{port} (instance {engine.instance_id})", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await health.not_ready()
     if died:
         logger.error("%s worker exiting: its engine died (%s: %s)", role, type(died[0]).__name__, died[0])
     else:
