@@ -136,7 +136,9 @@ def test_gateway_worker_addresses_name_headless_services(objects):
     flags = [f for f in ("--prefill-urls", "--decode-urls", "--worker-urls") if f in args]
     assert flags
     for flag in flags:
-        host, port = args[args.index(flag) + 1].removeprefix("dns:///").rsplit(":", 1)
+        address = args[args.index(flag) + 1]
+        assert address.startswith("dns:///"), f"{flag} {address}: the gateway must discover the pods"
+        host, port = address.removeprefix("dns:///").rsplit(":", 1)
         service = services[host]
         assert service["spec"]["clusterIP"] == "None", f"{host} is not headless"
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}
@@ -202,6 +204,16 @@ def test_container_args_parse_with_the_real_cli(objects):
         args = _parse_or_fail(parser, container["args"], where)
         assert args.command == container["args"][0]
         assert args.host == "0.0.0.0", f"{where} must bind all interfaces inside its pod"
+        if args.command == "gateway":
+            _gateway_config(args).validate()  # the dns:/// worker addresses included
+
+
+def _gateway_config(args):
+    from splitserve.services.gateway.config import GatewayConfig, RequestLimits
+    from splitserve.shared.config_flags import dataclass_from_args
+
+    return dataclass_from_args(GatewayConfig, args, model_dir="/models/m", served_model_name="m",
+                               limits=dataclass_from_args(RequestLimits, args))
 
 
 def test_transfer_endpoints_advertise_the_pod_ip(objects):

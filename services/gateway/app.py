@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from splitserve.services.gateway.admission import AdmissionQueue
 from splitserve.services.gateway.completion import choice_streams, merge_streams
 from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.gateway.discovery import Discovery
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.openai_protocol import (
@@ -103,20 +104,26 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        clients = {i.url: WorkerClient(i.url, client_interceptors, session_window=config.session_window,
-                                       security=security)
-                   for i in state.router.instances}
+        def make_client(url: str) -> WorkerClient:
+            return WorkerClient(url, client_interceptors, session_window=config.session_window, security=security)
+
+        clients = {i.url: make_client(i.url) for i in state.router.instances}
         state.dispatcher = Dispatcher(state.router, clients, state.metrics, prefill_timeout_s=config.prefill_timeout_s,
                                       generate_timeout_s=config.generate_timeout_s,
                                       abort_timeout_s=config.abort_timeout_s)
+        discovery = Discovery(state.router, clients, make_client, config.dns_targets(), config.discovery_timeout_s)
+        await discovery.refresh_once()
         await poll_once(state.router, clients, config.load_rpc_timeout_s)
-        poller = asyncio.create_task(poll_loads(state.router, clients, config.load_poll_interval_s,
-                                                config.load_rpc_timeout_s, config.stalled_after_polls))
+        tasks = [asyncio.create_task(poll_loads(state.router, clients, config.load_poll_interval_s,
+                                                config.load_rpc_timeout_s, config.stalled_after_polls))]
+        if discovery.targets:
+            tasks.append(asyncio.create_task(discovery.run(config.discovery_interval_s)))
         try:
             yield
         finally:
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await state.dispatcher.drain()
             await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
@@ -155,7 +162,7 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
         # Names and states only: addresses and error text are internal (they are in the logs).
-        workers = [{"name": i.name, "role": i.role, "healthy": i.healthy} for i in state.router.instances]
+        workers = [{"name": i.name, "role": i.role, "healthy": i.routable()} for i in state.router.instances]
         ready = state.router.is_ready()
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers, "pid": os.getpid()},
                             status_code=200 if ready else 503)

@@ -23,6 +23,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
+
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.router import Instance, Router
 from splitserve.services.gateway.worker_client import WorkerClient, WorkerError, WorkerRequest
@@ -80,7 +82,9 @@ class Dispatcher:
                 self.abort_in_background(prefill, req.request_id)
 
     async def _stream(self, instance: Instance, req: WorkerRequest, prefill_result) -> AsyncIterator[TokenChunk]:
-        client = self.clients[instance.url]
+        client = self.clients.get(instance.url)
+        if client is None:  # discovery dropped it while the prompt was on a prefill instance
+            raise WorkerError(instance.url, "Generate", grpc.StatusCode.UNAVAILABLE, "the worker left discovery")
         with self.router.track(instance, 0 if prefill_result else len(req.prompt_token_ids)):
             stream = client.generate(req, self.generate_timeout_s, prefill_result)
             try:
@@ -111,8 +115,11 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
     async def _abort(self, instance: Instance, request_id: str) -> None:
+        client = self.clients.get(instance.url)
+        if client is None:  # gone from discovery: its KV lease frees what it held
+            return
         try:
-            await self.clients[instance.url].abort(request_id, self.abort_timeout_s)
+            await client.abort(request_id, self.abort_timeout_s)
         except WorkerError as exc:
             logger.info("abort of %s on %s failed: %s", request_id, instance.url, exc)
 

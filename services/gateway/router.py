@@ -17,6 +17,11 @@ marks it healthy again when GetLoad answers. An instance that misses `stalled_af
 in a row (each bounded by its timeout) is taken to be stalled (frozen, SIGSTOPped, or cut off): the
 calls still open on it are abandoned with UNAVAILABLE, so their requests fail over (nothing
 streamed yet) or end with an error, instead of waiting for as long as it is frozen.
+An instance that reports itself draining (SIGTERM) gets no new requests.
+
+Instances are the configured `host:port` addresses plus those DNS discovery adds (discovery.py);
+an instance discovery no longer finds is retired: it takes no new requests, and is removed once
+the requests it has are done.
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ class Instance:
     """Prompt tokens of those requests (prefill cost)."""
     failed_polls: int = 0
     """Load polls in a row that failed or timed out."""
+    source: str = ""
+    """The `dns:` address that discovered it ("" for a configured address)."""
+    retired: bool = False
+    """Discovery no longer finds it: no new requests; removed when `inflight_requests` is 0."""
+
+    def routable(self) -> bool:
+        return self.healthy and not self.retired
 
     def queued_tokens(self) -> int:
         """Best estimate of the tokens waiting here: the report, or our own count if that is larger."""
@@ -88,21 +100,57 @@ class Router:
     def __init__(self, prefill_urls: Sequence[str] = (), decode_urls: Sequence[str] = (),
                  worker_urls: Sequence[str] = (), *, affinity_blocks: int = 4,
                  overload_margin_tokens: int = 8192, default_block_size: int = 16) -> None:
-        self.instances: list[Instance] = (
-            [Instance(u, role, f"{role}-{i}") for role, urls in
-             (("prefill", prefill_urls), ("decode", decode_urls), ("colocated", worker_urls))
-             for i, u in enumerate(urls)])
-        if len({i.url for i in self.instances}) != len(self.instances):
-            raise ValueError("a worker url is listed twice")
+        """Addresses starting `dns:` are left to discovery (they only say the role is configured)."""
+        by_role = {"prefill": prefill_urls, "decode": decode_urls, "colocated": worker_urls}
+        self.configured_roles = {role for role, urls in by_role.items() if urls}
+        self.instances: list[Instance] = []
+        self._names = {role: itertools.count() for role in ROLES}
+        for role, urls in by_role.items():
+            for url in urls:
+                if not url.startswith("dns:") and self.add(url, role) is None:
+                    raise ValueError(f"worker url {url} is listed twice")
         self.affinity_blocks = affinity_blocks
         self.overload_margin_tokens = overload_margin_tokens
         self.default_block_size = default_block_size
         self._tie_breaker = itertools.count()
 
+    # ---- membership --------------------------------------------------------------------
+
+    def add(self, url: str, role: str, source: str = "") -> Instance | None:
+        """A new instance named `role-N`; None if `url` is known already (a retired one is
+        taken back into service)."""
+        known = next((i for i in self.instances if i.url == url), None)
+        if known is not None:
+            if known.retired and known.source == source:
+                known.retired = False
+                logger.info("worker %s (%s) is back in %s", url, role, source)
+            return None
+        instance = Instance(url, role, f"{role}-{next(self._names[role])}", source=source)
+        self.instances.append(instance)
+        if source:
+            logger.info("discovered worker %s (%s) through %s", url, role, source)
+        return instance
+
+    def from_source(self, source: str) -> list[Instance]:
+        return [i for i in self.instances if i.source == source and not i.retired]
+
+    def retire(self, url: str) -> None:
+        for instance in self.instances:
+            if instance.url == url and not instance.retired:
+                instance.retired = True
+                logger.info("worker %s (%s) left %s; retiring it", url, instance.role, instance.source)
+
+    def idle_retired(self) -> list[Instance]:
+        return [i for i in self.instances if i.retired and i.inflight_requests == 0]
+
+    def remove(self, instance: Instance) -> None:
+        self.instances.remove(instance)
+
     # ---- state -------------------------------------------------------------------------
 
     def healthy(self, role: str) -> list[Instance]:
-        return [i for i in self.instances if i.role == role and i.healthy]
+        """The instances of `role` that new requests may go to."""
+        return [i for i in self.instances if i.role == role and i.routable()]
 
     def is_ready(self) -> bool:
         """At least one colocated worker, or one prefill + decode pair, is healthy."""
@@ -144,9 +192,9 @@ class Router:
 
     def route(self, prompt_token_ids: Sequence[int]) -> Route:
         """Colocated workers when configured, else a prefill + decode pair; raises NoHealthyWorker."""
-        if any(i.role == "colocated" for i in self.instances) and self.healthy("colocated"):
+        if "colocated" in self.configured_roles and self.healthy("colocated"):
             return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))
-        if any(i.role == "prefill" for i in self.instances):
+        if "prefill" in self.configured_roles:
             return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids),
                          decode=self.pick_decode_instance(prompt_token_ids))
         return Route(worker=self.pick_prompt_instance("colocated", prompt_token_ids))  # raises NoHealthyWorker
@@ -199,8 +247,11 @@ async def poll_loads(router: Router, clients: dict, interval_s: float, timeout_s
 
 async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_after_polls: int = 3) -> None:
     async def probe(instance: Instance) -> None:
+        client = clients.get(instance.url)
+        if client is None:  # discovery removed it since this poll began
+            return
         try:
-            router.update_load(instance, await clients[instance.url].get_load(timeout_s))
+            router.update_load(instance, await client.get_load(timeout_s))
             instance.failed_polls = 0
         except Exception as exc:  # any failure of the probe means: do not route here for now
             router.mark_failed(instance, str(exc))
@@ -208,6 +259,6 @@ async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_aft
             if instance.failed_polls == stalled_after_polls:
                 logger.warning("worker %s missed %d load polls in a row; abandoning its open calls",
                                instance.url, stalled_after_polls)
-                clients[instance.url].abandon_calls(f"worker missed {stalled_after_polls} load polls in a row")
+                client.abandon_calls(f"worker missed {stalled_after_polls} load polls in a row")
 
     await asyncio.gather(*(probe(i) for i in router.instances))

@@ -107,8 +107,9 @@ affinity:
 {{- end }}
 {{- end -}}
 
-{{/* The address the gateway is given for a worker role: its headless Service. */}}
+{{/* The address the gateway is given for a worker role: every pod its headless Service resolves
+to, re-resolved as pods come and go (services/gateway/discovery.py). */}}
 {{- define "splitserve.workerUrl" -}}
 {{- $values := index .root.Values .role -}}
-{{- printf "%s:%v" (include "splitserve.headlessName" .) $values.port -}}
+{{- printf "dns:///%s:%v" (include "splitserve.headlessName" .) $values.port -}}
 {{- end -}}
