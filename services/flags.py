@@ -53,6 +53,9 @@ def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, t
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
     p.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="model name reported to the gateway")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, stop taking requests and give those in flight this long to finish "
+                        "(keep it below Kubernetes' terminationGracePeriodSeconds)")
     add_engine_flags(p)
     add_grpc_security_args(p)
     if transfer:

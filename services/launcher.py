@@ -36,6 +36,9 @@ STOP_TIMEOUT_S = 10.0
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0
+WORKER_DRAIN_TIMEOUT_S = STOP_TIMEOUT_S / 2
+"""The stack stops as a whole (its gateway too, so nothing new arrives): a worker's drain only has
+to let what is in flight end, and within the time the launcher waits for it."""
 
 
 @dataclass
@@ -85,7 +88,8 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
             address = f"{args.host}:{port}"
             extra = [*transfer_argv, *nccl.get(role, [])] if role != "worker" else []
             device = ["--device", devices[port - args.worker_base_port]] if devices else []
-            argv = _cli(role, "--host", args.host, "--port", str(port), *model_argv, *device, *extra)
+            argv = _cli(role, "--host", args.host, "--port", str(port), "--drain-timeout-s", str(WORKER_DRAIN_TIMEOUT_S),
+                        *model_argv, *device, *extra)
             groups[role].append(Child(f"{role}-{i}", argv, address))
             port += 1
     return groups["prefill"], groups["decode"], groups["worker"]

@@ -223,3 +223,16 @@ def test_transfer_endpoints_advertise_the_pod_ip(objects):
             assert args[args.index("--transfer-host") + 1] == "$(POD_IP)"
             pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")
             assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_workers_drain_within_the_grace_period(objects):
+    for deployment, container in _containers(objects):
+        args = container["args"]
+        if args[0] != "gateway":
+            grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert float(args[args.index("--drain-timeout-s") + 1]) < grace
+
+
+def test_a_drain_longer_than_the_grace_period_fails_to_render():
+    with pytest.raises(helm.HelmError, match="drainTimeoutSeconds"):
+        render({"drainTimeoutSeconds": 90, "terminationGracePeriodSeconds": 60})

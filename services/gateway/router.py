@@ -68,7 +68,7 @@ class Instance:
     """Discovery no longer finds it: no new requests; removed when `inflight_requests` is 0."""
 
     def routable(self) -> bool:
-        return self.healthy and not self.retired
+        return self.healthy and not self.retired and not (self.load is not None and self.load.draining)
 
     def queued_tokens(self) -> int:
         """Best estimate of the tokens waiting here: the report, or our own count if that is larger."""

@@ -1,14 +1,23 @@
 """Start one engine worker process: `splitserve prefill|decode|worker`.
 
 Loads the model, opens the KV connector for its role (prefill: holds and sends KV; decode:
-receives it), serves the `Worker` gRPC API, and stops cleanly on SIGINT/SIGTERM. Prints one
+receives it), serves the `Worker` gRPC API, and drains on SIGINT/SIGTERM. Prints one
 line `splitserve <role> ready on HOST:PORT` once it accepts requests (the launcher waits for it).
+
+Draining (what Kubernetes asks of a pod it terminates, within its grace period):
+
+    serving --SIGTERM--> draining: not ready in grpc.health.v1, Worker.Health and GetLoad;
+                         new Prefill/Generate refused (UNAVAILABLE: the gateway routes elsewhere);
+                         in-flight calls run on, and KV held for a decode peer waits to be taken
+            --idle, or --drain-timeout-s, or a second signal--> stopped: what is left is aborted
+                         (its streams end with an error), exit code 0
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -48,6 +57,8 @@ def run_worker(args: argparse.Namespace, role: str) -> int:
     """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1: a process
     whose engine is gone cannot serve again, so it exits for the launcher or orchestrator to
     restart it, as vLLM's server does when its engine core dies)."""
+    if args.drain_timeout_s < 0:
+        raise SystemExit(f"--drain-timeout-s must be non-negative, got {args.drain_timeout_s}")
     config = engine_config_from_args(args)
     telemetry.setup_tracing(f"splitserve-{role}")
     try:
@@ -74,7 +85,8 @@ async def _serve(args: argparse.Namespace, role: str, config) -> bool:
     server = aio_server(interceptors=telemetry.grpc_server_interceptors(), security=security)
     from splitserve.services.worker.servicer import WorkerServicer
 
-    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+    servicer = WorkerServicer(engine)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health = WorkerHealth(server)
     port = add_port(server, f"{args.host}:{args.port}", security)
     await server.start()
@@ -89,7 +101,23 @@ async def _serve(args: argparse.Namespace, role: str, config) -> bool:
     if died:
         logger.error("%s worker exiting: its engine died (%s: %s)", role, type(died[0]).__name__, died[0])
     else:
+        stop.clear()  # a second signal ends the drain early
+        await _drain(servicer, args.drain_timeout_s, stop)
         logger.info("%s worker stopping", role)
     await server.stop(grace=2.0)  # open streams get the engine's error before the process goes
     engine.shutdown()
     return bool(died)
+
+
+async def _drain(servicer, timeout_s: float, interrupted: asyncio.Event) -> None:
+    """Refuse new requests and wait, at most `timeout_s`, for the ones here to finish."""
+    servicer.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    logger.info("draining: no new requests; waiting up to %g s for %d in flight", timeout_s, servicer.num_inflight)
+    while not servicer.idle() and loop.time() < deadline and not interrupted.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):  # the engine's state has no event to wait on
+            await asyncio.wait_for(interrupted.wait(), 0.05)
+    if not servicer.idle():
+        logger.warning("drain ended with %d calls in flight (%s); they are aborted", servicer.num_inflight,
+                       "second signal" if interrupted.is_set() else f"--drain-timeout-s {timeout_s:g} reached")

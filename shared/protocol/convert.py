@@ -198,6 +198,8 @@ class WorkerLoad:
     kv_usage: float = 0.0
     prefix_hit_rate: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    """Shutting down: no new requests should go to it (those it has run to their end)."""
 
 
 def load_to_proto(load: WorkerLoad) -> pb.LoadReport:
@@ -208,7 +210,7 @@ def load_to_proto(load: WorkerLoad) -> pb.LoadReport:
         max_model_len=load.max_model_len, num_running=load.num_running, num_waiting=load.num_waiting,
         num_waiting_tokens=load.num_waiting_tokens, num_free_blocks=load.num_free_blocks,
         num_total_blocks=load.num_total_blocks, kv_usage=load.kv_usage, prefix_hit_rate=load.prefix_hit_rate,
-        block_size=load.block_size, counters=dict(load.counters),
+        block_size=load.block_size, counters=dict(load.counters), draining=load.draining,
     )
 
 
@@ -220,5 +222,5 @@ def load_from_proto(msg: pb.LoadReport) -> WorkerLoad:
         max_model_len=msg.max_model_len, block_size=msg.block_size, num_running=msg.num_running,
         num_waiting=msg.num_waiting, num_waiting_tokens=msg.num_waiting_tokens,
         num_free_blocks=msg.num_free_blocks, num_total_blocks=msg.num_total_blocks, kv_usage=msg.kv_usage,
-        prefix_hit_rate=msg.prefix_hit_rate, counters=dict(msg.counters),
+        prefix_hit_rate=msg.prefix_hit_rate, counters=dict(msg.counters), draining=msg.draining,
     )

@@ -231,7 +231,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "model_name", "max_model_len", "num_running", "num_waiting", "num_waiting_tokens", "num_free_blocks", "num_total_blocks", "kv_usage", "prefix_hit_rate", "block_size", "counters")
+    __slots__ = ("instance_id", "role", "model_name", "max_model_len", "num_running", "num_waiting", "num_waiting_tokens", "num_free_blocks", "num_total_blocks", "kv_usage", "prefix_hit_rate", "block_size", "counters", "draining")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class LoadReport(_message.Message):
     PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: WorkerRole
     model_name: str
@@ -265,7 +266,8 @@ class LoadReport(_message.Message):
     prefix_hit_rate: float
     block_size: int
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
