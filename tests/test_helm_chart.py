@@ -35,6 +35,7 @@ VALUE_SETS = {
         "prefill": {"replicas": 4, "extraArgs": ["--max-num-batched-tokens", "8192"]},
         "decode": {"replicas": 2},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "internalSecret": {"existingSecret": "splitserve-internal"},
         "nodeSelector": {"gpu": "h200"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -236,3 +237,21 @@ def test_workers_drain_within_the_grace_period(objects):
 def test_a_drain_longer_than_the_grace_period_fails_to_render():
     with pytest.raises(helm.HelmError, match="drainTimeoutSeconds"):
         render({"drainTimeoutSeconds": 90, "terminationGracePeriodSeconds": 60})
+
+
+def test_every_pod_gets_the_internal_secret_as_a_private_file():
+    objects = render(VALUE_SETS["everything"])
+    for deployment, container in _containers(objects):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["internal-secret-source"]["secret"]["secretName"] == "splitserve-internal"
+        init = pod["initContainers"][0]
+        script = init["command"][-1]
+        assert "install -m 600 /etc/splitserve/internal-secret/secret /run/splitserve/secret" == script
+        assert {m["mountPath"] for m in init["volumeMounts"]} == {"/etc/splitserve/internal-secret", "/run/splitserve"}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SPLITSERVE_SECRET_FILE"] == "/run/splitserve/secret"
+        assert any(m["mountPath"] == "/run/splitserve" for m in container["volumeMounts"])
+        assert pod["securityContext"]["runAsUser"] == 1000  # the image's splitserve user owns the copy
+    for _, container in _containers(render({})):
+        assert "SPLITSERVE_SECRET_FILE" not in {e["name"] for e in container["env"]}

@@ -46,6 +46,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- define "splitserve.env" -}}
 - name: SPLITSERVE_CACHE
   value: /cache
+{{- include "splitserve.secretEnv" .root }}
 {{- range $name, $value := .root.Values.env }}
 - name: {{ $name }}
   value: {{ $value | quote }}
@@ -65,6 +66,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- define "splitserve.volumes" -}}
 - name: cache
   emptyDir: {}
+{{- include "splitserve.secretVolumes" . }}
 {{- if .Values.model.persistentVolumeClaim }}
 - name: model
   persistentVolumeClaim:
@@ -81,6 +83,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- define "splitserve.volumeMounts" -}}
 - name: cache
   mountPath: /cache
+{{- include "splitserve.secretMount" . }}
 {{- if or .Values.model.persistentVolumeClaim .Values.model.hostPath }}
 - name: model
   mountPath: {{ .Values.model.mountPath }}
@@ -112,4 +115,54 @@ to, re-resolved as pods come and go (services/gateway/discovery.py). */}}
 {{- define "splitserve.workerUrl" -}}
 {{- $values := index .root.Values .role -}}
 {{- printf "dns:///%s:%v" (include "splitserve.headlessName" .) $values.port -}}
+{{- end -}}
+
+{{/* The internal secret: mounted from its Secret, copied by an init container to a file of mode
+0600 owned by the splitserve user (the mounted one is group-readable, which splitserve refuses). */}}
+{{- define "splitserve.podSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 1000
+  runAsGroup: 1000
+  fsGroup: 1000
+{{- if .Values.internalSecret.existingSecret }}
+initContainers:
+  - name: secret-file
+    image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["sh", "-c", "install -m 600 /etc/splitserve/internal-secret/{{ .Values.internalSecret.secretKey }} /run/splitserve/secret"]
+    volumeMounts:
+      - name: internal-secret-source
+        mountPath: /etc/splitserve/internal-secret
+        readOnly: true
+      - name: internal-secret
+        mountPath: /run/splitserve
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.secretEnv" -}}
+{{- if .Values.internalSecret.existingSecret }}
+- name: SPLITSERVE_SECRET_FILE
+  value: /run/splitserve/secret
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.secretMount" -}}
+{{- if .Values.internalSecret.existingSecret }}
+- name: internal-secret
+  mountPath: /run/splitserve
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.secretVolumes" -}}
+{{- if .Values.internalSecret.existingSecret }}
+- name: internal-secret-source
+  secret:
+    secretName: {{ .Values.internalSecret.existingSecret }}
+    defaultMode: 0440
+- name: internal-secret
+  emptyDir:
+    medium: Memory
+{{- end }}
 {{- end -}}
