@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.asyncresolver
-import dns.exception
 import dns.resolver
 
 from splitserve.services.gateway.router import Router
