@@ -43,7 +43,11 @@ ROLES = ("prefill", "decode", "colocated")
 
 
 class NoHealthyWorker(Exception):
-    """No healthy instance of a needed role."""
+    """No healthy instance of a needed role. The message (for the log) names the instances."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 @dataclass
@@ -227,7 +231,7 @@ class Router:
         candidates = self.healthy(role)
         if not candidates:
             known = [f"{i.url}: {i.last_error or 'no load report yet'}" for i in self.instances if i.role == role]
-            raise NoHealthyWorker(f"no healthy {role} worker ({'; '.join(known) or 'none configured'})")
+            raise NoHealthyWorker(role, f"no healthy {role} worker ({'; '.join(known) or 'none configured'})")
         return candidates
 
     def _least_loaded(self, candidates: list[Instance], cost) -> Instance:
