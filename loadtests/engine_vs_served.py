@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-window", type=int, default=None)
     p.add_argument("--transfer-backend", default="ucx", choices=("ucx", "nccl"))
     p.add_argument("--ucx-tls", default=None)
+    serve_compare.add_stack_args_flag(p)
     p.add_argument("--cpu-interval-s", type=float, default=0.5)
     p.add_argument("--phase-timeout-s", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)

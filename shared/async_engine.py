@@ -262,7 +262,7 @@ class AsyncEngine:
         elif isinstance(event, AbortResult):
             target = self._abort_replies.get(event.reply_id)
             if target is not None:
-                target[0].call_soon_threadsafe(_set_result, target[1], event.found)
+                _call_in(target[0], _set_result, target[1], event.found)
         elif isinstance(event, EngineFailed):
             self._fail(EngineDeadError(f"engine failed: {event.error}"))
 
@@ -276,7 +276,7 @@ class AsyncEngine:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            _call_in(loop, _put_all, items)
 
     def _fail(self, exc: EngineDeadError) -> None:
         if self.failure is not None:
@@ -284,11 +284,19 @@ class AsyncEngine:
         logger.error("%s", exc)
         self.failure = exc
         for loop, out_queue in list(self._queues.values()):
-            loop.call_soon_threadsafe(out_queue.put_nowait, exc)
+            _call_in(loop, out_queue.put_nowait, exc)
         for loop, future in list(self._abort_replies.values()):
-            loop.call_soon_threadsafe(_set_result, future, False)
+            _call_in(loop, _set_result, future, False)
         if self._on_dead is not None:
             self._on_dead(exc)
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback(*args)` on `loop`; a loop that has closed (its caller left) gets nothing."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
