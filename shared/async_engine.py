@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 FirstToken = SampledToken
 STARTUP_TIMEOUT_S = 900.0
 """Loading a large checkpoint and capturing CUDA graphs takes minutes; a hang still ends."""
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+"""Within the launcher's own 10 s for the whole worker: its gRPC grace (2 s), this, the terminate."""
 ABORT_REPLY_TIMEOUT_S = 10.0
 RECEIVE_POLL_MS = 1000
 
@@ -218,7 +219,7 @@ class AsyncEngine:
                 return
             logger.warning("the engine process did not stop in time; %s", stop.__name__)
             stop()
-            self.process.join(5)
+            self.process.join(2)
 
     def _close_sockets(self) -> None:
         with self._send_lock:
