@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--port", type=int, default=8765, help="each server's HTTP port (splitserve's workers: next ports)")
-    p.add_argument("--vllm-serve-args", nargs="*", default=[], help="extra flags for `vllm serve`")
+    p.add_argument("--vllm-serve-args", type=str.split, default=["--gpu-memory-utilization", "0.1"],
+                   help="flags for `vllm serve`, one string; on CPU --gpu-memory-utilization is the share of host "
+                        "memory vLLM takes, and the default 0.92 fails on a machine whose memory others use")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--bench-timeout-s", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
