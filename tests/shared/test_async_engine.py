@@ -19,7 +19,7 @@ def engine(checkpoint_factory):
                           cache=CacheConfig(num_blocks=64, block_size=4))
     eng = AsyncEngine(config, "colocated")
     yield eng
-    eng.shutdown()
+    eng.shutdown(timeout_s=120)  # generous: a loaded machine is slow to exit, and this is not a timing test
     assert eng.process.exitcode == 0  # the engine process took the Shutdown command and exited cleanly
 
 
