@@ -48,6 +48,12 @@ def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(parser, TransferConfig, "KV transfer options", prefix="transfer_", skip=("role", "layout_hash", "model_id"))
 
 
+def _add_session_flags(parser: argparse.ArgumentParser) -> None:
+    from splitserve.services.worker.config import SessionConfig
+
+    add_dataclass_flags(parser, SessionConfig, "worker session options", prefix="session_")
+
+
 def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, transfer: bool) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
@@ -58,6 +64,7 @@ def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, t
                         "(keep it below Kubernetes' terminationGracePeriodSeconds)")
     add_engine_flags(p)
     add_grpc_security_args(p)
+    _add_session_flags(p)
     if transfer:
         _add_transfer_flags(p)
     p.set_defaults(run=run)
@@ -96,6 +103,7 @@ def _add_up_parser(sub) -> None:
     add_dataclass_flags(p, AgentApiConfig, "gateway: tools, reasoning and the Responses API")
     add_engine_flags(p)
     add_grpc_security_args(p)
+    _add_session_flags(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)
 

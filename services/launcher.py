@@ -226,7 +226,10 @@ def run_stack(args: argparse.Namespace) -> int:
     args.model = model_dir
     secret_dir = _make_secret_file(args)
     security = grpc_security_from_args(args)
-    model_argv = [*engine_flags_to_argv(args), "--served-model-name", name, *grpc_security_argv(args)]
+    from splitserve.services.worker.config import SessionConfig
+
+    model_argv = [*engine_flags_to_argv(args), *dataclass_flags_to_argv(SessionConfig, args, prefix="session_"),
+                  "--served-model-name", name, *grpc_security_argv(args)]
     prefill, decode, colocated = _worker_children(args, model_argv)
     workers = prefill + decode + colocated
     url = f"http://{args.host}:{args.port}"

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from splitserve.shared.config import EngineConfig
@@ -36,6 +37,7 @@ from splitserve.shared.request import Request, RequestStatus
 from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
+from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
 
@@ -59,15 +61,16 @@ class KvTransferParams:
     """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
 
 
-@dataclass(slots=True)
-class EngineOutput:
-    """What one step produced for one request (deltas, not totals)."""
+class EngineOutput(msgspec.Struct, array_like=True, gc=False):
+    """What one step produced for one request (deltas, not totals). A msgspec struct: a step's
+    outputs cross from the engine process to the serving process as one msgpack message, and
+    building one is cheaper than a dataclass (this runs for every request every step)."""
 
     request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[float] = field(default_factory=list)
-    new_top_logprobs: list[Sequence[tuple[int, float]]] = field(default_factory=list)
-    new_ranks: list[int] = field(default_factory=list)
+    new_token_ids: list[int] = []
+    new_logprobs: list[float] = []
+    new_top_logprobs: list[Sequence[tuple[int, float]]] = []
+    new_ranks: list[int] = []
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -75,7 +78,7 @@ class EngineOutput:
     num_cached_tokens: int = 0
     num_recomputed_tokens: int = 0
     kv_bytes_received: int = 0
-    kv_handle: object | None = None
+    kv_handle: KvHandle | None = None
     kv_load_window_ns: tuple[int, int, bool] | None = None
     """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
     error: str | None = None
@@ -103,8 +106,7 @@ def _penalised(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
-@dataclass
-class EngineStats:
+class EngineStats(msgspec.Struct, array_like=True):
     num_running: int
     num_waiting: int
     num_loading_kv: int

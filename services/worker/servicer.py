@@ -22,6 +22,7 @@ import logging
 import grpc
 from opentelemetry.trace import Status, StatusCode
 
+from splitserve.services.worker.config import SessionConfig
 from splitserve.services.worker.session import RequestFailed, serve_session
 from splitserve.shared import telemetry
 from splitserve.shared.async_engine import AsyncEngine, EngineDeadError, RequestFailedInEngine
@@ -33,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, session_config: SessionConfig = SessionConfig()) -> None:
         self.engine = engine
         self._reported_failure = False
+        self.session_config = session_config
         self.draining = False
         self.num_inflight = 0
         """Prefill and Generate calls (session streams included) being served now."""
@@ -85,7 +87,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await context.abort(exc.code, exc.message)
 
     async def Session(self, request_iterator, context):
-        async for output in serve_session(request_iterator, self.open_stream):
+        async for output in serve_session(request_iterator, self.open_stream, self.session_config):
             yield output
 
     async def open_stream(self, request: pb.GenerateRequest):
@@ -126,10 +128,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        core = self.engine.core
-        found = request.request_id in core.requests or request.request_id in core.held
-        self.engine.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+        return pb.AbortResponse(found=await self.engine.abort_request(request.request_id))
 
     async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
         problem = self.problem()
@@ -145,10 +144,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def problem(self) -> str | None:
         """Why this worker cannot serve (its engine died, its KV transfer plane died), or None."""
-        if self.engine._dead is not None:
-            return "engine failed"
-        connector = self.engine.core.connector
-        failure = connector.failure() if connector is not None else None
+        if self.engine.failure is not None:
+            return f"engine failed: {self.engine.failure}"
+        failure = self.engine.connector_failure  # the connector lives in the engine process
         if failure is None:
             return None
         if not self._reported_failure:  # asked every poll: say it once
@@ -164,9 +162,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
 def worker_load(engine: AsyncEngine, draining: bool = False) -> convert.WorkerLoad:
     s = engine.load()
-    counters = {"num_preemptions": s.num_preemptions}
-    if engine.core.connector is not None:
-        counters.update({k: int(v) for k, v in engine.core.connector.stats().items() if isinstance(v, (int, float))})
+    counters = {"num_preemptions": s.num_preemptions, **engine.counters}
     return convert.WorkerLoad(
         instance_id=engine.instance_id, role=engine.role, model_name=engine.model_name,
         max_model_len=engine.max_model_len, block_size=engine.block_size, num_running=s.num_running,

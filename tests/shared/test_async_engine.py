@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 
 import pytest
 
-from splitserve.shared.async_engine import AsyncEngine
+from splitserve.shared.async_engine import AsyncEngine, EngineStartupError
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.shared.engine import RequestError
 from splitserve.shared.sampling_params import SamplingParams
@@ -18,7 +19,8 @@ def engine(checkpoint_factory):
                           cache=CacheConfig(num_blocks=64, block_size=4))
     eng = AsyncEngine(config, "colocated")
     yield eng
-    eng.shutdown()
+    eng.shutdown(timeout_s=120)  # generous: a loaded machine is slow to exit, and this is not a timing test
+    assert eng.process.exitcode == 0  # the engine process took the Shutdown command and exited cleanly
 
 
 def _free_blocks_settle(engine, expected: int) -> None:
@@ -54,7 +56,9 @@ def test_a_lagging_consumer_gets_merged_deltas_with_every_token_in_order(engine)
     async def lagging():
         stream = engine.generate("lags", [5, 6, 7, 8, 9], params)
         first = await stream.__anext__()
-        while "lags" in engine.core.requests:  # let the engine finish the request unread
+        for _ in range(3000):  # let the engine finish the request unread (its stats say so)
+            if engine.load().num_running == 0 and engine.load().num_waiting == 0:
+                break
             await asyncio.sleep(0.01)
         return [first] + [o async for o in stream]
 
@@ -106,3 +110,14 @@ def test_bad_request_raises_from_generate(engine):
 
     with pytest.raises(RequestError, match="maximum context length"):
         asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+
+def test_an_engine_that_cannot_start_is_a_clear_startup_error(tmp_path):
+    """A bad checkpoint fails in the engine process; the reason comes back as EngineStartupError
+    (the worker turns it into a start-up failure, exit code 1), and the process is gone."""
+    (tmp_path / "config.json").write_text("{this is not json")
+    config = EngineConfig(model=ModelConfig(model=str(tmp_path), device="cpu"), cache=CacheConfig(num_blocks=8))
+    with pytest.raises(EngineStartupError, match="the engine could not start: .*") as failure:
+        AsyncEngine(config, "prefill")
+    assert "json" in str(failure.value).lower() or "config" in str(failure.value).lower()
+    assert not [p for p in multiprocessing.active_children() if p.name == "splitserve-engine-prefill"]
