@@ -275,6 +275,10 @@ class AsyncEngine:
                                  *((rid, RequestError(why)) for rid, why in rejected)]:
             target = self._queues.get(request_id)
             if target is not None:
+                # finish_reason 'abort' with an error: the request as given cannot run (its grammar
+                # does not compile), raised as RequestError; 'error' (a failed step) is raised in generate.
+                if isinstance(item, EngineOutput) and item.error is not None and item.finish_reason == "abort":
+                    item = RequestError(item.error)
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, items in by_loop.items():
             _call_in(loop, _put_all, items)

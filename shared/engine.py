@@ -8,6 +8,8 @@ A request's life in one engine (see request.py for the statuses):
                                             └─(hold KV)─▶ held until the decode side has them
     add_request(kv handle) ─▶ WAITING_FOR_KV ─▶ (KV landed) RUNNING ─▶ ...
                                             └─(failed) WAITING: recomputed here
+    add_request(structured outputs) ─▶ WAITING_FOR_GRAMMAR ─(compiled)─▶ WAITING / WAITING_FOR_KV ─▶ ...
+                                            └─(does not compile, timeout) finished, `error` set
 
 Single-threaded: only the thread calling `step()` touches the block pool. Token ids in,
 token ids out; text lives in the layers above (`llm.py`, the gateway).
@@ -40,6 +42,7 @@ from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
+from splitserve.shared.grammar import BitmaskBuilder, GrammarCompiler, GrammarWaitlist
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     kv_load_window_ns: tuple[int, int, bool] | None = None
     """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
     error: str | None = None
-    """Set (with finish_reason 'error') when a step failed on this request and aborted it."""
+    """Set when the request failed after it was added: a step failed on it (finish_reason 'error'),
+    or its structured-output grammar does not compile or did not in time (finish_reason 'abort')."""
 
 
 @dataclass
@@ -158,6 +162,9 @@ class EngineCore:
         self._failed_steps = 0
         if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
             freeze_startup_heap()
+        self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
+                                        config.scheduler.grammar_compile_timeout_s)
+        self._bitmasks = BitmaskBuilder(parts.info.vocab_size, pin_memory=parts.device.type == "cuda")
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -181,7 +188,10 @@ class EngineCore:
         elif kv_transfer is not None and kv_transfer.hold and self.connector is None:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.structured_outputs is None:
+            self.scheduler.add(req)
+            return
+        self.grammars.add(req)  # compiled on the compiler's thread; scheduled once it is ready
 
     def _validate(self, request_id: str, prompt_token_ids: list[int]) -> None:
         if request_id in self.requests or request_id in self.held:
@@ -206,6 +216,7 @@ class EngineCore:
         if req is None:
             return False
         self.scheduler.remove(request_id)
+        self.grammars.remove(request_id)
         if req.status is RequestStatus.WAITING_FOR_KV and self.kv.block_ids(request_id):
             # A transfer may still be writing into the blocks: free them only once the connector
             # reports the load ended (load_failed "aborted", or loaded).
@@ -251,6 +262,8 @@ class EngineCore:
     def _step(self) -> list[EngineOutput]:
         outputs: dict[str, EngineOutput] = {}
         self._handle_connector_events(outputs)
+        if self.grammars:
+            self._admit_compiled(outputs)
         if self._inflight is not None and self._needs_exact_history():
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         sched = self.scheduler.schedule()
@@ -260,17 +273,47 @@ class EngineCore:
             self.connector.start_load(req.request_id, req.kv_transfer.handle, block_ids)
         tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
-            result = self.runner.execute(sched, tables)
+            result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
             self._update(sched, result.sampled, outputs)
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
+        # A step with grammar rows launches its forward only: its bitmask needs the previous
+        # step's tokens, so it is sampled (and booked) once those are settled, while the device
+        # still runs the forward.
         previous = self._inflight
-        pending = self.runner.execute_async(sched, tables, previous.pending if previous else None)
-        launched = self._advance(sched)
+        structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
+        pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
+                                            defer_sampling=structured)
+        if not structured:
+            launched = self._advance(sched)
         if previous is not None:
             self._resolve(outputs)
+        if structured:
+            self.runner.sample(pending, self._grammar_bitmask(sched))
+            launched = self._advance(sched)
         self._inflight = InflightStep(pending, launched) if launched else None
         return list(outputs.values())
+
+    # ---- structured outputs -----------------------------------------------------------
+
+    def _admit_compiled(self, outputs: dict[str, EngineOutput]) -> None:
+        """Requests whose grammar is ready join the scheduler; those that cannot have one fail."""
+        ready, failed = self.grammars.poll()
+        for req, message in failed:
+            self._fail(req, message, outputs)
+        for req in ready:
+            self.scheduler.add(req)
+
+    def _fail(self, req: Request, message: str, outputs: dict[str, EngineOutput]) -> None:
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason="abort", error=message)
+
+    def _grammar_bitmask(self, sched: SchedulerOutput):
+        """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
+        grammars = [s.request.grammar for s in sched.scheduled if s.samples]
+        if not any(g is not None for g in grammars):
+            return None
+        return self._bitmasks.build(grammars)
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -278,6 +321,8 @@ class EngineCore:
         launched = []
         for s in sched.scheduled:
             req, samples = s.request, s.samples
+            if self.requests.get(req.request_id) is not req:
+                continue  # a deferred step is booked after the previous one ended this request
             req.num_computed_tokens += s.num_new_tokens
             index = None
             if samples:
@@ -325,6 +370,12 @@ class EngineCore:
 
     def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
         """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
+        if req.grammar is not None and not req.grammar.accept(token.token_id):
+            # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
+            logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
+            self.scheduler.remove(req.request_id)
+            self._fail(req, f"internal error: sampled token {token.token_id} violates the grammar", outputs)
+            return
         out = outputs.get(req.request_id)
         if out is None:  # the common case, built in one call: this runs for every request every step
             out = outputs[req.request_id] = EngineOutput(
@@ -383,6 +434,8 @@ class EngineCore:
         if token_id in req.sampling_params.stop_token_ids and num_outputs > min_tokens:
             req.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.terminated:
+            return RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing may follow
         if num_outputs >= req.max_tokens or req.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
@@ -428,5 +481,6 @@ class EngineCore:
         )
 
     def close(self) -> None:
+        self.grammars.compiler.close()
         if self.connector is not None:
             self.connector.close()

@@ -96,6 +96,10 @@ class LLM:
         return None, list(prompt)
 
     def _apply(self, step: EngineOutput, streams: dict) -> None:
+        if step.error is not None:  # e.g. a structured-output spec that does not compile
+            for request_id in streams:
+                self.engine.abort_request(request_id)
+            raise ValueError(step.error)
         result, out, detok = streams[step.request_id]
         if detok is not None and detok.stopped is not None:
             return

@@ -8,6 +8,9 @@ Lifecycle (one scheduling model, no phases: `num_computed_tokens` catches up to 
 
     WAITING_FOR_KV ──KV landed──▶ RUNNING        (decode side of a disaggregated pair)
           └────transfer failed──▶ WAITING        (recompute the prompt here)
+
+    WAITING_FOR_GRAMMAR ──compiled──▶ WAITING or WAITING_FOR_KV   (structured outputs; not yet
+          └────does not compile / timed out──▶ finished with an error     in the scheduler)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from splitserve.shared.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     WAITING_FOR_KV = "waiting_for_kv"
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
@@ -56,6 +60,9 @@ class Request:
     """Disaggregation parameters (a KvHandle to load, or a request to hold KV); see transfer/."""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: object | None = None
+    """Structured outputs: the request's `RequestGrammar` (shared/grammar.py), advanced with
+    every accepted output token."""
 
     def __post_init__(self) -> None:
         # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).

@@ -21,7 +21,7 @@ import torch
 
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.model.attention import AttentionMetadata
-from splitserve.shared.sampler import DeviceSample, Sampler, SamplingInput, unpack
+from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
 
@@ -52,9 +52,15 @@ class PendingStep:
     sample: DeviceSample | None
     host: torch.Tensor | None = None
     event: object | None = None
+    deferred: tuple[torch.Tensor, list[SamplingInput]] | None = None
+    """(logits [N, V], rows) of a step whose sampling waits for its grammar bitmask."""
 
     def __post_init__(self) -> None:
-        if self.sample is not None and self.sample.packed.is_cuda:
+        if self.sample is not None:
+            self.start_copy()
+
+    def start_copy(self) -> None:
+        if self.sample.packed.is_cuda:
             # Start the copy to the host now; result() waits only for this event.
             self.host = torch.empty(self.sample.packed.shape, dtype=self.sample.packed.dtype, pin_memory=True)
             self.host.copy_(self.sample.packed, non_blocking=True)
@@ -146,15 +152,28 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray, bitmask: Bitmask | None = None) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
-        return ModelRunnerOutput(self.execute_async(sched, block_tables).result())
+        pending = self.execute_async(sched, block_tables, defer_sampling=True)
+        self.sample(pending, bitmask)
+        return ModelRunnerOutput(pending.result())
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, bitmask: Bitmask | None) -> None:
+        """Sample a step launched with `defer_sampling`, under its grammar bitmask."""
+        if pending.deferred is not None:
+            logits, rows = pending.deferred
+            pending.deferred = None
+            pending.sample = self.sampler.sample(logits, rows, bitmask)
+            pending.start_copy()
 
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput, block_tables: np.ndarray,
-                      previous: PendingStep | None = None) -> PendingStep:
+                      previous: PendingStep | None = None, defer_sampling: bool = False) -> PendingStep:
         """Launch one step without waiting for it. Input tokens not known on the host yet
-        (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor."""
+        (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor.
+        With `defer_sampling` only the forward is launched: `sample` finishes the step once the
+        grammar bitmask (which needs the previous step's tokens) is known."""
         if sched.is_empty:
             return PendingStep([], None)
         inputs = self.prepare_inputs(sched, block_tables, previous)
@@ -173,7 +192,10 @@ class ModelRunner:
             )
             for r in sampling
         ]
-        return PendingStep([r.request_id for r in sampling], self.sampler.sample(logits, rows))
+        request_ids = [r.request_id for r in sampling]
+        if defer_sampling:
+            return PendingStep(request_ids, None, deferred=(logits, rows))
+        return PendingStep(request_ids, self.sampler.sample(logits, rows))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn

@@ -17,9 +17,12 @@ the seed), so no value can overflow a C type on its way to the engine; every flo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
+
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -81,6 +84,9 @@ class SamplingParams:
                                          "filters (OpenAI's range: -100 bans, 100 forces).", default_factory=dict,
                                          ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, item_ge=0, item_le=INT32_MAX)
     skip_special_tokens: bool = param("Leave special tokens out of the returned text.", True, wire=False)
+    structured_outputs: StructuredOutputsParams | None = param(
+        "Constrain the output to a JSON schema, regex, choice list or grammar (shared/grammar.py).", None,
+        openai=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -149,6 +155,10 @@ def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typi
 
 def _check_scalar(name: str, value: typing.Any, kind: type, ge: float | None, gt: float | None,
                   le: float | None) -> None:
+    if dataclasses.is_dataclass(kind):  # a structured value checks itself on construction
+        if not isinstance(value, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        return
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be a boolean, got {value!r}")

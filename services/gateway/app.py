@@ -207,7 +207,11 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
         # The slot is released when the body ends (before the last byte goes out, so a client that
         # read [DONE] finds it free) and, idempotently, when the response closes (the body may
         # never start if the client hangs up at once).
-        return _SSEResponse(_sse_body(state, prep, builder, streams, slot), on_close=slot.aclose)
+        # A structured request's spec is compiled by the worker: hold the status line until the
+        # first event, so a spec that does not compile is a 400 rather than an error inside a 200.
+        hold = prep.params.structured_outputs is not None
+        return _SSEResponse(_sse_body(state, prep, builder, streams, slot, hold), on_close=slot.aclose,
+                            hold_headers=hold)
     async with slot:
         if not await until_disconnect(_collect(builder, streams), request.receive):
             return Response(status_code=499)  # nobody reads it: the worker calls are cancelled
@@ -238,22 +242,27 @@ async def until_disconnect(work: Awaitable[Any], receive) -> bool:
 
 
 async def _sse_body(state: GatewayState, prep: PreparedRequest, builder, streams,
-                    slot: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+                    slot: contextlib.AsyncExitStack, raise_before_first: bool) -> AsyncIterator[bytes]:
     async with slot:
-        async for event in _sse_events(state, prep, builder, streams):
+        async for event in _sse_events(state, prep, builder, streams, raise_before_first):
             yield event
 
 
-async def _sse_events(state: GatewayState, prep: PreparedRequest, builder, streams) -> AsyncIterator[bytes]:
+async def _sse_events(state: GatewayState, prep: PreparedRequest, builder, streams,
+                      raise_before_first: bool = False) -> AsyncIterator[bytes]:
+    started = False
     try:
         async for delta in merge_streams(streams):
             builder.add(delta)
+            started = True
             for event in builder.sse_chunks(delta):
                 yield event
         for event in builder.sse_closing():
             yield event
         state.metrics.e2e_s.observe(time.monotonic() - prep.arrival_s)
     except Exception as exc:  # the status line is sent: report the failure in-band
+        if raise_before_first and not started:
+            raise  # the status line is still held (see _SSEResponse): answer with the error itself
         error = to_api_error(exc)
         if error is None:
             logger.exception("unexpected failure while streaming %s", prep.request_id)
@@ -272,10 +281,30 @@ class _SSEResponse(StreamingResponse):
     stream at once, and with it the worker calls.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[Any]],
+                 hold_headers: bool = False) -> None:
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._hold_headers = hold_headers
+
+    async def stream_response(self, send) -> None:
+        """With `hold_headers`, the status line waits for the first event; a failure before it
+        is answered as the plain OpenAI error response it maps to."""
+        if not self._hold_headers:
+            return await super().stream_response(send)
+        try:
+            first = await anext(aiter(self.body_iterator), b"")
+        except Exception as exc:
+            error = to_api_error(exc)
+            if error is None:
+                raise
+            return await _send_error(send, error)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -26,6 +26,7 @@ from splitserve.services.gateway.chat_tools import (
 from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
 from splitserve.services.gateway.openai_protocol import bad_request
 from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
+from splitserve.services.gateway.structured_outputs import structured_outputs_spec
 from splitserve.services.gateway.request_models import (
     ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
@@ -193,7 +194,8 @@ def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: i
     given = {name: getattr(body, name) for name, _ in sampling_fields(openai=True)}
     given = {name: value for name, value in given.items() if value is not None}
     try:
-        return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs})
+        return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs,
+                                 "structured_outputs": structured_outputs_spec(body)})
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
 

@@ -72,6 +72,34 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: text (unconstrained), json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs` request field, exactly one of these (structured_outputs.py);
+    its other keys (structural_tag, whitespace_pattern, ...) are refused by name."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class GenerationFields(SamplingFields):
     """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones; every
     string in the request (keys included) must be valid Unicode."""
@@ -81,6 +109,9 @@ class GenerationFields(SamplingFields):
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
     user: str | None = Field(None, description="Accepted and ignored, as OpenAI and vLLM do.")
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's: text, json_object or json_schema.")
+    structured_outputs: StructuredOutputsField | None = Field(None, description="vLLM's: json, regex, choice, "
+                                                              "grammar or json_object.")
 
     @model_validator(mode="before")
     @classmethod
@@ -167,13 +198,12 @@ class ChatCompletionRequest(GenerationFields):
     functions: list[Any] | None = Field(None, description="Not supported: only null or [] is accepted.")
     function_call: Any = Field(None, description="Not supported: only null or \"none\" is accepted.")
     parallel_tool_calls: bool | None = Field(None, description="False: at most one call per response.")
-    response_format: Any = Field(None, description="Not supported yet: only null or {\"type\": \"text\"}.")
 
 
 # Fields declared above that the server does not implement: the values that mean "off".
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "echo": (False,), "suffix": (None, ""),
-    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"),
 }
 
 

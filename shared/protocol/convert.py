@@ -14,6 +14,7 @@ from typing import Any
 
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 
 ROLE_TO_PROTO = {
     "prefill": pb.WORKER_ROLE_PREFILL,
@@ -30,7 +31,9 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams()
     for name, _ in sampling_fields(wire=True):
         value = getattr(params, name)
-        if isinstance(value, dict):
+        if isinstance(value, StructuredOutputsParams):  # the one message-typed field
+            getattr(msg, name).CopyFrom(structured_outputs_to_proto(value))
+        elif isinstance(value, dict):
             getattr(msg, name).update(value)
         elif isinstance(value, (list, tuple)):
             getattr(msg, name).extend(value)
@@ -44,7 +47,9 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     values: dict[str, Any] = {}
     for name, _ in sampling_fields(wire=True):
         descriptor = msg.DESCRIPTOR.fields_by_name[name]
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        if descriptor.message_type is pb.StructuredOutputs.DESCRIPTOR:
+            values[name] = structured_outputs_from_proto(getattr(msg, name)) if msg.HasField(name) else None
+        elif descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
             values[name] = dict(getattr(msg, name))
         elif descriptor.is_repeated:
             values[name] = list(getattr(msg, name))
@@ -53,6 +58,24 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         else:
             values[name] = getattr(msg, name)
     return SamplingParams(n=1, **values)
+
+
+def structured_outputs_to_proto(spec: StructuredOutputsParams) -> pb.StructuredOutputs:
+    kind = spec.kind
+    if kind == "json":
+        return pb.StructuredOutputs(json=spec.json_text())
+    if kind == "choice":
+        return pb.StructuredOutputs(choice=pb.ChoiceList(choices=list(spec.choice)))
+    return pb.StructuredOutputs(**{kind: getattr(spec, kind)})
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """Raises ValueError if no kind (or an empty one) is set."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object")
+    value = list(msg.choice.choices) if kind == "choice" else getattr(msg, kind)
+    return StructuredOutputsParams(**{kind: value})
 
 
 # ---- KV handle ----------------------------------------------------------------------------

@@ -160,7 +160,6 @@ def test_unknown_fields_are_400_naming_them(client, kind):
     ("completion", {"echo": True}, "echo"), ("completion", {"suffix": "x"}, "suffix"),
     ("completion", {"best_of": 3, "n": 2}, "best_of"),
     ("chat", {"tool_choice": "auto"}, "tool_choice"),  # without tools (tools: test_gateway_tools.py)
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"), ("chat", {"function_call": "auto"}, "function_call"),
     ("chat", {"echo": True}, "echo"), ("chat", {"best_of": 1}, "best_of"),
 ])
