@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from splitserve.shared.cuda_graphs import DecodeGraphs
+from splitserve.shared.grammar import bitmask_width
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
@@ -143,7 +144,11 @@ class ModelRunner:
         logits = run_fake_mixed_step(self.model, num_tokens, self.block_size, self.device)
         from splitserve.shared.sampling_params import SamplingParams
 
-        self.sampler(logits, [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2)
+        rows = [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2
+        self.sampler(logits, rows)
+        # The grammar bitmask kernel too (Triton), so the first structured request does not compile it.
+        allowed = torch.full((2, bitmask_width(logits.shape[1])), -1, dtype=torch.int32)
+        self.sampler(logits, rows, (allowed, [0, 1]))
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
