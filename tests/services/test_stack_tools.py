@@ -73,15 +73,6 @@ def test_bad_tool_input_is_400_and_the_stack_keeps_serving(disagg):
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def _structured_outputs_available() -> bool:
-    try:
-        from splitserve.shared.sampling_params import StructuredOutputsParams  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _structured_outputs_available(), reason="needs structured outputs (forced tool calls)")
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_agents_sdk_loop_with_a_forced_call_on_the_real_stack(disagg, api):
     """Turn 1 forces a call (tool_choice required: the grammar makes even the random demo model
