@@ -300,13 +300,14 @@ class EngineCore:
         """Requests whose grammar is ready join the scheduler; those that cannot have one fail."""
         ready, failed = self.grammars.poll()
         for req, message in failed:
-            self._fail(req, message, outputs)
+            self._reject(req, message, outputs)
         for req in ready:
             self.scheduler.add(req)
 
-    def _fail(self, req: Request, message: str, outputs: dict[str, EngineOutput]) -> None:
+    def _reject(self, req: Request, message: str, outputs: dict[str, EngineOutput], reason: str = "abort") -> None:
+        """End a request that cannot go on; 'abort': as given (a 400), 'error': an engine fault."""
         self._finish(req, RequestStatus.FINISHED_ABORTED)
-        outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason="abort", error=message)
+        outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason=reason, error=message)
 
     def _grammar_bitmask(self, sched: SchedulerOutput):
         """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
@@ -374,7 +375,7 @@ class EngineCore:
             # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
             logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
             self.scheduler.remove(req.request_id)
-            self._fail(req, f"internal error: sampled token {token.token_id} violates the grammar", outputs)
+            self._reject(req, f"sampled token {token.token_id} violates the grammar", outputs, "error")
             return
         out = outputs.get(req.request_id)
         if out is None:  # the common case, built in one call: this runs for every request every step
