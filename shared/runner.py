@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.model.attention import AttentionMetadata
+from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from splitserve.shared.sampler import DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
@@ -38,6 +39,9 @@ class SampledToken:
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     """Request id -> the token sampled for it this step (only requests that caught up)."""
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Request id -> (index of the first prompt token scored, their logprobs), for requests
+    that asked for prompt logprobs and had prompt tokens computed this step."""
 
 
 PLACEHOLDER = -1
@@ -52,6 +56,8 @@ class PendingStep:
     sample: DeviceSample | None
     host: torch.Tensor | None = None
     event: object | None = None
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Already on the host (see ModelRunnerOutput)."""
 
     def __post_init__(self) -> None:
         if self.sample is not None and self.sample.packed.is_cuda:
@@ -148,7 +154,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: np.ndarray) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
-        return ModelRunnerOutput(self.execute_async(sched, block_tables).result())
+        pending = self.execute_async(sched, block_tables)
+        return ModelRunnerOutput(pending.result(), pending.prompt_logprobs)
 
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput, block_tables: np.ndarray,
@@ -159,9 +166,11 @@ class ModelRunner:
             return PendingStep([], None)
         inputs = self.prepare_inputs(sched, block_tables, previous)
         hidden = self._forward(inputs)  # [T, H]
+        wanted = prompt_rows(sched)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, wanted) if wanted else {}
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
-            return PendingStep([], None)
+            return PendingStep([], None, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         rows = [
             SamplingInput(
@@ -173,7 +182,8 @@ class ModelRunner:
             )
             for r in sampling
         ]
-        return PendingStep([r.request_id for r in sampling], self.sampler.sample(logits, rows))
+        return PendingStep([r.request_id for r in sampling], self.sampler.sample(logits, rows),
+                           prompt_logprobs=prompt_logprobs)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn
