@@ -130,7 +130,7 @@ class ChoiceStream:
             tops = chunk.top_logprobs or [[] for _ in chunk.token_ids]
             logprobs = [TokenLogprob(t, lp, top) for t, lp, top in zip(chunk.token_ids, chunk.logprobs, tops)]
         return ChoiceDelta(self.index, text, len(chunk.token_ids), logprobs, finish, stop_reason,
-                           chunk.prompt_logprobs or None)
+                           prompt_logprobs=chunk.prompt_logprobs or None)
 
     def _observe_latency(self, now: float, last_token_s: float | None, num_tokens: int) -> None:
         if last_token_s is None:
