@@ -87,6 +87,9 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--colocated", action="store_true", help="one worker doing both phases instead")
     p.add_argument("--workers", type=int, default=1, help="number of colocated workers (with --colocated)")
     p.add_argument("--worker-base-port", type=int, default=50100, help="first gRPC port of the workers")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients use for the model, as in vLLM; the first is the one responses name "
+                        "(default: --model as given, or splitserve-demo)")
     p.add_argument("--gateway-processes", type=int, default=1,
                    help="gateway processes sharing the HTTP port, for more streams than one event loop serves "
                         "(like vLLM's --api-server-count)")

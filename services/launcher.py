@@ -221,7 +221,8 @@ def run_stack(args: argparse.Namespace) -> int:
 
     from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
 
-    name = served_model_name(args.model)
+    names = args.served_model_name or [served_model_name(args.model)]
+    name = names[0]
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children
     args.model = model_dir
     secret_dir = _make_secret_file(args)
@@ -243,7 +244,7 @@ def run_stack(args: argparse.Namespace) -> int:
     if args.session_window is not None:
         gateway_options += ["--session-window", str(args.session_window)]
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port), "--model", model_dir,
-                                    "--served-model-name", name, *gateway_options, *topology,
+                                    "--served-model-name", *names, *gateway_options, *topology,
                                     *grpc_security_argv(args)))
     stopping = False
 

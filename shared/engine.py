@@ -36,7 +36,7 @@ from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
 from splitserve.shared.request import Request, RequestStatus
-from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
+from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
@@ -74,6 +74,8 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     new_logprobs: list[float] = []
     new_top_logprobs: list[Sequence[tuple[int, float]]] = []
     new_ranks: list[int] = []
+    new_prompt_logprobs: list[SampledToken] = []
+    """Prompt tokens 1.. (requests that asked for prompt logprobs), with the first output token."""
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -104,6 +106,15 @@ def _is_device_fault(exc: BaseException) -> bool:
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
+def _collect_prompt_logprobs(req: Request, scored: tuple[int, list[SampledToken]] | None) -> None:
+    """Keep the prompt logprobs a step computed; positions seen before (a preempted request
+    computes its prompt again) are not added twice."""
+    if scored is None:
+        return
+    first_target, entries = scored
+    if req.prompt_logprobs is None:
+        req.prompt_logprobs = []
+    req.prompt_logprobs.extend(entries[len(req.prompt_logprobs) + 1 - first_target:])
 
 
 def _penalised(params: SamplingParams) -> bool:
@@ -174,7 +185,7 @@ class EngineCore:
         self._validate(request_id, prompt_token_ids)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        eos = frozenset() if params.ignore_eos else self.model_info.eos_token_ids
+        eos = frozenset(self.model_info.eos_token_ids)  # banned below min_tokens even with ignore_eos, as in vLLM
         req = Request(request_id, list(prompt_token_ids), params, max_tokens, eos, priority, kv_transfer=kv_transfer)
         if params.seed is not None:
             self.runner.add_generator(request_id, params.seed)
@@ -274,7 +285,7 @@ class EngineCore:
         tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
             result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
-            self._update(sched, result.sampled, outputs)
+            self._update(sched, result, outputs)
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
@@ -342,6 +353,7 @@ class EngineCore:
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
+            _collect_prompt_logprobs(req, inflight.pending.prompt_logprobs.get(req.request_id))
             if req.num_computed_tokens >= num_computed:  # not preempted since
                 self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
                 self._release_out_of_window(req, num_computed)
@@ -351,14 +363,14 @@ class EngineCore:
             req.set_output(index, token.token_id)
             self._emit(req, token, index + 1, outputs)
 
-    def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken],
-                outputs: dict[str, EngineOutput]) -> None:
+    def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             self._release_out_of_window(req, req.num_computed_tokens)
-            token = sampled.get(req.request_id)
+            _collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
+            token = result.sampled.get(req.request_id)
             if token is not None:
                 req.append_output(token.token_id)
                 self._emit(req, token, len(req.output_token_ids), outputs)
@@ -386,6 +398,9 @@ class EngineCore:
             out.new_logprobs.append(token.logprob)
             out.new_top_logprobs.append(token.top_logprobs)
             out.new_ranks.append(token.rank)
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.new_prompt_logprobs.extend(req.prompt_logprobs)
+            req.prompt_logprobs_sent = True
         status = self._stop_status(req, token.token_id, num_outputs)
         hold = req.kv_transfer is not None and req.kv_transfer.hold
         if status is None and not hold:
@@ -430,7 +445,7 @@ class EngineCore:
 
     def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
         min_tokens = req.sampling_params.min_tokens
-        if token_id in req.eos_token_ids and num_outputs > min_tokens:
+        if token_id in req.eos_token_ids and num_outputs > min_tokens and not req.sampling_params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
         if token_id in req.sampling_params.stop_token_ids and num_outputs > min_tokens:
             req.stop_reason = token_id

@@ -44,6 +44,7 @@ class Request:
     max_tokens: int
     """Resolved output limit (sampling max_tokens capped by the context length)."""
     eos_token_ids: frozenset[int] = frozenset()
+    """The model's EOS ids (they end the request unless `ignore_eos`; below min_tokens they are banned)."""
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
@@ -63,6 +64,10 @@ class Request:
     grammar: object | None = None
     """Structured outputs: the request's `RequestGrammar` (shared/grammar.py), advanced with
     every accepted output token."""
+    prompt_logprobs: list | None = None
+    """`SampledToken`s of prompt tokens 1.. as their steps compute them (when the request asked
+    for prompt logprobs); sent once, with the first output token."""
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.grammar import bitmask_width
 from splitserve.shared.model.attention import AttentionMetadata
+from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
@@ -39,6 +40,9 @@ class SampledToken:
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     """Request id -> the token sampled for it this step (only requests that caught up)."""
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Request id -> (index of the first prompt token scored, their logprobs), for requests
+    that asked for prompt logprobs and had prompt tokens computed this step."""
 
 
 PLACEHOLDER = -1
@@ -55,6 +59,8 @@ class PendingStep:
     event: object | None = None
     deferred: tuple[torch.Tensor, list[SamplingInput]] | None = None
     """(logits [N, V], rows) of a step whose sampling waits for its grammar bitmask."""
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Already on the host (see ModelRunnerOutput)."""
 
     def __post_init__(self) -> None:
         if self.sample is not None:
@@ -161,7 +167,7 @@ class ModelRunner:
         """Run one step and wait for its tokens."""
         pending = self.execute_async(sched, block_tables, defer_sampling=True)
         self.sample(pending, bitmask)
-        return ModelRunnerOutput(pending.result())
+        return ModelRunnerOutput(pending.result(), pending.prompt_logprobs)
 
     @torch.inference_mode()
     def sample(self, pending: PendingStep, bitmask: Bitmask | None) -> None:
@@ -183,9 +189,11 @@ class ModelRunner:
             return PendingStep([], None)
         inputs = self.prepare_inputs(sched, block_tables, previous)
         hidden = self._forward(inputs)  # [T, H]
+        wanted = prompt_rows(sched)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, wanted) if wanted else {}
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
-            return PendingStep([], None)
+            return PendingStep([], None, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         rows = [
             SamplingInput(
@@ -199,8 +207,8 @@ class ModelRunner:
         ]
         request_ids = [r.request_id for r in sampling]
         if defer_sampling:
-            return PendingStep(request_ids, None, deferred=(logits, rows))
-        return PendingStep(request_ids, self.sampler.sample(logits, rows))
+            return PendingStep(request_ids, None, deferred=(logits, rows), prompt_logprobs=prompt_logprobs)
+        return PendingStep(request_ids, self.sampler.sample(logits, rows), prompt_logprobs=prompt_logprobs)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn

@@ -12,7 +12,7 @@ Order of processing for the logits `[N, V]`:
 1. logprobs: `log_softmax` of the RAW model logits (before penalties, temperature and filters),
    as vLLM v1 does by default. The sampled token's logprob, its rank and the top-n alternatives
    all come from this distribution, so they describe the model, not the sampling transform.
-2. min_tokens: while `len(output) < min_tokens`, stop_token_ids and eos ids (unless ignore_eos)
+2. min_tokens: while `len(output) < min_tokens`, stop_token_ids and eos ids (even with ignore_eos)
    are set to -inf. Not in rows with a grammar: there the grammar decides where the output ends.
 3. logit_bias: each row's bias added to its token ids' logits (as vLLM v1 does, before penalties;
    a bias cannot bring back a token the grammar forbids).
@@ -127,9 +127,9 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
     for i, row in enumerate(rows):
         if len(row.output_token_ids) >= row.params.min_tokens or row.params.structured_outputs is not None:
             continue
+        # EOS is banned even with ignore_eos (vLLM counts it among the stop ids min_tokens holds back).
         banned = set(row.params.stop_token_ids)
-        if not row.params.ignore_eos:
-            banned.update(row.eos_token_ids)
+        banned.update(row.eos_token_ids)
         banned = {t for t in banned if t < logits.shape[1]}  # ids past the vocab cannot be sampled
         row_index.extend([i] * len(banned))
         token_index.extend(sorted(banned))

@@ -2,7 +2,8 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
     POST /v1/responses                                (the Responses API; stream: typed SSE events)
-    GET  /v1/models, GET /health (ready: workers to route to), GET /livez (alive), GET /metrics
+    GET  /health (ready: workers to route to), GET /livez (alive), GET /metrics
+    GET  /v1/models[/{model}], POST /tokenize, POST /detokenize, GET /version, /ping (utility_routes.py)
 
 A request: API key and body size (`_RequestGuard`, before the body is parsed) -> model check ->
 admission slot -> prepare (validate, tokenize: prepare.py) -> one worker request per choice
@@ -39,13 +40,15 @@ from splitserve.services.gateway.openai_protocol import (
     APIError, body_too_large, install_error_handlers, model_not_found, service_unavailable, to_api_error,
     unauthorized)
 from splitserve.services.gateway.prepare import (
-    PrepareContext, PreparedRequest, longest_token_chars, prepare_chat, prepare_completion, text_chars)
+    PrepareContext, PreparedRequest, longest_token_chars, name_after_client, prepare_chat, prepare_completion,
+    text_chars)
 from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.responses import SSE_DONE, ResponseBuilder, sse_event
 from splitserve.services.gateway.responses_input import ResponseStore, chat_request, previous_conversation
 from splitserve.services.gateway.responses_output import ResponsesBuilder
 from splitserve.services.gateway.responses_protocol import ResponsesRequest
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
+from splitserve.services.gateway.utility_routes import add_utility_routes
 from splitserve.services.gateway.worker_client import WorkerClient
 from splitserve.shared.grpc_security import GrpcSecurity
 from splitserve.shared.tokenizer import load_tokenizer
@@ -53,7 +56,7 @@ from splitserve.shared.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 _COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health",
-                            "/metrics"})
+                            "/metrics", "/tokenize", "/detokenize"})
 LONG_TEXT_CHARS = 32768
 """Requests with more text than this are tokenized on their own thread (`GatewayState`)."""
 
@@ -74,6 +77,13 @@ class GatewayState:
     (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
     max_token_chars: int = 1
     response_store: ResponseStore | None = None  # /v1/responses kept for previous_response_id
+
+    def resolve_model(self, model: str | None) -> str:
+        """The name responses carry for a request's `model`: the first served name, whichever
+        served name (or none) the request gave, as vLLM answers; 404 for any other."""
+        if model is not None and model != self.config.served_model_name and model not in self.config.served_model_aliases:
+            raise model_not_found(model)
+        return self.config.served_model_name
 
     def max_model_len(self) -> int:
         value = self.config.max_model_len or self.router.max_model_len() or _checkpoint_max_len(self.config.model_dir)
@@ -134,6 +144,7 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
     app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=config.limits.max_request_body_bytes)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
     _add_routes(app, state)
+    add_utility_routes(app, state)
     return app
 
 
@@ -152,12 +163,6 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
         chat, conversation = chat_request(body, history)
         return await _serve(state, chat, prepare_chat, request, lambda prep: ResponsesBuilder(
             prep, body, conversation, state.response_store, state.tokenizer))
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        max_len = state.config.max_model_len or state.router.max_model_len()
-        return {"object": "list", "data": [{"id": state.config.served_model_name, "object": "model",
-                                            "created": 0, "owned_by": "splitserve", "max_model_len": max_len}]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -190,13 +195,13 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
                  prepare: Callable[..., PreparedRequest], request: Request,
                  make_builder: Callable[[PreparedRequest], Any] | None = None) -> Response:
     """Run one OpenAI request; `make_builder` formats its output (default: completions / chat)."""
-    if body.model != state.config.served_model_name:
-        raise model_not_found(body.model)
+    body.model = state.resolve_model(body.model)
     slot = contextlib.AsyncExitStack()
     await slot.enter_async_context(state.admission.admit())
     try:
         pool = state.long_tokenize_pool if text_chars(body) > LONG_TEXT_CHARS else state.tokenize_pool
         prep = await asyncio.get_running_loop().run_in_executor(pool, prepare, body, state.prepare_context())
+        name_after_client(prep, request.headers.get("x-request-id"))
         state.router.route(prep.prompts[0])  # fail with 503 now, not inside a 200 stream, if nothing is routable
         builder = make_builder(prep) if make_builder is not None else ResponseBuilder(prep, state.tokenizer)
         streams = choice_streams(prep, state.tokenizer, state.dispatcher, state.metrics)

@@ -78,7 +78,9 @@ class GatewayConfig:
     model_dir: str
     """Checkpoint directory whose tokenizer (and chat template) the gateway uses."""
     served_model_name: str
-    """The `model` name clients send and /v1/models lists."""
+    """The `model` name clients send, /v1/models lists first and every response names."""
+    served_model_aliases: tuple[str, ...] = ()
+    """Further names accepted for the model (vLLM's further --served-model-name values)."""
     prefill_urls: tuple[str, ...] = ()
     """Prefill workers (`host:port`, or `dns:///NAME:PORT` for every address NAME resolves to, kept
     up to date: see discovery.py); used together with `decode_urls`."""

@@ -8,8 +8,8 @@ is what belongs to one endpoint (prompt, messages, the chat form of logprobs) or
 rather than the sampling (model, stream, priority, user).
 
 OpenAI fields this server does not implement are declared too, so that a client sending their
-"off" value (`echo: false`, `best_of` equal to `n`, `tools: null`) is served, and any other value
-is refused by name (`unsupported_field`).
+"off" value (`suffix: null`, `tools: null`) is served, and any other value is refused by name
+(`unsupported_field`).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class GenerationFields(SamplingFields):
     """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones; every
     string in the request (keys included) must be valid Unicode."""
 
-    model: str
+    model: str | None = Field(None, description="None: the served model (vLLM).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
@@ -122,11 +122,16 @@ class GenerationFields(SamplingFields):
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX, description="None: 16; 0 only with echo (the prompt "
+                                   "alone, as vLLM).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = Field(False, description="Not supported: only false is accepted.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs when "
+                                          "logprobs is set).")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: each prompt token's "
+                                        "logprob and this many alternatives (not with stream).")
     suffix: str | None = Field(None, description="Not supported: only null or empty is accepted.")
-    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Only null or equal to n is accepted "
-                                "(vLLM v1 dropped best_of).")
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Sample this many per prompt and return the "
+                                "n of highest cumulative logprob (not with stream).")
 
 
 class TextContentPart(OpenAIModel):
@@ -160,7 +165,7 @@ class ChatMessage(OpenAIModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # vLLM joins text parts with newlines
 
 
 class FunctionDefinition(OpenAIModel):
@@ -202,7 +207,7 @@ class ChatCompletionRequest(GenerationFields):
 
 # Fields declared above that the server does not implement: the values that mean "off".
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "suffix": (None, ""),
+    "suffix": (None, ""),
     "functions": (None, []), "function_call": (None, "none"),
 }
 
@@ -212,7 +217,4 @@ def unsupported_field(body: GenerationFields) -> tuple[str, str] | None:
     for name, off in _OFF_VALUES.items():
         if name in type(body).model_fields and getattr(body, name) not in off:
             return name, f"{name} is not supported by this server"
-    best_of = getattr(body, "best_of", None)
-    if best_of is not None and best_of != (body.n or 1):
-        return "best_of", f"best_of must be null or equal to n ({body.n or 1}): it is not supported, as in vLLM v1"
     return None

@@ -113,6 +113,16 @@ def _top_from_proto(entries: Any) -> list[tuple[int, float]]:
     return [(e.token_id, e.logprob) for e in entries]
 
 
+def _prompt_logprobs_to_proto(entries: Any) -> list[pb.PromptLogprob]:
+    """The engine's `SampledToken`s of prompt tokens -> messages."""
+    return [pb.PromptLogprob(token_id=e.token_id, logprob=e.logprob, rank=e.rank, top_logprobs=_top_to_proto(e.top_logprobs))
+            for e in entries]
+
+
+def _prompt_logprobs_from_proto(entries: Any) -> list[tuple[int, float, int, list[tuple[int, float]]]]:
+    return [(e.token_id, e.logprob, e.rank, _top_from_proto(e.top_logprobs)) for e in entries]
+
+
 def first_token_to_proto(token_id: int, logprob: float, rank: int, top_logprobs: list[tuple[int, float]]) -> pb.FirstToken:
     return pb.FirstToken(token_id=token_id, logprob=logprob, rank=rank, top_logprobs=_top_to_proto(top_logprobs))
 
@@ -130,6 +140,7 @@ def engine_output_to_chunk(out: Any) -> pb.GenerateChunk:
         request_id=out.request_id, token_ids=out.new_token_ids, logprobs=out.new_logprobs,
         ranks=getattr(out, "new_ranks", []),
         top_logprobs=[pb.TopLogprobs(entries=_top_to_proto(top)) for top in out.new_top_logprobs],
+        prompt_logprobs=_prompt_logprobs_to_proto(getattr(out, "new_prompt_logprobs", ())),
     )
     if out.finished:
         chunk.finish_reason = out.finish_reason or "stop"
@@ -151,6 +162,7 @@ def engine_output_to_prefill_response(out: Any) -> pb.PrefillResponse:
         request_id=out.request_id,
         first_token=first_token_to_proto(out.new_token_ids[0], out.new_logprobs[0], ranks[0], out.new_top_logprobs[0]),
         num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+        prompt_logprobs=_prompt_logprobs_to_proto(getattr(out, "new_prompt_logprobs", ())),
     )
     if out.kv_handle is not None:
         resp.kv_handle.CopyFrom(kv_handle_to_proto(out.kv_handle))
@@ -176,10 +188,12 @@ class TokenChunk:
     num_cached_tokens: int = 0
     kv_bytes_received: int = 0
     num_recomputed_tokens: int = 0
+    prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    """(token id, logprob, rank, top alternatives) of prompt tokens 1.., on the first token's chunk."""
 
 
 def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
-    if not msg.logprobs and not msg.HasField("finish_reason"):  # the common chunk: tokens only
+    if not msg.logprobs and not msg.HasField("finish_reason") and not msg.prompt_logprobs:  # the common chunk: tokens only
         return TokenChunk(list(msg.token_ids))
     return TokenChunk(
         token_ids=list(msg.token_ids), logprobs=list(msg.logprobs),
@@ -188,6 +202,7 @@ def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
         stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_prompt_tokens=msg.stats.num_prompt_tokens, num_cached_tokens=msg.stats.num_cached_tokens,
         kv_bytes_received=msg.stats.kv_bytes_received, num_recomputed_tokens=msg.stats.num_recomputed_tokens,
+        prompt_logprobs=_prompt_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 
@@ -198,6 +213,7 @@ def chunk_from_prefill_response(msg: pb.PrefillResponse) -> TokenChunk:
         finish_reason=msg.finish_reason if msg.HasField("finish_reason") else None,
         stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
+        prompt_logprobs=_prompt_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 
