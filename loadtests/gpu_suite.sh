@@ -5,7 +5,9 @@
 #
 # Steps: check (engine parity, graphs and async vs eager), kernels, tune, offline (1B vs transformers
 # vs roofline), offline8b (a smaller 8B workload, with the transformers peer), step8b, profile,
-# serve (whole stack, colocated vs disaggregated), transfer (two GPU processes over UCX).
+# serve (whole stack, colocated vs disaggregated), served (the engine alone against the served stack,
+# colocated and disaggregated on one GPU, alternating, CPU of every process), transfer (two GPU
+# processes over UCX).
 # Two-GPU steps, not in the default list: transfer2 (GPU 0 -> GPU 1 over UCX, then NCCL, GB/s against
 # the measured device-to-device copy) and serve2 (prefill on GPU 0 + decode on GPU 1 against two
 # colocated workers, one per GPU, at rising rates with long prompts; UCX, then NCCL).
@@ -18,7 +20,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(check kernels tune offline offline8b step8b profile serve transfer)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(check kernels tune offline offline8b step8b profile serve served transfer)
 export PYTHONUNBUFFERED=1
 L="$REPO/loadtests"
 
@@ -49,6 +51,10 @@ for step in "${STEPS[@]}"; do
                run serve python "$L/serve_compare.py" --shape llama-3.2-1b --rates 8,inf --num-prompts 100 --input-len 1024 \
                    --output-len 128 --gpu-memory-utilization 0.4 --ucx-tls tcp,cuda_copy,cuda_ipc --goodput tpot:20 \
                    --out-dir "$OUT/serve" ;;
+        served) SUMMARY="^ *[0-9]+ (engine alone|colocated|disaggregated)|->|requests x|^  round"
+                run served python "$L/engine_vs_served.py" --shape llama-3.2-1b --num-prompts 256 --input-len 512 \
+                    --output-len 128 --rounds 2 --max-num-seqs 256 --max-num-batched-tokens 16384 \
+                    --gpu-memory-utilization 0.4 --ucx-tls tcp,cuda_copy,cuda_ipc --out-dir "$OUT/served" ;;
         transfer) SUMMARY="GB/s|bit-exact|blocks"; run transfer python "$L/gpu_transfer.py" --blocks 256 ;;
         transfer2) SUMMARY="GB/s|bit-exact|blocks|peak"
                    run transfer2 bash -c "python '$L/gpu_transfer.py' --blocks 256 --decode-device cuda:1 && \
@@ -60,7 +66,7 @@ for step in "${STEPS[@]}"; do
                     python '$L/serve_compare.py' --shape llama-3.1-8b --topologies disaggregated --transfer-backend nccl \
                     --rates 4,8,16,inf --num-prompts 100 --input-len 4096 --output-len 256 --gpu-memory-utilization 0.9 \
                     --goodput tpot:25 --out-dir '$OUT/serve2-nccl'" ;;
-        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve transfer;" \
+        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve served transfer;" \
                 "two GPUs: transfer2 serve2)"; exit 2 ;;
     esac
 done

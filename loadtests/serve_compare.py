@@ -72,6 +72,11 @@ def vocab_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w1", bos_token="w2")
 
 
+def add_stack_args_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack-args", default=[], type=str.split,
+                   help="more `splitserve up` flags, one string, e.g. '--session-max-hold-ms 5'")
+
+
 def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> list[dict]:
     from loadtests import bench_serve
 
@@ -83,7 +88,8 @@ def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out
     gateway_argv = ["--gateway-processes", str(args.gateway_processes)]
     if args.session_window is not None:
         gateway_argv += ["--session-window", str(args.session_window)]
-    with LocalStack([*topology_args(name, args), *model_argv, *engine_argv, *gateway_argv], os.path.join(out_dir, "cache"),
+    stack_argv = [*topology_args(name, args), *model_argv, *engine_argv, *gateway_argv, *args.stack_args]
+    with LocalStack(stack_argv, os.path.join(out_dir, "cache"),
                     device=args.device) as stack:
         argv = ["--base-url", stack.url, "--num-prompts", str(args.num_prompts), "--random-input-len",
                 str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos",
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--ucx-tls", default=None, help="UCX transports for the disaggregated pair, e.g. tcp,cuda_copy,cuda_ipc")
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS")
+    add_stack_args_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None,
                    help="where the JSON results go: one per topology from bench_serve, and compare.json")

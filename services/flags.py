@@ -48,13 +48,23 @@ def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(parser, TransferConfig, "KV transfer options", prefix="transfer_", skip=("role", "layout_hash", "model_id"))
 
 
+def _add_session_flags(parser: argparse.ArgumentParser) -> None:
+    from splitserve.services.worker.config import SessionConfig
+
+    add_dataclass_flags(parser, SessionConfig, "worker session options", prefix="session_")
+
+
 def _add_worker_parser(sub, name: str, help_text: str, run, default_port: int, transfer: bool) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
     p.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="model name reported to the gateway")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, stop taking requests and give those in flight this long to finish "
+                        "(keep it below Kubernetes' terminationGracePeriodSeconds)")
     add_engine_flags(p)
     add_grpc_security_args(p)
+    _add_session_flags(p)
     if transfer:
         _add_transfer_flags(p)
     p.set_defaults(run=run)
@@ -77,6 +87,9 @@ def _add_up_parser(sub) -> None:
     p.add_argument("--colocated", action="store_true", help="one worker doing both phases instead")
     p.add_argument("--workers", type=int, default=1, help="number of colocated workers (with --colocated)")
     p.add_argument("--worker-base-port", type=int, default=50100, help="first gRPC port of the workers")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients use for the model, as in vLLM; the first is the one responses name "
+                        "(default: --model as given, or splitserve-demo)")
     p.add_argument("--gateway-processes", type=int, default=1,
                    help="gateway processes sharing the HTTP port, for more streams than one event loop serves "
                         "(like vLLM's --api-server-count)")
@@ -96,6 +109,7 @@ def _add_up_parser(sub) -> None:
     add_dataclass_flags(p, AgentApiConfig, "gateway: tools, reasoning and the Responses API")
     add_engine_flags(p)
     add_grpc_security_args(p)
+    _add_session_flags(p)
     _add_transfer_flags(p)
     p.set_defaults(run=_run_up)
 

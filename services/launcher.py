@@ -36,6 +36,9 @@ STOP_TIMEOUT_S = 10.0
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0
+WORKER_DRAIN_TIMEOUT_S = STOP_TIMEOUT_S / 2
+"""The stack stops as a whole (its gateway too, so nothing new arrives): a worker's drain only has
+to let what is in flight end, and within the time the launcher waits for it."""
 
 
 @dataclass
@@ -85,7 +88,8 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
             address = f"{args.host}:{port}"
             extra = [*transfer_argv, *nccl.get(role, [])] if role != "worker" else []
             device = ["--device", devices[port - args.worker_base_port]] if devices else []
-            argv = _cli(role, "--host", args.host, "--port", str(port), *model_argv, *device, *extra)
+            argv = _cli(role, "--host", args.host, "--port", str(port), "--drain-timeout-s", str(WORKER_DRAIN_TIMEOUT_S),
+                        *model_argv, *device, *extra)
             groups[role].append(Child(f"{role}-{i}", argv, address))
             port += 1
     return groups["prefill"], groups["decode"], groups["worker"]
@@ -217,12 +221,16 @@ def run_stack(args: argparse.Namespace) -> int:
 
     from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
 
-    name = served_model_name(args.model)
+    names = args.served_model_name or [served_model_name(args.model)]
+    name = names[0]
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children
     args.model = model_dir
     secret_dir = _make_secret_file(args)
     security = grpc_security_from_args(args)
-    model_argv = [*engine_flags_to_argv(args), "--served-model-name", name, *grpc_security_argv(args)]
+    from splitserve.services.worker.config import SessionConfig
+
+    model_argv = [*engine_flags_to_argv(args), *dataclass_flags_to_argv(SessionConfig, args, prefix="session_"),
+                  "--served-model-name", name, *grpc_security_argv(args)]
     prefill, decode, colocated = _worker_children(args, model_argv)
     workers = prefill + decode + colocated
     url = f"http://{args.host}:{args.port}"
@@ -238,7 +246,7 @@ def run_stack(args: argparse.Namespace) -> int:
     if args.decode_prefill_max_new_tokens is not None:
         gateway_options += ["--decode-prefill-max-new-tokens", str(args.decode_prefill_max_new_tokens)]
     gateway = Child("gateway", _cli("gateway", "--host", args.host, "--port", str(args.port), "--model", model_dir,
-                                    "--served-model-name", name, *gateway_options, *topology,
+                                    "--served-model-name", *names, *gateway_options, *topology,
                                     *grpc_security_argv(args)))
     stopping = False
 

@@ -86,6 +86,8 @@ class SchedulerConfig:
     """Schedule and launch step N+1 before step N's tokens reach the host, overlapping host work
     with the GPU; tokens are identical either way. Unset (None): on for CUDA, off on CPU, where the
     forward runs on the same cores and there is nothing to overlap."""
+    grammar_compile_timeout_s: float = 30.0
+    """A structured-output request whose grammar has not compiled after this long fails."""
 
     def validate(self) -> None:
         if self.max_num_seqs <= 0:
@@ -94,6 +96,8 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.policy not in ("fcfs", "priority"):
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ConfigError(f"grammar_compile_timeout_s must be positive, got {self.grammar_compile_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,12 @@ def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **overr
     return cls(**values)
 
 
-def dataclass_flags_to_argv(cls, args: argparse.Namespace, prefix: str = "") -> list[str]:
+def dataclass_flags_to_argv(cls, args: argparse.Namespace, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
     """The flags that reproduce `args`' non-default values of `cls` (to pass them to a child process)."""
     argv = []
     for f in fields(cls):
+        if f.name in skip:
+            continue
         value = getattr(args, prefix + f.name, None)
         if f.default is not MISSING and value == f.default:
             continue

@@ -212,7 +212,8 @@ def _write_random_weights(config: dict, path: str) -> None:
 
 
 def served_model_name(model: str | None) -> str:
-    """The name clients use for a model: the demo's fixed name, else the checkpoint dir's basename."""
+    """The name clients use for a model: the demo's fixed name, else `--model` as given (as vLLM
+    serves `vllm serve PATH` under PATH, so clients that pass the same PATH find it)."""
     if model is None:
         return DEMO_MODEL_NAME
-    return os.path.basename(os.path.normpath(model))
+    return model

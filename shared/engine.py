@@ -15,6 +15,8 @@ A request's life in one engine (see request.py for the statuses):
     add_request(kv handle) ─▶ WAITING_FOR_KV ─▶ (KV landed) RUNNING ─▶ ...
                                             └─(failed) WAITING: recomputed here
     WAITING, host tier hit ─▶ WAITING_FOR_KV ─▶ (restored) RUNNING; (failed) WAITING: recomputed
+    add_request(structured outputs) ─▶ WAITING_FOR_GRAMMAR ─(compiled)─▶ WAITING / WAITING_FOR_KV ─▶ ...
+                                            └─(does not compile, timeout) finished, `error` set
 
 Single-threaded: only the thread calling `step()` touches the block pool. Token ids in,
 token ids out; text lives in the layers above (`llm.py`, the gateway).
@@ -31,8 +33,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from splitserve.shared.config import ConfigError, EngineConfig
@@ -41,11 +44,13 @@ from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.connector import CompositeConnector
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
 from splitserve.shared.request import Request, RequestStatus, SessionHint
-from splitserve.shared.runner import PLACEHOLDER, ModelRunner, PendingStep, SampledToken
+from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
+from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
+from splitserve.shared.grammar import BitmaskBuilder, GrammarCompiler, GrammarWaitlist
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +72,18 @@ class KvTransferParams:
     """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
 
 
-@dataclass(slots=True)
-class EngineOutput:
-    """What one step produced for one request (deltas, not totals)."""
+class EngineOutput(msgspec.Struct, array_like=True, gc=False):
+    """What one step produced for one request (deltas, not totals). A msgspec struct: a step's
+    outputs cross from the engine process to the serving process as one msgpack message, and
+    building one is cheaper than a dataclass (this runs for every request every step)."""
 
     request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[float] = field(default_factory=list)
-    new_top_logprobs: list[Sequence[tuple[int, float]]] = field(default_factory=list)
-    new_ranks: list[int] = field(default_factory=list)
+    new_token_ids: list[int] = []
+    new_logprobs: list[float] = []
+    new_top_logprobs: list[Sequence[tuple[int, float]]] = []
+    new_ranks: list[int] = []
+    new_prompt_logprobs: list[SampledToken] = []
+    """Prompt tokens 1.. (requests that asked for prompt logprobs), with the first output token."""
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -83,11 +91,12 @@ class EngineOutput:
     num_cached_tokens: int = 0
     num_recomputed_tokens: int = 0
     kv_bytes_received: int = 0
-    kv_handle: object | None = None
+    kv_handle: KvHandle | None = None
     kv_load_window_ns: tuple[int, int, bool] | None = None
     """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
     error: str | None = None
-    """Set (with finish_reason 'error') when a step failed on this request and aborted it."""
+    """Set when the request failed after it was added: a step failed on it (finish_reason 'error'),
+    or its structured-output grammar does not compile or did not in time (finish_reason 'abort')."""
 
 
 @dataclass
@@ -105,14 +114,22 @@ def _is_device_fault(exc: BaseException) -> bool:
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
+def _collect_prompt_logprobs(req: Request, scored: tuple[int, list[SampledToken]] | None) -> None:
+    """Keep the prompt logprobs a step computed; positions seen before (a preempted request
+    computes its prompt again) are not added twice."""
+    if scored is None:
+        return
+    first_target, entries = scored
+    if req.prompt_logprobs is None:
+        req.prompt_logprobs = []
+    req.prompt_logprobs.extend(entries[len(req.prompt_logprobs) + 1 - first_target:])
 
 
 def _penalised(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
-@dataclass
-class EngineStats:
+class EngineStats(msgspec.Struct, array_like=True):
     num_running: int
     num_waiting: int
     num_loading_kv: int
@@ -168,6 +185,9 @@ class EngineCore:
         self._failed_steps = 0
         if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
             freeze_startup_heap()
+        self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
+                                        config.scheduler.grammar_compile_timeout_s)
+        self._bitmasks = BitmaskBuilder(parts.info.vocab_size, pin_memory=parts.device.type == "cuda")
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -177,7 +197,7 @@ class EngineCore:
         self._validate(request_id, prompt_token_ids)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        eos = frozenset() if params.ignore_eos else self.model_info.eos_token_ids
+        eos = frozenset(self.model_info.eos_token_ids)  # banned below min_tokens even with ignore_eos, as in vLLM
         req = Request(request_id, list(prompt_token_ids), params, max_tokens, eos, priority, kv_transfer=kv_transfer,
                       session=session)
         if params.seed is not None:
@@ -192,7 +212,10 @@ class EngineCore:
         elif kv_transfer is not None and kv_transfer.hold and not self.has_transfer:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.structured_outputs is None:
+            self.scheduler.add(req)
+            return
+        self.grammars.add(req)  # compiled on the compiler's thread; scheduled once it is ready
 
     def _validate(self, request_id: str, prompt_token_ids: list[int]) -> None:
         if request_id in self.requests or request_id in self.held:
@@ -217,6 +240,7 @@ class EngineCore:
         if req is None:
             return False
         self.scheduler.remove(request_id)
+        self.grammars.remove(request_id)
         if req.status is RequestStatus.WAITING_FOR_KV and self.kv.block_ids(request_id):
             # A transfer may still be writing into the blocks: free them only once the connector
             # reports the load ended (load_failed "aborted", or loaded).
@@ -263,6 +287,8 @@ class EngineCore:
     def _step(self) -> list[EngineOutput]:
         outputs: dict[str, EngineOutput] = {}
         self._handle_connector_events(outputs)
+        if self.grammars:
+            self._admit_compiled(outputs)
         if self._inflight is not None and self._needs_exact_history():
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         self.kv.sessions.expire(time.monotonic())
@@ -274,19 +300,50 @@ class EngineCore:
             self.connector.start_load(req.request_id, source, block_ids)
         tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
-            result = self.runner.execute(sched, tables)
-            self._update(sched, result.sampled, outputs)
+            result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
+            self._update(sched, result, outputs)
             self._save_new_blocks()
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
+        # A step with grammar rows launches its forward only: its bitmask needs the previous
+        # step's tokens, so it is sampled (and booked) once those are settled, while the device
+        # still runs the forward.
         previous = self._inflight
-        pending = self.runner.execute_async(sched, tables, previous.pending if previous else None)
-        launched = self._advance(sched)
+        structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
+        pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
+                                            defer_sampling=structured)
+        if not structured:
+            launched = self._advance(sched)
         if previous is not None:
             self._resolve(outputs)
             self._save_new_blocks()
+        if structured:
+            self.runner.sample(pending, self._grammar_bitmask(sched))
+            launched = self._advance(sched)
         self._inflight = InflightStep(pending, launched) if launched else None
         return list(outputs.values())
+
+    # ---- structured outputs -----------------------------------------------------------
+
+    def _admit_compiled(self, outputs: dict[str, EngineOutput]) -> None:
+        """Requests whose grammar is ready join the scheduler; those that cannot have one fail."""
+        ready, failed = self.grammars.poll()
+        for req, message in failed:
+            self._reject(req, message, outputs)
+        for req in ready:
+            self.scheduler.add(req)
+
+    def _reject(self, req: Request, message: str, outputs: dict[str, EngineOutput], reason: str = "abort") -> None:
+        """End a request that cannot go on; 'abort': as given (a 400), 'error': an engine fault."""
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason=reason, error=message)
+
+    def _grammar_bitmask(self, sched: SchedulerOutput):
+        """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
+        grammars = [s.request.grammar for s in sched.scheduled if s.samples]
+        if not any(g is not None for g in grammars):
+            return None
+        return self._bitmasks.build(grammars)
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -294,6 +351,8 @@ class EngineCore:
         launched = []
         for s in sched.scheduled:
             req, samples = s.request, s.samples
+            if self.requests.get(req.request_id) is not req:
+                continue  # a deferred step is booked after the previous one ended this request
             req.num_computed_tokens += s.num_new_tokens
             index = None
             if samples:
@@ -312,6 +371,7 @@ class EngineCore:
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
+            _collect_prompt_logprobs(req, inflight.pending.prompt_logprobs.get(req.request_id))
             if req.num_computed_tokens >= num_computed:  # not preempted since
                 self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
                 self._release_out_of_window(req, num_computed)
@@ -321,14 +381,14 @@ class EngineCore:
             req.set_output(index, token.token_id)
             self._emit(req, token, index + 1, outputs)
 
-    def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken],
-                outputs: dict[str, EngineOutput]) -> None:
+    def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             self._release_out_of_window(req, req.num_computed_tokens)
-            token = sampled.get(req.request_id)
+            _collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
+            token = result.sampled.get(req.request_id)
             if token is not None:
                 req.append_output(token.token_id)
                 self._emit(req, token, len(req.output_token_ids), outputs)
@@ -341,6 +401,12 @@ class EngineCore:
 
     def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
         """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
+        if req.grammar is not None and not req.grammar.accept(token.token_id):
+            # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
+            logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
+            self.scheduler.remove(req.request_id)
+            self._reject(req, f"sampled token {token.token_id} violates the grammar", outputs, "error")
+            return
         out = outputs.get(req.request_id)
         if out is None:  # the common case, built in one call: this runs for every request every step
             out = outputs[req.request_id] = EngineOutput(
@@ -350,6 +416,9 @@ class EngineCore:
             out.new_logprobs.append(token.logprob)
             out.new_top_logprobs.append(token.top_logprobs)
             out.new_ranks.append(token.rank)
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.new_prompt_logprobs.extend(req.prompt_logprobs)
+            req.prompt_logprobs_sent = True
         status = self._stop_status(req, token.token_id, num_outputs)
         hold = req.kv_transfer is not None and req.kv_transfer.hold
         if status is None and not hold:
@@ -396,11 +465,13 @@ class EngineCore:
 
     def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
         min_tokens = req.sampling_params.min_tokens
-        if token_id in req.eos_token_ids and num_outputs > min_tokens:
+        if token_id in req.eos_token_ids and num_outputs > min_tokens and not req.sampling_params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
         if token_id in req.sampling_params.stop_token_ids and num_outputs > min_tokens:
             req.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.terminated:
+            return RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing may follow
         if num_outputs >= req.max_tokens or req.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
@@ -467,6 +538,7 @@ class EngineCore:
         )
 
     def close(self) -> None:
+        self.grammars.compiler.close()
         if self.connector is not None:
             self.connector.close()
 

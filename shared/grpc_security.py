@@ -21,7 +21,10 @@ import grpc
 
 from splitserve.shared.auth import grpc_token, secret_from_args
 
-OPEN_METHODS = frozenset({"/splitserve.v1.Worker/Health"})
+# grpc.health.v1 is what Kubernetes' native gRPC probes call (services/worker/health.py); they
+# cannot send a token.
+OPEN_METHODS = frozenset({"/splitserve.v1.Worker/Health", "/grpc.health.v1.Health/Check",
+                          "/grpc.health.v1.Health/Watch"})
 _HEADER = "authorization"
 
 

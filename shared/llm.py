@@ -96,7 +96,13 @@ class LLM:
         return None, list(prompt)
 
     def _apply(self, step: EngineOutput, streams: dict) -> None:
+        if step.error is not None:  # e.g. a structured-output spec that does not compile
+            for request_id in streams:
+                self.engine.abort_request(request_id)
+            raise ValueError(step.error)
         result, out, detok = streams[step.request_id]
+        if step.new_prompt_logprobs and result.prompt_logprobs is None:  # the same for every child of n
+            result.prompt_logprobs = [None, *(self._prompt_entry(e) for e in step.new_prompt_logprobs)]
         if detok is not None and detok.stopped is not None:
             return
         for j, token_id in enumerate(step.new_token_ids):
@@ -116,9 +122,17 @@ class LLM:
             out.text += detok.finish() if detok is not None else ""
             out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
 
+    def _text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _prompt_entry(self, scored) -> dict[int, Logprob]:
+        entry = {scored.token_id: Logprob(scored.logprob, scored.rank, self._text(scored.token_id))}
+        for rank, (tid, lp) in enumerate(scored.top_logprobs, start=1):
+            entry.setdefault(tid, Logprob(lp, rank, self._text(tid)))
+        return entry
+
     def _logprob_entry(self, step: EngineOutput, j: int, token_id: int) -> dict[int, Logprob]:
-        def text(tid: int) -> str | None:
-            return None if self.tokenizer is None else self.tokenizer.decode([tid])
+        text = self._text
 
         entry = {token_id: Logprob(step.new_logprobs[j], step.new_ranks[j], text(token_id))}
         for rank, (tid, lp) in enumerate(step.new_top_logprobs[j], start=1):

@@ -35,3 +35,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With SamplingParams.prompt_logprobs: None for the first prompt token, then each prompt
+    token's logprob (and the top alternatives), as vLLM returns them."""

@@ -8,6 +8,9 @@ Lifecycle (one scheduling model, no phases: `num_computed_tokens` catches up to 
 
     WAITING_FOR_KV ──KV landed──▶ RUNNING        (remote KV on a decode instance, or host-tier blocks)
           └────load failed──▶ WAITING            (recompute those tokens here)
+
+    WAITING_FOR_GRAMMAR ──compiled──▶ WAITING or WAITING_FOR_KV   (structured outputs; not yet
+          └────does not compile / timed out──▶ finished with an error     in the scheduler)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from splitserve.shared.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     WAITING_FOR_KV = "waiting_for_kv"
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
@@ -48,6 +52,7 @@ class Request:
     max_tokens: int
     """Resolved output limit (sampling max_tokens capped by the context length)."""
     eos_token_ids: frozenset[int] = frozenset()
+    """The model's EOS ids (they end the request unless `ignore_eos`; below min_tokens they are banned)."""
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
@@ -68,6 +73,13 @@ class Request:
     """A keyed session (`prompt_cache_key`): its blocks are retained after it ends."""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: object | None = None
+    """Structured outputs: the request's `RequestGrammar` (shared/grammar.py), advanced with
+    every accepted output token."""
+    prompt_logprobs: list | None = None
+    """`SampledToken`s of prompt tokens 1.. as their steps compute them (when the request asked
+    for prompt logprobs); sent once, with the first output token."""
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).

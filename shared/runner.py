@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from splitserve.shared.cuda_graphs import DecodeGraphs
+from splitserve.shared.grammar import bitmask_width
 from splitserve.shared.model.attention import AttentionMetadata
-from splitserve.shared.sampler import DeviceSample, Sampler, SamplingInput, unpack
+from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
+from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
 
@@ -38,6 +40,9 @@ class SampledToken:
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     """Request id -> the token sampled for it this step (only requests that caught up)."""
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Request id -> (index of the first prompt token scored, their logprobs), for requests
+    that asked for prompt logprobs and had prompt tokens computed this step."""
 
 
 PLACEHOLDER = -1
@@ -52,9 +57,17 @@ class PendingStep:
     sample: DeviceSample | None
     host: torch.Tensor | None = None
     event: object | None = None
+    deferred: tuple[torch.Tensor, list[SamplingInput]] | None = None
+    """(logits [N, V], rows) of a step whose sampling waits for its grammar bitmask."""
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+    """Already on the host (see ModelRunnerOutput)."""
 
     def __post_init__(self) -> None:
-        if self.sample is not None and self.sample.packed.is_cuda:
+        if self.sample is not None:
+            self.start_copy()
+
+    def start_copy(self) -> None:
+        if self.sample.packed.is_cuda:
             # Start the copy to the host now; result() waits only for this event.
             self.host = torch.empty(self.sample.packed.shape, dtype=self.sample.packed.dtype, pin_memory=True)
             self.host.copy_(self.sample.packed, non_blocking=True)
@@ -137,7 +150,11 @@ class ModelRunner:
         logits = run_fake_mixed_step(self.model, num_tokens, self.block_size, self.device)
         from splitserve.shared.sampling_params import SamplingParams
 
-        self.sampler(logits, [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2)
+        rows = [SamplingInput(SamplingParams(temperature=0.0), [0], [], None)] * 2
+        self.sampler(logits, rows)
+        # The grammar bitmask kernel too (Triton), so the first structured request does not compile it.
+        allowed = torch.full((2, bitmask_width(logits.shape[1])), -1, dtype=torch.int32)
+        self.sampler(logits, rows, (allowed, [0, 1]))
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
@@ -146,22 +163,37 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray, bitmask: Bitmask | None = None) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
-        return ModelRunnerOutput(self.execute_async(sched, block_tables).result())
+        pending = self.execute_async(sched, block_tables, defer_sampling=True)
+        self.sample(pending, bitmask)
+        return ModelRunnerOutput(pending.result(), pending.prompt_logprobs)
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, bitmask: Bitmask | None) -> None:
+        """Sample a step launched with `defer_sampling`, under its grammar bitmask."""
+        if pending.deferred is not None:
+            logits, rows = pending.deferred
+            pending.deferred = None
+            pending.sample = self.sampler.sample(logits, rows, bitmask)
+            pending.start_copy()
 
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput, block_tables: np.ndarray,
-                      previous: PendingStep | None = None) -> PendingStep:
+                      previous: PendingStep | None = None, defer_sampling: bool = False) -> PendingStep:
         """Launch one step without waiting for it. Input tokens not known on the host yet
-        (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor."""
+        (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor.
+        With `defer_sampling` only the forward is launched: `sample` finishes the step once the
+        grammar bitmask (which needs the previous step's tokens) is known."""
         if sched.is_empty:
             return PendingStep([], None)
         inputs = self.prepare_inputs(sched, block_tables, previous)
         hidden = self._forward(inputs)  # [T, H]
+        wanted = prompt_rows(sched)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, wanted) if wanted else {}
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
-            return PendingStep([], None)
+            return PendingStep([], None, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         rows = [
             SamplingInput(
@@ -173,7 +205,10 @@ class ModelRunner:
             )
             for r in sampling
         ]
-        return PendingStep([r.request_id for r in sampling], self.sampler.sample(logits, rows))
+        request_ids = [r.request_id for r in sampling]
+        if defer_sampling:
+            return PendingStep(request_ids, None, deferred=(logits, rows), prompt_logprobs=prompt_logprobs)
+        return PendingStep(request_ids, self.sampler.sample(logits, rows), prompt_logprobs=prompt_logprobs)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn

@@ -6,12 +6,16 @@ loops build padded token tensors and draw noise from per-request generators.
 
 Order of processing for the logits `[N, V]`:
 
+0. structured outputs: tokens a row's grammar forbids are set to -inf (a per-row bitmask, applied
+   on the device; rows without a grammar are untouched), as vLLM does before its sampler, so the
+   logprobs below describe the constrained distribution.
 1. logprobs: `log_softmax` of the RAW model logits (before penalties, temperature and filters),
    as vLLM v1 does by default. The sampled token's logprob, its rank and the top-n alternatives
    all come from this distribution, so they describe the model, not the sampling transform.
-2. min_tokens: while `len(output) < min_tokens`, stop_token_ids and eos ids (unless ignore_eos)
-   are set to -inf.
-3. logit_bias: each row's bias added to its token ids' logits (as vLLM v1 does, before penalties).
+2. min_tokens: while `len(output) < min_tokens`, stop_token_ids and eos ids (even with ignore_eos)
+   are set to -inf. Not in rows with a grammar: there the grammar decides where the output ends.
+3. logit_bias: each row's bias added to its token ids' logits (as vLLM v1 does, before penalties;
+   a bias cannot bring back a token the grammar forbids).
 4. penalties: repetition (prompt + output tokens; positive logits divided by p, negative
    multiplied), then frequency (minus p * count in output) and presence (minus p if in output).
 5. greedy rows (temperature 0): argmax (first index on ties).
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.shared.grammar import apply_bitmask
 from splitserve.shared.sampling_params import SamplingParams
 
 
@@ -71,19 +76,27 @@ class DeviceSample:
     """Top-logprob alternatives asked for by each row."""
 
 
+Bitmask = tuple[torch.Tensor, list[int]]
+"""A step's grammar bitmask on the host, int32 [N, ceil(V/32)] (bit t of a row: token t allowed),
+and the rows that carry a grammar (see grammar.BitmaskBuilder)."""
+
+
 class Sampler:
     """Stateless: all per-request state comes in through `SamplingInput`."""
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput], bitmask: Bitmask | None = None) -> SamplerOutput:
         if not rows:
             _check_inputs(logits, rows)
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None, ranks=[])
-        sample = self.sample(logits, rows)
+        sample = self.sample(logits, rows, bitmask)
         return unpack(sample.packed.tolist(), sample.counts)
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> DeviceSample:
-        """Everything on the device, no host sync (the engine's async mode overlaps the next step)."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingInput], bitmask: Bitmask | None = None) -> DeviceSample:
+        """Everything on the device, no host sync (the engine's async mode overlaps the next step).
+        `bitmask`: (host int32 [N, ceil(V/32)], rows it constrains); the logits are masked in place."""
         _check_inputs(logits, rows)
+        if bitmask is not None:
+            apply_bitmask(logits, *bitmask)
         if all(_argmax_only(row) for row in rows):
             # Upcasting is exact, so the argmax of bf16 logits is the argmax of their fp32 copy:
             # skip a full [N, V] conversion pass on the common greedy decode step.
@@ -112,11 +125,11 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
     row_index: list[int] = []
     token_index: list[int] = []
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
+        if len(row.output_token_ids) >= row.params.min_tokens or row.params.structured_outputs is not None:
             continue
+        # EOS is banned even with ignore_eos (vLLM counts it among the stop ids min_tokens holds back).
         banned = set(row.params.stop_token_ids)
-        if not row.params.ignore_eos:
-            banned.update(row.eos_token_ids)
+        banned.update(row.eos_token_ids)
         banned = {t for t in banned if t < logits.shape[1]}  # ids past the vocab cannot be sampled
         row_index.extend([i] * len(banned))
         token_index.extend(sorted(banned))

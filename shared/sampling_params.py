@@ -17,9 +17,12 @@ the seed), so no value can overflow a C type on its way to the engine; every flo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
+
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -70,8 +73,11 @@ class SamplingParams:
                                    ge=1, le=INT32_MAX)
     min_tokens: int = param("Tokens to generate before eos or stop_token_ids may end the output.", 0,
                             ge=0, le=INT32_MAX)
-    stop: list[str] = param("Stop strings, matched on detokenized text and never included in the output.",
-                            default_factory=list, wire=False, openai_type=str | list[str] | None)
+    stop: list[str] = param("Stop strings, matched on detokenized text; left out of the output unless "
+                            "include_stop_str_in_output.", default_factory=list, wire=False,
+                            openai_type=str | list[str] | None)
+    include_stop_str_in_output: bool = param("Keep the stop string that ended the output at its end (vLLM's).", False,
+                                             wire=False)
     stop_token_ids: list[int] = param("Token ids that end the output (the id is returned as stop_reason).",
                                       default_factory=list, item_ge=0, item_le=INT32_MAX)
     ignore_eos: bool = param("Keep generating past the model's end-of-sequence tokens.", False)
@@ -80,7 +86,14 @@ class SamplingParams:
     logit_bias: dict[int, float] = param("Added to the logits of these token ids before penalties, temperature and "
                                          "filters (OpenAI's range: -100 bans, 100 forces).", default_factory=dict,
                                          ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, item_ge=0, item_le=INT32_MAX)
+    prompt_logprobs: int | None = param("Return each prompt token's logprob (from the second on) plus this many top "
+                                        "alternatives, as vLLM does; such a request reads nothing from the prefix "
+                                        "cache, so every position is computed.", None, ge=0, le=MAX_LOGPROBS,
+                                        openai=False)
     skip_special_tokens: bool = param("Leave special tokens out of the returned text.", True, wire=False)
+    structured_outputs: StructuredOutputsParams | None = param(
+        "Constrain the output to a JSON schema, regex, choice list or grammar (shared/grammar.py).", None,
+        openai=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -104,6 +117,8 @@ class SamplingParams:
         """Raise ValueError naming the first invalid field."""
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name), spec_of(f), FIELD_TYPES[f.name])
+        if self.n > 1 and self.greedy:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n} (as in vLLM)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not all(self.stop):
@@ -149,6 +164,10 @@ def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typi
 
 def _check_scalar(name: str, value: typing.Any, kind: type, ge: float | None, gt: float | None,
                   le: float | None) -> None:
+    if dataclasses.is_dataclass(kind):  # a structured value checks itself on construction
+        if not isinstance(value, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        return
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be a boolean, got {value!r}")

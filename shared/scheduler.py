@@ -162,7 +162,9 @@ class Scheduler:
                 if not self._start_kv_load(req, out):
                     return
                 continue
-            looked_up = not self.kv.block_table(req.request_id) and req.num_computed_tokens == 0
+            # Prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
+            looked_up = (not self.kv.block_table(req.request_id) and req.num_computed_tokens == 0
+                         and req.sampling_params.prompt_logprobs is None)
             if looked_up:  # counted in the hit rate only once the request is admitted below
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, record_stats=False)
             else:

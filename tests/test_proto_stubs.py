@@ -117,6 +117,20 @@ def test_engine_output_becomes_chunk_and_back() -> None:
     assert (chunk.finish_reason, chunk.stop_token_id, chunk.kv_bytes_received) == ("stop", 6, 1024)
 
 
+def test_prompt_logprobs_cross_chunks_and_prefill_responses() -> None:
+    scored = [SimpleNamespace(token_id=8, logprob=-2.5, rank=3, top_logprobs=[(1, -0.1), (4, -0.7)])]
+    out = SimpleNamespace(request_id="r", new_token_ids=[5], new_logprobs=[-0.5], new_ranks=[1],
+                          new_top_logprobs=[[]], new_prompt_logprobs=scored, finished=True, finish_reason="length",
+                          stop_reason=None, num_prompt_tokens=2, num_cached_tokens=0, kv_bytes_received=0,
+                          num_recomputed_tokens=0, kv_handle=None)
+    expected = [(8, -2.5, 3, [(1, -0.1), (4, -0.7)])]
+    assert convert.chunk_from_proto(convert.engine_output_to_chunk(out)).prompt_logprobs == expected
+    assert convert.chunk_from_prefill_response(convert.engine_output_to_prefill_response(out)).prompt_logprobs == expected
+    params = convert.sampling_params_from_proto(convert.sampling_params_to_proto(
+        SamplingParams(temperature=0.0, prompt_logprobs=3)))
+    assert params.prompt_logprobs == 3
+
+
 def test_prefill_output_without_handle_must_be_finished() -> None:
     out = SimpleNamespace(request_id="r", new_token_ids=[5], new_logprobs=[-0.5], new_ranks=[1],
                           new_top_logprobs=[[]], finished=False, finish_reason=None, stop_reason=None,

@@ -2,7 +2,8 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
     POST /v1/responses                                (the Responses API; stream: typed SSE events)
-    GET  /v1/models, GET /health, GET /metrics
+    GET  /health (ready: workers to route to), GET /livez (alive), GET /metrics
+    GET  /v1/models[/{model}], POST /tokenize, POST /detokenize, GET /version, /ping (utility_routes.py)
 
 A request: API key and body size (`_RequestGuard`, before the body is parsed) -> model check ->
 admission slot -> prepare (validate, tokenize: prepare.py) -> one worker request per choice
@@ -32,19 +33,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from splitserve.services.gateway.admission import AdmissionQueue
 from splitserve.services.gateway.completion import choice_streams, merge_streams
 from splitserve.services.gateway.config import GatewayConfig
+from splitserve.services.gateway.discovery import Discovery
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.openai_protocol import (
     APIError, body_too_large, install_error_handlers, model_not_found, service_unavailable, to_api_error,
     unauthorized)
 from splitserve.services.gateway.prepare import (
-    PrepareContext, PreparedRequest, longest_token_chars, prepare_chat, prepare_completion, text_chars)
+    PrepareContext, PreparedRequest, longest_token_chars, name_after_client, prepare_chat, prepare_completion,
+    text_chars)
 from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.responses import SSE_DONE, ResponseBuilder, sse_event
 from splitserve.services.gateway.responses_input import ResponseStore, chat_request, previous_conversation
 from splitserve.services.gateway.responses_output import ResponsesBuilder
 from splitserve.services.gateway.responses_protocol import ResponsesRequest
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
+from splitserve.services.gateway.utility_routes import add_utility_routes
 from splitserve.services.gateway.worker_client import WorkerClient
 from splitserve.shared.grpc_security import GrpcSecurity
 from splitserve.shared.tokenizer import load_tokenizer
@@ -52,7 +56,7 @@ from splitserve.shared.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 _COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health",
-                            "/metrics"})
+                            "/metrics", "/tokenize", "/detokenize"})
 LONG_TEXT_CHARS = 32768
 """Requests with more text than this are tokenized on their own thread (`GatewayState`)."""
 
@@ -73,6 +77,13 @@ class GatewayState:
     (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
     max_token_chars: int = 1
     response_store: ResponseStore | None = None  # /v1/responses kept for previous_response_id
+
+    def resolve_model(self, model: str | None) -> str:
+        """The name responses carry for a request's `model`: the first served name, whichever
+        served name (or none) the request gave, as vLLM answers; 404 for any other."""
+        if model is not None and model != self.config.served_model_name and model not in self.config.served_model_aliases:
+            raise model_not_found(model)
+        return self.config.served_model_name
 
     def max_model_len(self) -> int:
         value = self.config.max_model_len or self.router.max_model_len() or _checkpoint_max_len(self.config.model_dir)
@@ -104,20 +115,26 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        clients = {i.url: WorkerClient(i.url, client_interceptors, session_window=config.session_window,
-                                       security=security)
-                   for i in state.router.instances}
+        def make_client(url: str) -> WorkerClient:
+            return WorkerClient(url, client_interceptors, session_window=config.session_window, security=security)
+
+        clients = {i.url: make_client(i.url) for i in state.router.instances}
         state.dispatcher = Dispatcher(state.router, clients, state.metrics, prefill_timeout_s=config.prefill_timeout_s,
                                       generate_timeout_s=config.generate_timeout_s,
                                       abort_timeout_s=config.abort_timeout_s)
+        discovery = Discovery(state.router, clients, make_client, config.dns_targets(), config.discovery_timeout_s)
+        await discovery.refresh_once()
         await poll_once(state.router, clients, config.load_rpc_timeout_s)
-        poller = asyncio.create_task(poll_loads(state.router, clients, config.load_poll_interval_s,
-                                                config.load_rpc_timeout_s, config.stalled_after_polls))
+        tasks = [asyncio.create_task(poll_loads(state.router, clients, config.load_poll_interval_s,
+                                                config.load_rpc_timeout_s, config.stalled_after_polls))]
+        if discovery.targets:
+            tasks.append(asyncio.create_task(discovery.run(config.discovery_interval_s)))
         try:
             yield
         finally:
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await state.dispatcher.drain()
             await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
@@ -128,6 +145,7 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
     app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=config.limits.max_request_body_bytes)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
     _add_routes(app, state)
+    add_utility_routes(app, state)
     return app
 
 
@@ -147,19 +165,19 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
         return await _serve(state, chat, prepare_chat, request, lambda prep: ResponsesBuilder(
             prep, body, conversation, state.response_store, state.tokenizer))
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        max_len = state.config.max_model_len or state.router.max_model_len()
-        return {"object": "list", "data": [{"id": state.config.served_model_name, "object": "model",
-                                            "created": 0, "owned_by": "splitserve", "max_model_len": max_len}]}
-
     @app.get("/health")
     async def health() -> JSONResponse:
         # Names and states only: addresses and error text are internal (they are in the logs).
-        workers = [{"name": i.name, "role": i.role, "healthy": i.healthy} for i in state.router.instances]
+        workers = [{"name": i.name, "role": i.role, "healthy": i.routable()} for i in state.router.instances]
         ready = state.router.is_ready()
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers, "pid": os.getpid()},
                             status_code=200 if ready else 503)
+
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # Liveness: this process's event loop answers. Unlike /health it does not depend on the
+        # workers, so an orchestrator does not restart a gateway because its workers are down.
+        return JSONResponse({"status": "alive", "pid": os.getpid()})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -178,13 +196,13 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
                  prepare: Callable[..., PreparedRequest], request: Request,
                  make_builder: Callable[[PreparedRequest], Any] | None = None) -> Response:
     """Run one OpenAI request; `make_builder` formats its output (default: completions / chat)."""
-    if body.model != state.config.served_model_name:
-        raise model_not_found(body.model)
+    body.model = state.resolve_model(body.model)
     slot = contextlib.AsyncExitStack()
     await slot.enter_async_context(state.admission.admit())
     try:
         pool = state.long_tokenize_pool if text_chars(body) > LONG_TEXT_CHARS else state.tokenize_pool
         prep = await asyncio.get_running_loop().run_in_executor(pool, prepare, body, state.prepare_context())
+        name_after_client(prep, request.headers.get("x-request-id"))
         state.router.route(prep.prompts[0])  # fail with 503 now, not inside a 200 stream, if nothing is routable
         builder = make_builder(prep) if make_builder is not None else ResponseBuilder(prep, state.tokenizer)
         streams = choice_streams(prep, state.tokenizer, state.dispatcher, state.metrics)
@@ -195,7 +213,11 @@ async def _serve(state: GatewayState, body: CompletionRequest | ChatCompletionRe
         # The slot is released when the body ends (before the last byte goes out, so a client that
         # read [DONE] finds it free) and, idempotently, when the response closes (the body may
         # never start if the client hangs up at once).
-        return _SSEResponse(_sse_body(state, prep, builder, streams, slot), on_close=slot.aclose)
+        # A structured request's spec is compiled by the worker: hold the status line until the
+        # first event, so a spec that does not compile is a 400 rather than an error inside a 200.
+        hold = prep.params.structured_outputs is not None
+        return _SSEResponse(_sse_body(state, prep, builder, streams, slot, hold), on_close=slot.aclose,
+                            hold_headers=hold)
     async with slot:
         if not await until_disconnect(_collect(builder, streams), request.receive):
             return Response(status_code=499)  # nobody reads it: the worker calls are cancelled
@@ -226,22 +248,27 @@ async def until_disconnect(work: Awaitable[Any], receive) -> bool:
 
 
 async def _sse_body(state: GatewayState, prep: PreparedRequest, builder, streams,
-                    slot: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+                    slot: contextlib.AsyncExitStack, raise_before_first: bool) -> AsyncIterator[bytes]:
     async with slot:
-        async for event in _sse_events(state, prep, builder, streams):
+        async for event in _sse_events(state, prep, builder, streams, raise_before_first):
             yield event
 
 
-async def _sse_events(state: GatewayState, prep: PreparedRequest, builder, streams) -> AsyncIterator[bytes]:
+async def _sse_events(state: GatewayState, prep: PreparedRequest, builder, streams,
+                      raise_before_first: bool = False) -> AsyncIterator[bytes]:
+    started = False
     try:
         async for delta in merge_streams(streams):
             builder.add(delta)
+            started = True
             for event in builder.sse_chunks(delta):
                 yield event
         for event in builder.sse_closing():
             yield event
         state.metrics.e2e_s.observe(time.monotonic() - prep.arrival_s)
     except Exception as exc:  # the status line is sent: report the failure in-band
+        if raise_before_first and not started:
+            raise  # the status line is still held (see _SSEResponse): answer with the error itself
         error = to_api_error(exc)
         if error is None:
             logger.exception("unexpected failure while streaming %s", prep.request_id)
@@ -260,10 +287,30 @@ class _SSEResponse(StreamingResponse):
     stream at once, and with it the worker calls.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[Any]],
+                 hold_headers: bool = False) -> None:
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._hold_headers = hold_headers
+
+    async def stream_response(self, send) -> None:
+        """With `hold_headers`, the status line waits for the first event; a failure before it
+        is answered as the plain OpenAI error response it maps to."""
+        if not self._hold_headers:
+            return await super().stream_response(send)
+        try:
+            first = await anext(aiter(self.body_iterator), b"")
+        except Exception as exc:
+            error = to_api_error(exc)
+            if error is None:
+                raise
+            return await _send_error(send, error)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
         try:

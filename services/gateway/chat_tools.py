@@ -23,6 +23,7 @@ from splitserve.services.gateway.request_models import ChatCompletionRequest, Ch
 from splitserve.services.gateway.tool_parsers import TOOL_PARSERS, ToolParser
 from splitserve.services.gateway.tool_parsers.forced import NamedCallParser, RequiredCallsParser
 from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "splitserve_probe_tool", "description": "probe",
                                                 "parameters": {"type": "object", "properties": {}}}}
@@ -97,11 +98,6 @@ def constrained(params: SamplingParams, use: ToolUse) -> SamplingParams:
     """`params` with decoding constrained to `use.schema` (structured outputs), if it has one."""
     if use.schema is None:
         return params
-    try:
-        from splitserve.shared.sampling_params import StructuredOutputsParams
-    except ImportError:  # the grammar-constrained sampler is not in this build yet
-        raise bad_request(f"tool_choice {use.mode!r} needs structured outputs (decoding constrained to the "
-                          "call's JSON schema), which this server does not have yet", "tool_choice") from None
     return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=use.schema))
 
 

@@ -29,8 +29,9 @@ from splitserve.shared.tokenizer import IncrementalDetokenizer
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    """None for an echoed prompt's first token (nothing precedes it)."""
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ChoiceDelta:
     num_cached_tokens: int = 0
     """On the final delta: prompt tokens served from a cache (usage.prompt_tokens_details)."""
     token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    """On a choice's first delta when prompt logprobs were asked for: (token id, logprob, rank,
+    top alternatives) of prompt tokens 1.. (see TokenChunk)."""
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -58,15 +62,20 @@ class ChoiceStream:
         self.index, self.prep, self.prompt = index, prep, prompt
         self.dispatcher, self.metrics = dispatcher, metrics
         params = prep.params
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens, params.stop)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens, params.stop,
+                                                  params.include_stop_str_in_output)
         # Text kept with its special tokens (tool-call markers) still does not show the special
         # token that ended the output (EOS), as in vLLM.
         self._hidden_stop_ids = frozenset() if params.skip_special_tokens else frozenset(tokenizer.all_special_ids)
+        # best_of ranks candidates by their logprobs: ask for them even if the client did not.
+        logprobs = 0 if prep.best_of_n is not None and params.logprobs is None else params.logprobs
+        self.collect_logprobs = logprobs is not None
         # Choice index = prompt index * n + k; choice k gets seed + k (distinct, reproducible).
-        worker_params = replace(params.for_choice(index % params.n), stop=[])
+        worker_params = replace(params.for_choice(index % params.n), stop=[], logprobs=logprobs)
         suffix = f"-{index}" if prep.num_choices > 1 else ""
-        self.worker_request = WorkerRequest(f"{prep.request_id}{suffix}", prompt, worker_params, prep.priority,
+        self.worker_request = WorkerRequest(f"{prep.worker_request_id}{suffix}", prompt, worker_params, prep.priority,
                                             prep.session)
+        self.echo_text = prep.echo_texts[index // params.n] if prep.echo_texts is not None else None
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         last_token_s: float | None = None
@@ -78,13 +87,15 @@ class ChoiceStream:
                 self._observe_latency(now, last_token_s, len(chunk.token_ids))
                 last_token_s = now
                 delta = self._delta(chunk)
+                if self.echo_text is not None:
+                    self._echo(delta)
                 delta.num_tokens += len(held_ids)
                 delta.token_ids = held_ids + delta.token_ids
                 if delta.finish_reason is not None:
                     self._observe_final(chunk)
                     yield delta
                     return  # closing `tokens` cancels the worker call when a stop string ended us
-                if delta.text or delta.logprobs:
+                if delta.text or delta.logprobs or delta.prompt_logprobs:
                     held_ids = []
                     yield delta
                 else:
@@ -92,6 +103,17 @@ class ChoiceStream:
         finally:
             await tokens.aclose()
         raise service_unavailable(f"worker stream for {self.worker_request.request_id} ended without a finish reason")
+
+    def _echo(self, delta: ChoiceDelta) -> None:
+        """Put the prompt (and with logprobs, its tokens' logprobs) before the choice's first text."""
+        if self.prep.echo_only:
+            delta.text, delta.logprobs = "", []
+        if self.prep.params.logprobs is not None:
+            prompt = [TokenLogprob(self.prompt[0], None, None)]
+            prompt += [TokenLogprob(t, lp, top) for t, lp, _, top in delta.prompt_logprobs or []]
+            delta.logprobs = prompt + delta.logprobs
+        delta.text = self.echo_text + delta.text
+        self.echo_text = None
 
     def _delta(self, chunk) -> ChoiceDelta:
         token_ids = chunk.token_ids
@@ -106,11 +128,12 @@ class ChoiceStream:
         elif chunk.finish_reason is not None:
             finish, stop_reason = chunk.finish_reason, chunk.stop_token_id
         logprobs = []
-        if self.prep.params.logprobs is not None:
+        if self.collect_logprobs:
             tops = chunk.top_logprobs or [[] for _ in chunk.token_ids]
             logprobs = [TokenLogprob(t, lp, top) for t, lp, top in zip(chunk.token_ids, chunk.logprobs, tops)]
         return ChoiceDelta(self.index, text, len(chunk.token_ids), logprobs, finish, stop_reason,
-                           chunk.num_cache_hit_tokens if finish is not None else 0, list(chunk.token_ids))
+                           chunk.num_cache_hit_tokens if finish is not None else 0, list(chunk.token_ids),
+                           prompt_logprobs=chunk.prompt_logprobs or None)
 
     def _observe_latency(self, now: float, last_token_s: float | None, num_tokens: int) -> None:
         if last_token_s is None:

@@ -78,9 +78,12 @@ class GatewayConfig:
     model_dir: str
     """Checkpoint directory whose tokenizer (and chat template) the gateway uses."""
     served_model_name: str
-    """The `model` name clients send and /v1/models lists."""
+    """The `model` name clients send, /v1/models lists first and every response names."""
+    served_model_aliases: tuple[str, ...] = ()
+    """Further names accepted for the model (vLLM's further --served-model-name values)."""
     prefill_urls: tuple[str, ...] = ()
-    """Prefill workers (`host:port`); used together with `decode_urls`."""
+    """Prefill workers (`host:port`, or `dns:///NAME:PORT` for every address NAME resolves to, kept
+    up to date: see discovery.py); used together with `decode_urls`."""
     decode_urls: tuple[str, ...] = ()
     worker_urls: tuple[str, ...] = ()
     """Colocated workers (both phases in one process)."""
@@ -101,6 +104,10 @@ class GatewayConfig:
     stalled_after_polls: int = 3
     """A worker that misses this many load polls in a row is stalled: its open calls are ended
     (their requests fail over if nothing was streamed yet, else end with an error)."""
+    discovery_interval_s: float = 5.0
+    """How often `dns:` worker addresses are resolved again (pods come and go)."""
+    discovery_timeout_s: float = 2.0
+    """A DNS lookup that takes longer fails; the workers it found before are kept."""
     prefill_timeout_s: float = 600.0
     """Deadline of one Prefill call (queueing included)."""
     generate_timeout_s: float = 3600.0
@@ -129,6 +136,7 @@ class GatewayConfig:
         if not (self.prefill_urls or self.worker_urls):
             raise GatewayConfigError("no workers: give prefill_urls + decode_urls, or worker_urls")
         self.limits.validate()
+        self.dns_targets()  # raises on a malformed dns: address
         for name in ("max_inflight_requests", "affinity_blocks", "default_block_size",
                      "stalled_after_polls"):
             if getattr(self, name) < 1:
@@ -139,9 +147,20 @@ class GatewayConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise GatewayConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
         for name in ("queue_timeout_s", "load_poll_interval_s", "load_rpc_timeout_s", "prefill_timeout_s",
-                     "generate_timeout_s", "abort_timeout_s"):
+                     "generate_timeout_s", "abort_timeout_s", "discovery_interval_s", "discovery_timeout_s"):
             if getattr(self, name) <= 0:
                 raise GatewayConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def dns_targets(self) -> list:
+        """The `dns:` worker addresses, parsed (DnsTarget)."""
+        from splitserve.services.gateway.discovery import DnsTarget, is_dns_url
+
+        try:
+            return [DnsTarget.parse(url, role) for role, urls in
+                    (("prefill", self.prefill_urls), ("decode", self.decode_urls), ("colocated", self.worker_urls))
+                    for url in urls if is_dns_url(url)]
+        except ValueError as exc:
+            raise GatewayConfigError(str(exc)) from None
 
 
 def add_api_key_arg(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
 from opentelemetry import trace
 
 from splitserve.services.gateway.metrics import GatewayMetrics
@@ -101,7 +102,9 @@ class Dispatcher:
                 self.abort_in_background(prefill, req.request_id)
 
     async def _stream(self, instance: Instance, req: WorkerRequest, prefill_result) -> AsyncIterator[TokenChunk]:
-        client = self.clients[instance.url]
+        client = self.clients.get(instance.url)
+        if client is None:  # discovery dropped it while the prompt was on a prefill instance
+            raise WorkerError(instance.url, "Generate", grpc.StatusCode.UNAVAILABLE, "the worker left discovery")
         with self.router.track(instance, 0 if prefill_result else len(req.prompt_token_ids)):
             stream = client.generate(req, self.generate_timeout_s, prefill_result)
             try:
@@ -132,8 +135,11 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
     async def _abort(self, instance: Instance, request_id: str) -> None:
+        client = self.clients.get(instance.url)
+        if client is None:  # gone from discovery: its KV lease frees what it held
+            return
         try:
-            await self.clients[instance.url].abort(request_id, self.abort_timeout_s)
+            await client.abort(request_id, self.abort_timeout_s)
         except WorkerError as exc:
             logger.info("abort of %s on %s failed: %s", request_id, instance.url, exc)
 

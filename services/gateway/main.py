@@ -37,29 +37,37 @@ from splitserve.shared.grpc_security import add_grpc_security_args, grpc_securit
 
 logger = logging.getLogger(__name__)
 
+_NOT_FLAGS = ("model_dir", "limits", "agent_api", "served_model_name", "served_model_aliases")
+"""GatewayConfig fields not generated as flags: set from --model and --served-model-name (vLLM's
+flags, the latter taking several names) or from RequestLimits' own flags."""
+
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="checkpoint dir for the tokenizer (default: the demo checkpoint)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="names clients use for the model; the first is the one responses name "
+                             "(default: --model as given, or splitserve-demo)")
     parser.add_argument("--processes", type=int, default=1,
                         help="gateway processes sharing the port (SO_REUSEPORT); admission limits apply to each")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the N processes
     add_api_key_arg(parser)
-    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=("model_dir", "limits", "agent_api"))
+    add_dataclass_flags(parser, GatewayConfig, "gateway options", skip=_NOT_FLAGS)
     add_dataclass_flags(parser, RequestLimits, "request limits")
     add_dataclass_flags(parser, AgentApiConfig, "tools, reasoning and the Responses API")
     add_grpc_security_args(parser)
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """Served name: --served-model-name, else 'splitserve-demo' for the demo checkpoint, else the dir's name."""
+    """Served names: --served-model-name, else 'splitserve-demo' for the demo checkpoint, else
+    --model as given (vLLM's rule)."""
     from splitserve.shared.demo import ensure_demo_checkpoint, served_model_name
 
-    served = getattr(args, "served_model_name", None) or served_model_name(args.model)
+    names = getattr(args, "served_model_name", None) or [served_model_name(args.model)]
     model_dir = args.model if args.model is not None else ensure_demo_checkpoint()  # built on first use
-    config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=served,
-                                 limits=dataclass_from_args(RequestLimits, args),
+    config = dataclass_from_args(GatewayConfig, args, model_dir=model_dir, served_model_name=names[0],
+                                 served_model_aliases=tuple(names[1:]), limits=dataclass_from_args(RequestLimits, args),
                                  agent_api=dataclass_from_args(AgentApiConfig, args))
     config.validate()
     return config
@@ -121,8 +129,9 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="splitserve-gateway-metrics-")
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
-            "--model", config.model_dir, "--served-model-name", config.served_model_name, "--processes", "1", "--reuse-port",
-            *dataclass_flags_to_argv(GatewayConfig, args), *dataclass_flags_to_argv(RequestLimits, args),
+            "--model", config.model_dir, "--served-model-name", config.served_model_name, *config.served_model_aliases,
+            "--processes", "1", "--reuse-port",
+            *dataclass_flags_to_argv(GatewayConfig, args, skip=_NOT_FLAGS), *dataclass_flags_to_argv(RequestLimits, args),
             *dataclass_flags_to_argv(AgentApiConfig, args), *grpc_security_argv(args)]
     stopping = False
 

@@ -79,14 +79,18 @@ def to_api_error(exc: BaseException) -> APIError | None:
         return exc
     if isinstance(exc, AdmissionRejected):
         return rate_limited(exc.retry_after_s, str(exc))
+    # Worker addresses and their error text stay in the gateway's log: a client learns the kind of
+    # failure, never the internal topology.
     if isinstance(exc, NoHealthyWorker):
-        return service_unavailable(str(exc))
+        logger.warning("%s", exc)
+        return service_unavailable(f"no healthy {exc.role} worker is available; try again later")
     if isinstance(exc, WorkerError):
         if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-            return bad_request(exc.details)
+            return bad_request(exc.details)  # the worker's verdict on this request's own content
+        logger.warning("%s", exc)
         if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return rate_limited(1, f"worker {exc.url} is at capacity: {exc.details}")
-        return service_unavailable(str(exc))
+            return rate_limited(1, "the workers are at capacity; try again later")
+        return service_unavailable(f"a worker failed while serving the request ({exc.code.name}); try again")
     return None
 
 

@@ -6,8 +6,10 @@
                                          without tokenizing it
     chat                                 messages -> chat template -> token ids
     SamplingParams                       the table's fields by name (shared/sampling_params.py)
-    context                              prompt + max_tokens within max_model_len, token ids in the
-                                         vocabulary
+    context                              the prompt leaves room, max_tokens <= max_model_len (prompt +
+                                         max_tokens past it stops at the context's end, as vLLM),
+                                         token ids in the vocabulary
+    vLLM's extras                        max_tokens 16 for completions, echo, best_of, X-Request-Id
 
 Runs on a tokenizer thread, not the event loop (app.py). Torch-free.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitserve.services.gateway.chat_output import OutputSpec
@@ -26,6 +28,7 @@ from splitserve.services.gateway.chat_tools import (
 from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
 from splitserve.services.gateway.openai_protocol import bad_request
 from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
+from splitserve.services.gateway.structured_outputs import structured_outputs_spec
 from splitserve.services.gateway.request_models import (
     RETENTION_S, ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
 from splitserve.shared.request import SessionHint
@@ -78,6 +81,16 @@ class PreparedRequest:
     session: SessionHint | None = None
     """prompt_cache_key and its retention (see request_models.RETENTION_S)."""
     return_token_ids: bool = False
+    response_role: str = "assistant"
+    """Chat: the role of the answer (the last message's without a generation prompt, as vLLM)."""
+    echo_texts: list[str] | None = None
+    """Completions with echo: each prompt's text, returned before its completion."""
+    echo_only: bool = False
+    """echo with max_tokens 0: one token is generated (and counted, as vLLM does) but not returned."""
+    best_of_n: int | None = None
+    """best_of > n: `params.n` candidates run per prompt and the best `best_of_n` are returned."""
+    worker_request_id: str = ""
+    """Base of the worker requests' ids (unique even when clients reuse an X-Request-Id)."""
     created: int = field(default_factory=lambda: int(time.time()))
     arrival_s: float = field(default_factory=time.monotonic)
 
@@ -86,11 +99,55 @@ class PreparedRequest:
         return len(self.prompts) * self.params.n
 
 
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's and vLLM's max_tokens for a completion that gives none (chat: up to the context)."""
+
+
 def prepare_completion(body: CompletionRequest, ctx: PrepareContext) -> PreparedRequest:
     check_request(body, ctx)
     prompts = _completion_prompts(body.prompt, ctx)
-    params = _sampling_params(body, body.max_tokens, body.logprobs)
-    return _prepared("completion", "cmpl", body, prompts, params, ctx)
+    max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with echo)", "max_tokens")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs are not available when streaming (use echo with logprobs)", "prompt_logprobs")
+    # vLLM: echo with logprobs returns the prompt's logprobs too.
+    prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs if body.echo else None
+    params = _sampling_params(body, max(max_tokens, 1), body.logprobs, prompt_logprobs=prompt_logprobs)
+    prep = _prepared("completion", "cmpl", body, prompts, params, ctx)
+    if body.echo:
+        prep.echo_texts = _prompt_texts(body.prompt, prompts, ctx.tokenizer)
+        prep.echo_only = max_tokens == 0
+    _apply_best_of(prep, body.best_of, body.stream, ctx.limits.max_n)
+    return prep
+
+
+def _prompt_texts(prompt: str | list, prompts: list[list[int]], tokenizer: Any) -> list[str]:
+    """The text echoed for each prompt: as given, or its tokens decoded."""
+    given = [prompt] if isinstance(prompt, str) else prompt
+    if len(given) != len(prompts):  # one prompt of token ids
+        given = [None]
+    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            for p, ids in zip(given, prompts)]
+
+
+def _apply_best_of(prep: PreparedRequest, best_of: int | None, stream: bool, max_n: int) -> None:
+    """best_of > n runs best_of candidates. Below n, or greedy (every candidate is the same), there
+    is nothing to choose and n choices come back, as vLLM 0.32 answers."""
+    if best_of is None or best_of <= prep.params.n or prep.params.greedy:
+        return
+    if stream:
+        raise bad_request("best_of cannot be used with stream: the best choices are known only at the end", "best_of")
+    _at_most("best_of", best_of, max_n, "--max-n")
+    prep.best_of_n = prep.params.n
+    prep.params = replace(prep.params, n=best_of)
+
+
+def name_after_client(prep: PreparedRequest, client_request_id: str | None) -> None:
+    """vLLM names the response after the client's X-Request-Id; worker ids stay unique regardless."""
+    if client_request_id:
+        prep.request_id = f"{prep.request_id.split('-', 1)[0]}-{client_request_id}"
+        prep.worker_request_id = f"{prep.request_id}-{uuid.uuid4().hex[:8]}"
 
 
 def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRequest:
@@ -116,6 +173,7 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
         params.skip_special_tokens = False  # the call markers are special tokens
     prep = _prepared("chat", "chatcmpl", body, [prompt], constrained(params, use), ctx)
     prep.output = output
+    prep.response_role = "assistant" if body.add_generation_prompt else body.messages[-1].role
     return prep
 
 
@@ -192,12 +250,15 @@ def _completion_prompts(prompt: str | list, ctx: PrepareContext) -> list[list[in
     return prompts
 
 
-def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Every sampling field the request set (null: the dataclass default), by its table name."""
+def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None,
+                     **endpoint_fields: Any) -> SamplingParams:
+    """Every sampling field the request set (null: the dataclass default), by its table name;
+    `endpoint_fields`: the fields an endpoint maps itself (openai=False in the table)."""
     given = {name: getattr(body, name) for name, _ in sampling_fields(openai=True)}
     given = {name: value for name, value in given.items() if value is not None}
     try:
-        return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs})
+        return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs, **endpoint_fields,
+                                 "structured_outputs": structured_outputs_spec(body)})
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
 
@@ -206,9 +267,12 @@ def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[l
               ctx: PrepareContext) -> PreparedRequest:
     for prompt in prompts:
         check_prompt(prompt, params.max_tokens, ctx.max_model_len, ctx.vocab_size)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options can only be given with stream=true", "stream_options")
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    return PreparedRequest(kind, f"{id_prefix}-{uuid.uuid4().hex}", body.model, prompts, params, body.stream,
-                           include_usage, body.priority, session=_session(body),
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    return PreparedRequest(kind, request_id, body.model, prompts, params, body.stream, include_usage, body.priority,
+                           worker_request_id=request_id, session=_session(body),
                            return_token_ids=body.return_token_ids)
 
 
@@ -222,7 +286,9 @@ def _session(body: GenerationFields) -> SessionHint | None:
 
 
 def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: int, vocab_size: int) -> None:
-    """400 unless the prompt's tokens exist and prompt + max_tokens fit the context."""
+    """400 unless the prompt's tokens exist, the prompt leaves room for a token and max_tokens
+    fits the context. Like vLLM, prompt + max_tokens past the context is no error: generation
+    stops at the context's end (finish_reason "length")."""
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
@@ -230,8 +296,6 @@ def check_prompt(prompt: Sequence[int], max_tokens: int | None, max_model_len: i
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt has {len(prompt)} "
             f"tokens (at least one token must be generated). Shorten the prompt.", "prompt")
-    if max_tokens is not None and len(prompt) + max_tokens > max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in the completion). "
-            f"Reduce the prompt or max_tokens.", "max_tokens")
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise bad_request(f"max_tokens={max_tokens} cannot be greater than this model's maximum context length "
+                          f"({max_model_len} tokens). Request fewer output tokens.", "max_tokens")

@@ -8,8 +8,8 @@ is what belongs to one endpoint (prompt, messages, the chat form of logprobs) or
 rather than the sampling (model, stream, priority, user).
 
 OpenAI fields this server does not implement are declared too, so that a client sending their
-"off" value (`echo: false`, `best_of` equal to `n`, `tools: null`) is served, and any other value
-is refused by name (`unsupported_field`).
+"off" value (`suffix: null`, `tools: null`) is served, and any other value is refused by name
+(`unsupported_field`).
 """
 
 from __future__ import annotations
@@ -76,11 +76,39 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: text (unconstrained), json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs` request field, exactly one of these (structured_outputs.py);
+    its other keys (structural_tag, whitespace_pattern, ...) are refused by name."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class GenerationFields(SamplingFields):
     """Fields shared by /v1/completions and /v1/chat/completions besides the sampling ones; every
     string in the request (keys included) must be valid Unicode."""
 
-    model: str
+    model: str | None = Field(None, description="None: the served model (vLLM).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
@@ -93,6 +121,9 @@ class GenerationFields(SamplingFields):
     return_token_ids: bool = Field(False, description=(
         "vLLM's: each choice also lists prompt_token_ids and its generated token_ids (streamed: each chunk's "
         "new token_ids), so an agent builds its next turn from the exact ids."))
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's: text, json_object or json_schema.")
+    structured_outputs: StructuredOutputsField | None = Field(None, description="vLLM's: json, regex, choice, "
+                                                              "grammar or json_object.")
 
     @model_validator(mode="before")
     @classmethod
@@ -103,11 +134,16 @@ class GenerationFields(SamplingFields):
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX, description="None: 16; 0 only with echo (the prompt "
+                                   "alone, as vLLM).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = Field(False, description="Not supported: only false is accepted.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs when "
+                                          "logprobs is set).")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: each prompt token's "
+                                        "logprob and this many alternatives (not with stream).")
     suffix: str | None = Field(None, description="Not supported: only null or empty is accepted.")
-    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Only null or equal to n is accepted "
-                                "(vLLM v1 dropped best_of).")
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Sample this many per prompt and return the "
+                                "n of highest cumulative logprob (not with stream).")
 
 
 class TextContentPart(OpenAIModel):
@@ -141,7 +177,7 @@ class ChatMessage(OpenAIModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # vLLM joins text parts with newlines
 
 
 class FunctionDefinition(OpenAIModel):
@@ -179,13 +215,12 @@ class ChatCompletionRequest(GenerationFields):
     functions: list[Any] | None = Field(None, description="Not supported: only null or [] is accepted.")
     function_call: Any = Field(None, description="Not supported: only null or \"none\" is accepted.")
     parallel_tool_calls: bool | None = Field(None, description="False: at most one call per response.")
-    response_format: Any = Field(None, description="Not supported yet: only null or {\"type\": \"text\"}.")
 
 
 # Fields declared above that the server does not implement: the values that mean "off".
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "suffix": (None, ""),
-    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "suffix": (None, ""),
+    "functions": (None, []), "function_call": (None, "none"),
 }
 
 
@@ -194,7 +229,4 @@ def unsupported_field(body: GenerationFields) -> tuple[str, str] | None:
     for name, off in _OFF_VALUES.items():
         if name in type(body).model_fields and getattr(body, name) not in off:
             return name, f"{name} is not supported by this server"
-    best_of = getattr(body, "best_of", None)
-    if best_of is not None and best_of != (body.n or 1):
-        return "best_of", f"best_of must be null or equal to n ({body.n or 1}): it is not supported, as in vLLM v1"
     return None

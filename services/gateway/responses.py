@@ -1,7 +1,10 @@
 """OpenAI response bodies: completions and chat, whole or as SSE chunks, with logprobs and usage.
 
 `ResponseBuilder` keeps the per-choice state the formats need (text offsets for completion
-logprobs, whether a chat choice has sent its role yet, token counts for usage).
+logprobs, whether a chat choice has sent its role yet, token counts for usage). A streamed chat
+choice opens with a chunk of its own, `{"role": "assistant", "content": ""}`, as vLLM's does.
+Where OpenAI is silent, vLLM's shapes: prompt_logprobs, the prompt's token ids on the first
+chunk of an echoed stream, the last message's role as the response's without a generation prompt.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class ResponseBuilder:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
         self.token_ids: list[list[int]] = [[] for _ in range(num)]
         self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * num
+        self.prompt_logprobs: list[list | None] = [None] * num
         self.num_completion_tokens = 0
         self.num_cached_tokens = 0
         self._text_offsets = [0] * num
@@ -46,6 +50,8 @@ class ResponseBuilder:
         self.logprobs[delta.index].extend(delta.logprobs)
         if self.prep.return_token_ids:
             self.token_ids[delta.index].extend(delta.token_ids)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[delta.index] = delta.prompt_logprobs
         self.num_completion_tokens += delta.num_tokens
         self.num_cached_tokens += delta.num_cached_tokens
         if delta.finish_reason is not None:
@@ -71,16 +77,30 @@ class ResponseBuilder:
             if self.prep.kind == "chat":
                 output = (parse_chat_output(self.prep.output, texts[index]) if self.prep.output.parses
                           else ChatOutput(None, texts[index], []))
-                choices.append({"index": index, "message": chat_message(output), "logprobs": logprobs,
+                choices.append({"index": index, "message": chat_message(output, self.prep.response_role),
+                                "logprobs": logprobs,
                                 "finish_reason": _chat_finish(finish_reason, bool(output.tool_calls)),
                                 "stop_reason": stop_reason})
             else:
                 choices.append({"index": index, "text": texts[index], "logprobs": logprobs,
-                                "finish_reason": finish_reason, "stop_reason": stop_reason})
+                                "finish_reason": finish_reason, "stop_reason": stop_reason,
+                                "prompt_logprobs": self._prompt_logprobs(self.prompt_logprobs[index])})
             if self.prep.return_token_ids:
                 choices[-1].update(prompt_token_ids=self.prep.prompts[index // self.prep.params.n],
                                    token_ids=self.token_ids[index])
+        if self.prep.best_of_n is not None:
+            choices = self._best_of(choices)
         return {**self._envelope(stream=False), "choices": choices, "usage": self.usage()}
+
+    def _best_of(self, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per prompt, the best_of_n candidates of highest cumulative logprob, renumbered."""
+        per_prompt, keep = self.prep.params.n, self.prep.best_of_n
+        chosen = []
+        for start in range(0, len(candidates), per_prompt):
+            ranked = sorted(range(start, start + per_prompt),
+                            key=lambda i: -sum(e.logprob or 0.0 for e in self.logprobs[i]))
+            chosen += [candidates[i] for i in ranked[:keep]]
+        return [{**choice, "index": index} for index, choice in enumerate(chosen)]
 
     # ---- stream chunks -----------------------------------------------------------------
 
@@ -97,6 +117,9 @@ class ResponseBuilder:
             choice = {"index": delta.index, "delta": message or {}, "logprobs": logprobs}
         else:
             choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs}
+            if self.prep.echo_texts is not None and not self._role_sent[delta.index]:
+                self._role_sent[delta.index] = True  # vLLM's first echoed chunk names the prompt's tokens
+                choice["prompt_token_ids"] = self.prep.prompts[delta.index // self.prep.params.n]
         choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
         if self.prep.return_token_ids:  # each chunk's new ids (vLLM puts the prompt's on the first one only)
             choice["token_ids"] = delta.token_ids
@@ -108,14 +131,18 @@ class ResponseBuilder:
         else:
             parsed = self._outputs[delta.index].feed(delta.text, final=delta.finish_reason is not None)
             message = delta_message(parsed) if parsed else {}
-        if not self._role_sent[delta.index]:
-            self._role_sent[delta.index] = True
-            message = {"role": "assistant", **message}
         return message or None
 
     def sse_chunks(self, delta: ChoiceDelta) -> list[bytes]:
+        """The delta's chunk, after the role chunk if this opens a chat choice."""
+        events = []
+        if self.prep.kind == "chat" and not self._role_sent[delta.index]:
+            self._role_sent[delta.index] = True
+            role = {"index": delta.index, "delta": {"role": self.prep.response_role, "content": ""},
+                    "logprobs": None, "finish_reason": None}
+            events.append(sse_event({**self._envelope(stream=True), "choices": [role]}))
         chunk = self.chunk(delta)
-        return [sse_event(chunk)] if chunk is not None else []
+        return events + ([sse_event(chunk)] if chunk is not None else [])
 
     def sse_closing(self) -> list[bytes]:
         return [sse_event(self.usage_chunk())] if self.prep.include_usage else []
@@ -140,6 +167,20 @@ class ResponseBuilder:
             return {"content": [self._chat_logprob(e) for e in entries], "refusal": None}
         return self._completion_logprobs(index, entries)
 
+    def _prompt_logprobs(self, entries: list | None) -> list | None:
+        """vLLM's prompt_logprobs: None for the first prompt token, then per token a dict keyed by
+        token id (as a string) holding the prompt token itself and the top alternatives."""
+        if entries is None:
+            return None
+        out: list = [None]
+        for token_id, logprob, rank, top in entries:
+            position = {str(token_id): {"logprob": logprob, "rank": rank, "decoded_token": self._token_text(token_id)}}
+            for alt_rank, (alt_id, alt_logprob) in enumerate(top, start=1):
+                position.setdefault(str(alt_id), {"logprob": alt_logprob, "rank": alt_rank,
+                                                  "decoded_token": self._token_text(alt_id)})
+            out.append(position)
+        return out
+
     def _chat_logprob(self, entry: TokenLogprob) -> dict[str, Any]:
         token = self._token_text(entry.token_id)
         return {"token": token, "logprob": entry.logprob, "bytes": list(token.encode("utf-8")),
@@ -153,15 +194,16 @@ class ResponseBuilder:
             tokens.append(token)
             offsets.append(self._text_offsets[index])
             self._text_offsets[index] += len(token)
-        # Legacy completions list the sampled token among each position's top alternatives.
-        top = [{**{self._token_text(tid): lp for tid, lp in e.top}, tokens[k]: e.logprob}
+        # Legacy completions list the sampled token among each position's top alternatives (an
+        # echoed prompt's first token has none).
+        top = [None if e.top is None else {tokens[k]: e.logprob, **{self._token_text(tid): lp for tid, lp in e.top}}
                for k, e in enumerate(entries)]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
                 "text_offset": offsets}
 
 
-def chat_message(output: ChatOutput) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": output.content}
+def chat_message(output: ChatOutput, role: str = "assistant") -> dict[str, Any]:
+    message: dict[str, Any] = {"role": role, "content": output.content}
     if output.reasoning is not None:
         message["reasoning_content"] = output.reasoning
     if output.tool_calls:

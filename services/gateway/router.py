@@ -25,6 +25,11 @@ marks it healthy again when GetLoad answers. An instance that misses `stalled_af
 in a row (each bounded by its timeout) is taken to be stalled (frozen, SIGSTOPped, or cut off): the
 calls still open on it are abandoned with UNAVAILABLE, so their requests fail over (nothing
 streamed yet) or end with an error, instead of waiting for as long as it is frozen.
+An instance that reports itself draining (SIGTERM) gets no new requests.
+
+Instances are the configured `host:port` addresses plus those DNS discovery adds (discovery.py);
+an instance discovery no longer finds is retired: it takes no new requests, and is removed once
+the requests it has are done.
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ ROLES = ("prefill", "decode", "colocated")
 
 
 class NoHealthyWorker(Exception):
-    """No healthy instance of a needed role."""
+    """No healthy instance of a needed role. The message (for the log) names the instances."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 @dataclass
@@ -66,6 +75,13 @@ class Instance:
     """Prompt tokens of those requests (prefill cost)."""
     failed_polls: int = 0
     """Load polls in a row that failed or timed out."""
+    source: str = ""
+    """The `dns:` address that discovered it ("" for a configured address)."""
+    retired: bool = False
+    """Discovery no longer finds it: no new requests; removed when `inflight_requests` is 0."""
+
+    def routable(self) -> bool:
+        return self.healthy and not self.retired and not (self.load is not None and self.load.draining)
 
     def queued_tokens(self) -> int:
         """Best estimate of the tokens waiting here: the report, or our own count if that is larger."""
@@ -101,12 +117,15 @@ class Router:
                  worker_urls: Sequence[str] = (), *, affinity_blocks: int = 4,
                  overload_margin_tokens: int = 8192, default_block_size: int = 16,
                  decode_prefill_max_new_tokens: int = 1024) -> None:
-        self.instances: list[Instance] = (
-            [Instance(u, role, f"{role}-{i}") for role, urls in
-             (("prefill", prefill_urls), ("decode", decode_urls), ("colocated", worker_urls))
-             for i, u in enumerate(urls)])
-        if len({i.url for i in self.instances}) != len(self.instances):
-            raise ValueError("a worker url is listed twice")
+        """Addresses starting `dns:` are left to discovery (they only say the role is configured)."""
+        by_role = {"prefill": prefill_urls, "decode": decode_urls, "colocated": worker_urls}
+        self.configured_roles = {role for role, urls in by_role.items() if urls}
+        self.instances: list[Instance] = []
+        self._names = {role: itertools.count() for role in ROLES}
+        for role, urls in by_role.items():
+            for url in urls:
+                if not url.startswith("dns:") and self.add(url, role) is None:
+                    raise ValueError(f"worker url {url} is listed twice")
         self.affinity_blocks = affinity_blocks
         self.overload_margin_tokens = overload_margin_tokens
         self.default_block_size = default_block_size
@@ -114,10 +133,43 @@ class Router:
         self.sessions = SessionDirectory()
         self._tie_breaker = itertools.count()
 
+    # ---- membership --------------------------------------------------------------------
+
+    def add(self, url: str, role: str, source: str = "") -> Instance | None:
+        """A new instance named `role-N`; None if `url` is known already (a retired one is
+        taken back into service)."""
+        known = next((i for i in self.instances if i.url == url), None)
+        if known is not None:
+            if known.retired and known.source == source:
+                known.retired = False
+                logger.info("worker %s (%s) is back in %s", url, role, source)
+            return None
+        instance = Instance(url, role, f"{role}-{next(self._names[role])}", source=source)
+        self.instances.append(instance)
+        if source:
+            logger.info("discovered worker %s (%s) through %s", url, role, source)
+        return instance
+
+    def from_source(self, source: str) -> list[Instance]:
+        return [i for i in self.instances if i.source == source and not i.retired]
+
+    def retire(self, url: str) -> None:
+        for instance in self.instances:
+            if instance.url == url and not instance.retired:
+                instance.retired = True
+                logger.info("worker %s (%s) left %s; retiring it", url, instance.role, instance.source)
+
+    def idle_retired(self) -> list[Instance]:
+        return [i for i in self.instances if i.retired and i.inflight_requests == 0]
+
+    def remove(self, instance: Instance) -> None:
+        self.instances.remove(instance)
+
     # ---- state -------------------------------------------------------------------------
 
     def healthy(self, role: str) -> list[Instance]:
-        return [i for i in self.instances if i.role == role and i.healthy]
+        """The instances of `role` that new requests may go to."""
+        return [i for i in self.instances if i.role == role and i.routable()]
 
     def is_ready(self) -> bool:
         """At least one colocated worker, or one prefill + decode pair, is healthy."""
@@ -159,8 +211,8 @@ class Router:
 
     def route(self, prompt_token_ids: Sequence[int], session_key: str | None = None) -> Route:
         """Colocated workers when configured, else a prefill + decode pair; raises NoHealthyWorker."""
-        colocated = any(i.role == "colocated" for i in self.instances) and self.healthy("colocated")
-        if colocated or not any(i.role == "prefill" for i in self.instances):
+        colocated = "colocated" in self.configured_roles and self.healthy("colocated")
+        if colocated or "prefill" not in self.configured_roles:
             held = self._session_instance("colocated", session_key, prompt_token_ids)
             if isinstance(held, Instance):
                 return Route(worker=held, reason="session")
@@ -228,7 +280,7 @@ class Router:
         candidates = self.healthy(role)
         if not candidates:
             known = [f"{i.url}: {i.last_error or 'no load report yet'}" for i in self.instances if i.role == role]
-            raise NoHealthyWorker(f"no healthy {role} worker ({'; '.join(known) or 'none configured'})")
+            raise NoHealthyWorker(role, f"no healthy {role} worker ({'; '.join(known) or 'none configured'})")
         return candidates
 
     def _least_loaded(self, candidates: list[Instance], cost) -> Instance:
@@ -248,8 +300,11 @@ async def poll_loads(router: Router, clients: dict, interval_s: float, timeout_s
 
 async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_after_polls: int = 3) -> None:
     async def probe(instance: Instance) -> None:
+        client = clients.get(instance.url)
+        if client is None:  # discovery removed it since this poll began
+            return
         try:
-            router.update_load(instance, await clients[instance.url].get_load(timeout_s))
+            router.update_load(instance, await client.get_load(timeout_s))
             instance.failed_polls = 0
         except Exception as exc:  # any failure of the probe means: do not route here for now
             router.mark_failed(instance, str(exc))
@@ -257,6 +312,6 @@ async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_aft
             if instance.failed_polls == stalled_after_polls:
                 logger.warning("worker %s missed %d load polls in a row; abandoning its open calls",
                                instance.url, stalled_after_polls)
-                clients[instance.url].abandon_calls(f"worker missed {stalled_after_polls} load polls in a row")
+                client.abandon_calls(f"worker missed {stalled_after_polls} load polls in a row")
 
     await asyncio.gather(*(probe(i) for i in router.instances))

@@ -137,6 +137,8 @@ class WorkerClient:
         if prefill is not None:
             msg.kv_handle.CopyFrom(prefill.handoff.kv_handle)
             msg.first_token.CopyFrom(prefill.handoff.first_token)
+            # Prefill sent the prompt logprobs; a decode that recomputes the prompt must not again.
+            msg.sampling_params.ClearField("prompt_logprobs")
         if self._session is None or self._session.failed is not None:
             self._session = _Session(self._stub, self.url, self.session_window)
         session = self._session

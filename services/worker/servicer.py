@@ -5,6 +5,10 @@
     colocated : Generate -> does both phases here
     all       : Session (Generates multiplexed on one stream, see session.py), Abort, GetLoad, Health
 
+Draining (SIGTERM, see main.py): new Prefill and Generate calls are refused with UNAVAILABLE, which
+the gateway takes as "route it elsewhere"; GetLoad and Health say so; the calls already here run
+to their end (`num_inflight` counts them).
+
 Glue only: parse the proto, call the engine, serialize. A client that cancels its call or sends
 an abort on its session (the gateway saw its HTTP client leave) cancels the request's task, which
 aborts the request and frees its blocks (see AsyncEngine.generate).
@@ -12,11 +16,13 @@ aborts the request and frees its blocks (see AsyncEngine.generate).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import grpc
 from opentelemetry.trace import Status, StatusCode
 
+from splitserve.services.worker.config import SessionConfig
 from splitserve.services.worker.session import RequestFailed, serve_session
 from splitserve.shared import telemetry
 from splitserve.shared.async_engine import AsyncEngine, EngineDeadError, RequestFailedInEngine
@@ -28,18 +34,40 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, session_config: SessionConfig = SessionConfig()) -> None:
         self.engine = engine
         self._reported_failure = False
+        self.session_config = session_config
+        self.draining = False
+        self.num_inflight = 0
+        """Prefill and Generate calls (session streams included) being served now."""
+
+    @contextlib.contextmanager
+    def _inflight(self):
+        if self.draining:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "this worker is draining (shutting down); "
+                                "send the request to another one")
+        self.num_inflight += 1
+        try:
+            yield
+        finally:
+            self.num_inflight -= 1
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         if self.engine.role != "prefill":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.engine.role}, not prefill")
         try:
+            with self._inflight():
+                return await self._prefill(request, context)
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        try:
             params = convert.sampling_params_from_proto(request.sampling_params)
             session = convert.session_from_proto(request.session) if request.HasField("session") else None
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         with telemetry.span("prefill", **{"splitserve.request_id": request.request_id,
                                           "splitserve.prompt_tokens": len(request.prompt_token_ids)}) as span:
             final = None
@@ -63,11 +91,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await context.abort(exc.code, exc.message)
 
     async def Session(self, request_iterator, context):
-        async for output in serve_session(request_iterator, self.open_stream):
+        async for output in serve_session(request_iterator, self.open_stream, self.session_config):
             yield output
 
     async def open_stream(self, request: pb.GenerateRequest):
         """The chunks of one Generate, for the Generate RPC and for a Session; raises RequestFailed."""
+        with self._inflight():
+            async for chunk in self._stream(request):
+                yield chunk
+
+    async def _stream(self, request: pb.GenerateRequest):
         if request.HasField("kv_handle") and self.engine.role != "decode":
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "a KV handle can only be loaded by a decode worker")
         if not request.HasField("kv_handle") and self.engine.role == "prefill":
@@ -100,28 +133,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        core = self.engine.core
-        found = request.request_id in core.requests or request.request_id in core.held
-        self.engine.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+        return pb.AbortResponse(found=await self.engine.abort_request(request.request_id))
 
     async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
         problem = self.problem()
         if problem is not None:  # the gateway's router marks this worker unhealthy
             await context.abort(grpc.StatusCode.UNAVAILABLE, problem)
-        return convert.load_to_proto(worker_load(self.engine))
+        return convert.load_to_proto(worker_load(self.engine, self.draining))
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         problem = self.problem()
-        return pb.HealthResponse(ready=problem is None, instance_id=self.engine.instance_id,
-                                 message=problem or "ok")
+        message = problem or ("draining" if self.draining else "ok")
+        return pb.HealthResponse(ready=problem is None and not self.draining, instance_id=self.engine.instance_id,
+                                 message=message)
 
     def problem(self) -> str | None:
         """Why this worker cannot serve (its engine died, its KV transfer plane died), or None."""
-        if self.engine._dead is not None:
-            return "engine failed"
-        connector = self.engine.core.connector
-        failure = connector.failure() if connector is not None else None
+        if self.engine.failure is not None:
+            return f"engine failed: {self.engine.failure}"
+        failure = self.engine.connector_failure  # the connector lives in the engine process
         if failure is None:
             return None
         if not self._reported_failure:  # asked every poll: say it once
@@ -129,18 +159,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             logger.error("KV transfer plane failed, this worker reports itself unhealthy: %s", failure)
         return "KV transfer plane failed"
 
+    def idle(self) -> bool:
+        """Nothing left to finish: no call being served, nothing queued, no KV held for a decode peer."""
+        s = self.engine.load()
+        return self.num_inflight == 0 and s.num_running + s.num_waiting + s.num_loading_kv + s.num_held_kv == 0
 
-def worker_load(engine: AsyncEngine) -> convert.WorkerLoad:
+
+def worker_load(engine: AsyncEngine, draining: bool = False) -> convert.WorkerLoad:
     s = engine.load()
-    counters = {"num_preemptions": s.num_preemptions}
-    if engine.core.connector is not None:
-        counters.update({k: int(v) for k, v in engine.core.connector.stats().items() if isinstance(v, (int, float))})
+    counters = {"num_preemptions": s.num_preemptions, **engine.counters}
     return convert.WorkerLoad(
         instance_id=engine.instance_id, role=engine.role, model_name=engine.model_name,
         max_model_len=engine.max_model_len, block_size=engine.block_size, num_running=s.num_running,
         num_waiting=s.num_waiting + s.num_loading_kv, num_waiting_tokens=s.num_waiting_tokens,
         num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks, kv_usage=s.kv_usage,
-        prefix_hit_rate=s.prefix_hit_rate, counters=counters,
+        prefix_hit_rate=s.prefix_hit_rate, counters=counters, draining=draining,
     )
 
 

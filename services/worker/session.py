@@ -17,6 +17,10 @@ backlog, and its cost per token falls as its load rises. gRPC's window alone wou
 it admits megabytes of small messages before it pushes back. A client that never sends credit is
 not limited.
 
+The merging is bounded (`SessionConfig`): a chunk held `max_hold_ms` since the outbox filled, or
+one that gathered `max_merged_tokens`, is sent without credit (such a message uses none), so the
+gateway's cadence cannot stretch the inter-token latency past the bound.
+
 A request that fails ends with a chunk carrying `error` (the status its Generate call would have
 ended with); the session goes on. An abort command, the client ending the call, or the call
 failing cancels the request's task, which aborts it in the engine and frees its blocks.
@@ -30,6 +34,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from splitserve.services.worker.config import SessionConfig
 from splitserve.shared.protocol import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -47,15 +52,20 @@ class RequestFailed(Exception):
         self.code, self.message = code, message
 
 
-async def serve_session(commands: AsyncIterator[pb.SessionCommand], open_stream: OpenStream) -> AsyncIterator[pb.SessionOutput]:
-    session = _Session(open_stream)
+async def serve_session(commands: AsyncIterator[pb.SessionCommand], open_stream: OpenStream,
+                        config: SessionConfig = SessionConfig()) -> AsyncIterator[pb.SessionOutput]:
+    session = _Session(open_stream, config)
     async for output in session.run(commands):
         yield output
 
 
 class _Session:
-    def __init__(self, open_stream: OpenStream) -> None:
+    def __init__(self, open_stream: OpenStream, config: SessionConfig) -> None:
         self.open_stream = open_stream
+        self.config = config
+        self.held_since: float | None = None  # loop time the outbox last went from empty to not
+        self.overfull = False  # a waiting chunk reached max_merged_tokens
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.outbox: dict[str, pb.GenerateChunk] = {}
         self.wakeup = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
@@ -68,17 +78,21 @@ class _Session:
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
-                if self.outbox and (self.credit is None or self.credit > 0):
-                    chunks, self.outbox = list(self.outbox.values()), {}
-                    for message in split_output(chunks):
-                        if self.credit is not None:
+                if self.outbox and (self.credit is None or self.credit > 0 or self._held_too_long()):
+                    counted = self.credit is not None and self.credit > 0
+                    for message in split_output(self._take_outbox()):
+                        if counted:
                             self.credit -= 1
                         yield message
                     continue  # more may have arrived while the message was written
+                if self.outbox:
+                    self._arm_hold_timer()
                 if reader.done() and not self.tasks:
                     reader.result()  # a failed command stream fails the call
                     return
         finally:
+            if self.hold_timer is not None:
+                self.hold_timer.cancel()
             reader.cancel()
             for task in self.tasks.values():
                 task.cancel()
@@ -125,11 +139,40 @@ class _Session:
             self.wakeup.set()
 
     def _emit(self, chunk: pb.GenerateChunk) -> None:
+        if not self.outbox:
+            self.held_since = asyncio.get_running_loop().time()
         waiting = self.outbox.get(chunk.request_id)
         if waiting is None:
-            self.outbox[chunk.request_id] = chunk
+            self.outbox[chunk.request_id] = waiting = chunk
         else:
             waiting.MergeFrom(chunk)  # repeated fields append, set fields (finish, stats) replace
+        if 0 < self.config.max_merged_tokens <= len(waiting.token_ids):
+            self.overfull = True
+        self.wakeup.set()
+
+    def _take_outbox(self) -> list[pb.GenerateChunk]:
+        chunks, self.outbox = list(self.outbox.values()), {}
+        self.held_since, self.overfull = None, False
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
+        return chunks
+
+    def _held_too_long(self) -> bool:
+        """True when the waiting chunks passed a merging bound and go out without credit."""
+        if self.overfull:
+            return True
+        max_hold_s = self.config.max_hold_ms / 1000
+        return max_hold_s > 0 and asyncio.get_running_loop().time() - self.held_since >= max_hold_s
+
+    def _arm_hold_timer(self) -> None:
+        """Wake the sender when the oldest waiting chunk reaches max_hold_ms."""
+        if self.hold_timer is None and self.config.max_hold_ms > 0:
+            loop = asyncio.get_running_loop()
+            self.hold_timer = loop.call_at(self.held_since + self.config.max_hold_ms / 1000, self._hold_expired)
+
+    def _hold_expired(self) -> None:
+        self.hold_timer = None
         self.wakeup.set()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 
 ROLE_TO_PROTO = {
     "prefill": pb.WORKER_ROLE_PREFILL,
@@ -30,7 +31,9 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams()
     for name, _ in sampling_fields(wire=True):
         value = getattr(params, name)
-        if isinstance(value, dict):
+        if isinstance(value, StructuredOutputsParams):  # the one message-typed field
+            getattr(msg, name).CopyFrom(structured_outputs_to_proto(value))
+        elif isinstance(value, dict):
             getattr(msg, name).update(value)
         elif isinstance(value, (list, tuple)):
             getattr(msg, name).extend(value)
@@ -44,7 +47,9 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     values: dict[str, Any] = {}
     for name, _ in sampling_fields(wire=True):
         descriptor = msg.DESCRIPTOR.fields_by_name[name]
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        if descriptor.message_type is pb.StructuredOutputs.DESCRIPTOR:
+            values[name] = structured_outputs_from_proto(getattr(msg, name)) if msg.HasField(name) else None
+        elif descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
             values[name] = dict(getattr(msg, name))
         elif descriptor.is_repeated:
             values[name] = list(getattr(msg, name))
@@ -53,6 +58,24 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         else:
             values[name] = getattr(msg, name)
     return SamplingParams(n=1, **values)
+
+
+def structured_outputs_to_proto(spec: StructuredOutputsParams) -> pb.StructuredOutputs:
+    kind = spec.kind
+    if kind == "json":
+        return pb.StructuredOutputs(json=spec.json_text())
+    if kind == "choice":
+        return pb.StructuredOutputs(choice=pb.ChoiceList(choices=list(spec.choice)))
+    return pb.StructuredOutputs(**{kind: getattr(spec, kind)})
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """Raises ValueError if no kind (or an empty one) is set."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object")
+    value = list(msg.choice.choices) if kind == "choice" else getattr(msg, kind)
+    return StructuredOutputsParams(**{kind: value})
 
 
 # ---- KV handle ----------------------------------------------------------------------------
@@ -90,6 +113,16 @@ def _top_from_proto(entries: Any) -> list[tuple[int, float]]:
     return [(e.token_id, e.logprob) for e in entries]
 
 
+def _prompt_logprobs_to_proto(entries: Any) -> list[pb.PromptLogprob]:
+    """The engine's `SampledToken`s of prompt tokens -> messages."""
+    return [pb.PromptLogprob(token_id=e.token_id, logprob=e.logprob, rank=e.rank, top_logprobs=_top_to_proto(e.top_logprobs))
+            for e in entries]
+
+
+def _prompt_logprobs_from_proto(entries: Any) -> list[tuple[int, float, int, list[tuple[int, float]]]]:
+    return [(e.token_id, e.logprob, e.rank, _top_from_proto(e.top_logprobs)) for e in entries]
+
+
 def first_token_to_proto(token_id: int, logprob: float, rank: int, top_logprobs: list[tuple[int, float]]) -> pb.FirstToken:
     return pb.FirstToken(token_id=token_id, logprob=logprob, rank=rank, top_logprobs=_top_to_proto(top_logprobs))
 
@@ -107,6 +140,7 @@ def engine_output_to_chunk(out: Any) -> pb.GenerateChunk:
         request_id=out.request_id, token_ids=out.new_token_ids, logprobs=out.new_logprobs,
         ranks=getattr(out, "new_ranks", []),
         top_logprobs=[pb.TopLogprobs(entries=_top_to_proto(top)) for top in out.new_top_logprobs],
+        prompt_logprobs=_prompt_logprobs_to_proto(getattr(out, "new_prompt_logprobs", ())),
     )
     if out.finished:
         chunk.finish_reason = out.finish_reason or "stop"
@@ -128,6 +162,7 @@ def engine_output_to_prefill_response(out: Any) -> pb.PrefillResponse:
         request_id=out.request_id,
         first_token=first_token_to_proto(out.new_token_ids[0], out.new_logprobs[0], ranks[0], out.new_top_logprobs[0]),
         num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+        prompt_logprobs=_prompt_logprobs_to_proto(getattr(out, "new_prompt_logprobs", ())),
     )
     if out.kv_handle is not None:
         resp.kv_handle.CopyFrom(kv_handle_to_proto(out.kv_handle))
@@ -153,6 +188,8 @@ class TokenChunk:
     num_cached_tokens: int = 0
     kv_bytes_received: int = 0
     num_recomputed_tokens: int = 0
+    prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    """(token id, logprob, rank, top alternatives) of prompt tokens 1.., on the first token's chunk."""
     num_cache_hit_tokens: int = 0
     """Prompt tokens served from a cache (prefix cache, host tier) by the worker that ran the
     prompt phase: OpenAI's usage.prompt_tokens_details.cached_tokens. On a decode instance that
@@ -172,7 +209,7 @@ def session_from_proto(msg: pb.SessionHint) -> Any:
 
 
 def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
-    if not msg.logprobs and not msg.HasField("finish_reason"):  # the common chunk: tokens only
+    if not msg.logprobs and not msg.HasField("finish_reason") and not msg.prompt_logprobs:  # the common chunk: tokens only
         return TokenChunk(list(msg.token_ids))
     return TokenChunk(
         token_ids=list(msg.token_ids), logprobs=list(msg.logprobs),
@@ -182,6 +219,7 @@ def chunk_from_proto(msg: pb.GenerateChunk) -> TokenChunk:
         num_prompt_tokens=msg.stats.num_prompt_tokens, num_cached_tokens=msg.stats.num_cached_tokens,
         kv_bytes_received=msg.stats.kv_bytes_received, num_recomputed_tokens=msg.stats.num_recomputed_tokens,
         num_cache_hit_tokens=msg.stats.num_cached_tokens,
+        prompt_logprobs=_prompt_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 
@@ -193,6 +231,7 @@ def chunk_from_prefill_response(msg: pb.PrefillResponse) -> TokenChunk:
         stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
         num_cache_hit_tokens=msg.num_cached_tokens,
+        prompt_logprobs=_prompt_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 
@@ -216,6 +255,8 @@ class WorkerLoad:
     kv_usage: float = 0.0
     prefix_hit_rate: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    """Shutting down: no new requests should go to it (those it has run to their end)."""
 
 
 def load_to_proto(load: WorkerLoad) -> pb.LoadReport:
@@ -226,7 +267,7 @@ def load_to_proto(load: WorkerLoad) -> pb.LoadReport:
         max_model_len=load.max_model_len, num_running=load.num_running, num_waiting=load.num_waiting,
         num_waiting_tokens=load.num_waiting_tokens, num_free_blocks=load.num_free_blocks,
         num_total_blocks=load.num_total_blocks, kv_usage=load.kv_usage, prefix_hit_rate=load.prefix_hit_rate,
-        block_size=load.block_size, counters=dict(load.counters),
+        block_size=load.block_size, counters=dict(load.counters), draining=load.draining,
     )
 
 
@@ -238,5 +279,5 @@ def load_from_proto(msg: pb.LoadReport) -> WorkerLoad:
         max_model_len=msg.max_model_len, block_size=msg.block_size, num_running=msg.num_running,
         num_waiting=msg.num_waiting, num_waiting_tokens=msg.num_waiting_tokens,
         num_free_blocks=msg.num_free_blocks, num_total_blocks=msg.num_total_blocks, kv_usage=msg.kv_usage,
-        prefix_hit_rate=msg.prefix_hit_rate, counters=dict(msg.counters),
+        prefix_hit_rate=msg.prefix_hit_rate, counters=dict(msg.counters), draining=msg.draining,
     )

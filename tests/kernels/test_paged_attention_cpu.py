@@ -1,4 +1,4 @@
-"""`paged_attention_cpu` (decode rows batched, prefill chunks through the reference) against the
+"""`paged_attention_cpu` (decode rows batched, prefill chunks through torch's SDPA) against the
 independent dense-attention oracle (float64, token-by-token gather)."""
 
 from __future__ import annotations
@@ -55,3 +55,29 @@ def test_bf16_output_dtype_and_accuracy():
     out = paged_attention_cpu(*batch.args())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), dense_attention(batch), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 32])
+def test_long_prompt_chunks_match_dense(sliding_window):
+    """Prefill chunks of a few hundred tokens: a whole prompt (causal) and a chunk after a cached
+    prefix (causal aligned to the chunk's end), beside a decode row, GQA 4:1."""
+    batch = make_paged_batch([256, 130, 1], [256, 200, 90], 8, 2, 64, block_size=16, seed=11)
+    out = paged_attention_cpu(*batch.args(), sliding_window)
+    torch.testing.assert_close(out.double(), dense_attention(batch, sliding_window), atol=1e-5, rtol=1e-5)
+
+
+def test_a_lone_prefill_chunk_matches_dense():
+    batch = make_paged_batch([48], [48], 4, 4, 64, block_size=8, seed=12)
+    torch.testing.assert_close(paged_attention_cpu(*batch.args()).double(), dense_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [([64], [64]), ([40], [72])])
+def test_prefill_chunks_run_on_torchs_fused_kernel(query_lens, seq_lens):
+    """Only the fused (flash) kernel is allowed here: a change that sent prefill chunks back to a
+    path materialising the score matrix (3-D inputs do) raises instead of silently slowing down."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch = make_paged_batch(query_lens, seq_lens, 8, 2, 64, block_size=16, seed=13)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = paged_attention_cpu(*batch.args())
+    torch.testing.assert_close(out.double(), dense_attention(batch), atol=1e-5, rtol=1e-5)

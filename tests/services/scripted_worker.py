@@ -168,14 +168,15 @@ class BackgroundLoop:
         self._thread.join(timeout=5)
 
 
-async def start_scripted_worker(role: str, script: Script, name: str, port: int = 0) -> tuple[ScriptedWorker, str]:
+async def start_scripted_worker(role: str, script: Script, name: str, port: int = 0,
+                                host: str = "127.0.0.1") -> tuple[ScriptedWorker, str]:
     worker = ScriptedWorker(role, script, name)
     server = aio_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-    port = add_port(server, f"127.0.0.1:{port}")
+    port = add_port(server, f"{host}:{port}")
     await server.start()
     worker.server = server
-    return worker, f"127.0.0.1:{port}"
+    return worker, f"{host}:{port}"
 
 
 class GatewayServer:

@@ -24,7 +24,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
         "min_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "ignore_eos", "echo", "user", "min_tokens", "stop_token_ids",
-        "logit_bias", "best_of", "suffix", "priority", "tools", "tool_choice", "response_format", "skip_special_tokens",
+        "logit_bias", "best_of", "suffix", "priority", "tools", "tool_choice", "response_format", "structured_outputs", "skip_special_tokens",
         "add_generation_prompt", "unknown_field"]
 bodies = st.dictionaries(st.sampled_from(KEYS), values, max_size=8).map(
     lambda d: {"model": MODEL, **d} if "model" not in d else d)

@@ -200,3 +200,25 @@ def test_a_mostly_cached_disaggregated_turn_runs_on_the_decode_instance_that_hol
     long = router.route(turn + list(range(20)), "agent")  # too many new tokens: split, decode stays
     assert long.prefill is not None and long.decode is decode and long.reason == "session"
     assert router.route(turn + [1, 2, 3]).reason != "session-on-decode"  # no key: no session
+
+
+def test_a_draining_worker_gets_no_new_requests():
+    router = _router(num_prefill=2, num_decode=1)
+    _load(router, "p0:1", draining=True)
+    prompts = [[i] * (3 * BLOCK) for i in range(20)]
+    assert {router.route(p).prefill.url for p in prompts} == {"p1:1"}
+    _load(router, "p1:1", draining=True)
+    with pytest.raises(NoHealthyWorker):
+        router.route(prompts[0])
+    _load(router, "p0:1")  # a worker that reports serving again (it was restarted) is used again
+    assert router.route(prompts[0]).prefill.url == "p0:1"
+
+
+def test_retired_instances_take_no_requests_and_go_once_idle():
+    router = _router(num_prefill=2, num_decode=1)
+    p0 = next(i for i in router.instances if i.url == "p0:1")
+    with router.track(p0, 10):
+        router.retire("p0:1")
+        assert {router.route([i] * (3 * BLOCK)).prefill.url for i in range(20)} == {"p1:1"}
+        assert router.idle_retired() == []
+    assert router.idle_retired() == [p0]

@@ -214,7 +214,8 @@ def test_decode_worker_death_mid_stream_is_an_sse_error_and_the_gateway_recovers
     assert len(dying.record.generates) == 1 and stack.workers["decode1"].record.generates == []
     assert "".join(c["choices"][0]["text"] for c in chunks) == tokenizer.decode(tokens[:3])[: len(
         "".join(c["choices"][0]["text"] for c in chunks))]
-    assert last["error"]["type"] == "service_unavailable" and "Generate on worker" in last["error"]["message"]
+    assert last["error"]["type"] == "service_unavailable" and "a worker failed" in last["error"]["message"]
+    assert "127.0.0.1" not in last["error"]["message"]  # no internal address reaches the client
     health = stack.http.get("/health")
     assert health.status_code == 200  # prefill0 + decode1 still make a pair
     assert {w["role"] + str(w["healthy"]) for w in health.json()["workers"]} == {"prefillTrue", "decodeTrue",
@@ -232,6 +233,7 @@ def test_decode_worker_death_without_a_replacement_is_503(make_stack, tokenizer)
     assert stack.http.get("/health").status_code == 503
     again = stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 20})
     assert again.status_code == 503 and "no healthy decode worker" in again.json()["error"]["message"]
+    assert "127.0.0.1" not in again.text
 
 
 def test_admission_full_is_429_with_retry_after(make_stack, tokenizer):

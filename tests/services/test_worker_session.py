@@ -18,6 +18,7 @@ import pytest
 
 from scripted_worker import Script, start_scripted_worker, stop_scripted_worker
 from splitserve.services.gateway.worker_client import WorkerClient, WorkerError, WorkerRequest
+from splitserve.services.worker.config import SessionConfig
 from splitserve.services.worker.servicer import WorkerServicer
 from splitserve.shared.async_engine import AsyncEngine
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig
@@ -43,11 +44,14 @@ def _generate(request_id: str, prompt: list[int], max_tokens: int) -> pb.Generat
                               sampling_params=convert.sampling_params_to_proto(params))
 
 
+UNBOUNDED = SessionConfig(max_hold_ms=0, max_merged_tokens=0)
+
+
 @contextlib.asynccontextmanager
-async def _serving(engine):
+async def _serving(engine, session_config: SessionConfig = SessionConfig()):
     """A real aio gRPC server over the engine, and a stub connected to it."""
     server = aio_server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine, session_config), server)
     port = add_port(server, "127.0.0.1:0")
     await server.start()
     channel = aio_channel(f"127.0.0.1:{port}")
@@ -167,9 +171,9 @@ def test_session_errors_are_in_band_and_abort_and_hang_up_free_the_blocks(engine
 
 def test_without_credit_the_worker_holds_and_merges_then_sends_one_chunk(engine):
     """A client that granted one message gets one; everything the engine produces after it waits,
-    merged per request, until the client grants another."""
+    merged per request, until the client grants another (merging unbounded here)."""
     async def run():
-        async with _serving(engine) as stub:
+        async with _serving(engine, UNBOUNDED) as stub:
             commands = _Commands()
             call = stub.Session(commands.__aiter__(), timeout=60)
             outputs = call.__aiter__()
@@ -187,6 +191,68 @@ def test_without_credit_the_worker_holds_and_merges_then_sends_one_chunk(engine)
             rest = (await asyncio.wait_for(pending, 30)).chunks
             assert len(rest) == 1 and rest[0].finish_reason == "length"
             assert len(first[0].token_ids) + len(rest[0].token_ids) == 12 and len(rest[0].token_ids) > 1
+            commands.queue.put_nowait(None)
+            assert [o async for o in outputs] == []
+
+    asyncio.run(run())
+
+
+def _reference_tokens(stub, rid: str, prompt: list[int], max_tokens: int):
+    async def run():
+        chunks = [c async for c in stub.Generate(_generate(rid, prompt, max_tokens), timeout=60)]
+        return [t for c in chunks for t in c.token_ids]
+    return run()
+
+
+def test_a_chunk_that_reached_the_token_bound_goes_out_without_credit(engine):
+    """max_merged_tokens=3, no time bound, one credit: after the first message, every message the
+    worker sends on its own carries chunks that reached 3 tokens; the remainder (< 3) waits for
+    credit. Tokens are those of the Generate RPC, in order."""
+    prompt, max_tokens = [5, 6, 7, 8], 12
+
+    async def run():
+        async with _serving(engine, SessionConfig(max_hold_ms=0, max_merged_tokens=3)) as stub:
+            reference = await _reference_tokens(stub, "ref-capped", prompt, max_tokens)
+            commands = _Commands()
+            outputs = stub.Session(commands.__aiter__(), timeout=60).__aiter__()
+            commands.send(credit=1)
+            commands.send(generate=_generate("capped", prompt, max_tokens))
+            tokens = list((await _next(outputs)).chunks[0].token_ids)
+            finished = False
+            while not finished and len(tokens) + 3 <= max_tokens:
+                (chunk,) = (await _next(outputs)).chunks  # sent without credit
+                assert len(chunk.token_ids) >= 3
+                tokens += chunk.token_ids
+                finished = chunk.HasField("finish_reason")
+            while not finished:  # the remainder, under 3 tokens, waits for credit
+                commands.send(credit=1)
+                (chunk,) = (await _next(outputs)).chunks
+                tokens += chunk.token_ids
+                finished = chunk.HasField("finish_reason")
+            assert tokens == reference and chunk.finish_reason == "length"
+            commands.queue.put_nowait(None)
+            assert [o async for o in outputs] == []
+            await _blocks_back(engine)
+
+    asyncio.run(run())
+
+
+def test_a_chunk_held_past_the_time_bound_goes_out_without_credit(engine):
+    """max_hold_ms=1 and one credit: the whole request still arrives, finished, without another
+    credit (without the bound it would wait for one forever; see the test above)."""
+    async def run():
+        async with _serving(engine, SessionConfig(max_hold_ms=1, max_merged_tokens=0)) as stub:
+            reference = await _reference_tokens(stub, "ref-timed", [9, 8, 7, 6], 10)
+            commands = _Commands()
+            outputs = stub.Session(commands.__aiter__(), timeout=60).__aiter__()
+            commands.send(credit=1)
+            commands.send(generate=_generate("timed", [9, 8, 7, 6], 10))
+            tokens, finished = [], False
+            while not finished:
+                for chunk in (await _next(outputs)).chunks:
+                    tokens += chunk.token_ids
+                    finished = chunk.HasField("finish_reason")
+            assert tokens == reference
             commands.queue.put_nowait(None)
             assert [o async for o in outputs] == []
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 
 import pytest
 
-from splitserve.shared.async_engine import AsyncEngine
+from splitserve.shared.async_engine import AsyncEngine, EngineStartupError
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.shared.engine import RequestError
+from splitserve.shared.engine_protocol import AddRequest, command_decoder, encoder
+from splitserve.shared.request import SessionHint
 from splitserve.shared.sampling_params import SamplingParams
 
 
@@ -18,7 +21,8 @@ def engine(checkpoint_factory):
                           cache=CacheConfig(num_blocks=64, block_size=4))
     eng = AsyncEngine(config, "colocated")
     yield eng
-    eng.shutdown()
+    eng.shutdown(timeout_s=120)  # generous: a loaded machine is slow to exit, and this is not a timing test
+    assert eng.process.exitcode == 0  # the engine process took the Shutdown command and exited cleanly
 
 
 def _free_blocks_settle(engine, expected: int) -> None:
@@ -43,6 +47,23 @@ def test_stream_to_the_end(engine):
     _free_blocks_settle(engine, 64)
 
 
+def test_a_session_hint_crosses_to_the_engine_process(engine):
+    """prompt_cache_key's hint travels in the AddRequest command; a keyed turn runs and its
+    follow-up reuses the turn's blocks."""
+    session = SessionHint("agent-1", 600.0)
+    command = AddRequest("r", [1, 2], SamplingParams(), session=session)
+    assert command_decoder.decode(encoder.encode(command)).session == session
+
+    async def turn(request_id, prompt):
+        return [o async for o in engine.generate(request_id, prompt, SamplingParams(max_tokens=2, ignore_eos=True),
+                                                 session=session)]
+
+    first = asyncio.run(turn("s-0", list(range(10, 22))))
+    assert first[-1].finished and sum(len(o.new_token_ids) for o in first) == 2
+    follow_up = asyncio.run(turn("s-1", list(range(10, 22)) + [o.new_token_ids[0] for o in first][:1] + [3, 4]))
+    assert follow_up[-1].finished and follow_up[-1].num_cached_tokens >= 12
+
+
 def test_a_lagging_consumer_gets_merged_deltas_with_every_token_in_order(engine):
     """A consumer that stops reading while the engine runs on gets what piled up as one delta;
     the tokens are those of a consumer that kept up (greedy), in order, with one final output."""
@@ -54,7 +75,9 @@ def test_a_lagging_consumer_gets_merged_deltas_with_every_token_in_order(engine)
     async def lagging():
         stream = engine.generate("lags", [5, 6, 7, 8, 9], params)
         first = await stream.__anext__()
-        while "lags" in engine.core.requests:  # let the engine finish the request unread
+        for _ in range(3000):  # let the engine finish the request unread (its stats say so)
+            if engine.load().num_running == 0 and engine.load().num_waiting == 0:
+                break
             await asyncio.sleep(0.01)
         return [first] + [o async for o in stream]
 
@@ -106,3 +129,14 @@ def test_bad_request_raises_from_generate(engine):
 
     with pytest.raises(RequestError, match="maximum context length"):
         asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+
+def test_an_engine_that_cannot_start_is_a_clear_startup_error(tmp_path):
+    """A bad checkpoint fails in the engine process; the reason comes back as EngineStartupError
+    (the worker turns it into a start-up failure, exit code 1), and the process is gone."""
+    (tmp_path / "config.json").write_text("{this is not json")
+    config = EngineConfig(model=ModelConfig(model=str(tmp_path), device="cpu"), cache=CacheConfig(num_blocks=8))
+    with pytest.raises(EngineStartupError, match="the engine could not start: .*") as failure:
+        AsyncEngine(config, "prefill")
+    assert "json" in str(failure.value).lower() or "config" in str(failure.value).lower()
+    assert not [p for p in multiprocessing.active_children() if p.name == "splitserve-engine-prefill"]

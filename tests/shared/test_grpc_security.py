@@ -91,6 +91,33 @@ def test_without_the_token_every_rpc_but_health_is_refused():
     assert set(_run(server, GrpcSecurity(token="t" * 64)).values()) == {grpc.StatusCode.OK}
 
 
+def test_the_standard_health_service_answers_probes_without_the_token():
+    """Kubernetes' gRPC probes (grpc.health.v1, services/worker/health.py) send no credentials."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from splitserve.services.worker.health import WorkerHealth
+
+    async def probe():
+        security = GrpcSecurity(token="t" * 64)
+        server = aio_server(security=security)
+        pb_grpc.add_WorkerServicer_to_server(Echo(), server)
+        health = WorkerHealth(server)
+        port = add_port(server, "127.0.0.1:0", security)
+        await server.start()
+        await health.serving()
+        try:
+            async with aio_channel(f"127.0.0.1:{port}", security=GrpcSecurity()) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="liveness"), timeout=10)
+                return reply.status, (await _calls(pb_grpc.WorkerStub(channel)))["GetLoad"]
+        finally:
+            await server.stop(None)
+
+    status, get_load = asyncio.run(probe())
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert get_load == grpc.StatusCode.UNAUTHENTICATED
+
+
 def _key():
     from cryptography.hazmat.primitives.asymmetric import ec
     return ec.generate_private_key(ec.SECP256R1())

@@ -247,7 +247,9 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     assert out.token_ids[0] not in (eos, stop)
     assert out.token_ids[1] not in (eos, stop)
     assert out.token_ids[2] == eos  # min_tokens reached: no longer banned
-    assert out.token_ids[3] == eos  # ignore_eos: eos does not stop, so it is not banned (vLLM)
+    # ignore_eos: EOS does not stop the request, but min_tokens still holds it back, as vLLM 0.32
+    # does (tests/vllm_diff: cmpl_ignore_eos_min_tokens).
+    assert out.token_ids[3] not in (eos, stop)
     # Logprobs still describe the raw model distribution.
     assert out.logprobs[0] < math.log(1e-6)
 

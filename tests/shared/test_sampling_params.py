@@ -3,6 +3,7 @@ in the real engine without an error (no overflow, no type mismatch, min_tokens w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
@@ -65,6 +66,8 @@ def _bad_values(name: str, spec) -> list[typing.Any]:
                 {"a": 1.0}, [1]]
     if kind is bool:
         return [1, "yes", None]
+    if any(dataclasses.is_dataclass(a) for a in typing.get_args(kind)):  # a structured value, not a dict of it
+        return [{"regex": "a"}, "json", 5]
     below = [spec.ge - 1] if spec.ge is not None else [spec.gt]
     above = [spec.le + 1] if spec.le is not None else []
     return [math.inf, math.nan, "1", True, *below, *above]

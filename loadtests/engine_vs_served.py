@@ -1,0 +1,264 @@
+"""The engine alone against the served stack, alternating in one run, with every process's CPU.
+
+    python loadtests/engine_vs_served.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 \\
+        --output-len 128 --rounds 2 --gpu-memory-utilization 0.4
+
+Each round runs, one after the other, on the same engine settings:
+
+    engine alone    the offline engine (`LLM.generate`, as bench_offline.py) in a process of its own:
+                    every prompt at once, ignore_eos; a cold pass, then the timed pass
+    colocated       `splitserve up --colocated` driven by bench_serve.py at rate inf
+    disaggregated   a prefill and a decode worker on the same device, KV over UCX (or NCCL)
+
+While each phase runs, the CPU of every Python process on the machine is sampled (total and main
+thread, loadtests/cpu_sample.py), labelled by role (gateway, worker serving process, engine
+process, bench client), and the busiest single thread is named: a main thread near one core is the
+next bottleneck; none near one core means the device sets the pace. The table gives output tok/s
+and each served run's share of the engine alone in the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import cpu_sample  # noqa: E402
+import serve_compare  # noqa: E402  (puts the repo and tests/services on the path too)
+
+SATURATED_CORES = 0.85
+"""A thread this busy on average is treated as saturated (it cannot go faster)."""
+
+
+# ---- the engine alone (runs in a child process: `--engine-alone-json PATH`) --------------------
+
+def run_engine_alone(args: argparse.Namespace) -> None:
+    import torch
+
+    from splitserve.shared.llm import LLM
+    from splitserve.shared.sampling_params import SamplingParams
+
+    options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
+                   skip_tokenizer_init=True, device=args.device)
+    if args.model_dir:
+        options.update(load_format=args.load_format)
+    llm = LLM(args.model_dir or None, **options)
+    rng = random.Random(args.seed)
+    prompts = [{"prompt_token_ids": [rng.randrange(4096) for _ in range(args.input_len)]}
+               for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
+    elapsed = 0.0
+    for _ in ("cold", "timed"):  # the cold pass pays one-time costs (compiles, allocator growth)
+        sync()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync()
+        elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    with open(args.engine_alone_json, "w") as f:
+        json.dump({"elapsed_s": elapsed, "output_tokens": produced}, f)
+
+
+def engine_alone_phase(args: argparse.Namespace, model_argv: list[str], out_path: str) -> dict:
+    model_dir = model_argv[model_argv.index("--model") + 1] if "--model" in model_argv else ""
+    argv = [sys.executable, os.path.abspath(__file__), "--engine-alone-json", out_path, "--model-dir", model_dir,
+            "--load-format", "dummy" if "dummy" in model_argv else "auto", *_shared_argv(args)]
+    env = dict(os.environ, SPLITSERVE_CACHE=os.path.join(os.path.dirname(out_path), "cache"))  # the stacks' demo
+    subprocess.run(argv, check=True, timeout=args.phase_timeout_s, env=env)
+    result = json.load(open(out_path))
+    return {"output_throughput": result["output_tokens"] / result["elapsed_s"], "summary": None}
+
+
+def _shared_argv(args: argparse.Namespace) -> list[str]:
+    return ["--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len), "--output-len",
+            str(args.output_len), "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--device", args.device, "--seed", str(args.seed)]
+
+
+def served_phase(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    run = serve_compare.run_topology(name, args, model_argv, out_dir)[0]
+    return {"output_throughput": run["summary"]["output_throughput"], "summary": run["summary"]}
+
+
+# ---- CPU of every process, per phase ---------------------------------------------------------
+
+class PhaseSampler:
+    """A thread sampling every Python process's CPU; samples are filed under the current phase."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.phase: str | None = None
+        self.samples: dict[str, dict[tuple[int, str], list[tuple[float, float]]]] = {}
+        self.parents: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PhaseSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        previous, previous_t = cpu_sample.snapshot(), time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            current, now = cpu_sample.snapshot(), time.monotonic()
+            ticks = cpu_sample.TICKS_PER_S * (now - previous_t)
+            phase = self.phase
+            for pid, (cmdline, total, main) in current.items():
+                if phase is None or pid not in previous:
+                    continue
+                self.parents.setdefault(pid, _parent_pid(pid))
+                self.samples.setdefault(phase, {}).setdefault((pid, cmdline), []).append(
+                    ((total - previous[pid][1]) / ticks, (main - previous[pid][2]) / ticks))
+            previous, previous_t = current, now
+
+
+def _parent_pid(pid: int) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
+
+
+def process_role(pid: int, cmdline: str, commands: dict[int, str], parents: dict[int, int]) -> str | None:
+    """A short name for a process of the benchmark, or None for one that is not part of it."""
+    for role in ("gateway", "prefill", "decode", "worker"):
+        if f"splitserve.cli {role} " in cmdline:
+            return "gateway" if role == "gateway" else f"{role} serving"
+    if "splitserve.cli up" in cmdline:
+        return "launcher"
+    if "--engine-alone-json" in cmdline:
+        return "engine alone"
+    if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+        parent = commands.get(parents.get(pid, 0), "")
+        for role in ("prefill", "decode", "worker"):
+            if f"splitserve.cli {role} " in parent:
+                return f"{role} engine process"
+        if "--engine-alone-json" in parent:
+            return "engine alone"
+    if pid == os.getpid():
+        return "bench client"
+    return None
+
+
+def phase_cpu(series: dict[tuple[int, str], list[tuple[float, float]]], parents: dict[int, int]) -> list[tuple]:
+    """(role, pid, mean total cores, mean main-thread cores, peak total) over the busy samples."""
+    commands = {pid: cmdline for pid, cmdline in series}
+    rows = []
+    for (pid, cmdline), values in series.items():
+        role = process_role(pid, cmdline, commands, parents)
+        busy = [v for v in values if v[0] >= 0.05]
+        if role is None or not busy:
+            continue
+        rows.append((role, pid, sum(v[0] for v in busy) / len(busy), sum(v[1] for v in busy) / len(busy),
+                     max(v[0] for v in values)))
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def bottleneck(rows: list[tuple]) -> str:
+    if not rows:
+        return "no process of the benchmark was sampled busy"
+    role, pid, _, main, _ = max(rows, key=lambda row: row[3])
+    if main >= SATURATED_CORES:
+        return f"{role} (pid {pid}): its main thread runs at {main:.2f} cores, the next bottleneck"
+    return (f"no thread is saturated (busiest main thread: {role}, {main:.2f} cores): the device or the "
+            "engine's kernels set the pace")
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def print_report(results: list[tuple[int, str, dict]], cpu: dict[str, list[tuple]], args) -> None:
+    print(f"\n{args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), ignore_eos, rate inf, "
+          f"model {args.model or args.shape}, device {args.device}; latencies in ms")
+    header = (f"{'round':>5s} {'system':16s} {'out tok/s':>10s} {'of engine':>10s} {'TTFT p50':>9s} "
+              f"{'TPOT p50':>9s} {'ITL p50':>8s} {'ITL p99':>8s}")
+    print(header + "\n" + "-" * len(header))
+    engine = {rnd: r["output_throughput"] for rnd, name, r in results if name == "engine alone"}
+    for rnd, name, r in results:
+        line = f"{rnd:5d} {name:16s} {r['output_throughput']:10.0f} {r['output_throughput'] / engine[rnd]:9.0%}"
+        s = r["summary"]
+        if s:
+            line += (f" {s['ttft']['median_ms']:9.1f} {s['tpot']['median_ms']:9.2f} {s['itl']['median_ms']:8.2f}"
+                     f" {s['itl']['percentiles_ms']['p99']:8.2f}")
+        print(line)
+    print("\nCPU per process, mean cores while busy (total / main thread), per phase:")
+    for phase, rows in cpu.items():
+        print(f"  {phase}")
+        for role, pid, total, main, peak in rows:
+            print(f"    {role:24s} pid {pid:7d}  {total:5.2f} / {main:5.2f}  (peak {peak:.2f})")
+        print(f"    -> {bottleneck(rows)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(serve_compare.SHAPES))
+    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    p.add_argument("--topologies", default="colocated,disaggregated")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (engine alone, each topology)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="per engine: the disaggregated pair shares one GPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gateway-processes", type=int, default=1)
+    p.add_argument("--session-window", type=int, default=None)
+    p.add_argument("--transfer-backend", default="ucx", choices=("ucx", "nccl"))
+    p.add_argument("--ucx-tls", default=None)
+    serve_compare.add_stack_args_flag(p)
+    p.add_argument("--cpu-interval-s", type=float, default=0.5)
+    p.add_argument("--phase-timeout-s", type=float, default=1800.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--engine-alone-json", default=None, help=argparse.SUPPRESS)  # the child's mode
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-format", default="auto", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.engine_alone_json:
+        run_engine_alone(args)
+        return 0
+    args.rates, args.goodput, args.colocated_workers = "inf", [], 1  # what serve_compare.run_topology reads
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="engine-vs-served-")
+    os.makedirs(out_dir, exist_ok=True)
+    model_argv = serve_compare.model_args(args)
+    results: list[tuple[int, str, dict]] = []
+    with PhaseSampler(args.cpu_interval_s) as sampler:
+        for rnd in range(1, args.rounds + 1):
+            for name in ["engine alone", *args.topologies.split(",")]:
+                sampler.phase = f"round {rnd} {name}"
+                if name == "engine alone":
+                    result = engine_alone_phase(args, model_argv, os.path.join(out_dir, f"engine-{rnd}.json"))
+                else:
+                    result = served_phase(name, args, model_argv, out_dir)
+                sampler.phase = None
+                results.append((rnd, name, result))
+                print(f"round {rnd} {name}: {result['output_throughput']:.0f} output tok/s", flush=True)
+    cpu = {phase: phase_cpu(series, sampler.parents) for phase, series in sampler.samples.items()}
+    print_report(results, cpu, args)
+    with open(os.path.join(out_dir, "engine_vs_served.json"), "w") as f:
+        json.dump({"args": vars(args), "results": [{"round": rnd, "system": name, **r} for rnd, name, r in results],
+                   "cpu": cpu}, f, indent=1)
+    failed = sum(r["summary"]["failed"] for _, _, r in results if r["summary"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The engine process: `EngineCore` in an interpreter of its own, a busy step loop fed over ZeroMQ.
+
+    serving process (gRPC, asyncio)  ──PUSH commands──▶  engine process (this module)
+         shared/async_engine.py      ◀──PUSH events────  one EngineStep per step, all requests
+
+The step loop shares no interpreter lock with RPC serving or serialization: the serving process
+decodes protobuf, runs the gRPC event loop and encodes replies; this one only drains commands,
+steps, and sends each step's outputs as one msgpack message (shared/engine_protocol.py). The KV
+connector (ZMQ control, UCX/NCCL data) lives here, beside the block pool it reads and writes.
+
+Lifecycle:
+
+    spawned by AsyncEngine ─▶ EngineCore built (model, KV pool, connector) ─▶ EngineReady
+                         └─(it raised)─▶ EngineStartFailed, exit 1
+    loop: drain commands ─▶ step while there is work ─▶ EngineStep ─▶ ...
+          Shutdown ─▶ connector closed, exit 0
+          a step raised ─▶ EngineFailed, exit 1 (the serving process fails its streams and exits)
+          the parent died ─▶ exit (PR_SET_PDEATHSIG kills it at once; the parent pid is also
+                             checked whenever the loop is idle)
+
+SIGINT is ignored here: Ctrl-C reaches the whole process group, and the serving process stops
+the engine itself, after its gRPC server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+import uuid
+
+import zmq
+
+from splitserve.shared.engine import EngineCore, EngineOutput, KvTransferParams
+from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
+                                               EngineStartFailed, EngineStep, Shutdown, command_decoder, encoder)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 50
+"""How long an idle loop waits for a command before it checks its parent and its stats again."""
+KV_POLL_S = 0.0005
+"""With only remote KV in flight there is nothing to step: poll the connector again this soon."""
+_PR_SET_PDEATHSIG = 1
+
+
+def run_engine_process(config, role: str, connector_factory, command_address: str, event_address: str,
+                       parent_pid: int, log_level: int) -> None:
+    """The process's target (multiprocessing, spawn). Exits 0 after Shutdown, 1 on failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s engine-{role} %(name)s: %(message)s")
+    context = zmq.Context()
+    commands, events = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    commands.connect(command_address)
+    events.connect(event_address)
+    try:
+        code = _serve(config, role, connector_factory, commands, events, parent_pid)
+    finally:
+        commands.close(linger=0)
+        events.close(linger=5000)  # the last message (a failure, say) must reach the parent
+        context.term()
+    raise SystemExit(code)
+
+
+def _serve(config, role, connector_factory, commands, events, parent_pid) -> int:
+    try:
+        core = EngineCore(config, connector_factory)
+    except Exception as exc:  # a bad checkpoint, no memory: the worker's start-up fails with this
+        logger.exception("engine start-up failed")
+        events.send(encoder.encode(EngineStartFailed(f"{type(exc).__name__}: {exc}")))
+        return 1
+    try:
+        instance_id = getattr(core.connector, "instance_id", None) or f"{role}-{uuid.uuid4().hex[:12]}"
+        events.send(encoder.encode(EngineReady(instance_id, core.max_model_len, core.block_size, core.stats())))
+        return EngineLoop(core, commands, events, parent_pid).run()
+    finally:
+        core.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent goes (no orphaned engine holding a GPU)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the idle parent-pid check still ends the loop
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(1)
+
+
+class EngineLoop:
+    """Drain commands, step, send one EngineStep per step; only this thread touches the core."""
+
+    def __init__(self, core: EngineCore, commands: zmq.Socket, events: zmq.Socket, parent_pid: int) -> None:
+        self.core, self.commands, self.events, self.parent_pid = core, commands, events, parent_pid
+        self.pending: list[EngineOutput] = []
+        """Outputs made by commands (an abort's final output) that go out with the next message."""
+        self.rejected: list[tuple[str, str]] = []
+        self.last_report = None
+        self.poller = zmq.Poller()
+        self.poller.register(commands, zmq.POLLIN)
+
+    def run(self) -> int:
+        try:
+            while True:
+                if not self.core.has_unfinished_requests() and not self.poller.poll(IDLE_POLL_MS):
+                    if os.getppid() != self.parent_pid:
+                        logger.error("the serving process is gone; the engine process exits")
+                        return 1
+                    self._send_step([])  # connector counters may have moved on their own threads
+                    continue
+                if not self._drain_commands():
+                    return 0
+                self._step()
+        except Exception as exc:  # the engine is unusable: say why, then exit for a restart
+            logger.exception("engine step loop died")
+            self.events.send(encoder.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
+            return 1
+
+    def _step(self) -> None:
+        core = self.core
+        if not core.has_unfinished_requests():
+            self._send_step([])
+            return
+        outputs = core.step()
+        self._send_step(outputs)
+        if not outputs and not core.scheduler.running and not core.scheduler.waiting:
+            time.sleep(KV_POLL_S)  # only remote KV in flight
+
+    def _send_step(self, outputs: list[EngineOutput]) -> None:
+        """One message with every request's outputs of this step, plus the stats after it; nothing
+        when there is nothing new (an idle loop, or a step that only polled a transfer)."""
+        counters = self._counters()
+        connector = self.core.connector
+        failure = connector.failure() if connector is not None else None
+        report = (self.core.stats(), counters, failure)
+        if self.pending:
+            outputs, self.pending = self.pending + outputs, []
+        if not outputs and not self.rejected and report == self.last_report:
+            return
+        self.last_report = report
+        step = EngineStep(outputs, self.rejected, report[0], counters, failure)
+        self.rejected = []
+        self.events.send(encoder.encode(step), copy=False)
+
+    def _counters(self) -> dict[str, int]:
+        connector = self.core.connector
+        if connector is None:
+            return {}
+        return {k: int(v) for k, v in connector.stats().items() if isinstance(v, (int, float))}
+
+    def _drain_commands(self) -> bool:
+        """Apply every queued command; False once Shutdown arrived."""
+        while True:
+            try:
+                message = self.commands.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            command = command_decoder.decode(message.buffer)
+            if isinstance(command, Shutdown):
+                return False
+            if isinstance(command, AbortRequest):
+                self._abort(command)
+            else:
+                self._add(command)
+
+    def _abort(self, command: AbortRequest) -> None:
+        found = self.core.abort_request(command.request_id)
+        if found:
+            # Someone may still read the stream (an Abort RPC, not the stream's own cancellation):
+            # it must end rather than wait for tokens that never come.
+            self.pending.append(EngineOutput(command.request_id, finished=True, finish_reason="abort"))
+        if command.reply_id is not None:
+            self._send_step([])  # the abort's final output goes first
+            self.events.send(encoder.encode(AbortResult(command.reply_id, found)))
+
+    def _add(self, command: AddRequest) -> None:
+        kv_transfer = KvTransferParams(hold=True) if command.hold_kv else (
+            KvTransferParams(handle=command.kv_handle) if command.kv_handle is not None else None)
+        try:
+            self.core.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                  priority=command.priority, kv_transfer=kv_transfer, first_token=command.first_token,
+                                  session=command.session)
+        except ValueError as exc:
+            self.rejected.append((command.request_id, str(exc)))

@@ -1,0 +1,220 @@
+"""Constrained decoding with xgrammar: compile a request's spec, track it token by token, mask.
+
+    GrammarCompiler.submit(spec) ─▶ Future[CompiledGrammar]   (worker thread, cached per spec)
+    RequestGrammar(compiled, stop tokens, tokens so far)       (one matcher per request)
+        .fill(bitmask, row)   the tokens allowed next, as one row of a [N, ceil(V/32)] int32 bitmask
+        .accept(token)        advance; False if the grammar forbids the token
+        .terminated           the grammar is complete (the request ends with finish_reason stop)
+
+The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the
+compile thread) and to the model's vocabulary size, which can exceed the tokenizer's: ids past
+the tokenizer are never allowed. Compiling runs on a worker thread so the step loop never waits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import xgrammar as xgr
+
+from splitserve.shared.request import Request, RequestStatus
+from splitserve.shared.structured_outputs import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+CACHE_SIZE = 512
+"""Compiled grammars kept (LRU), failures included, so a bad schema is not recompiled."""
+
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+class GrammarError(ValueError):
+    """The spec does not compile; the message names the problem."""
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+class GrammarCompiler:
+    """Compiles specs for one tokenizer on a worker thread; results are cached per spec."""
+
+    def __init__(self, model_dir: str, vocab_size: int, num_threads: int = 1) -> None:
+        self.model_dir, self.vocab_size = model_dir, vocab_size
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="grammar")
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+
+    def submit(self, spec: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar (raises GrammarError from `result()` if it does not compile)."""
+        key = spec.key()
+        with self._lock:
+            future = self._cache.get(key)
+            if future is None:
+                future = self._cache[key] = self._pool.submit(self._compile, spec)
+                if len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        compiler = self._xgrammar_compiler()
+        try:
+            return _compile_spec(compiler, spec)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GrammarError(f"invalid structured_outputs.{spec.kind}: {_clean(exc)}") from None
+
+    def _xgrammar_compiler(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:  # only the compile thread gets here
+            from splitserve.shared.tokenizer import load_tokenizer
+
+            try:
+                tokenizer = load_tokenizer(self.model_dir)
+            except Exception as exc:  # a config-only checkpoint (benchmarks) has no tokenizer
+                raise GrammarError(f"structured outputs need the model's tokenizer: {exc}") from None
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+
+def _compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    # Compact JSON (no free whitespace): a small or weak model otherwise pads with whitespace
+    # until max_tokens instead of closing the object.
+    kind = spec.kind
+    if kind in ("json", "json_object"):
+        schema = spec.json_text() if kind == "json" else json.dumps({"type": "object"})
+        return compiler.compile_grammar(json_schema_grammar(schema))
+    if kind == "regex":
+        return compiler.compile_regex(spec.regex)
+    if kind == "choice":
+        return compiler.compile_grammar(choice_grammar(spec.choice))
+    return compiler.compile_grammar(spec.grammar)
+
+
+_LENGTH_BOUNDED_CHAR = '[^\\"\\\\\\r\\n]'
+"""xgrammar 0.2.9 writes a string with minLength/maxLength as repeats of this class, which lets raw
+control characters (U+0000-U+001F) in: JSON forbids them, so they are excluded (as its unbounded
+strings do); the rest of the grammar is xgrammar's own."""
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
+
+
+def json_schema_grammar(schema: str) -> str:
+    """The EBNF of a JSON schema, compact (no free whitespace between tokens)."""
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF whose language is exactly `choices` (JSON string literals are xgrammar literals)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _clean(exc: BaseException) -> str:
+    """xgrammar's C++ messages start with a time stamp and a source location: keep the reason."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return _LOCATION.sub("", lines[0] if lines else type(exc).__name__).strip()
+
+
+class RequestGrammar:
+    """One request's matcher, advanced with every token the request accepts."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: Sequence[int],
+                 token_ids: Sequence[int] = ()) -> None:
+        # No stop token (ignore_eos): the request ends when the grammar is complete.
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None,
+                                          terminate_without_stop_token=not stop_token_ids)
+        for token_id in token_ids:  # the decode side and a preempted request rebuild from the tokens
+            if not self.accept(token_id):
+                raise GrammarError(f"token {token_id} does not match the grammar")
+
+    def accept(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+class BitmaskBuilder:
+    """Builds a step's bitmask [N, ceil(V/32)] int32 on the host, all rows at once on xgrammar's
+    threads (one matcher's fill is tens of microseconds on a large vocabulary, a batch of
+    hundreds must not cost milliseconds of the step loop's time)."""
+
+    def __init__(self, vocab_size: int, pin_memory: bool, max_threads: int = 4) -> None:
+        self.width, self.pin_memory = bitmask_width(vocab_size), pin_memory
+        self._batch = xgr.BatchGrammarMatcher(max(1, min(max_threads, os.cpu_count() or 1)))
+
+    def build(self, grammars: Sequence[RequestGrammar | None]) -> tuple[torch.Tensor, list[int]] | None:
+        """The bitmask and the rows that carry a live grammar (others stay all-allowed);
+        None when no row has one."""
+        rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+        if not rows:
+            return None
+        bitmask = torch.full((len(grammars), self.width), -1, dtype=torch.int32, pin_memory=self.pin_memory)
+        self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], bitmask, rows)
+        return bitmask, rows
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set the logits [N, V] of forbidden tokens to -inf in the given rows, in place, on the
+    logits' device (xgrammar's kernel: Triton on CUDA, a CPU kernel otherwise)."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[1], indices=rows)
+
+
+class GrammarWaitlist:
+    """Requests of one engine waiting for their grammar (WAITING_FOR_GRAMMAR), out of the scheduler."""
+
+    def __init__(self, compiler: GrammarCompiler, timeout_s: float) -> None:
+        self.compiler, self.timeout_s = compiler, timeout_s
+        self._waiting: dict[str, tuple[Request, Future, RequestStatus, float]] = {}
+
+    def add(self, req: Request) -> None:
+        """Start compiling; the request's status is restored once its grammar is ready."""
+        future = self.compiler.submit(req.sampling_params.structured_outputs)
+        self._waiting[req.request_id] = (req, future, req.status, time.monotonic() + self.timeout_s)
+        req.status = RequestStatus.WAITING_FOR_GRAMMAR
+
+    def remove(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def poll(self) -> tuple[list[Request], list[tuple[Request, str]]]:
+        """(requests whose matcher is now built, (request, why) of those that cannot have one)."""
+        ready, failed, now = [], [], time.monotonic()
+        for request_id, (req, future, status, deadline) in list(self._waiting.items()):
+            if not future.done():
+                if now > deadline:
+                    del self._waiting[request_id]
+                    failed.append((req, f"the structured_outputs grammar did not compile within {self.timeout_s} s"))
+                continue
+            del self._waiting[request_id]
+            try:  # the decode side's outputs already hold the first token: the matcher accepts it
+                req.grammar = RequestGrammar(future.result(), sorted(req.eos_token_ids), req.output_token_ids)
+            except GrammarError as exc:
+                failed.append((req, str(exc)))
+                continue
+            req.status = status
+            ready.append(req)
+        return ready, failed

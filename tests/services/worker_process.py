@@ -1,0 +1,72 @@
+"""Test support: one real worker process (`splitserve worker|prefill|decode`) on a free port.
+
+    with WorkerProcess("worker", model_dir, tmp_path) as worker:
+        worker.address          # host:port its gRPC server listens on
+        worker.output()         # everything it printed so far
+
+Stopping sends SIGTERM, as Kubernetes does, and waits for the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+READY_TIMEOUT_S = 180.0
+_READY = re.compile(r"splitserve \w+ ready on ([\d.]+):(\d+)")
+
+
+class WorkerProcess:
+    def __init__(self, command: str, model_dir: str, cache_dir, *extra_args: str) -> None:
+        argv = [sys.executable, "-m", "splitserve.cli", command, "--host", "127.0.0.1", "--port", "0",
+                "--model", model_dir, "--device", "cpu", *extra_args]
+        env = dict(os.environ, SPLITSERVE_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: list[str] = []
+        self._ready = threading.Event()
+        self.address = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            if (match := _READY.search(line)) and not self._ready.is_set():
+                self.address = f"{match[1]}:{match[2]}"
+                self._ready.set()
+        self._ready.set()  # exited before it was ready: __enter__ reports it
+
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def __enter__(self) -> "WorkerProcess":
+        if not self._ready.wait(READY_TIMEOUT_S) or not self.address:
+            self.kill()
+            raise RuntimeError(f"worker did not become ready:\n{self.output()}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
