@@ -47,6 +47,8 @@ DIFFERENCES: list[tuple[str, str, str]] = [
     ("version", "version", "splitserve's own version"),
     ("cmpl_echo*stream", "choices.*.prompt_token_ids", "vLLM adds the prompt's token ids to the first chunk of an "
                                                        "echoed stream, a field OpenAI does not have"),
+    ("*", "*usage.prompt_tokens_details", "OpenAI's usage.prompt_tokens_details.cached_tokens (issue 11) is always "
+                                          "sent, as OpenAI does; vLLM sends it only with --enable-prompt-tokens-details"),
     ("err_detokenize_outside_vocab", "*", "vLLM decodes an id outside the vocabulary to an empty string; splitserve "
                                           "answers 400 naming the id"),
 ]
