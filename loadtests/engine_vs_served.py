@@ -52,11 +52,18 @@ def run_engine_alone(args: argparse.Namespace) -> None:
                    skip_tokenizer_init=True, device=args.device)
     if args.model_dir:
         options.update(load_format=args.load_format)
-    llm = LLM(args.model_dir or None, **options)
-    rng = random.Random(args.seed)
-    prompts = [{"prompt_token_ids": [rng.randrange(4096) for _ in range(args.input_len)]}
-               for _ in range(args.num_prompts)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm = LLM(args.model_dir or None, step_trace=args.step_trace, **options)
+    if args.dataset == "sharegpt-synthetic":  # the very prompts and lengths bench_serve sends
+        from loadtests.datasets import sharegpt_synthetic_requests
+
+        samples = sharegpt_synthetic_requests(args.num_prompts, as_token_ids=True, seed=args.seed)
+        prompts = [{"prompt_token_ids": s.prompt} for s in samples]
+        params = [SamplingParams(temperature=0.0, max_tokens=s.expected_output_len, ignore_eos=True) for s in samples]
+    else:
+        rng = random.Random(args.seed)
+        prompts = [{"prompt_token_ids": [rng.randrange(4096) for _ in range(args.input_len)]}
+                   for _ in range(args.num_prompts)]
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
     elapsed = 0.0
     for _ in ("cold", "timed"):  # the cold pass pays one-time costs (compiles, allocator growth)
@@ -70,10 +77,12 @@ def run_engine_alone(args: argparse.Namespace) -> None:
         json.dump({"elapsed_s": elapsed, "output_tokens": produced}, f)
 
 
-def engine_alone_phase(args: argparse.Namespace, model_argv: list[str], out_path: str) -> dict:
+def engine_alone_phase(args: argparse.Namespace, model_argv: list[str], out_path: str, trace: str | None) -> dict:
     model_dir = model_argv[model_argv.index("--model") + 1] if "--model" in model_argv else ""
     argv = [sys.executable, os.path.abspath(__file__), "--engine-alone-json", out_path, "--model-dir", model_dir,
             "--load-format", "dummy" if "dummy" in model_argv else "auto", *_shared_argv(args)]
+    if trace:
+        argv += ["--step-trace", trace]
     env = dict(os.environ, SPLITSERVE_CACHE=os.path.join(os.path.dirname(out_path), "cache"))  # the stacks' demo
     subprocess.run(argv, check=True, timeout=args.phase_timeout_s, env=env)
     result = json.load(open(out_path))
@@ -82,14 +91,18 @@ def engine_alone_phase(args: argparse.Namespace, model_argv: list[str], out_path
 
 def _shared_argv(args: argparse.Namespace) -> list[str]:
     return ["--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len), "--output-len",
-            str(args.output_len), "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+            str(args.output_len), "--dataset", args.dataset, "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
             str(args.max_num_batched_tokens), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--device", args.device, "--seed", str(args.seed)]
 
 
-def served_phase(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> dict:
+def served_phase(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str,
+                 trace: str | None, on_ready=None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    run = serve_compare.run_topology(name, args, model_argv, out_dir)[0]
+    phase_args = argparse.Namespace(**vars(args))
+    if trace:  # every engine of the stack writes its own file ({pid})
+        phase_args.stack_args = [*args.stack_args, "--step-trace", trace.replace(".csv", "-{pid}.csv")]
+    run = serve_compare.run_topology(name, phase_args, model_argv, out_dir, on_ready)[0]
     return {"output_throughput": run["summary"]["output_throughput"], "summary": run["summary"]}
 
 
@@ -181,10 +194,31 @@ def bottleneck(rows: list[tuple]) -> str:
             "engine's kernels set the pace")
 
 
+# ---- engine step traces (--step-trace-dir) ---------------------------------------------------
+
+def _trace_path(args: argparse.Namespace, rnd: int, name: str) -> str | None:
+    if not args.step_trace_dir:
+        return None
+    os.makedirs(args.step_trace_dir, exist_ok=True)
+    return os.path.join(args.step_trace_dir, f"r{rnd}-{name.replace(' ', '-')}.csv")
+
+
+def print_step_traces(trace_dir: str) -> None:
+    """Each engine's steps in its phase's last burst: the engine alone's against the served ones'."""
+    import step_trace_summary
+
+    print("\nEngine steps (last burst of each trace; decode = one token per request; ms are medians):")
+    print(step_trace_summary.HEADER)
+    for name in sorted(os.listdir(trace_dir)):
+        steps = step_trace_summary.read_trace(os.path.join(trace_dir, name))
+        print(step_trace_summary.format_row(name, step_trace_summary.summarize(step_trace_summary.last_burst(steps, 0.5))))
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def print_report(results: list[tuple[int, str, dict]], cpu: dict[str, list[tuple]], args) -> None:
-    print(f"\n{args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), ignore_eos, rate inf, "
+    shape = f"({args.input_len} in -> {args.output_len} out)" if args.dataset == "random" else f"({args.dataset})"
+    print(f"\n{args.num_prompts} requests x {shape}, ignore_eos, rate inf, "
           f"model {args.model or args.shape}, device {args.device}; latencies in ms")
     header = (f"{'round':>5s} {'system':16s} {'out tok/s':>10s} {'of engine':>10s} {'TTFT p50':>9s} "
               f"{'TPOT p50':>9s} {'ITL p50':>8s} {'ITL p99':>8s}")
@@ -212,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topologies", default="colocated,disaggregated")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (engine alone, each topology)")
     p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--dataset", default="random", choices=("random", "sharegpt-synthetic"),
+                   help="sharegpt-synthetic: ShareGPT-like lengths (loadtests/datasets.py); --input-len and "
+                        "--output-len then do not apply")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -228,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-timeout-s", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--step-trace-dir", default=None,
+                   help="every engine writes --step-trace files here; their summary follows the table")
+    p.add_argument("--step-trace", default=None, help=argparse.SUPPRESS)  # the engine-alone child's file
     p.add_argument("--engine-alone-json", default=None, help=argparse.SUPPRESS)  # the child's mode
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--load-format", default="auto", help=argparse.SUPPRESS)
@@ -243,16 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     with PhaseSampler(args.cpu_interval_s) as sampler:
         for rnd in range(1, args.rounds + 1):
             for name in ["engine alone", *args.topologies.split(",")]:
-                sampler.phase = f"round {rnd} {name}"
+                phase = f"round {rnd} {name}"
+                trace = _trace_path(args, rnd, name)
                 if name == "engine alone":
-                    result = engine_alone_phase(args, model_argv, os.path.join(out_dir, f"engine-{rnd}.json"))
-                else:
-                    result = served_phase(name, args, model_argv, out_dir)
+                    sampler.phase = phase
+                    result = engine_alone_phase(args, model_argv, os.path.join(out_dir, f"engine-{rnd}.json"), trace)
+                else:  # sampled from when the stack is up: its start-up would hide who is busy under load
+                    result = served_phase(name, args, model_argv, out_dir, trace,
+                                          on_ready=lambda phase=phase: setattr(sampler, "phase", phase))
                 sampler.phase = None
                 results.append((rnd, name, result))
                 print(f"round {rnd} {name}: {result['output_throughput']:.0f} output tok/s", flush=True)
     cpu = {phase: phase_cpu(series, sampler.parents) for phase, series in sampler.samples.items()}
     print_report(results, cpu, args)
+    if args.step_trace_dir:
+        print_step_traces(args.step_trace_dir)
     with open(os.path.join(out_dir, "engine_vs_served.json"), "w") as f:
         json.dump({"args": vars(args), "results": [{"round": rnd, "system": name, **r} for rnd, name, r in results],
                    "cpu": cpu}, f, indent=1)

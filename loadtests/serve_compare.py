@@ -77,7 +77,9 @@ def add_stack_args_flag(p: argparse.ArgumentParser) -> None:
                    help="more `splitserve up` flags, one string, e.g. '--session-max-hold-ms 5'")
 
 
-def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> list[dict]:
+def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str,
+                 on_ready=None) -> list[dict]:
+    """`on_ready()`, when given, is called once the stack is up, just before the load starts."""
     from loadtests import bench_serve
 
     engine_argv = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -96,6 +98,10 @@ def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out
                 "--sweep-rates", args.rates, "--result-json", result_json, "--disable-tqdm", "--seed", str(args.seed)]
         if args.goodput:
             argv += ["--goodput", *args.goodput]
+        if getattr(args, "dataset", "random") != "random":
+            argv += ["--dataset", args.dataset]
+        if on_ready is not None:
+            on_ready()
         code = bench_serve.main(argv)
         with urllib.request.urlopen(stack.url + "/metrics", timeout=10) as response:
             metrics = response.read().decode()

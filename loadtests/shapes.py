@@ -10,6 +10,13 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "
                 "original_max_position_embeddings": 8192}
 
 SHAPES: dict[str, dict] = {
+    # A model with almost no compute: on CPU the engine outruns the stack around it, so a served run
+    # of it measures the serving pipeline's own cost per token (processes, RPC, HTTP).
+    "pipeline-tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+                          intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32, vocab_size=4096, max_position_embeddings=4096,
+                          rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                          bos_token_id=2, eos_token_id=1),
     "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
                          intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,

@@ -88,6 +88,9 @@ class SchedulerConfig:
     forward runs on the same cores and there is nothing to overlap."""
     grammar_compile_timeout_s: float = 30.0
     """A structured-output request whose grammar has not compiled after this long fails."""
+    step_trace: str | None = None
+    """Write one CSV line per engine step (start, duration, requests, tokens, outputs) to this
+    file: a diagnostic for where a run's time goes (shared/step_trace.py)."""
 
     def validate(self) -> None:
         if self.max_num_seqs <= 0:

@@ -50,6 +50,7 @@ from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
+from splitserve.shared.step_trace import StepTrace
 from splitserve.shared.grammar import BitmaskBuilder, GrammarCompiler, GrammarWaitlist
 
 logger = logging.getLogger(__name__)
@@ -182,12 +183,14 @@ class EngineCore:
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
         self._step_request_ids: list[str] | None = None  # the running step's requests, once scheduled
+        self._step_tokens = 0
         self._failed_steps = 0
         if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
             freeze_startup_heap()
         self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
                                         config.scheduler.grammar_compile_timeout_s)
         self._bitmasks = BitmaskBuilder(parts.info.vocab_size, pin_memory=parts.device.type == "cuda")
+        self._trace = StepTrace(config.scheduler.step_trace) if config.scheduler.step_trace else None
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -262,11 +265,15 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         self._step_request_ids = None
+        if self._trace is not None:
+            self._trace.begin()
         try:
             outputs = self._step()
         except Exception as exc:  # noqa: BLE001 - classified: a device fault re-raises
             return self._fail_step(exc)
         self._failed_steps = 0
+        if self._trace is not None:
+            self._trace.end(len(self._step_request_ids or ()), self._step_tokens, len(outputs))
         return outputs
 
     def _fail_step(self, exc: Exception) -> list[EngineOutput]:
@@ -294,6 +301,7 @@ class EngineCore:
         self.kv.sessions.expire(time.monotonic())
         sched = self.scheduler.schedule()
         self._step_request_ids = [s.request.request_id for s in sched.scheduled]
+        self._step_tokens = sched.num_batched_tokens
         for req, source, block_ids in sched.kv_loads:
             if source is getattr(req.kv_transfer, "handle", None):
                 self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
@@ -539,6 +547,8 @@ class EngineCore:
 
     def close(self) -> None:
         self.grammars.compiler.close()
+        if self._trace is not None:
+            self._trace.close()
         if self.connector is not None:
             self.connector.close()
 

@@ -49,7 +49,8 @@ def check_unicode(value: Any, path: str) -> None:
             check_unicode(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            check_unicode(item, f"{path}[{i}]")
+            if isinstance(item, (str, dict, list)):  # a prompt's thousands of token ids: no path strings
+                check_unicode(item, f"{path}[{i}]")
 
 
 def _constrained(name: str, spec: FieldSpec) -> Any:

@@ -18,8 +18,13 @@ it admits megabytes of small messages before it pushes back. A client that never
 not limited.
 
 The merging is bounded (`SessionConfig`): a chunk held `max_hold_ms` since the outbox filled, or
-one that gathered `max_merged_tokens`, is sent without credit (such a message uses none), so the
-gateway's cadence cannot stretch the inter-token latency past the bound.
+one that gathered `max_merged_tokens`, is sent ahead of credit, so a gateway that is only slow to
+grant credit cannot stretch the inter-token latency past the bound. Such a message borrows the
+credit the client will grant for it, and only one message is ever borrowed: a gateway that takes
+longer than the bound to handle a message (hundreds of streams on one process) then gets the
+merged chunks it can keep up with, not a backlog. (When sends ahead of credit used none, every one
+of them widened the window for good, and at full load the gateway fell behind the engine by most
+of a second by the end of a run.)
 
 A request that fails ends with a chunk carrying `error` (the status its Generate call would have
 ended with); the session goes on. An abort command, the client ending the call, or the call
@@ -78,14 +83,13 @@ class _Session:
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
-                if self.outbox and (self.credit is None or self.credit > 0 or self._held_too_long()):
-                    counted = self.credit is not None and self.credit > 0
+                if self.outbox and self._may_send():
                     for message in split_output(self._take_outbox()):
-                        if counted:
-                            self.credit -= 1
+                        if self.credit is not None:
+                            self.credit -= 1  # below zero: borrowed, repaid by the client's next grant
                         yield message
                     continue  # more may have arrived while the message was written
-                if self.outbox:
+                if self.outbox and self.credit == 0:  # below zero only the client's grant can help
                     self._arm_hold_timer()
                 if reader.done() and not self.tasks:
                     reader.result()  # a failed command stream fails the call
@@ -157,6 +161,12 @@ class _Session:
             self.hold_timer.cancel()
             self.hold_timer = None
         return chunks
+
+    def _may_send(self) -> bool:
+        """Credit left, or a merging bound passed while no message is borrowed yet."""
+        if self.credit is None or self.credit > 0:
+            return True
+        return self.credit == 0 and self._held_too_long()
 
     def _held_too_long(self) -> bool:
         """True when the waiting chunks passed a merging bound and go out without credit."""

@@ -204,10 +204,11 @@ def _reference_tokens(stub, rid: str, prompt: list[int], max_tokens: int):
     return run()
 
 
-def test_a_chunk_that_reached_the_token_bound_goes_out_without_credit(engine):
-    """max_merged_tokens=3, no time bound, one credit: after the first message, every message the
-    worker sends on its own carries chunks that reached 3 tokens; the remainder (< 3) waits for
-    credit. Tokens are those of the Generate RPC, in order."""
+def test_a_chunk_that_reached_the_token_bound_goes_out_borrowing_one_credit(engine):
+    """max_merged_tokens=3, no time bound, one credit: the first message uses it; then a chunk
+    that reached 3 tokens goes out ahead of credit, borrowing it, and nothing more comes until the
+    client grants again (one message borrowed at most: a slow client gets merged chunks, never a
+    backlog). Tokens are those of the Generate RPC, in order."""
     prompt, max_tokens = [5, 6, 7, 8], 12
 
     async def run():
@@ -218,18 +219,17 @@ def test_a_chunk_that_reached_the_token_bound_goes_out_without_credit(engine):
             commands.send(credit=1)
             commands.send(generate=_generate("capped", prompt, max_tokens))
             tokens = list((await _next(outputs)).chunks[0].token_ids)
-            finished = False
-            while not finished and len(tokens) + 3 <= max_tokens:
-                (chunk,) = (await _next(outputs)).chunks  # sent without credit
-                assert len(chunk.token_ids) >= 3
+            (borrowed,) = (await _next(outputs)).chunks  # ahead of credit: it reached the bound
+            assert len(borrowed.token_ids) >= 3 or borrowed.HasField("finish_reason")
+            tokens += borrowed.token_ids
+            finished = borrowed.HasField("finish_reason")
+            if not finished:  # the debt is not repaid: the rest waits, merging, however long it takes
+                await _blocks_back(engine)  # the engine ran the request to its end meanwhile
+                commands.send(credit=1)  # repays the debt; the overfull rest then borrows again
+                (chunk,) = (await _next(outputs)).chunks  # all of the rest: nothing went out unasked
                 tokens += chunk.token_ids
                 finished = chunk.HasField("finish_reason")
-            while not finished:  # the remainder, under 3 tokens, waits for credit
-                commands.send(credit=1)
-                (chunk,) = (await _next(outputs)).chunks
-                tokens += chunk.token_ids
-                finished = chunk.HasField("finish_reason")
-            assert tokens == reference and chunk.finish_reason == "length"
+            assert finished and tokens == reference
             commands.queue.put_nowait(None)
             assert [o async for o in outputs] == []
             await _blocks_back(engine)
@@ -237,22 +237,30 @@ def test_a_chunk_that_reached_the_token_bound_goes_out_without_credit(engine):
     asyncio.run(run())
 
 
-def test_a_chunk_held_past_the_time_bound_goes_out_without_credit(engine):
-    """max_hold_ms=1 and one credit: the whole request still arrives, finished, without another
-    credit (without the bound it would wait for one forever; see the test above)."""
+def test_a_chunk_held_past_the_time_bound_goes_out_borrowing_one_credit(engine):
+    """max_hold_ms=1 and one credit: the first message uses it; the next goes out without another
+    grant once held 1 ms (without the bound it would wait for one forever), and then nothing more
+    until the client grants: the rest comes as one message."""
     async def run():
         async with _serving(engine, SessionConfig(max_hold_ms=1, max_merged_tokens=0)) as stub:
-            reference = await _reference_tokens(stub, "ref-timed", [9, 8, 7, 6], 10)
+            reference = await _reference_tokens(stub, "ref-timed", [9, 8, 7, 6], 24)
             commands = _Commands()
             outputs = stub.Session(commands.__aiter__(), timeout=60).__aiter__()
             commands.send(credit=1)
-            commands.send(generate=_generate("timed", [9, 8, 7, 6], 10))
+            commands.send(generate=_generate("timed", [9, 8, 7, 6], 24))
             tokens, finished = [], False
-            while not finished:
-                for chunk in (await _next(outputs)).chunks:
+            for _ in range(2):  # the granted message, then the borrowed one
+                if not finished:
+                    (chunk,) = (await _next(outputs)).chunks
                     tokens += chunk.token_ids
                     finished = chunk.HasField("finish_reason")
-            assert tokens == reference
+            if not finished:
+                await _blocks_back(engine)
+                commands.send(credit=1)
+                (chunk,) = (await _next(outputs)).chunks
+                tokens += chunk.token_ids
+                finished = chunk.HasField("finish_reason")
+            assert finished and tokens == reference
             commands.queue.put_nowait(None)
             assert [o async for o in outputs] == []
 
