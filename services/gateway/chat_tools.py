@@ -8,6 +8,13 @@
 
 Forcing a call relies on structured outputs (the grammar-constrained sampler): the JSON schema
 of the call goes to the workers as the request's `structured_outputs`, as vLLM does it.
+
+A tool's `strict` is accepted and changes nothing: with `required` or a named function the
+arguments are always decoded under the tool's schema, strict or not (OpenAI's strict guarantee);
+with `auto` decoding is free and a call's arguments are the model's JSON, checked as JSON, not
+against the schema. Constraining only the inside of a call, once the model opens one, needs a
+grammar triggered by the parser's marker (xgrammar's structural tags), which the structured-output
+spec does not carry.
 """
 
 from __future__ import annotations

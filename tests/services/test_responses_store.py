@@ -187,3 +187,38 @@ def test_chat_tool_definitions_refuse_unknown_keys(stack):
     resp = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10, json={
         "model": MODEL, "messages": [{"role": "user", "content": ASK}], "tools": [tool]})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools.0.function.examples", resp.text
+
+
+# ---- the real stack: two gateway processes, one store ------------------------------------------
+
+@pytest.mark.slow
+def test_a_conversation_continues_on_either_gateway_process(tmp_path):
+    """Each request on a new connection, so the kernel spreads them over both processes (their
+    pids, from /health, show both serve); with a store per process about half the next turns,
+    retrievals and deletions would miss. The second turn reuses the first's KV (cached_tokens)."""
+    from stack import LocalStack
+
+    clients = []
+
+    def fresh():  # a client of its own: a new connection
+        clients.append(openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60))
+        return clients[-1]
+
+    question = "Tell me about the weather in Paris today, and what I should wear for a long walk outside."
+    with LocalStack(["--colocated", "--gateway-processes", "2"], str(tmp_path)) as stack:
+        assert len({httpx.get(f"{stack.url}/health").json()["pid"] for _ in range(40)}) == 2
+        for turn in range(8):
+            first = fresh().responses.create(model="splitserve-demo", input=f"{turn}: {question}",
+                                             max_output_tokens=4, temperature=0)
+            second = fresh().responses.create(model="splitserve-demo", input="And tomorrow?", max_output_tokens=4,
+                                              temperature=0, previous_response_id=first.id)
+            assert second.previous_response_id == first.id
+            assert second.usage.input_tokens > first.usage.input_tokens
+            assert second.usage.input_tokens_details.cached_tokens > 0
+            assert fresh().responses.retrieve(second.id).output_text == second.output_text
+            assert [i.content[0].text for i in fresh().responses.input_items.list(second.id)] == ["And tomorrow?"]
+            fresh().responses.delete(first.id)
+            with pytest.raises(openai.NotFoundError):
+                fresh().responses.retrieve(first.id)
+            while clients:
+                clients.pop().close()
