@@ -103,11 +103,15 @@ class ResponseStore:
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
-            logger.error("response store: %s took over %.1f s; treated as not found", method.__name__, self.timeout_s)
+            logger.error("response store: %s took over %.1f s; answered as for an empty store", method.__name__,
+                         self.timeout_s)
             return default
 
     def close(self) -> None:
-        self._thread.submit(self._close_connection).result(timeout=self.timeout_s)
+        try:
+            self._thread.submit(self._close_connection).result(timeout=self.timeout_s)
+        except TimeoutError:  # an access still holds the thread; the process is ending anyway
+            logger.error("response store: not closed within %.1f s", self.timeout_s)
         self._thread.shutdown(wait=False)
 
     # ---- the same, blocking (the store's thread; tests) ---------------------------------

@@ -5,9 +5,11 @@ gateway processes, a conversation continued on whichever process takes the conne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import sqlite3
 
 import httpx
 import openai
@@ -70,6 +72,24 @@ def test_a_corrupt_or_missing_store_is_not_found_and_logged(tmp_path, caplog):
     os.rmdir(tmp_path / "gone")
     assert missing.get_now("resp_1") is None
     missing.close()
+
+
+def test_a_store_locked_past_its_timeout_keeps_nothing_and_then_recovers(tmp_path, caplog):
+    store = ResponseStore(str(tmp_path), max_size=8, ttl_s=60.0, timeout_s=0.2)
+    store.put_now(_record("resp_1"))
+    holder = sqlite3.connect(str(tmp_path / DATABASE_FILE), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    with caplog.at_level(logging.ERROR, "splitserve.services.gateway.response_store"):
+        asyncio.run(store.put(_record("resp_2")))  # gives up after its timeout (SQLite's or the wait's)
+    assert "database is locked" in caplog.text or "took over 0.2 s" in caplog.text
+    # WAL: readers do not wait for the writer (this one runs after the put on the store's thread)
+    assert asyncio.run(store.get("resp_1")) is not None
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert asyncio.run(store.get("resp_2")) is None
+    asyncio.run(store.put(_record("resp_2")))
+    assert asyncio.run(store.get("resp_2")) is not None
+    store.close()
 
 
 def test_item_page_follows_after_and_limit():
