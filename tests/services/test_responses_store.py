@@ -215,7 +215,8 @@ def test_chat_tool_definitions_refuse_unknown_keys(stack):
 def test_a_conversation_continues_on_either_gateway_process(tmp_path):
     """Each request on a new connection, so the kernel spreads them over both processes (their
     pids, from /health, show both serve); with a store per process about half the next turns,
-    retrievals and deletions would miss. The second turn reuses the first's KV (cached_tokens)."""
+    retrievals and deletions would miss. The second turn reuses the first's KV (cached_tokens).
+    (The random demo model will not open a call, so the strict tool only shows the worker runs it.)"""
     from stack import LocalStack
 
     clients = []
@@ -225,8 +226,13 @@ def test_a_conversation_continues_on_either_gateway_process(tmp_path):
         return clients[-1]
 
     question = "Tell me about the weather in Paris today, and what I should wear for a long walk outside."
-    with LocalStack(["--colocated", "--gateway-processes", "2"], str(tmp_path)) as stack:
+    args = ["--colocated", "--gateway-processes", "2", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    with LocalStack(args, str(tmp_path)) as stack:
         assert len({httpx.get(f"{stack.url}/health").json()["pid"] for _ in range(40)}) == 2
+        # A strict tool under tool_choice auto: the worker compiles and runs its structural tag.
+        strict = fresh().responses.create(model="splitserve-demo", input=question, max_output_tokens=8, temperature=0,
+                                          tools=[{**TOOLS[0], "strict": True}])
+        assert strict.status in ("completed", "incomplete")
         for turn in range(8):
             first = fresh().responses.create(model="splitserve-demo", input=f"{turn}: {question}",
                                              max_output_tokens=4, temperature=0)
