@@ -161,7 +161,6 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _serve(state, body, prepare_chat, request)
 
-
     @app.get("/health")
     async def health() -> JSONResponse:
         # Names and states only: addresses and error text are internal (they are in the logs).

@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from splitserve.services.gateway.request_models import (
-    MAX_PROMPT_CACHE_KEY_CHARS, OpenAIModel)
+from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, OpenAIModel
 
 
 class InputText(BaseModel):
@@ -65,7 +64,7 @@ class FunctionTool(OpenAIModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-    """Accepted; what it does: see chat_tools.py (the same as on chat completions)."""
+    """As on chat completions: under tool_choice auto, calls held to the schema (chat_tools.py)."""
 
     @model_validator(mode="before")
     @classmethod
