@@ -171,6 +171,14 @@ def test_bad_input_item_queries(stack, query, param):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
 
 
+def test_retrieve_refuses_what_it_does_not_serve(stack):
+    gateway, _, _ = stack
+    created = make_client(gateway).responses.create(model=MODEL, input=ASK)
+    for query, param in (({"stream": "true"}, "stream"), ({"include": "reasoning.encrypted_content"}, "include")):
+        resp = httpx.get(f"{gateway.url}/v1/responses/{created.id}", params=query, timeout=10)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
 def test_prompt_cache_key_reaches_the_worker_and_chains_inherit_one(stack):
     gateway, worker, _ = stack
     client = make_client(gateway)
