@@ -101,6 +101,8 @@ def _compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredOutputsParams) 
         return compiler.compile_regex(spec.regex)
     if kind == "choice":
         return compiler.compile_grammar(choice_grammar(spec.choice))
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(spec.structural_tag)
     return compiler.compile_grammar(spec.grammar)
 
 

@@ -2,8 +2,9 @@
 
 Plain data, torch-free (the gateway builds it): exactly one of `json` (a JSON schema, as a dict
 or a JSON string), `regex`, `choice` (the output is one of these strings), `grammar` (EBNF as
-xgrammar reads it) or `json_object` (any JSON object). The engine compiles it into a grammar
-(shared/grammar.py) and masks every sampled token with it.
+xgrammar reads it), `json_object` (any JSON object) or `structural_tag` (free text with
+constrained tool calls). The engine compiles it into a grammar (shared/grammar.py) and masks
+every sampled token with it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object")
+KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class StructuredOutputsParams:
     """An EBNF grammar (xgrammar's dialect, GBNF-like: `root ::= ...`)."""
     json_object: bool | None = None
     """True: the output is some JSON object (OpenAI's `response_format: json_object`)."""
+    structural_tag: str | None = None
+    """xgrammar's structural tag, as JSON text: text is free until a trigger, and each tag that
+    begins there is held to its content's schema (the gateway builds it for strict tool calls)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, list):
@@ -71,7 +75,7 @@ def _check_types(spec: StructuredOutputsParams) -> None:
         raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)")
     if spec.json is not None:
         spec.json_text()
-    for name in ("regex", "grammar"):
+    for name in ("regex", "grammar", "structural_tag"):
         value = getattr(spec, name)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"structured_outputs.{name} must be a non-empty string")

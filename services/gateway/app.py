@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: OpenAI-compatible endpoints in front of the workers.
 
     POST /v1/completions, POST /v1/chat/completions   (stream: SSE `data: {...}` ... `data: [DONE]`)
-    POST /v1/responses                                (the Responses API; stream: typed SSE events)
+    POST /v1/responses, GET|DELETE /v1/responses/{id}[/input_items]  (the Responses API: responses_routes.py)
     GET  /health (ready: workers to route to), GET /livez (alive), GET /metrics
     GET  /v1/models[/{model}], POST /tokenize, POST /detokenize, GET /version, /ping (utility_routes.py)
 
@@ -44,9 +44,8 @@ from splitserve.services.gateway.prepare import (
     text_chars)
 from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.responses import SSE_DONE, ResponseBuilder, sse_event
-from splitserve.services.gateway.responses_input import ResponseStore, chat_request, previous_conversation
-from splitserve.services.gateway.responses_output import ResponsesBuilder
-from splitserve.services.gateway.responses_protocol import ResponsesRequest
+from splitserve.services.gateway.response_store import ResponseStore
+from splitserve.services.gateway.responses_routes import add_responses_routes
 from splitserve.services.gateway.router import ROLES, Router, poll_loads, poll_once
 from splitserve.services.gateway.utility_routes import add_utility_routes
 from splitserve.services.gateway.worker_client import WorkerClient
@@ -76,7 +75,7 @@ class GatewayState:
     """Requests with more than LONG_TEXT_CHARS of text queue here instead, so that a few huge prompts
     (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
     max_token_chars: int = 1
-    response_store: ResponseStore | None = None  # /v1/responses kept for previous_response_id
+    response_store: ResponseStore | None = None  # /v1/responses kept (response_store.py)
 
     def resolve_model(self, model: str | None) -> str:
         """The name responses carry for a request's `model`: the first served name, whichever
@@ -137,14 +136,18 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.dispatcher.drain()
             await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+            state.response_store.close()
 
-    state.response_store = ResponseStore(config.agent_api.response_store_size, config.agent_api.response_store_ttl_s)
+    agent_api = config.agent_api
+    state.response_store = ResponseStore(agent_api.response_store_dir, agent_api.response_store_size,
+                                         agent_api.response_store_ttl_s, agent_api.response_store_timeout_s)
     app = FastAPI(title="splitserve gateway", lifespan=lifespan)
     app.state.gateway = state
     install_error_handlers(app)
     app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=config.limits.max_request_body_bytes)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
     _add_routes(app, state)
+    add_responses_routes(app, state, _serve)
     add_utility_routes(app, state)
     return app
 
@@ -157,13 +160,6 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _serve(state, body, prepare_chat, request)
-
-    @app.post("/v1/responses")
-    async def responses(body: ResponsesRequest, request: Request) -> Response:
-        history = previous_conversation(state.response_store, body.previous_response_id)
-        chat, conversation = chat_request(body, history)
-        return await _serve(state, chat, prepare_chat, request, lambda prep: ResponsesBuilder(
-            prep, body, conversation, state.response_store, state.tokenizer))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -2,12 +2,20 @@
 
     tool_choice   output read by                          decoding
     none          no parser (a call is plain content)     free
-    auto          --tool-call-parser (needs --enable-auto-tool-choice)   free
+    auto          --tool-call-parser (needs --enable-auto-tool-choice)   free; with a strict tool,
+                                                          calls held to their schemas (strict_calls_spec)
     required      RequiredCallsParser                     constrained to forced_call_schema
     named         NamedCallParser (output = arguments)    constrained to the tool's parameters
 
 Forcing a call relies on structured outputs (the grammar-constrained sampler): the JSON schema
 of the call goes to the workers as the request's `structured_outputs`, as vLLM does it.
+
+`strict: true` on a tool: with `required` or a named function the arguments are decoded under the
+tool's schema anyway, strict or not (OpenAI's strict guarantee). With `auto`, the text stays free
+until the parser's call marker (`<tool_call>` for hermes); from there the call must be one of the
+tools, with a strict tool's arguments held to its `parameters` (the others' to any JSON object),
+through xgrammar's structural tag. A parser with no such marker (llama3_json, mistral) and a
+request with its own response_format / structured_outputs (which is kept) leave auto calls free.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ class ToolUse:
     tools: list[dict[str, Any]]  # OpenAI's tool objects, as chat templates expect them
     parser: Callable[[], ToolParser] | None = None
     max_calls: int | None = None
-    schema: dict[str, Any] | None = None  # the call's JSON schema, when decoding is constrained
+    constraint: StructuredOutputsParams | None = None  # how decoding is constrained, if it is
 
 
 def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> ToolUse:
@@ -54,14 +62,16 @@ def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> Too
         if not config.enable_auto_tool_choice:
             raise bad_request('"auto" tool choice needs the gateway started with --enable-auto-tool-choice '
                               "--tool-call-parser NAME", "tool_choice")
-        return ToolUse("auto", tools, TOOL_PARSERS[config.tool_call_parser], max_calls)
+        parser = TOOL_PARSERS[config.tool_call_parser]
+        return ToolUse("auto", tools, parser, max_calls, strict_calls_spec(tools, parser, max_calls))
     if choice == "required":
-        return ToolUse("required", tools, RequiredCallsParser, max_calls, forced_call_schema(tools, max_calls))
+        return ToolUse("required", tools, RequiredCallsParser, max_calls,
+                       StructuredOutputsParams(json=forced_call_schema(tools, max_calls)))
     name = choice.function.name
     tool = next((t for t in tools if t["function"]["name"] == name), None)
     if tool is None:
         raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
-    return ToolUse("named", tools, lambda: NamedCallParser(name), 1, _parameters(tool))
+    return ToolUse("named", tools, lambda: NamedCallParser(name), 1, StructuredOutputsParams(json=_parameters(tool)))
 
 
 def _function_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -94,11 +104,29 @@ def forced_call_schema(tools: list[dict[str, Any]], max_calls: int | None) -> di
     return schema
 
 
+def strict_calls_spec(tools: list[dict[str, Any]], parser: type[ToolParser],
+                      max_calls: int | None) -> StructuredOutputsParams | None:
+    """Free text whose calls (from the parser's trigger on) name a tool and hold a strict tool's
+    arguments to its schema; None when no tool is strict or the parser has no trigger."""
+    if parser.call_trigger is None or not any(t["function"].get("strict") for t in tools):
+        return None
+    tags = []
+    for tool in tools:
+        begin, end = parser.call_tag(tool["function"]["name"])
+        schema = _parameters(tool) if tool["function"].get("strict") else {"type": "object"}
+        tags.append({"begin": begin, "content": {"type": "json_schema", "json_schema": schema}, "end": end})
+    spec = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [parser.call_trigger], "tags": tags,
+        "at_least_one": False, "stop_after_first": max_calls == 1}}
+    return StructuredOutputsParams(structural_tag=json.dumps(spec, separators=(",", ":")))
+
+
 def constrained(params: SamplingParams, use: ToolUse) -> SamplingParams:
-    """`params` with decoding constrained to `use.schema` (structured outputs), if it has one."""
-    if use.schema is None:
+    """`params` with decoding constrained by `use` (structured outputs), if it is. Auto mode's
+    strict calls give way to the request's own structured outputs."""
+    if use.constraint is None or (use.mode == "auto" and params.structured_outputs is not None):
         return params
-    return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=use.schema))
+    return dataclasses.replace(params, structured_outputs=use.constraint)
 
 
 # ---- what the chat template gets --------------------------------------------------------------

@@ -56,6 +56,11 @@ class AgentApiConfig:
     """Responses (/v1/responses) kept for previous_response_id; the oldest are dropped first."""
     response_store_ttl_s: float = 3600.0
     """A stored response older than this is forgotten."""
+    response_store_dir: str | None = None
+    """Directory of the stored responses' SQLite database, shared by the gateway processes that
+    name it (one host). None: in this process's memory; `--processes N` then makes one for the run."""
+    response_store_timeout_s: float = 2.0
+    """Longest wait for one store access; a slower one counts as not found (logged)."""
 
     def validate(self) -> None:
         from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
@@ -69,8 +74,9 @@ class AgentApiConfig:
                                      f"choose from {sorted(REASONING_PARSERS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise GatewayConfigError("enable_auto_tool_choice needs a tool_call_parser")
-        if self.response_store_size < 0 or self.response_store_ttl_s <= 0:
-            raise GatewayConfigError("response_store_size must be >= 0 and response_store_ttl_s positive")
+        if self.response_store_size < 0 or self.response_store_ttl_s <= 0 or self.response_store_timeout_s <= 0:
+            raise GatewayConfigError("response_store_size must be >= 0, response_store_ttl_s and "
+                                     "response_store_timeout_s positive")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ limit (docs/benchmarks.md, section 6). `--processes N` runs N gateway processes 
 vLLM's `--api-server-count` does: each binds it with SO_REUSEPORT and the kernel spreads incoming
 connections over them. Each process routes on its own, from the same worker load reports, and
 opens its own session to each worker. The admission limits apply to each process. /metrics adds
-up every process's counters and histograms, through prometheus_client's multiprocess mode.
+up every process's counters and histograms, through prometheus_client's multiprocess mode. The
+Responses API's stored responses are one SQLite database for all of them (response_store.py), in
+a directory made for the run unless --response-store-dir names one.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
     """Run `args.processes` single gateways on the port and supervise them: a signal here stops them
     all; one that exits stops the others, and its exit code is ours."""
-    metrics_dir = None
+    metrics_dir = store_dir = None
     env = dict(os.environ)
     api_key = api_key_from_args(args)
     if api_key:
@@ -128,11 +130,15 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="splitserve-gateway-metrics-")
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    store_flags = []
+    if config.agent_api.response_store_dir is None:  # one store for the processes, for this run
+        store_dir = tempfile.mkdtemp(prefix="splitserve-gateway-responses-")
+        store_flags = ["--response-store-dir", store_dir]
     argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
             "--model", config.model_dir, "--served-model-name", config.served_model_name, *config.served_model_aliases,
             "--processes", "1", "--reuse-port",
             *dataclass_flags_to_argv(GatewayConfig, args, skip=_NOT_FLAGS), *dataclass_flags_to_argv(RequestLimits, args),
-            *dataclass_flags_to_argv(AgentApiConfig, args), *grpc_security_argv(args)]
+            *dataclass_flags_to_argv(AgentApiConfig, args), *store_flags, *grpc_security_argv(args)]
     stopping = False
 
     def on_signal(signum, frame):
@@ -153,5 +159,6 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
         stop_processes([(f"gateway process {child.pid}", child) for child in children])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for made in (metrics_dir, store_dir):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)

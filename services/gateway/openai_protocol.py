@@ -124,6 +124,10 @@ def _api_error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+_LOCATIONS = ("body", "query", "path")
+"""Where FastAPI found a field; the param named is the field itself."""
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """FastAPI's validation errors (JSON decoding included) -> one 400 naming the first problem."""
     errors = exc.errors()
@@ -131,11 +135,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request("invalid request")
     first = errors[0]
     if first.get("type") == "extra_forbidden":
-        name = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        name = ".".join(str(p) for p in first.get("loc", ()) if p not in _LOCATIONS)
         return bad_request(f"{name} is not supported by this server (unknown field)", name)
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p not in _LOCATIONS]
     # Union members add their type name to the location (prompt.str, prompt.list[int]): drop those.
     param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
     message = first.get("msg", "invalid value")

@@ -96,13 +96,15 @@ class ResponseFormat(OpenAIModel):
 
 class StructuredOutputsField(OpenAIModel):
     """vLLM's `structured_outputs` request field, exactly one of these (structured_outputs.py);
-    its other keys (structural_tag, whitespace_pattern, ...) are refused by name."""
+    its other keys (whitespace_pattern, ...) are refused by name."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
+    """xgrammar's structural tag as JSON text (vLLM's field)."""
 
 
 class GenerationFields(SamplingFields):

@@ -1,5 +1,5 @@
-"""A Responses API request as the chat request the pipeline runs, and the bounded store that
-`previous_response_id` reads.
+"""A Responses API request as the chat request the pipeline runs, and its input items as the
+item resources `GET /v1/responses/{id}/input_items` lists.
 
     instructions + (stored conversation of previous_response_id) + input items
         message               -> a chat message (developer/system/user/assistant)
@@ -13,61 +13,21 @@ its own.
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
+import secrets
 from typing import Any
 
 from pydantic import ValidationError
 
-from splitserve.services.gateway.openai_protocol import APIError, bad_request
+from splitserve.services.gateway.openai_protocol import bad_request
 from splitserve.services.gateway.request_models import ChatCompletionRequest
 from splitserve.services.gateway.responses_protocol import (
     FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest)
 
 
-class ResponseStore:
-    """Conversations of finished responses by id: at most `max_size`, each for `ttl_s`."""
-
-    def __init__(self, max_size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_size, self.ttl_s, self._clock = max_size, ttl_s, clock
-        self._entries: OrderedDict[str, tuple[float, list[dict[str, Any]]]] = OrderedDict()
-
-    def put(self, response_id: str, messages: list[dict[str, Any]]) -> None:
-        self._drop_expired()
-        if self.max_size == 0:
-            return
-        self._entries[response_id] = (self._clock() + self.ttl_s, messages)
-        while len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
-
-    def get(self, response_id: str) -> list[dict[str, Any]] | None:
-        self._drop_expired()
-        entry = self._entries.get(response_id)
-        return list(entry[1]) if entry is not None else None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _drop_expired(self) -> None:
-        now = self._clock()
-        while self._entries and next(iter(self._entries.values()))[0] <= now:
-            self._entries.popitem(last=False)
-
-
-def previous_conversation(store: ResponseStore, response_id: str | None) -> list[dict[str, Any]]:
-    if response_id is None:
-        return []
-    messages = store.get(response_id)
-    if messages is None:
-        raise APIError(404, f"Previous response with id '{response_id}' not found (responses are kept for "
-                       f"{store.ttl_s:.0f} s, at most {store.max_size}).", "invalid_request_error",
-                       "previous_response_id", "previous_response_not_found")
-    return messages
-
-
-def chat_request(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[dict]]:
-    """The chat request to run, and the conversation (without instructions) to store after it."""
+def chat_request(body: ResponsesRequest, history: list[dict[str, Any]],
+                 session_key: str | None) -> tuple[ChatCompletionRequest, list[dict]]:
+    """The chat request to run (keyed by `session_key`), and the conversation (without
+    instructions) to store after it."""
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if not system + conversation:
@@ -75,7 +35,8 @@ def chat_request(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple
     fields = {"model": body.model, "messages": system + conversation, "tools": _chat_tools(body),
               "tool_choice": _chat_tool_choice(body), "parallel_tool_calls": body.parallel_tool_calls,
               "max_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
-              "seed": body.seed, "stream": body.stream, "user": body.user}
+              "seed": body.seed, "stream": body.stream, "user": body.user,
+              "prompt_cache_key": session_key, "prompt_cache_retention": body.prompt_cache_retention}
     try:
         chat = ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
@@ -129,3 +90,32 @@ def _chat_tool_choice(body: ResponsesRequest) -> Any:
     if choice is None or isinstance(choice, str):
         return choice
     return {"type": "function", "function": {"name": choice.name}}
+
+
+# ---- input items as OpenAI's item resources (input_items) ----------------------------------
+
+def input_item_resources(items: str | list) -> list[dict[str, Any]]:
+    """The request's input as OpenAI lists it back: each item with an id and a status."""
+    if isinstance(items, str):
+        items = [MessageItem(role="user", content=items)]
+    return [_item_resource(item) for item in items]
+
+
+def _item_resource(item: Any) -> dict[str, Any]:
+    if isinstance(item, MessageItem):
+        if item.role == "assistant":
+            return {"type": "message", "id": item_id("msg"), "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": item.text(), "annotations": []}]}
+        return {"type": "message", "id": item_id("msg"), "role": item.role, "status": "completed",
+                "content": [{"type": "input_text", "text": item.text()}]}
+    if isinstance(item, FunctionCallItem):
+        return {"type": "function_call", "id": item_id("fc"), "call_id": item.call_id, "name": item.name,
+                "arguments": item.arguments, "status": "completed"}
+    if isinstance(item, FunctionCallOutputItem):
+        return {"type": "function_call_output", "id": item_id("fco"), "call_id": item.call_id,
+                "output": item.text(), "status": "completed"}
+    return {"type": "reasoning", "id": item_id("rs"), "summary": []}  # its text is not kept (see input_messages)
+
+
+def item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"

@@ -6,24 +6,21 @@ each item is opened (`response.output_item.added`), grows by deltas (`response.r
 `response.output_text.delta`, `response.function_call_arguments.delta`) and is closed (`*.done`,
 `response.output_item.done`) when the next kind begins or the output ends; `response.created`
 comes first and `response.completed` (or `response.incomplete` at max_output_tokens) last.
-A finished response's conversation is stored for `previous_response_id` when `store` is true.
+A finished response with `store` true leaves its `record` (the response, its input items and
+the conversation so far) for the caller to keep in the ResponseStore, before the client gets it.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any
 
 from splitserve.services.gateway.chat_output import ChatDelta, ChatOutputStream, parse_chat_output
 from splitserve.services.gateway.completion import ChoiceDelta
 from splitserve.services.gateway.prepare import PreparedRequest
-from splitserve.services.gateway.responses_input import ResponseStore
+from splitserve.services.gateway.response_store import StoredResponse
+from splitserve.services.gateway.responses_input import item_id as _item_id
 from splitserve.services.gateway.responses_protocol import ResponsesRequest
-
-
-def _item_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -49,10 +46,12 @@ class ResponsesBuilder:
     """Same interface as responses.ResponseBuilder: add(), final_body(), sse_chunks(), sse_closing()."""
 
     def __init__(self, prep: PreparedRequest, body: ResponsesRequest, conversation: list[dict[str, Any]],
-                 store: ResponseStore, tokenizer: Any) -> None:
-        self.prep, self.body, self.conversation, self.store = prep, body, conversation, store
-        self.tokenizer = tokenizer
+                 input_items: list[dict[str, Any]], session_key: str | None, tokenizer: Any) -> None:
+        self.prep, self.body, self.conversation, self.input_items = prep, body, conversation, input_items
+        self.session_key, self.tokenizer = session_key, tokenizer
         self.response_id = _item_id("resp")
+        self.record: StoredResponse | None = None
+        """Set when the response is complete and `store` is true: what the caller keeps."""
         self._text_parts: list[str] = []
         self.num_completion_tokens = self.num_cached_tokens = 0
         self.finish_reason: str | None = None
@@ -84,7 +83,9 @@ class ResponsesBuilder:
         status = "incomplete" if self.finish_reason == "length" else "completed"
         response = self._response(status, items)
         if self.body.store:
-            self.store.put(self.response_id, self.conversation + [_as_chat_message(items)])
+            self.record = StoredResponse(self.response_id, response, self.input_items,
+                                         self.conversation + [_as_chat_message(items)],
+                                         self.session_key or self.response_id)
         return response
 
     def _response(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -97,6 +98,7 @@ class ResponsesBuilder:
             "tool_choice": _dump(body.tool_choice) or "auto", "parallel_tool_calls": body.parallel_tool_calls is not False,
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id, "store": body.store, "metadata": body.metadata or {},
+            "prompt_cache_key": body.prompt_cache_key, "prompt_cache_retention": body.prompt_cache_retention,
             "text": {"format": {"type": "text"}}, "truncation": "disabled", "user": body.user, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "usage": self._usage(reasoning) if status != "in_progress" else None,

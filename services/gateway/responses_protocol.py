@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from splitserve.services.gateway.request_models import OpenAIModel
+from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, OpenAIModel
 
 
 class InputText(BaseModel):
@@ -56,14 +56,23 @@ class ReasoningItem(BaseModel):
 InputItem = FunctionCallItem | FunctionCallOutputItem | ReasoningItem | MessageItem
 
 
-class FunctionTool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionTool(OpenAIModel):
+    """OpenAI's function tool; any other key is a 400 naming it (as in the rest of the request)."""
     type: str
-    """Only "function" is served; other types are rejected by name."""
+    """Only "function" is served; other types are rejected by name (before their own keys are)."""
     name: str | None = None
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    """As on chat completions: under tool_choice auto, calls held to the schema (chat_tools.py)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_types_by_type(cls, data: Any) -> Any:
+        # A web_search tool is refused for its type, not for its search_context_size key.
+        if isinstance(data, dict) and data.get("type") != "function":
+            return {"type": data.get("type")}
+        return data
 
 
 class NamedFunctionChoice(BaseModel):
@@ -89,7 +98,12 @@ class ResponsesRequest(OpenAIModel):
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
     store: bool = True
-    """Keep this response for a later `previous_response_id` (bounded in count and time)."""
+    """Keep this response for a later `previous_response_id`, GET and input_items (bounded in count
+    and time); false: nothing is kept."""
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CACHE_KEY_CHARS)
+    """As on chat completions (session routing and retention). None with previous_response_id:
+    the previous response's chain key."""
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     stream: bool = False
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)

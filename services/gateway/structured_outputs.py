@@ -4,7 +4,7 @@
     response_format {"type": "json_object"}                   StructuredOutputsParams(json_object=True)
     response_format {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
                                                               StructuredOutputsParams(json=schema)
-    structured_outputs {"json" | "regex" | "choice" | "grammar" | "json_object": ...}  as given
+    structured_outputs {"json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag": ...}  as given
 
 Only the shape is checked here (the gateway imports no torch, and xgrammar does): whether a
 schema, regex or grammar compiles is found by the worker, whose INVALID_ARGUMENT becomes a 400.
@@ -29,7 +29,8 @@ def structured_outputs_spec(body: GenerationFields) -> StructuredOutputsParams |
         return None
     try:
         return StructuredOutputsParams(json=fields.json_, regex=fields.regex, choice=fields.choice,
-                                       grammar=fields.grammar, json_object=fields.json_object)
+                                       grammar=fields.grammar, json_object=fields.json_object,
+                                       structural_tag=fields.structural_tag)
     except ValueError as exc:
         raise bad_request(str(exc), "structured_outputs") from None
 

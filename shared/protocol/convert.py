@@ -14,7 +14,7 @@ from typing import Any
 
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
-from splitserve.shared.structured_outputs import StructuredOutputsParams
+from splitserve.shared.structured_outputs import KINDS, StructuredOutputsParams
 
 ROLE_TO_PROTO = {
     "prefill": pb.WORKER_ROLE_PREFILL,
@@ -73,7 +73,7 @@ def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutput
     """Raises ValueError if no kind (or an empty one) is set."""
     kind = msg.WhichOneof("kind")
     if kind is None:
-        raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object")
+        raise ValueError(f"structured_outputs must set exactly one of {', '.join(KINDS)}")
     value = list(msg.choice.choices) if kind == "choice" else getattr(msg, kind)
     return StructuredOutputsParams(**{kind: value})
 

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from scripted_tools import ANSWER, MODEL, client as make_client, tool_stack
-from splitserve.services.gateway.responses_input import ResponseStore
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -89,16 +88,6 @@ def test_bad_requests(stack, body, status, param):
     error = resp.json()["error"]
     assert error["message"] and (param is None or error["param"] == param), error
     assert make_client(gateway).responses.create(model=MODEL, input=ASK).status == "completed"
-
-
-def test_store_is_bounded_in_count_and_time():
-    now = [0.0]
-    store = ResponseStore(max_size=2, ttl_s=10.0, clock=lambda: now[0])
-    for name in ("a", "b", "c"):
-        store.put(name, [{"role": "user", "content": name}])
-    assert store.get("a") is None and store.get("b") and store.get("c")
-    now[0] = 10.0
-    assert store.get("b") is None and len(store) == 0
 
 
 def test_store_false_is_not_kept(stack):

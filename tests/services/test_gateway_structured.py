@@ -32,7 +32,7 @@ def test_structured_outputs_field_on_completions() -> None:
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"structured_outputs": {}}, "exactly one of json, regex, choice, grammar, json_object; got none"),
+    ({"structured_outputs": {}}, "exactly one of json, regex, choice, grammar, json_object, structural_tag; got none"),
     ({"structured_outputs": {"regex": "a", "grammar": "root ::= \"a\""}}, "got regex, grammar"),
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json is not valid JSON"),
     ({"structured_outputs": {"choice": []}}, "choice must be a non-empty list"),
@@ -48,7 +48,7 @@ def test_bad_shapes_are_400s(fields, message) -> None:
 def test_unknown_keys_are_rejected_by_name() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="structural_tag"):
-        _chat(structured_outputs={"structural_tag": "{}"})
+    with pytest.raises(ValidationError, match="whitespace_pattern"):
+        _chat(structured_outputs={"whitespace_pattern": " "})
     with pytest.raises(ValidationError, match="response_format"):
         _chat(response_format={"type": "xml"})

@@ -63,6 +63,15 @@ class ToolParser:
     name: ClassVar[str]
     keeps_special_tokens: ClassVar[bool] = False
     """The call markers are special tokens, so the text must be detokenized with them."""
+    call_trigger: ClassVar[str | None] = None
+    """The text that opens a call, if calls can be held to their schema from there on (strict
+    tools under tool_choice auto: chat_tools.strict_calls_spec); None: they cannot."""
+
+    @classmethod
+    def call_tag(cls, name: str) -> tuple[str, str]:
+        """(begin, end): the text around the arguments object of a call to `name`, `begin`
+        starting with `call_trigger`."""
+        raise NotImplementedError
 
     def scan(self, text: str, final: bool) -> list[Item]:
         raise NotImplementedError

@@ -7,6 +7,8 @@ call object is content, up to and including its closing tag.
 
 from __future__ import annotations
 
+import json
+
 from splitserve.services.gateway.tool_parsers.base import (
     Items, ToolParser, hold_marker_prefix, scan_call_object)
 from splitserve.services.gateway.tool_parsers.json_scan import Malformed, skip_whitespace
@@ -16,6 +18,12 @@ START, END = "<tool_call>", "</tool_call>"
 
 class HermesToolParser(ToolParser):
     name = "hermes"
+    call_trigger = START
+
+    @classmethod
+    def call_tag(cls, name: str) -> tuple[str, str]:
+        # The layout of the Qwen/Hermes templates' own example call.
+        return f'{START}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{END}"
 
     def scan(self, text: str, final: bool) -> Items:
         items, pos = Items(), 0
