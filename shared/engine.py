@@ -50,7 +50,8 @@ from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
-from splitserve.shared.grammar import BitmaskBuilder, GrammarCompiler, GrammarWaitlist
+from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
+from splitserve.shared.grammar_fill import BitmaskFill, BitmaskFiller
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class EngineCore:
             freeze_startup_heap()
         self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
                                         config.scheduler.grammar_compile_timeout_s)
-        self._bitmasks = BitmaskBuilder(parts.info.vocab_size, pin_memory=parts.device.type == "cuda")
+        self._bitmasks = BitmaskFiller(parts.info.vocab_size, parts.device, config.scheduler.structured_outputs_threads)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -276,6 +277,7 @@ class EngineCore:
             raise exc
         inflight = [req.request_id for req, _, _ in self._inflight.launched] if self._inflight else []
         self._inflight = None
+        self._bitmasks.wait()  # no fill may still work on a matcher once the step is over
         culprits = dict.fromkeys([*(self._step_request_ids or self.requests), *inflight])
         logger.exception("a step failed; aborting its %d requests", len(culprits))
         message = f"the engine failed on this request: {type(exc).__name__}: {exc}"
@@ -307,18 +309,20 @@ class EngineCore:
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
         # step's tokens, so it is sampled (and booked) once those are settled, while the device
-        # still runs the forward.
+        # still runs the forward. The bitmask fills on other threads while the previous step's
+        # tokens are booked (see _resolve).
         previous = self._inflight
         structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
         pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
                                             defer_sampling=structured)
         if not structured:
             launched = self._advance(sched)
+        fill = None
         if previous is not None:
-            self._resolve(outputs)
+            fill = self._resolve(outputs, sched if structured else None)
             self._save_new_blocks()
         if structured:
-            self.runner.sample(pending, self._grammar_bitmask(sched))
+            self.runner.sample(pending, fill.result() if fill is not None else self._grammar_bitmask(sched))
             launched = self._advance(sched)
         self._inflight = InflightStep(pending, launched) if launched else None
         return list(outputs.values())
@@ -340,10 +344,18 @@ class EngineCore:
 
     def _grammar_bitmask(self, sched: SchedulerOutput):
         """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
-        grammars = [s.request.grammar for s in sched.scheduled if s.samples]
-        if not any(g is not None for g in grammars):
-            return None
-        return self._bitmasks.build(grammars)
+        return self._bitmasks.build([s.request.grammar for s in sched.scheduled if s.samples])
+
+    def _start_grammar_fill(self, sched: SchedulerOutput) -> BitmaskFill | None:
+        """Start filling this step's bitmask on the filler's threads (None: no live grammar row)."""
+        return self._bitmasks.start([s.request.grammar for s in sched.scheduled if s.samples])
+
+    @staticmethod
+    def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
+        """Advance each grammar's matcher by its request's new token, all before any output is
+        built (so a step's bitmask can fill while they are); the requests whose grammar rejects it."""
+        return {req.request_id for req, token_id in new_tokens
+                if req.grammar is not None and not req.grammar.accept(token_id)}
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -364,10 +376,16 @@ class EngineCore:
             launched.append((req, req.num_computed_tokens, index))
         return launched
 
-    def _resolve(self, outputs: dict[str, EngineOutput]) -> None:
-        """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules."""
+    def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> BitmaskFill | None:
+        """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules.
+        With `next_sched` (the launched step with grammar rows), start filling its bitmask as soon as
+        the matchers have this step's tokens, so it fills while the outputs are built; returns it."""
         inflight, self._inflight = self._inflight, None
         sampled = inflight.pending.result()
+        rejected = self._advance_grammars([
+            (req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
+            if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req])
+        fill = self._start_grammar_fill(next_sched) if next_sched is not None else None
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
@@ -379,9 +397,12 @@ class EngineCore:
                 continue
             token = sampled[req.request_id]
             req.set_output(index, token.token_id)
-            self._emit(req, token, index + 1, outputs)
+            self._emit(req, token, index + 1, outputs, req.request_id in rejected)
+        return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
+        rejected = self._advance_grammars([(s.request, result.sampled[s.request.request_id].token_id)
+                                           for s in sched.scheduled if s.request.request_id in result.sampled])
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
@@ -391,7 +412,7 @@ class EngineCore:
             token = result.sampled.get(req.request_id)
             if token is not None:
                 req.append_output(token.token_id)
-                self._emit(req, token, len(req.output_token_ids), outputs)
+                self._emit(req, token, len(req.output_token_ids), outputs, req.request_id in rejected)
 
     def _release_out_of_window(self, req: Request, num_computed: int) -> None:
         """Sliding-window models: free the blocks no later query can see, except while the KV is to
@@ -399,9 +420,11 @@ class EngineCore:
         if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
             self._window_kv.release_out_of_window(req.request_id, num_computed)
 
-    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
-        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
-        if req.grammar is not None and not req.grammar.accept(token.token_id):
+    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput],
+              grammar_rejected: bool = False) -> None:
+        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it. Its
+        grammar, if any, has taken the token already (`_advance_grammars`)."""
+        if grammar_rejected:
             # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
             logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
             self.scheduler.remove(req.request_id)
@@ -539,6 +562,7 @@ class EngineCore:
 
     def close(self) -> None:
         self.grammars.compiler.close()
+        self._bitmasks.close()
         if self.connector is not None:
             self.connector.close()
 
