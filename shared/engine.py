@@ -51,7 +51,7 @@ from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
 from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
-from splitserve.shared.grammar_fill import BitmaskFill, BitmaskFiller
+from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
 
 logger = logging.getLogger(__name__)
 
@@ -346,14 +346,10 @@ class EngineCore:
         """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
         return self._bitmasks.build([s.request.grammar for s in sched.scheduled if s.samples])
 
-    def _start_grammar_fill(self, sched: SchedulerOutput) -> BitmaskFill | None:
-        """Start filling this step's bitmask on the filler's threads (None: no live grammar row)."""
-        return self._bitmasks.start([s.request.grammar for s in sched.scheduled if s.samples])
-
     @staticmethod
     def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
-        """Advance each grammar's matcher by its request's new token, all before any output is
-        built (so a step's bitmask can fill while they are); the requests whose grammar rejects it."""
+        """Synchronous steps: advance each grammar's matcher by its request's new token, before any
+        output is built; the requests whose grammar rejects it. (Async steps: BitmaskFiller.start.)"""
         return {req.request_id for req, token_id in new_tokens
                 if req.grammar is not None and not req.grammar.accept(token_id)}
 
@@ -376,16 +372,20 @@ class EngineCore:
             launched.append((req, req.num_computed_tokens, index))
         return launched
 
-    def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> BitmaskFill | None:
+    def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> StepFill | None:
         """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules.
-        With `next_sched` (the launched step with grammar rows), start filling its bitmask as soon as
-        the matchers have this step's tokens, so it fills while the outputs are built; returns it."""
+        The grammar requests' matchers take this step's tokens on the filler's workers, which then
+        fill `next_sched`'s bitmask (the launched step with grammar rows) while the outputs are
+        built; returns that fill (StepFill.result gives the bitmask)."""
         inflight, self._inflight = self._inflight, None
         sampled = inflight.pending.result()
-        rejected = self._advance_grammars([
-            (req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
-            if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req])
-        fill = self._start_grammar_fill(next_sched) if next_sched is not None else None
+        new_tokens = [(req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
+                      if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req]
+        fill, rejected = None, set()
+        if new_tokens or next_sched is not None:
+            grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
+            fill = self._bitmasks.start([(req.grammar, token_id) for req, token_id in new_tokens], grammars)
+            rejected = {req.request_id for (req, _), ok in zip(new_tokens, fill.accepted) if not ok}
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight

@@ -137,6 +137,7 @@ class RequestGrammar:
         # No stop token (ignore_eos): the request ends when the grammar is complete.
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None,
                                           terminate_without_stop_token=not stop_token_ids)
+        self._stop_tokens = frozenset(stop_token_ids)
         self.terminated = self.matcher.is_terminated()
         """The grammar is complete. An attribute, kept by `accept`: the engine reads it while a
         bitmask fill may be working on the matcher (grammar_fill.py)."""
@@ -146,8 +147,15 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> bool:
         accepted = self.matcher.accept_token(token_id)
-        self.terminated = self.matcher.is_terminated()
+        self.note_accepted(token_id, accepted)
         return accepted
+
+    def note_accepted(self, token_id: int, accepted: bool) -> None:
+        """Keep `terminated` once the matcher took (or refused) a token, here or in a batched accept."""
+        if not self._stop_tokens:  # complete is terminated
+            self.terminated = self.matcher.is_terminated()
+        elif accepted and token_id in self._stop_tokens:  # xgrammar: terminated once a stop token is in
+            self.terminated = True
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)

@@ -200,36 +200,70 @@ def _grammars_in_many_states(compiler, demo_checkpoint_dir) -> list:
 
 
 def test_batched_fill_matches_each_matcher_alone_with_any_thread_count(compiler, demo_checkpoint_dir) -> None:
-    """One batched fill (1 or 2 xgrammar threads, on this thread or on the filler's worker) writes
-    each live row exactly as that row's matcher fills it alone; other rows are left out."""
+    """One batched fill (1 to 3 threads, on this thread or on the workers) writes each live row
+    exactly as that row's matcher fills it alone; other rows are left out."""
     grammars = _grammars_in_many_states(compiler, demo_checkpoint_dir)
     live = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
     expected = torch.zeros(len(grammars), bitmask_width(VOCAB), dtype=torch.int32)
     for i in live:
         grammars[i].fill(expected, i)
-    for num_threads in (1, 2):
+    for num_threads in (1, 2, 3):
         filler = _filler(num_threads)
         for _ in range(2):  # the second fill reuses the first one's buffer
             bitmask, rows = filler.build(grammars)
             assert rows.tolist() == live and torch.equal(bitmask[live], expected[live])
-            bitmask, rows = filler.start(grammars).result()
+            bitmask, rows = filler.start([], grammars).result()
             assert rows.tolist() == live and torch.equal(bitmask[live], expected[live])
+        filler.close()
+
+
+def _allowed(bitmask: torch.Tensor, row: int, allowed: bool = True) -> int:
+    """The lowest token id the row's mask allows (or forbids)."""
+    bits = [(int(bitmask[row, t // 32]) >> (t % 32)) & 1 for t in range(VOCAB)]
+    return bits.index(1 if allowed else 0)
+
+
+def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) -> None:
+    """start(new tokens, rows): each matcher takes its token on a worker (a forbidden one is
+    reported, a stop token terminates the row and leaves it out), then the rows are filled; the
+    same as accepting and filling each matcher alone, with 1 and 3 workers."""
+    for num_threads in (1, 3):
+        alone, batched = (_grammars_in_many_states(compiler, demo_checkpoint_dir) for _ in range(2))
+        before = torch.zeros(len(alone), bitmask_width(VOCAB), dtype=torch.int32)
+        rows = [i for i, g in enumerate(alone) if g is not None and not g.terminated]
+        for i in rows:
+            alone[i].fill(before, i)
+        tokens = {i: _allowed(before, i) for i in rows}
+        tokens[rows[1]] = _allowed(before, rows[1], allowed=False)  # rejected: the matcher stays as it was
+        tokens[rows[2]] = 1 if before[rows[2], 0] & 2 else tokens[rows[2]]  # EOS where the grammar may end
+        accepted = [alone[i].accept(tokens[i]) for i in rows]
+        expected = torch.zeros_like(before)
+        live = [i for i in rows if not alone[i].terminated]
+        for i in live:
+            alone[i].fill(expected, i)
+        filler = _filler(num_threads)
+        fill = filler.start([(batched[i], tokens[i]) for i in rows], batched)
+        assert fill.accepted == accepted and accepted[1] is False
+        assert [batched[i].terminated for i in rows] == [alone[i].terminated for i in rows]
+        bitmask, filled = fill.result()
+        assert filled.tolist() == live and torch.equal(bitmask[live], expected[live])
         filler.close()
 
 
 def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
     """An error inside xgrammar's fill (here: a matcher of another vocabulary size) comes back from
-    result(), and the worker goes on filling the next step."""
+    result(), and the workers go on with the next step."""
     import xgrammar as xgr
 
     compiled = compiler.submit(Spec(regex="[0-9]+")).result(timeout=60)
     filler = BitmaskFiller(64, torch.device("cpu"), 1)  # far narrower than the grammar's vocabulary
     with pytest.raises(RuntimeError, match="bitmask"):
-        filler.start([RequestGrammar(compiled, [1])]).result()
+        filler.start([], [RequestGrammar(compiled, [1])]).result()
     narrow = xgr.TokenizerInfo([chr(ord("a") + i % 26) * (1 + i // 26) for i in range(64)])
-    small = xgr.GrammarCompiler(narrow).compile_regex("[a-c]+")
-    bitmask, rows = filler.start([RequestGrammar(small, [])]).result()
-    assert rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
+    small = RequestGrammar(xgr.GrammarCompiler(narrow).compile_regex("[a-c]{3}"), [])
+    fill = filler.start([(small, 0)], [small])  # token 0 is "a"
+    bitmask, rows = fill.result()
+    assert fill.accepted == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
     filler.close()
 
 
@@ -246,3 +280,22 @@ def test_fill_threads_flag_and_its_bounds() -> None:
     with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 1"):
         SchedulerConfig(structured_outputs_threads=0).validate()
     assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
+
+
+@pytest.mark.parametrize("stop_tokens", [[1], []])
+def test_terminated_attribute_follows_the_matcher(compiler, stop_tokens) -> None:
+    """`terminated` is kept by accept (not asked of the matcher, which a fill may be using):
+    it must say what xgrammar says after every token, with and without stop tokens."""
+    torch.manual_seed(3)
+    compiled = compiler.submit(Spec(regex="(ab|cd)[0-9]{1,3}")).result(timeout=60)
+    for _ in range(5):
+        grammar, filler = RequestGrammar(compiled, stop_tokens), _filler()
+        for _ in range(12):
+            built = filler.build([grammar])
+            if built is None:
+                break
+            logits = torch.randn(1, VOCAB)
+            apply_bitmask(logits, *built)
+            assert grammar.accept(int(logits.argmax()))
+            assert grammar.terminated == grammar.matcher.is_terminated()
+        assert grammar.terminated
