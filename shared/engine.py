@@ -107,6 +107,8 @@ class InflightStep:
     pending: PendingStep
     launched: list[tuple[Request, int, int | None]]
     """(request, its computed tokens after this step, index of its placeholder output or None)."""
+    structured: bool = False
+    """Some row samples under a grammar (its matcher takes the token when the step settles)."""
 
 
 def _is_device_fault(exc: BaseException) -> bool:
@@ -324,7 +326,7 @@ class EngineCore:
         if structured:
             self.runner.sample(pending, fill.result() if fill is not None else self._grammar_bitmask(sched))
             launched = self._advance(sched)
-        self._inflight = InflightStep(pending, launched) if launched else None
+        self._inflight = InflightStep(pending, launched, structured) if launched else None
         return list(outputs.values())
 
     # ---- structured outputs -----------------------------------------------------------
@@ -350,8 +352,7 @@ class EngineCore:
     def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
         """Synchronous steps: advance each grammar's matcher by its request's new token, before any
         output is built; the requests whose grammar rejects it. (Async steps: BitmaskFiller.start.)"""
-        return {req.request_id for req, token_id in new_tokens
-                if req.grammar is not None and not req.grammar.accept(token_id)}
+        return {req.request_id for req, token_id in new_tokens if not req.grammar.accept(token_id)}
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -380,7 +381,8 @@ class EngineCore:
         inflight, self._inflight = self._inflight, None
         sampled = inflight.pending.result()
         new_tokens = [(req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
-                      if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req]
+                      if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req
+                      ] if inflight.structured else []
         fill, rejected = None, set()
         if new_tokens or next_sched is not None:
             grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
@@ -401,8 +403,9 @@ class EngineCore:
         return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
-        rejected = self._advance_grammars([(s.request, result.sampled[s.request.request_id].token_id)
-                                           for s in sched.scheduled if s.request.request_id in result.sampled])
+        rejected = self._advance_grammars([
+            (s.request, result.sampled[s.request.request_id].token_id) for s in sched.scheduled
+            if s.request.grammar is not None and s.request.request_id in result.sampled])
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
