@@ -38,8 +38,10 @@ FILL_TIMEOUT_S = 60.0
 
 
 def default_threads() -> int:
-    """Half the cores, at most 16: the step loop and the device's host work keep the rest."""
-    return max(1, min(16, (os.cpu_count() or 2) // 2))
+    """Half the cores this process may run on, at most 16: the step loop and the device's host
+    work keep the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(16, cores // 2))
 
 
 class _Share:
@@ -90,6 +92,7 @@ class BitmaskFiller:
         rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
         if not rows:
             return None
+        self.wait()
         self._reserve(len(grammars))
         self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], self.host_bitmask(len(grammars)),
                                                   rows)
