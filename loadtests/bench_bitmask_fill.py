@@ -52,7 +52,8 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
 
     generator = torch.Generator().manual_seed(0)
     filler = BitmaskFiller(vocab_size, torch.device("cpu"), num_threads)
-    grammars, new_tokens, drawn, accept_s, step_s, inline_s = [RequestGrammar(compiled, [1]) for _ in range(rows)], [], [], [], [], []
+    grammars = [RequestGrammar(compiled, [1]) for _ in range(rows)]
+    new_tokens, drawn, accept_s, step_s, inline_s = [], [], [], [], []
     for step in range(steps):
         start = time.perf_counter()
         fill = filler.start(new_tokens, grammars)

@@ -188,7 +188,8 @@ def _grammars_in_many_states(compiler, demo_checkpoint_dir) -> list:
     eos = tokenizer.convert_tokens_to_ids("</s>")
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
               "required": ["name", "n"], "additionalProperties": False}
-    cases = [  # (properties in sorted order: the spec's canonical schema text sorts its keys)(Spec(json=schema), '{"n": 12, "name": "ab'), (Spec(json=schema), '{"n": 1'), (Spec(json=schema), ""),
+    # Properties in sorted order: the spec's canonical schema text sorts its keys.
+    cases = [(Spec(json=schema), '{"n": 12, "name": "ab'), (Spec(json=schema), '{"n": 1'), (Spec(json=schema), ""),
              (Spec(regex="[0-9]{2,4}-[a-z]+"), "12"), (Spec(regex="[0-9]{2,4}-[a-z]+"), "123-ab"),
              (Spec(choice=["alpha", "beta"]), "al"), (Spec(json_object=True), '{"k": [1, ')]
     grammars = [RequestGrammar(compiler.submit(spec).result(timeout=60), [eos], _text_tokens(tokenizer, text))
@@ -235,10 +236,13 @@ def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) 
             alone[i].fill(before, i)
         tokens = {i: _allowed(before, i) for i in rows}
         tokens[rows[1]] = _allowed(before, rows[1], allowed=False)  # rejected: the matcher stays as it was
-        tokens[rows[2]] = 1 if before[rows[2], 0] & 2 else tokens[rows[2]]  # EOS where the grammar may end
+        complete = [i for i in rows if int(before[i, 0]) & 2]  # EOS (id 1) allowed: the grammar may end
+        assert complete and rows[1] not in complete
+        tokens[complete[0]] = 1
         accepted = [alone[i].accept(tokens[i]) for i in rows]
         expected = torch.zeros_like(before)
         live = [i for i in rows if not alone[i].terminated]
+        assert complete[0] not in live and rows[1] in live
         for i in live:
             alone[i].fill(expected, i)
         filler = _filler(num_threads)
