@@ -2,6 +2,9 @@
 
     python loadtests/bench_structured.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 128
 
+(`--structured-outputs-threads N`: the bitmask fill's threads; loadtests/bench_bitmask_fill.py
+times the fill alone per thread count.)
+
 Random weights of a real shape (`--load-format dummy`) and a byte-level tokenizer of the shape's
 vocabulary size written beside them (words of the standard library's source, so xgrammar's token
 masks are as large and as varied as a real tokenizer's). The schema (an object holding an array
@@ -138,10 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--structured-outputs-threads", type=int, default=None,
+                        help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args(argv)
 
+    from splitserve.shared.grammar_fill import default_threads
     from splitserve.shared.llm import LLM
 
     model_dir, vocab_size = write_model(args.shape, tempfile.mkdtemp(prefix=f"structured-{args.shape}-"))
@@ -149,13 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [[rng.randrange(300, vocab_size) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     llm = LLM(model_dir, load_format="dummy", device=args.device, skip_tokenizer_init=True,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
+              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
+              structured_outputs_threads=args.structured_outputs_threads)
     steps = _time_steps(llm.engine)
     rows = [run(llm, steps, prompts, args.output_len, structured) for structured in (False, True)]
     loss = 1.0 - rows[1]["output_tok_s"] / rows[0]["output_tok_s"]
     step_overhead = rows[1]["median_decode_step_ms"] / max(rows[0]["median_decode_step_ms"], 1e-9) - 1.0
     print(f"\n{args.shape}, {args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), greedy, "
-          f"async scheduling {'on' if llm.engine.async_scheduling else 'off'}")
+          f"async scheduling {'on' if llm.engine.async_scheduling else 'off'}, "
+          f"{args.structured_outputs_threads or default_threads()} bitmask fill threads")
     print(f"{'workload':16s} {'time_s':>8s} {'out tok/s':>10s} {'median decode step ms':>22s} {'mean step ms':>13s}")
     for r in rows:
         print(f"{r['workload']:16s} {r['time_s']:8.3f} {r['output_tok_s']:10.0f} {r['median_decode_step_ms']:22.2f} "

@@ -50,8 +50,9 @@ from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
+from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
+from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
 from splitserve.shared.step_trace import StepTrace
-from splitserve.shared.grammar import BitmaskBuilder, GrammarCompiler, GrammarWaitlist
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class InflightStep:
     pending: PendingStep
     launched: list[tuple[Request, int, int | None]]
     """(request, its computed tokens after this step, index of its placeholder output or None)."""
+    structured: bool = False
+    """Some row samples under a grammar (its matcher takes the token when the step settles)."""
 
 
 def _is_device_fault(exc: BaseException) -> bool:
@@ -189,7 +192,7 @@ class EngineCore:
             freeze_startup_heap()
         self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
                                         config.scheduler.grammar_compile_timeout_s)
-        self._bitmasks = BitmaskBuilder(parts.info.vocab_size, pin_memory=parts.device.type == "cuda")
+        self._bitmasks = BitmaskFiller(parts.info.vocab_size, parts.device, config.scheduler.structured_outputs_threads)
         self._trace = StepTrace(config.scheduler.step_trace) if config.scheduler.step_trace else None
 
     # ---- requests ---------------------------------------------------------------------
@@ -283,6 +286,7 @@ class EngineCore:
             raise exc
         inflight = [req.request_id for req, _, _ in self._inflight.launched] if self._inflight else []
         self._inflight = None
+        self._bitmasks.wait()  # no fill may still work on a matcher once the step is over
         culprits = dict.fromkeys([*(self._step_request_ids or self.requests), *inflight])
         logger.exception("a step failed; aborting its %d requests", len(culprits))
         message = f"the engine failed on this request: {type(exc).__name__}: {exc}"
@@ -315,20 +319,22 @@ class EngineCore:
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
         # step's tokens, so it is sampled (and booked) once those are settled, while the device
-        # still runs the forward.
+        # still runs the forward. The bitmask fills on other threads while the previous step's
+        # tokens are booked (see _resolve).
         previous = self._inflight
         structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
         pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
                                             defer_sampling=structured)
         if not structured:
             launched = self._advance(sched)
+        fill = None
         if previous is not None:
-            self._resolve(outputs)
+            fill = self._resolve(outputs, sched if structured else None)
             self._save_new_blocks()
         if structured:
-            self.runner.sample(pending, self._grammar_bitmask(sched))
+            self.runner.sample(pending, fill.result() if fill is not None else self._grammar_bitmask(sched))
             launched = self._advance(sched)
-        self._inflight = InflightStep(pending, launched) if launched else None
+        self._inflight = InflightStep(pending, launched, structured) if launched else None
         return list(outputs.values())
 
     # ---- structured outputs -----------------------------------------------------------
@@ -348,10 +354,13 @@ class EngineCore:
 
     def _grammar_bitmask(self, sched: SchedulerOutput):
         """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
-        grammars = [s.request.grammar for s in sched.scheduled if s.samples]
-        if not any(g is not None for g in grammars):
-            return None
-        return self._bitmasks.build(grammars)
+        return self._bitmasks.build([s.request.grammar for s in sched.scheduled if s.samples])
+
+    @staticmethod
+    def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
+        """Synchronous steps: advance each grammar's matcher by its request's new token, before any
+        output is built; the requests whose grammar rejects it. (Async steps: BitmaskFiller.start.)"""
+        return {req.request_id for req, token_id in new_tokens if not req.grammar.accept(token_id)}
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -372,10 +381,21 @@ class EngineCore:
             launched.append((req, req.num_computed_tokens, index))
         return launched
 
-    def _resolve(self, outputs: dict[str, EngineOutput]) -> None:
-        """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules."""
+    def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> StepFill | None:
+        """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules.
+        The grammar requests' matchers take this step's tokens on the filler's workers, which then
+        fill `next_sched`'s bitmask (the launched step with grammar rows) while the outputs are
+        built; returns that fill (StepFill.result gives the bitmask)."""
         inflight, self._inflight = self._inflight, None
         sampled = inflight.pending.result()
+        new_tokens = [(req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
+                      if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req
+                      ] if inflight.structured else []
+        fill, rejected = None, set()
+        if new_tokens or next_sched is not None:
+            grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
+            fill = self._bitmasks.start([(req.grammar, token_id) for req, token_id in new_tokens], grammars)
+            rejected = {req.request_id for (req, _), ok in zip(new_tokens, fill.accepted) if not ok}
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
@@ -387,9 +407,13 @@ class EngineCore:
                 continue
             token = sampled[req.request_id]
             req.set_output(index, token.token_id)
-            self._emit(req, token, index + 1, outputs)
+            self._emit(req, token, index + 1, outputs, req.request_id in rejected)
+        return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
+        rejected = self._advance_grammars([
+            (s.request, result.sampled[s.request.request_id].token_id) for s in sched.scheduled
+            if s.request.grammar is not None and s.request.request_id in result.sampled])
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
@@ -399,7 +423,7 @@ class EngineCore:
             token = result.sampled.get(req.request_id)
             if token is not None:
                 req.append_output(token.token_id)
-                self._emit(req, token, len(req.output_token_ids), outputs)
+                self._emit(req, token, len(req.output_token_ids), outputs, req.request_id in rejected)
 
     def _release_out_of_window(self, req: Request, num_computed: int) -> None:
         """Sliding-window models: free the blocks no later query can see, except while the KV is to
@@ -407,9 +431,11 @@ class EngineCore:
         if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
             self._window_kv.release_out_of_window(req.request_id, num_computed)
 
-    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput]) -> None:
-        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it."""
-        if req.grammar is not None and not req.grammar.accept(token.token_id):
+    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput],
+              grammar_rejected: bool = False) -> None:
+        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it. Its
+        grammar, if any, has taken the token already (`_advance_grammars`)."""
+        if grammar_rejected:
             # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
             logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
             self.scheduler.remove(req.request_id)
@@ -547,6 +573,7 @@ class EngineCore:
 
     def close(self) -> None:
         self.grammars.compiler.close()
+        self._bitmasks.close()
         if self._trace is not None:
             self._trace.close()
         if self.connector is not None:

@@ -6,6 +6,8 @@
         .accept(token)        advance; False if the grammar forbids the token
         .terminated           the grammar is complete (the request ends with finish_reason stop)
 
+A step's bitmask, all rows at once and off the step loop's thread, is grammar_fill.py's.
+
 The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the
 compile thread) and to the model's vocabulary size, which can exceed the tokenizer's: ids past
 the tokenizer are never allowed. Compiling runs on a worker thread so the step loop never waits.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -138,44 +139,34 @@ class RequestGrammar:
         # No stop token (ignore_eos): the request ends when the grammar is complete.
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None,
                                           terminate_without_stop_token=not stop_token_ids)
+        self._stop_tokens = frozenset(stop_token_ids)
+        self.terminated = self.matcher.is_terminated()
+        """The grammar is complete. An attribute, kept by `accept`: the engine reads it while a
+        bitmask fill may be working on the matcher (grammar_fill.py)."""
         for token_id in token_ids:  # the decode side and a preempted request rebuild from the tokens
             if not self.accept(token_id):
                 raise GrammarError(f"token {token_id} does not match the grammar")
 
     def accept(self, token_id: int) -> bool:
-        return self.matcher.accept_token(token_id)
+        accepted = self.matcher.accept_token(token_id)
+        self.note_accepted(token_id, accepted)
+        return accepted
 
-    @property
-    def terminated(self) -> bool:
-        return self.matcher.is_terminated()
+    def note_accepted(self, token_id: int, accepted: bool) -> None:
+        """Keep `terminated` once the matcher took (or refused) a token, here or in a batched accept."""
+        if not self._stop_tokens:  # complete is terminated
+            self.terminated = self.matcher.is_terminated()
+        elif accepted and token_id in self._stop_tokens:  # xgrammar: terminated once a stop token is in
+            self.terminated = True
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
-class BitmaskBuilder:
-    """Builds a step's bitmask [N, ceil(V/32)] int32 on the host, all rows at once on xgrammar's
-    threads (one matcher's fill is tens of microseconds on a large vocabulary, a batch of
-    hundreds must not cost milliseconds of the step loop's time)."""
-
-    def __init__(self, vocab_size: int, pin_memory: bool, max_threads: int = 4) -> None:
-        self.width, self.pin_memory = bitmask_width(vocab_size), pin_memory
-        self._batch = xgr.BatchGrammarMatcher(max(1, min(max_threads, os.cpu_count() or 1)))
-
-    def build(self, grammars: Sequence[RequestGrammar | None]) -> tuple[torch.Tensor, list[int]] | None:
-        """The bitmask and the rows that carry a live grammar (others stay all-allowed);
-        None when no row has one."""
-        rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
-        if not rows:
-            return None
-        bitmask = torch.full((len(grammars), self.width), -1, dtype=torch.int32, pin_memory=self.pin_memory)
-        self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], bitmask, rows)
-        return bitmask, rows
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int]) -> None:
     """Set the logits [N, V] of forbidden tokens to -inf in the given rows, in place, on the
-    logits' device (xgrammar's kernel: Triton on CUDA, a CPU kernel otherwise)."""
+    logits' device, one kernel for all rows (xgrammar's: Triton on CUDA, a CPU kernel otherwise).
+    A bitmask already on the device (grammar_fill.BitmaskFiller) is not copied again."""
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=logits.shape[1], indices=rows)
 

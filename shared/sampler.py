@@ -76,9 +76,9 @@ class DeviceSample:
     """Top-logprob alternatives asked for by each row."""
 
 
-Bitmask = tuple[torch.Tensor, list[int]]
-"""A step's grammar bitmask on the host, int32 [N, ceil(V/32)] (bit t of a row: token t allowed),
-and the rows that carry a grammar (see grammar.BitmaskBuilder)."""
+Bitmask = tuple[torch.Tensor, torch.Tensor | list[int]]
+"""A step's grammar bitmask, int32 [N, ceil(V/32)] (bit t of a row: token t allowed), and the rows
+that carry a grammar, on the host or already on the logits' device (grammar_fill.BitmaskFiller)."""
 
 
 class Sampler:

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from splitserve.shared.grammar import (
-    BitmaskBuilder, GrammarCompiler, GrammarError, RequestGrammar, apply_bitmask, bitmask_width)
+from splitserve.shared.grammar import GrammarCompiler, GrammarError, RequestGrammar, apply_bitmask, bitmask_width
+from splitserve.shared.grammar_fill import BitmaskFiller
 from splitserve.shared.protocol import convert
 from splitserve.shared.sampler import Sampler, SamplingInput
 from splitserve.shared.sampling_params import SamplingParams
@@ -97,6 +97,10 @@ def test_choice_matcher_accepts_exactly_the_choices(compiler, demo_checkpoint_di
     assert without_stop.terminated  # no stop token (ignore_eos): complete means done
 
 
+def _filler(num_threads: int = 1) -> BitmaskFiller:
+    return BitmaskFiller(VOCAB, torch.device("cpu"), num_threads)
+
+
 def _direct_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """Bit t of row i clear -> token t forbidden, in the listed rows only; computed token by token."""
     out = logits.clone()
@@ -123,10 +127,9 @@ def test_sampler_with_mixed_rows(compiler, demo_checkpoint_dir) -> None:
     torch.manual_seed(1)
     compiled = compiler.submit(Spec(regex="[0-9]{2}")).result(timeout=60)
     grammars = [RequestGrammar(compiled, [1]), None, RequestGrammar(compiled, [1]), None]
-    built = BitmaskBuilder(VOCAB, pin_memory=False).build(grammars)
-    assert built is not None and built[1] == [0, 2]
-    bitmask, rows = built
-    assert (bitmask[[1, 3]] == -1).all()  # rows without a grammar stay all-allowed
+    built = _filler().build(grammars)
+    assert built is not None and built[1].tolist() == [0, 2]
+    bitmask, rows = built[0], built[1].tolist()
     logits = torch.randn(4, VOCAB)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
               SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, seed=7)]
@@ -139,7 +142,7 @@ def test_sampler_with_mixed_rows(compiler, demo_checkpoint_dir) -> None:
         assert allowed[i, constrained[i]] > float("-inf")
     assert constrained[0] == int(allowed[0].argmax())
     assert [constrained[1], constrained[3]] == [unconstrained[1], unconstrained[3]]
-    assert BitmaskBuilder(VOCAB, pin_memory=False).build([None, None]) is None
+    assert _filler().build([None, None]) is None
 
 
 def test_min_tokens_does_not_fight_the_grammar(compiler) -> None:
@@ -150,7 +153,7 @@ def test_min_tokens_does_not_fight_the_grammar(compiler) -> None:
     logits = torch.zeros(1, VOCAB)
     params = SamplingParams(temperature=0.0, min_tokens=5, structured_outputs=Spec(choice=["a"]))
     for _ in range(4):
-        built = BitmaskBuilder(VOCAB, pin_memory=False).build([grammar])
+        built = _filler().build([grammar])
         if built is None:
             break
         token = Sampler()(logits.clone(), [SamplingInput(params, [0], tokens, None, frozenset({1}))], built).token_ids[0]
@@ -174,3 +177,129 @@ def test_length_bounded_json_strings_reject_control_characters(compiler, demo_ch
     for text, ok in [('"ab"', True), ('"a\x06"', False), ('"abcde"', False)]:
         matcher = xgr.GrammarMatcher(compiled)
         assert (matcher.accept_string(text) and matcher.is_completed()) is ok, text
+
+
+def _grammars_in_many_states(compiler, demo_checkpoint_dir) -> list:
+    """Rows of a step: grammars of several kinds part-way through their text, rows without one,
+    and a terminated grammar (nothing left to fill)."""
+    from splitserve.shared.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_checkpoint_dir)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["name", "n"], "additionalProperties": False}
+    # Properties in sorted order: the spec's canonical schema text sorts its keys.
+    cases = [(Spec(json=schema), '{"n": 12, "name": "ab'), (Spec(json=schema), '{"n": 1'), (Spec(json=schema), ""),
+             (Spec(regex="[0-9]{2,4}-[a-z]+"), "12"), (Spec(regex="[0-9]{2,4}-[a-z]+"), "123-ab"),
+             (Spec(choice=["alpha", "beta"]), "al"), (Spec(json_object=True), '{"k": [1, ')]
+    grammars = [RequestGrammar(compiler.submit(spec).result(timeout=60), [eos], _text_tokens(tokenizer, text))
+                for spec, text in cases]
+    done = RequestGrammar(compiler.submit(Spec(choice=["yes"])).result(timeout=60), [eos],
+                          [*_text_tokens(tokenizer, "yes"), eos])
+    assert done.terminated
+    return [grammars[0], None, *grammars[1:4], done, None, *grammars[4:]]
+
+
+def test_batched_fill_matches_each_matcher_alone_with_any_thread_count(compiler, demo_checkpoint_dir) -> None:
+    """One batched fill (1 to 3 threads, on this thread or on the workers) writes each live row
+    exactly as that row's matcher fills it alone; other rows are left out."""
+    grammars = _grammars_in_many_states(compiler, demo_checkpoint_dir)
+    live = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+    expected = torch.zeros(len(grammars), bitmask_width(VOCAB), dtype=torch.int32)
+    for i in live:
+        grammars[i].fill(expected, i)
+    for num_threads in (1, 2, 3):
+        filler = _filler(num_threads)
+        for _ in range(2):  # the second fill reuses the first one's buffer
+            bitmask, rows = filler.build(grammars)
+            assert rows.tolist() == live and torch.equal(bitmask[live], expected[live])
+            bitmask, rows = filler.start([], grammars).result()
+            assert rows.tolist() == live and torch.equal(bitmask[live], expected[live])
+        filler.close()
+
+
+def _allowed(bitmask: torch.Tensor, row: int, allowed: bool = True) -> int:
+    """The lowest token id the row's mask allows (or forbids)."""
+    bits = [(int(bitmask[row, t // 32]) >> (t % 32)) & 1 for t in range(VOCAB)]
+    return bits.index(1 if allowed else 0)
+
+
+def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) -> None:
+    """start(new tokens, rows): each matcher takes its token on a worker (a forbidden one is
+    reported, a stop token terminates the row and leaves it out), then the rows are filled; the
+    same as accepting and filling each matcher alone, with 1 and 3 workers."""
+    for num_threads in (1, 3):
+        alone, batched = (_grammars_in_many_states(compiler, demo_checkpoint_dir) for _ in range(2))
+        before = torch.zeros(len(alone), bitmask_width(VOCAB), dtype=torch.int32)
+        rows = [i for i, g in enumerate(alone) if g is not None and not g.terminated]
+        for i in rows:
+            alone[i].fill(before, i)
+        tokens = {i: _allowed(before, i) for i in rows}
+        tokens[rows[1]] = _allowed(before, rows[1], allowed=False)  # rejected: the matcher stays as it was
+        complete = [i for i in rows if int(before[i, 0]) & 2]  # EOS (id 1) allowed: the grammar may end
+        assert complete and rows[1] not in complete
+        tokens[complete[0]] = 1
+        accepted = [alone[i].accept(tokens[i]) for i in rows]
+        expected = torch.zeros_like(before)
+        live = [i for i in rows if not alone[i].terminated]
+        assert complete[0] not in live and rows[1] in live
+        for i in live:
+            alone[i].fill(expected, i)
+        filler = _filler(num_threads)
+        fill = filler.start([(batched[i], tokens[i]) for i in rows], batched)
+        assert fill.accepted == accepted and accepted[1] is False
+        assert [batched[i].terminated for i in rows] == [alone[i].terminated for i in rows]
+        bitmask, filled = fill.result()
+        assert filled.tolist() == live and torch.equal(bitmask[live], expected[live])
+        filler.close()
+
+
+def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
+    """An error inside xgrammar's fill (here: a matcher of another vocabulary size) comes back from
+    result(), and the workers go on with the next step."""
+    import xgrammar as xgr
+
+    compiled = compiler.submit(Spec(regex="[0-9]+")).result(timeout=60)
+    filler = BitmaskFiller(64, torch.device("cpu"), 1)  # far narrower than the grammar's vocabulary
+    with pytest.raises(RuntimeError, match="bitmask"):
+        filler.start([], [RequestGrammar(compiled, [1])]).result()
+    narrow = xgr.TokenizerInfo([chr(ord("a") + i % 26) * (1 + i // 26) for i in range(64)])
+    small = RequestGrammar(xgr.GrammarCompiler(narrow).compile_regex("[a-c]{3}"), [])
+    fill = filler.start([(small, 0)], [small])  # token 0 is "a"
+    bitmask, rows = fill.result()
+    assert fill.accepted == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
+    filler.close()
+
+
+def test_fill_threads_flag_and_its_bounds() -> None:
+    import argparse
+
+    from splitserve.shared.config import ConfigError, SchedulerConfig
+    from splitserve.shared.config_flags import add_dataclass_flags
+    from splitserve.shared.grammar_fill import default_threads
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, SchedulerConfig, "scheduler")
+    assert parser.parse_args(["--structured-outputs-threads", "6"]).structured_outputs_threads == 6
+    with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 1"):
+        SchedulerConfig(structured_outputs_threads=0).validate()
+    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
+
+
+@pytest.mark.parametrize("stop_tokens", [[1], []])
+def test_terminated_attribute_follows_the_matcher(compiler, stop_tokens) -> None:
+    """`terminated` is kept by accept (not asked of the matcher, which a fill may be using):
+    it must say what xgrammar says after every token, with and without stop tokens."""
+    torch.manual_seed(3)
+    compiled = compiler.submit(Spec(regex="(ab|cd)[0-9]{1,3}")).result(timeout=60)
+    for _ in range(5):
+        grammar, filler = RequestGrammar(compiled, stop_tokens), _filler()
+        for _ in range(12):
+            built = filler.build([grammar])
+            if built is None:
+                break
+            logits = torch.randn(1, VOCAB)
+            apply_bitmask(logits, *built)
+            assert grammar.accept(int(logits.argmax()))
+            assert grammar.terminated == grammar.matcher.is_terminated()
+        assert grammar.terminated
