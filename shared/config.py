@@ -90,7 +90,8 @@ class SchedulerConfig:
     """A structured-output request whose grammar has not compiled after this long fails."""
     structured_outputs_threads: int | None = None
     """Threads that fill a step's structured-output token masks (xgrammar's batched fill, off the
-    step loop's thread). Unset: half the cores, at most 16."""
+    step loop's thread). 0: no worker threads; the step loop's thread accepts and fills, each
+    call spread over xgrammar's own threads. Unset: half the cores, at most 16."""
     step_trace: str | None = None
     """Write one CSV line per engine step (start, duration, requests, tokens, outputs) to this
     file: a diagnostic for where a run's time goes (shared/step_trace.py)."""
@@ -104,8 +105,8 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.grammar_compile_timeout_s <= 0:
             raise ConfigError(f"grammar_compile_timeout_s must be positive, got {self.grammar_compile_timeout_s}")
-        if self.structured_outputs_threads is not None and self.structured_outputs_threads < 1:
-            raise ConfigError(f"structured_outputs_threads must be at least 1, got {self.structured_outputs_threads}")
+        if self.structured_outputs_threads is not None and self.structured_outputs_threads < 0:
+            raise ConfigError(f"structured_outputs_threads must be at least 0, got {self.structured_outputs_threads}")
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,13 @@ class StepFill:
         self.filler, self.shares, self.num_rows = filler, shares, num_rows
         self.accepted = [True] * num_tokens
         """Whether each new token was accepted by its grammar (False: a masking bug, not input)."""
+        self.filled_inline: tuple[torch.Tensor, torch.Tensor] | None = None
+        """With no workers (`num_threads` 0): the bitmask, already filled by `start`."""
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Wait for the fill; the bitmask and its grammar rows on the device (None: no live row)."""
+        if not self.shares:
+            return self.filled_inline
         for share in self.shares:
             _wait(share.done, "fill")
             if share.error is not None:
@@ -80,8 +84,9 @@ class BitmaskFiller:
 
     def __init__(self, vocab_size: int, device: torch.device, num_threads: int | None = None) -> None:
         self.width, self.device = bitmask_width(vocab_size), device
-        self.num_threads = num_threads or default_threads()
-        self._batch = xgr.BatchGrammarMatcher(self.num_threads)  # synchronous fills: xgrammar's own threads
+        self.num_threads = default_threads() if num_threads is None else num_threads
+        """Workers; 0: accept and fill on the step loop's thread, with xgrammar's own threads."""
+        self._batch = xgr.BatchGrammarMatcher(self.num_threads or default_threads())  # synchronous calls
         self._host = self._device_buf = torch.empty(0, dtype=torch.int32)
         self._copied: torch.cuda.Event | None = None
         self._workers: list[_Worker] = []
@@ -102,6 +107,8 @@ class BitmaskFiller:
               grammars: Sequence[RequestGrammar | None]) -> StepFill:
         """Accept each (grammar, token) of `new_tokens`, then fill the live rows of `grammars`.
         Returns once every token is accepted (StepFill.accepted), the fill still running."""
+        if not self.num_threads:
+            return self._start_inline(new_tokens, grammars)
         self.wait()
         self._reserve(len(grammars))
         shares = self._split(new_tokens, grammars)
@@ -115,6 +122,20 @@ class BitmaskFiller:
         if errors:
             self.wait()
             raise errors[0]
+        return fill
+
+    def _start_inline(self, new_tokens: Sequence[tuple[RequestGrammar, int]],
+                      grammars: Sequence[RequestGrammar | None]) -> StepFill:
+        """Both batched calls on this thread (each spreads over xgrammar's threads, GIL released):
+        no hand-off to workers, whose GIL turns can cost more than the work (section 13 of
+        docs/benchmarks.md measured both)."""
+        fill = self._last = StepFill(self, [], len(new_tokens), len(grammars))
+        if new_tokens:
+            results = self._batch.batch_accept_token([g.matcher for g, _ in new_tokens], [t for _, t in new_tokens])
+            for index, ((grammar, token_id), accepted) in enumerate(zip(new_tokens, results)):
+                grammar.note_accepted(token_id, accepted)
+                fill.accepted[index] = accepted
+        fill.filled_inline = self.build(grammars)
         return fill
 
     def _split(self, new_tokens, grammars) -> list[_Share]:

@@ -281,8 +281,9 @@ def test_fill_threads_flag_and_its_bounds() -> None:
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, SchedulerConfig, "scheduler")
     assert parser.parse_args(["--structured-outputs-threads", "6"]).structured_outputs_threads == 6
-    with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 1"):
-        SchedulerConfig(structured_outputs_threads=0).validate()
+    with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 0"):
+        SchedulerConfig(structured_outputs_threads=-1).validate()
+    SchedulerConfig(structured_outputs_threads=0).validate()  # 0: on the step loop's thread
     assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
 
 
