@@ -284,7 +284,7 @@ def test_fill_threads_flag_and_its_bounds() -> None:
     with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 0"):
         SchedulerConfig(structured_outputs_threads=-1).validate()
     SchedulerConfig(structured_outputs_threads=0).validate()  # 0: on the step loop's thread
-    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
+    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == 0
 
 
 @pytest.mark.parametrize("stop_tokens", [[1], []])
