@@ -18,6 +18,7 @@ the seed), so no value can overflow a C type on its way to the engine; every flo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -115,8 +116,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        for f in fields(self):
-            _check_field(f.name, getattr(self, f.name), spec_of(f), FIELD_TYPES[f.name])
+        for check in _FIELD_CHECKS or _field_checks():
+            check.run(getattr(self, check.name))
         if self.n > 1 and self.greedy:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n} (as in vLLM)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -131,8 +132,14 @@ def spec_of(f) -> FieldSpec:
 
 def sampling_fields(**where: bool) -> list[tuple[str, FieldSpec]]:
     """(name, spec) of each field, in declaration order; `wire=True` etc. keeps those that match."""
-    return [(f.name, spec_of(f)) for f in fields(SamplingParams)
-            if all(getattr(spec_of(f), key) == value for key, value in where.items())]
+    return list(_sampling_fields(tuple(sorted(where.items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def _sampling_fields(where: tuple[tuple[str, bool], ...]) -> tuple[tuple[str, FieldSpec], ...]:
+    # Once per filter: the conversions to and from protobuf ask for every request.
+    return tuple((f.name, spec_of(f)) for f in fields(SamplingParams)
+                 if all(getattr(spec_of(f), key) == value for key, value in where))
 
 
 FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(SamplingParams)
@@ -140,8 +147,37 @@ FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(SamplingParams)
 
 # ---- checks -----------------------------------------------------------------------------------
 
-def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typing.Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class _FieldCheck:
+    """One field's check, its type taken apart once: every request builds several SamplingParams
+    (the gateway's, one per choice, the worker's), and reading annotations each time cost more
+    than the rest of the check."""
+
+    name: str
+    spec: FieldSpec
+    annotation: typing.Any
+
+    def run(self, value: typing.Any) -> None:
+        _check_field(self.name, value, self.spec, self.annotation)
+
+
+_FIELD_CHECKS: list[_FieldCheck] = []
+
+
+def _field_checks() -> list[_FieldCheck]:
+    _FIELD_CHECKS.extend(_FieldCheck(f.name, spec_of(f), FIELD_TYPES[f.name]) for f in fields(SamplingParams))
+    return _FIELD_CHECKS
+
+
+@functools.lru_cache(maxsize=None)
+def _type_parts(annotation: typing.Any) -> tuple[typing.Any, tuple, typing.Any]:
+    """(origin, args, the scalar type of an optional) of an annotation."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    return origin, args, next((a for a in args if a is not type(None)), annotation)
+
+
+def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typing.Any) -> None:
+    origin, args, scalar = _type_parts(annotation)
     if value is None:
         if type(None) not in args:
             raise ValueError(f"{name} must not be None")
@@ -158,13 +194,12 @@ def _check_field(name: str, value: typing.Any, spec: FieldSpec, annotation: typi
             _check_scalar(f"{name} keys", key, args[0], spec.item_ge, None, spec.item_le)
             _check_scalar(f"{name} values", item, args[1], spec.ge, spec.gt, spec.le)
     else:
-        scalar = next((a for a in args if a is not type(None)), annotation)
         _check_scalar(name, value, scalar, spec.ge, spec.gt, spec.le)
 
 
 def _check_scalar(name: str, value: typing.Any, kind: type, ge: float | None, gt: float | None,
                   le: float | None) -> None:
-    if dataclasses.is_dataclass(kind):  # a structured value checks itself on construction
+    if _is_dataclass(kind):  # a structured value checks itself on construction
         if not isinstance(value, kind):
             raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         return
@@ -183,6 +218,11 @@ def _check_scalar(name: str, value: typing.Any, kind: type, ge: float | None, gt
         raise ValueError(f"{name} must be finite, got {value}")
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
         raise ValueError(f"{name} must be {_range_text(ge, gt, le)}, got {value}")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_dataclass(kind: typing.Any) -> bool:
+    return dataclasses.is_dataclass(kind)
 
 
 def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:

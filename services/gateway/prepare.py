@@ -186,8 +186,11 @@ def text_chars(body: CompletionRequest | ChatCompletionRequest) -> int:
     """Characters of text the request would have tokenized (app.py picks a tokenizer thread by it)."""
     if isinstance(body, ChatCompletionRequest):
         return sum(len(m.text()) for m in body.messages)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    return sum(len(p) for p in prompts if isinstance(p, str))
+    if isinstance(body.prompt, str):
+        return len(body.prompt)
+    if body.prompt and not isinstance(body.prompt[0], str):  # token ids: nothing to tokenize
+        return 0
+    return sum(len(p) for p in body.prompt)
 
 
 # ---- checks before tokenizing ------------------------------------------------------------------
