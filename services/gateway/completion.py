@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitserve.services.gateway.dispatch import Dispatcher
-from splitserve.services.gateway.metrics import GatewayMetrics
+from splitserve.services.gateway.metrics import GatewayMetrics, observe_n
 from splitserve.services.gateway.openai_protocol import service_unavailable
 from splitserve.services.gateway.prepare import PreparedRequest
 from splitserve.services.gateway.worker_client import WorkerRequest
@@ -139,9 +139,7 @@ class ChoiceStream:
         if last_token_s is None:
             self.metrics.ttft_s.observe(now - self.prep.arrival_s)
         elif num_tokens:
-            gap = (now - last_token_s) / num_tokens
-            for _ in range(num_tokens):
-                self.metrics.itl_s.observe(gap)
+            observe_n(self.metrics.itl_s, (now - last_token_s) / num_tokens, num_tokens)
         self.metrics.generation_tokens.inc(num_tokens)
 
     def _observe_final(self, chunk) -> None:

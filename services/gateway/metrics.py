@@ -22,6 +22,22 @@ _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
+def observe_n(histogram: Histogram, amount: float, count: int) -> None:
+    """`count` observations of `amount` at the price of one: a merged chunk of 16 tokens is 16
+    inter-token gaps, and 16 `observe` calls per SSE event were a fifth of the gateway's CPU per
+    event at full load. Same exposition as `count` calls (tests/services/test_gateway_metrics.py)."""
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:  # a prometheus_client without these internals
+        for _ in range(count):
+            histogram.observe(amount)
+        return
+    total.inc(amount * count)
+    for bucket, bound in zip(buckets, bounds):
+        if amount <= bound:
+            bucket.inc(count)
+            return
+
+
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
