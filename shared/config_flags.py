@@ -1,7 +1,8 @@
 """CLI flags generated from the config dataclasses: one config system, no hand-written duplicates.
 
-Every field of `ModelConfig`, `CacheConfig` and `SchedulerConfig` becomes `--field-name`, with the
-field's docstring as help (read from the source), and `engine_config_from_args` builds the
+Every field of `ModelConfig`, `CacheConfig`, `SchedulerConfig` and `ParallelConfig` becomes
+`--field-name` (plus vLLM's short `-tp` for `--tensor-parallel-size`), with the field's docstring as
+help (read from the source), and `engine_config_from_args` builds the
 frozen `EngineConfig` back from the parsed namespace.
 """
 
@@ -14,9 +15,12 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
-_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+
+SHORT_FLAGS = {"--tensor-parallel-size": "-tp"}
+"""vLLM's short spellings of a few engine flags."""
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -48,6 +52,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, prefix
             continue
         dest = prefix + f.name
         flag = "--" + dest.replace("_", "-")
+        names = [flag, *([SHORT_FLAGS[flag]] if flag in SHORT_FLAGS else [])]
         kind = _parse_type(hints[f.name])
         default = f.default if f.default is not MISSING else None
         if kind is bool:
@@ -56,7 +61,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, prefix
         elif typing.get_origin(kind) is tuple:
             group.add_argument(flag, dest=dest, type=_comma_list, default=default, help=docs.get(f.name))
         else:
-            group.add_argument(flag, dest=dest, type=kind, default=default, help=docs.get(f.name))
+            group.add_argument(*names, dest=dest, type=kind, default=default, help=docs.get(f.name))
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **overrides):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.shared.engine import EngineCore, EngineOutput
 from splitserve.shared.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.shared.sampling_params import SamplingParams
@@ -26,13 +26,14 @@ class LLM:
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, structured_outputs_threads: int | None = None,
-                 step_trace: str | None = None) -> None:
+                 step_trace: str | None = None, tensor_parallel_size: int = 1) -> None:
         config = EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, load_format, seed, enforce_eager),
             cache=CacheConfig(block_size, num_blocks, gpu_memory_utilization, cpu_kv_cache_gib, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy,
                                       async_scheduling, structured_outputs_threads=structured_outputs_threads,
                                       step_trace=step_trace),
+            parallel=ParallelConfig(tensor_parallel_size),
         )
         self._setup(config, skip_tokenizer_init)
 
@@ -48,6 +49,10 @@ class LLM:
         # and outputs carry token ids only, as with vLLM's skip_tokenizer_init.
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.engine.model_dir)
         self._next_id = 0
+
+    def close(self) -> None:
+        """Stop the engine: its tensor-parallel ranks (if any) exit and the process group goes."""
+        self.engine.close()
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -1,0 +1,94 @@
+"""The one owner of the tensor-parallel process group: init, rank and size, collectives, teardown.
+
+    init_process_group(rank, world_size, init_method, device)   # gloo on CPU, NCCL on CUDA
+    rank(), world_size()
+    all_reduce(x)            # in place, sum over the ranks
+    all_gather(x, dim)       # concatenated along `dim`, in rank order
+    destroy()
+
+A process holds at most one group (torch.distributed's default group). Without one (a single
+rank, the default), `rank()` is 0, `world_size()` 1 and the collectives return their input: the
+model layers call them unconditionally. No other module calls torch.distributed.
+
+Every collective runs under the group's `timeout`, so a rank that died or hangs ends the others'
+wait with `ParallelError` instead of blocking forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_S = 120.0
+"""How long any collective (and the rendezvous) may wait for the other ranks."""
+
+
+class ParallelError(RuntimeError):
+    """A collective failed or timed out: a rank is gone and the worker cannot go on."""
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+
+
+_state = ParallelState()
+
+
+def init_process_group(rank: int, world_size: int, init_method: str, device: torch.device,
+                       timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the group of `world_size` ranks at `init_method` (tcp://127.0.0.1:PORT)."""
+    global _state
+    if _state.world_size > 1:
+        raise ParallelError("this process already belongs to a tensor-parallel group; close that engine first")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    except (RuntimeError, ValueError) as exc:
+        raise ParallelError(f"rank {rank} of {world_size} could not join the process group: {exc}") from exc
+    _state = ParallelState(rank, world_size)
+
+
+def rank() -> int:
+    return _state.rank
+
+
+def world_size() -> int:
+    return _state.world_size
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place; returns it."""
+    if _state.world_size == 1:
+        return x
+    try:
+        dist.all_reduce(x)
+    except RuntimeError as exc:
+        raise ParallelError(f"all_reduce failed on rank {_state.rank}: {exc}") from exc
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Every rank's `x` (equal shapes), concatenated along `dim` in rank order."""
+    if _state.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_state.world_size)]
+    try:
+        dist.all_gather(parts, x.contiguous())
+    except RuntimeError as exc:
+        raise ParallelError(f"all_gather failed on rank {_state.rank}: {exc}") from exc
+    return torch.cat(parts, dim=dim)
+
+
+def destroy() -> None:
+    """Leave the group (a no-op without one)."""
+    global _state
+    if _state.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _state = ParallelState()

@@ -1,0 +1,37 @@
+"""`--tensor-parallel-size` / `-tp`: one field of ParallelConfig, reaching every command and `LLM`."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from splitserve.shared.config import ConfigError, EngineConfig, ParallelConfig
+from splitserve.shared.config_flags import add_engine_flags, engine_config_from_args, engine_flags_to_argv
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv", [("-tp", "2"), ("--tensor-parallel-size", "2")])
+def test_short_and_long_flag_set_the_field(argv):
+    args = _parse(*argv)
+    assert engine_config_from_args(args).parallel == ParallelConfig(tensor_parallel_size=2)
+    assert engine_flags_to_argv(args) == ["--tensor-parallel-size", "2"]  # what `up` passes to its workers
+
+
+def test_default_is_one_rank_and_zero_is_refused():
+    assert engine_config_from_args(_parse()).parallel.tensor_parallel_size == 1
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        EngineConfig(parallel=ParallelConfig(0)).validate()
+
+
+def test_every_engine_command_takes_it():
+    from splitserve.cli import build_parser
+
+    parser = build_parser()
+    for command in (["generate", "--prompt", "x"], ["worker"], ["prefill"], ["decode"], ["up"]):
+        assert parser.parse_args([*command, "-tp", "4"]).tensor_parallel_size == 4
