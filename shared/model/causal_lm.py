@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from splitserve.shared.model.attention import Attention, AttentionMetadata
+from splitserve.shared.model.parallel_layers import ParallelLMHead
 from splitserve.shared.model.weights import LLAMA_MERGED, load_checkpoint_weights, merged_name
 
 
@@ -31,7 +32,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         self.model = model
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -42,7 +43,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden [N, H]` (only the rows to sample) -> `[N, V]` in the model's dtype; the sampler
-        upcasts to float32 where it computes more than an argmax."""
+        upcasts to float32 where it computes more than an argmax. A collective under tensor
+        parallelism: every rank calls it with the same rows and gets the full logits."""
         logits = self.lm_head(hidden)
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap

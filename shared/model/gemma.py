@@ -22,6 +22,7 @@ from torch import nn
 
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.model.causal_lm import CausalLM
+from splitserve.shared.model.parallel_layers import VocabParallelEmbedding
 from splitserve.shared.model.layers import GatedMLP, RMSNorm, SelfAttention, rope_parameters, rotary_embedding_for
 
 
@@ -63,7 +64,7 @@ def _rope_of(cfg: Any, layer_type: str) -> dict[str, Any]:
 class GemmaModel(nn.Module):
     def __init__(self, cfg: Any, qk_norm: str | None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.hidden_size = cfg.hidden_size
         kinds = _layer_types(cfg)
         self.rotary_embs = nn.ModuleDict({kind: rotary_embedding_for(cfg, _rope_of(cfg, kind)) for kind in set(kinds)})

@@ -6,6 +6,8 @@ The merged projections keep Hugging Face's separate matrices as row blocks of on
 one GEMM serves q/k/v (or gate/up); `load_shard` copies one HF matrix into its rows. Modules with
 such sharded parameters answer `shards(param_name)`, which the weight loader uses to check that
 every shard was loaded. Families pick and configure these blocks; they hold no family logic.
+The projections are the tensor-parallel ones of parallel_layers.py: with N ranks each block holds
+1/N of the heads and of the intermediate channels (one rank: all of them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from torch import nn
 from splitserve.kernels import ops
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.shared.model.attention import Attention, AttentionMetadata
+from splitserve.shared.model.parallel_layers import (MergedColumnParallelLinear, RowParallelLinear, ShardedRMSNorm,
+                                                     check_head_split, even_slice, kv_head_slice, kv_replicas)
+from splitserve.shared.parallel import state
 
 
 class UnsupportedRopeError(NotImplementedError):
@@ -53,31 +58,6 @@ class RMSNorm(nn.Module):
         return ops.fused_add_rms_norm(x, residual, weight, self.eps)  # (normed, x + residual)
 
 
-class MergedLinear(nn.Linear):
-    """One linear layer standing for several stacked ones (q/k/v, gate/up): `shards` name
-    the row blocks in order with their output sizes."""
-
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shards.values()), bias=bias)
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in shards.items():
-            self.shard_offsets[name] = (offset, size)
-            offset += size
-
-    def shards(self, param_name: str) -> list[str]:
-        return list(self.shard_offsets)
-
-    def load_shard(self, param_name: str, shard: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint matrix (or bias) into its rows of `weight` (or `bias`)."""
-        param = getattr(self, param_name)
-        offset, size = self.shard_offsets[shard]
-        target = param.data.narrow(0, offset, size)
-        if target.shape != tensor.shape:
-            raise ValueError(f"shard {shard!r} of {param_name}: expected shape {tuple(target.shape)}, got {tuple(tensor.shape)}")
-        target.copy_(tensor)
-
-
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 """Gate activations of the gated MLPs (`hidden_act` / `hidden_activation` in HF configs)."""
 
@@ -94,8 +74,9 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, hidden_act: str) -> None:
         super().__init__()
         self.activation = check_activation(hidden_act)
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        channels = even_slice(intermediate_size, "the MLP's intermediate size")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, {"gate": channels, "up": channels}, bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, "the MLP's intermediate size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]
@@ -259,17 +240,24 @@ class SelfAttention(nn.Module):
         logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, num_kv_heads_of(cfg)
-        self.head_dim = head_dim_of(cfg)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=o_bias)
+        self.head_dim = head_dim = head_dim_of(cfg)
+        total_heads, total_kv_heads = cfg.num_attention_heads, num_kv_heads_of(cfg)
+        check_head_split(total_heads, total_kv_heads, state.world_size())
+        q_rows = even_slice(total_heads * head_dim, "the q projection")
+        kv_rows = kv_head_slice(total_kv_heads, head_dim)
+        self.num_heads, self.num_kv_heads = q_rows.size // head_dim, kv_rows.size // head_dim  # this rank's
+        self.split_sizes = [q_rows.size, kv_rows.size, kv_rows.size]
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, {"q": q_rows, "k": kv_rows, "v": kv_rows}, qkv_bias)
+        self.o_proj = RowParallelLinear(q_rows.full, cfg.hidden_size, o_bias, "the q projection")
         self.qk_norm = qk_norm
-        if qk_norm is not None:
-            q_dim, k_dim = (self.head_dim, self.head_dim) if qk_norm == "head" else (q_size, kv_size)
-            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, one_centered_norm)
-            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, one_centered_norm)
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, one_centered_norm)
+            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, one_centered_norm)
+        elif qk_norm == "full":  # over all heads, which other ranks hold part of
+            if one_centered_norm:
+                raise ValueError("a one-centered norm over the whole projection is not implemented")
+            self.q_norm = ShardedRMSNorm(q_rows, cfg.rms_norm_eps)
+            self.k_norm = ShardedRMSNorm(kv_rows, cfg.rms_norm_eps, kv_replicas(total_kv_heads))
         self.rotary_emb = rotary_emb  # shared by the layers of one rope kind
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx, sliding_window,
                               scale=scale, logit_softcap=logit_softcap)

@@ -24,6 +24,7 @@ from torch import nn
 
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.model.causal_lm import CausalLM
+from splitserve.shared.model.parallel_layers import VocabParallelEmbedding
 from splitserve.shared.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, rotary_embedding_for
 
 MakeMLP = Callable[[Any, int], nn.Module]
@@ -97,7 +98,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: Any, attention_options: AttentionOptions, make_mlp: MakeMLP = dense_mlp) -> None:
         super().__init__()
         self.rotary_emb: RotaryEmbedding = rotary_embedding_for(cfg)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             PreNormDecoderLayer(cfg, SelfAttention(cfg, i, self.rotary_emb, **options), make_mlp(cfg, i))
             for i, options in enumerate(attention_options(cfg))

@@ -16,6 +16,8 @@ from torch import nn
 
 from splitserve.kernels import ops
 from splitserve.shared.model.layers import GatedMLP, check_activation
+from splitserve.shared.model.parallel_layers import even_slice
+from splitserve.shared.parallel import state
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,25 +31,35 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
 
 
 class StackedExperts(nn.Module):
+    """Every expert's gate/up (w13) and down (w2) matrices. Tensor-parallel experts (vLLM's default
+    without expert parallelism): each rank holds every expert's slice of the intermediate channels,
+    so `forward` returns a partial sum that the caller all-reduces."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.channels = even_slice(intermediate_size, "the experts' intermediate size")
+        self.num_experts, self.intermediate_size = num_experts, self.channels.size  # this rank's
         self.activation = check_activation(hidden_act)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_size))
 
     def shards(self, param_name: str) -> list[tuple[int, str]]:
         kinds = ("gate", "up") if param_name == "w13" else ("down",)
         return [(e, kind) for e in range(self.num_experts) for kind in kinds]
 
     def load_shard(self, param_name: str, shard: tuple[int, str], tensor: torch.Tensor) -> None:
-        """One expert's gate, up ([I, H]) or down ([H, I]) matrix into its slice of the stack."""
+        """One expert's gate, up ([I, H]) or down ([H, I]) matrix: this rank's channels of it into
+        its slice of the stack."""
         expert, kind = shard
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} out of range (the config has {self.num_experts})")
         target = getattr(self, param_name).data[expert]
+        full, start, size = self.channels.full, self.channels.start, self.channels.size
+        channel_dim = 1 if kind == "down" else 0
+        if tensor.dim() == 2 and tensor.shape[channel_dim] == full:
+            tensor = tensor.narrow(channel_dim, start, size)
         if kind != "down":
-            target = target.narrow(0, 0 if kind == "gate" else self.intermediate_size, self.intermediate_size)
+            target = target.narrow(0, 0 if kind == "gate" else size, size)
         if target.shape != tensor.shape:
             raise ValueError(f"expert {expert} {kind}: expected shape {tuple(target.shape)}, got {tuple(tensor.shape)}")
         target.copy_(tensor)
@@ -81,7 +93,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route_topk(self.gate(x), self.top_k, self.renormalize)  # [T, k]
-        out = self.experts(x, weights, ids)  # [T, H]
+        out = state.all_reduce(self.experts(x, weights, ids))  # [T, H]
         if self.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

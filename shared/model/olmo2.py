@@ -14,6 +14,7 @@ from torch import nn
 
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.model.causal_lm import CausalLM
+from splitserve.shared.model.parallel_layers import VocabParallelEmbedding
 from splitserve.shared.model.layers import RMSNorm, SelfAttention, rotary_embedding_for
 from splitserve.shared.model.llama import dense_mlp
 
@@ -35,7 +36,7 @@ class Olmo2Model(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.rotary_emb = rotary_embedding_for(cfg)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         bias = bool(getattr(cfg, "attention_bias", False))
         self.layers = nn.ModuleList(
             Olmo2DecoderLayer(cfg, SelfAttention(cfg, i, self.rotary_emb, qkv_bias=bias, o_bias=bias, qk_norm="full"),

@@ -5,7 +5,9 @@
 `checkpoint_name(hf_name)` is the family's mapping: the name of our parameter and the shard of it
 that the tensor fills (None for the whole parameter), or None to skip the tensor. A module whose
 parameters are built from several checkpoint tensors (merged q/k/v, stacked experts) answers
-`shards(param_name)` and `load_shard(param_name, shard, tensor)`; the loader knows no more of them.
+`shards(param_name)` and `load_shard(param_name, shard, tensor)`; a module that slices a whole
+checkpoint tensor for its tensor-parallel rank answers `load_shard(param_name, None, tensor)`. The
+loader knows no more of them.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def _copy_weight(
     model: nn.Module, param: nn.Parameter, name: str, shard: Hashable | None, hf_name: str, tensor: torch.Tensor
 ) -> None:
     with torch.no_grad():
-        if shard is not None:
-            module, param_name = _owner(model, name)
+        module, param_name = _owner(model, name)
+        if hasattr(module, "load_shard"):  # its own slicing: merged, stacked or tensor-parallel parameters
             try:
                 module.load_shard(param_name, shard, tensor)
             except ValueError as exc:
