@@ -53,6 +53,8 @@ from splitserve.shared.heap import freeze_startup_heap
 from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
 from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
 from splitserve.shared.step_trace import StepTrace
+from splitserve.shared.parallel.driver import check_parallel_support
+from splitserve.shared.parallel.state import ParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +115,9 @@ class InflightStep:
 
 
 def _is_device_fault(exc: BaseException) -> bool:
-    """A fault of the device or its memory rather than of one request: the engine cannot go on."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+    """A fault of the device or its memory rather than of one request (a tensor-parallel rank that
+    died or timed out counts): the engine cannot go on."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError, ParallelError)):
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
@@ -149,8 +152,17 @@ class EngineStats(msgspec.Struct, array_like=True):
 class EngineCore:
     def __init__(self, config: EngineConfig, connector_factory=None) -> None:
         config.validate()
+        check_parallel_support(config, has_connector=connector_factory is not None)
         self.config = config
         parts: EngineParts = build_engine_parts(config)
+        self.followers = parts.followers
+        try:
+            self._setup(config, parts, connector_factory)
+        except BaseException:
+            self.followers.close()
+            raise
+
+    def _setup(self, config: EngineConfig, parts: EngineParts, connector_factory) -> None:
         self.model_info = parts.info
         self.model_dir = parts.model_dir
         self.max_model_len = parts.max_model_len
@@ -173,15 +185,16 @@ class EngineCore:
             graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
                                   parts.device)
         warmup_tokens = config.scheduler.max_num_batched_tokens if parts.device.type == "cuda" else 0
-        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs, warmup_tokens)
+        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs, warmup_tokens,
+                                  parts.followers)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
         """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
         self.aborting: dict[str, Request] = {}
         """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
         self.async_scheduling = config.scheduler.async_scheduling
-        if self.async_scheduling is None:
-            self.async_scheduling = parts.device.type == "cuda"
+        if self.async_scheduling is None:  # off with followers: they need every step's real input tokens
+            self.async_scheduling = parts.device.type == "cuda" and parts.followers.world_size == 1
         self._inflight: InflightStep | None = None
         self._kv_bytes: dict[str, int] = {}
         self._kv_windows: dict[str, tuple[int, int, bool]] = {}
@@ -578,6 +591,7 @@ class EngineCore:
             self._trace.close()
         if self.connector is not None:
             self.connector.close()
+        self.followers.close()
 
 
 def _host_tier(config: EngineConfig, parts: EngineParts, window: int | None):

@@ -4,6 +4,10 @@ The KV pool is one block-major tensor (see docs/architecture.md):
     kv_cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
 On CUDA it takes what this engine's share of the device (`gpu_memory_utilization`) leaves after its
 weights and the measured peak of its largest step; on CPU a fixed `cpu_kv_cache_gib`.
+
+With `tensor_parallel_size` N > 1 this process is rank 0: it starts the N - 1 followers first (they
+load their shards beside it), and every rank's pool holds only its kv heads, with rank 0's block
+count (its followers allocate the same when the runner binds the pool).
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.shared.config import ConfigError, EngineConfig
-from splitserve.shared.model.loader import ModelInfo, load_model, model_info
+from splitserve.shared.model.loader import ModelInfo, load_hf_config, load_model, model_info
+from splitserve.shared.model.layers import num_kv_heads_of
+from splitserve.shared.model.parallel_layers import TensorParallelError, check_head_split, kv_heads_per_rank
+from splitserve.shared.parallel.driver import NO_FOLLOWERS, Followers, NoFollowers
+from splitserve.shared.parallel.follower import FollowerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ class EngineParts:
     max_model_len: int
     block_size: int
     model_dir: str
+    followers: NoFollowers = NO_FOLLOWERS
+    """Tensor parallelism: the other ranks, which mirror every model call (NO_FOLLOWERS: one rank)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,21 +68,51 @@ def resolve_model_dir(model: str | None) -> str:
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    mc, cc = config.model, config.cache
+    mc = config.model
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = resolve_model_dir(mc.model)
-    model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
+    followers = start_followers(config, model_dir, device)
+    try:
+        return _build_on_rank0(config, model_dir, device, dtype, followers)
+    except BaseException:
+        followers.close()
+        raise
+
+
+def start_followers(config: EngineConfig, model_dir: str, device: torch.device) -> NoFollowers:
+    """Tensor parallelism: check the model splits, then spawn the other ranks; NO_FOLLOWERS for one."""
+    size = config.parallel.tensor_parallel_size
+    if size == 1:
+        return NO_FOLLOWERS
+    hf_config = load_hf_config(model_dir)
+    try:
+        check_head_split(hf_config.num_attention_heads, num_kv_heads_of(hf_config), size)
+    except TensorParallelError as exc:
+        raise ConfigError(str(exc)) from exc
+    mc = config.model
+    spec = FollowerSpec(model_dir, mc.dtype, str(device), mc.load_format, mc.seed, size, store_port=0)
+    return Followers(spec, device)
+
+
+def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, dtype: torch.dtype,
+                    followers: NoFollowers) -> EngineParts:
+    mc, cc = config.model, config.cache
+    try:
+        model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
+    except TensorParallelError as exc:  # a matrix that does not split (the heads were checked first)
+        raise ConfigError(str(exc)) from exc
     info = model_info(hf_config, model_dir)
+    kv_heads = kv_heads_per_rank(info.num_kv_heads, followers.world_size)  # this rank's
     max_model_len = mc.max_model_len or info.max_position_embeddings
     if max_model_len > info.max_position_embeddings:
         raise ConfigError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                           f"{info.max_position_embeddings}")
-    block_bytes = info.num_layers * 2 * cc.block_size * info.num_kv_heads * info.head_dim * dtype.itemsize
+    block_bytes = info.num_layers * 2 * cc.block_size * kv_heads * info.head_dim * dtype.itemsize
     if cc.num_blocks:
         num_blocks = cc.num_blocks
     elif device.type == "cuda":
-        num_blocks = _num_blocks_on_gpu(config, model, info, device, dtype, block_bytes)
+        num_blocks = _num_blocks_on_gpu(config, model, info, kv_heads, device, dtype, block_bytes, followers)
     else:
         num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
     blocks_per_seq = -(-max_model_len // cc.block_size)
@@ -80,11 +120,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         logger.warning("KV pool of %d blocks holds only %d tokens; capping max_model_len %d to that",
                        num_blocks, num_blocks * cc.block_size, max_model_len)
         max_model_len = num_blocks * cc.block_size
-    kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, info.num_kv_heads, info.head_dim,
+    kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
                            dtype=dtype, device=device)
-    logger.info("KV pool: %d blocks x %d tokens (%.1f MiB) on %s, %s", num_blocks, cc.block_size,
-                num_blocks * block_bytes / 2**20, device, dtype)
-    return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir)
+    logger.info("KV pool: %d blocks x %d tokens (%.1f MiB) on %s, %s%s", num_blocks, cc.block_size,
+                num_blocks * block_bytes / 2**20, device, dtype,
+                f", {kv_heads} kv heads on each of {followers.world_size} ranks" if followers.world_size > 1 else "")
+    return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir,
+                       followers)
 
 
 NON_TORCH_BYTES = 1 * 2**30
@@ -95,9 +137,9 @@ GRAPH_AND_WORKSPACE_BYTES = 512 * 2**20
 library workspaces that appear later."""
 
 
-def _num_blocks_on_gpu(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
-                       dtype: torch.dtype, block_bytes: int) -> int:
-    peak = _profile_peak_step_bytes(config, model, info, device, dtype)
+def _num_blocks_on_gpu(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, kv_heads: int,
+                       device: torch.device, dtype: torch.dtype, block_bytes: int, followers: NoFollowers) -> int:
+    peak = _profile_peak_step_bytes(config, model, info, kv_heads, device, dtype, followers)
     free_now, total = torch.cuda.mem_get_info(device)
     # What this process holds: the allocator's memory (weights) plus what lives outside it. Not
     # measured as a drop in free memory, which would also count a second engine starting on the
@@ -125,8 +167,8 @@ def kv_cache_budget_bytes(total: int, free: int, utilization: float, own: int, h
     return int(min(total * utilization - own, free) - headroom)
 
 
-def _profile_peak_step_bytes(config: EngineConfig, model: torch.nn.Module, info: ModelInfo,
-                             device: torch.device, dtype: torch.dtype) -> int:
+def _profile_peak_step_bytes(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, kv_heads: int,
+                             device: torch.device, dtype: torch.dtype, followers: NoFollowers) -> int:
     """Peak memory of the largest step, measured: run it against a 1-block KV cache (nothing is
     written), plus the sampler's fp32 work tensors for a full batch of rows, which the profiled
     step (two sampled rows) does not reach: logits, log-probabilities, sorted values and indices
@@ -134,12 +176,13 @@ def _profile_peak_step_bytes(config: EngineConfig, model: torch.nn.Module, info:
     from splitserve.shared.runner import run_fake_mixed_step
 
     cc, sc = config.cache, config.scheduler
-    tiny = torch.zeros(1, info.num_layers, 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
-                       device=device)
+    tiny = torch.zeros(1, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim, dtype=dtype, device=device)
     model.bind_kv_cache(tiny)
+    followers.bind_kv(1, cc.block_size)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
+    followers.fake_step(max(sc.max_num_batched_tokens, 2), cc.block_size)
     run_fake_mixed_step(model, max(sc.max_num_batched_tokens, 2), cc.block_size, device)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base

@@ -13,6 +13,7 @@ the engine collects them on the request and sends them with the first output tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +49,14 @@ def prompt_rows(sched: SchedulerOutput) -> list[PromptRows]:
 
 
 @torch.inference_mode()
-def compute_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, wanted: list[PromptRows]) -> dict:
-    """request id -> (first target index, [SampledToken of each scored prompt token])."""
+def compute_prompt_logprobs(logits_of: Callable[[list[int]], torch.Tensor], wanted: list[PromptRows]) -> dict:
+    """request id -> (first target index, [SampledToken of each scored prompt token]); `logits_of(rows)`
+    is the LM head over those rows of the step's hidden states."""
     from splitserve.shared.runner import SampledToken
 
     results = {}
     for w in wanted:
-        logprobs = torch.log_softmax(model.compute_logits(hidden[w.rows]).float(), dim=-1)  # [R, V]
+        logprobs = torch.log_softmax(logits_of(w.rows).float(), dim=-1)  # [R, V]
         targets = torch.tensor(w.target_ids, device=logprobs.device)
         chosen = logprobs.gather(1, targets[:, None])  # [R, 1]
         ranks = (logprobs >= chosen).sum(dim=-1).tolist()

@@ -8,6 +8,10 @@ tokens across B requests,
 
 runs `model.forward`, takes the hidden state of the last new token of every request that has
 caught up with its known tokens, and samples one token for each of those.
+
+Under tensor parallelism this runs on rank 0 only: before each model call it sends the same call
+to the followers (`followers.forward(arrays)`, `followers.logits(rows)`), which run their shards
+in step; the LM head gathers the logits, and sampling stays here.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.grammar import bitmask_width
 from splitserve.shared.model.attention import AttentionMetadata
+from splitserve.shared.parallel.driver import NO_FOLLOWERS, NoFollowers
+from splitserve.shared.parallel.messages import StepArrays
 from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
@@ -98,6 +104,10 @@ class StepInputs:
     attn: AttentionMetadata
     sample_indices: torch.Tensor
     """Row of each sampling request's last new token in the flat batch, [num_samples]."""
+    sample_rows: list[int]
+    """The same on the host."""
+    arrays: StepArrays
+    """The host arrays the device tensors were copied from (what tensor-parallel followers get)."""
 
 
 @torch.inference_mode()
@@ -123,14 +133,17 @@ def run_fake_mixed_step(model: torch.nn.Module, num_tokens: int, block_size: int
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device,
-                 graphs: DecodeGraphs | None = None, warmup_tokens: int = 0) -> None:
+                 graphs: DecodeGraphs | None = None, warmup_tokens: int = 0,
+                 followers: NoFollowers = NO_FOLLOWERS) -> None:
         self.model = model
+        self.followers = followers
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         model.bind_kv_cache(kv_cache)
+        followers.bind_kv(kv_cache.shape[0], block_size)
         # Two sets of pinned staging buffers, used by alternate steps: with async scheduling step
         # N+1 is prepared while step N may still be queued on the GPU behind N-1, so its copies out
         # of a buffer are not known to be done when the next step wants it. Each set's copies end
@@ -142,11 +155,13 @@ class ModelRunner:
         if warmup_tokens > 1:
             self.warmup(warmup_tokens)
         if graphs is not None:
+            followers.capture_graphs(graphs.sizes[-1], graphs.max_model_len, block_size)
             graphs.capture()
 
     @torch.inference_mode()
     def warmup(self, num_tokens: int) -> None:
         """Run one fake mixed step so every kernel is compiled before the first request."""
+        self.followers.fake_step(num_tokens, self.block_size)
         logits = run_fake_mixed_step(self.model, num_tokens, self.block_size, self.device)
         from splitserve.shared.sampling_params import SamplingParams
 
@@ -190,10 +205,11 @@ class ModelRunner:
         inputs = self.prepare_inputs(sched, block_tables, previous)
         hidden = self._forward(inputs)  # [T, H]
         wanted = prompt_rows(sched)
-        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, wanted) if wanted else {}
+        prompt_logprobs = compute_prompt_logprobs(self._prompt_logits(hidden), wanted) if wanted else {}
         sampling = [s.request for s in sched.scheduled if s.samples]
         if not sampling:
             return PendingStep([], None, prompt_logprobs=prompt_logprobs)
+        self.followers.logits(inputs.sample_rows)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         rows = [
             SamplingInput(
@@ -210,11 +226,21 @@ class ModelRunner:
             return PendingStep(request_ids, None, deferred=(logits, rows), prompt_logprobs=prompt_logprobs)
         return PendingStep(request_ids, self.sampler.sample(logits, rows), prompt_logprobs=prompt_logprobs)
 
+    def _prompt_logits(self, hidden: torch.Tensor):
+        """rows -> their logits [R, V] (followers compute their shard of the same rows)."""
+        def logits_of(rows: list[int]) -> torch.Tensor:
+            self.followers.logits(rows)
+            return self.model.compute_logits(hidden[rows])
+
+        return logits_of
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = inputs.attn
         num_tokens = inputs.input_ids.shape[0]
         decode_only = attn.max_query_len == 1 and num_tokens == len(attn.seq_lens_cpu)
-        if self.graphs is not None and decode_only and self.graphs.bucket(num_tokens) is not None:
+        graph = self.graphs is not None and decode_only and self.graphs.bucket(num_tokens) is not None
+        self.followers.forward(inputs.arrays, graph)
+        if graph:
             return self.graphs.run(inputs.input_ids, inputs.positions, attn)
         return self.model(inputs.input_ids, inputs.positions, attn)
 
@@ -246,16 +272,17 @@ class ModelRunner:
         slots = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         samples = np.fromiter((s.samples for s in sched.scheduled), bool, num_reqs)
         sample_indices = query_start[1:][samples] - 1
-        query_lens_cpu, seq_lens_cpu = query_lens.tolist(), seq_lens.tolist()
+        arrays = StepArrays(input_ids, positions, query_start.astype(np.int32), seq_lens.astype(np.int32),
+                            block_tables, slots, query_lens.tolist(), seq_lens.tolist())
         attn = AttentionMetadata(
-            query_start_loc=self._to_device("query_start_loc", query_start.astype(np.int32)),
-            seq_lens=self._to_device("seq_lens", seq_lens.astype(np.int32)),
+            query_start_loc=self._to_device("query_start_loc", arrays.query_start_loc),
+            seq_lens=self._to_device("seq_lens", arrays.seq_lens),
             block_tables=self._to_device("block_tables", block_tables),
             slot_mapping=self._to_device("slot_mapping", slots),
-            max_query_len=max(query_lens_cpu),
-            max_seq_len=max(seq_lens_cpu),
-            query_lens_cpu=query_lens_cpu,
-            seq_lens_cpu=seq_lens_cpu,
+            max_query_len=max(arrays.query_lens_cpu),
+            max_seq_len=max(arrays.seq_lens_cpu),
+            query_lens_cpu=arrays.query_lens_cpu,
+            seq_lens_cpu=arrays.seq_lens_cpu,
         )
         device_ids = self._to_device("input_ids", input_ids)
         fill = np.flatnonzero(input_ids == PLACEHOLDER)
@@ -273,6 +300,8 @@ class ModelRunner:
             positions=positions_device,
             attn=attn,
             sample_indices=sample_indices_device,
+            sample_rows=sample_indices.tolist(),
+            arrays=arrays,
         )
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The one owner of the tensor-parallel process group: init, rank and size, collectives, teardown.
 
-    init_process_group(rank, world_size, init_method, device)   # gloo on CPU, NCCL on CUDA
+    store = rendezvous(world_size)                       # rank 0: a TCP store on 127.0.0.1, any port
+    store = rendezvous(world_size, store.port)           # a follower: connect to it
+    init_process_group(rank, world_size, store, device)  # gloo on CPU, NCCL on CUDA
     rank(), world_size()
     all_reduce(x)            # in place, sum over the ranks
     all_gather(x, dim)       # concatenated along `dim`, in rank order
@@ -39,15 +41,32 @@ class ParallelState:
 _state = ParallelState()
 
 
-def init_process_group(rank: int, world_size: int, init_method: str, device: torch.device,
+def rendezvous(world_size: int, port: int | None = None, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dist.Store:
+    """Rank 0 (`port` None) serves the group's store on 127.0.0.1 at a free port (`.port`); the
+    others connect to that port. Loopback only: the ranks of one worker share a host."""
+    try:
+        return dist.TCPStore("127.0.0.1", port or 0, world_size, is_master=port is None,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    except RuntimeError as exc:
+        raise ParallelError(f"cannot reach the tensor-parallel store on 127.0.0.1:{port}: {exc}") from exc
+
+
+def joining_key(rank: int) -> str:
+    """The store key a follower sets once it reached the store (rank 0 watches for it)."""
+    return f"splitserve/joining/{rank}"
+
+
+def init_process_group(rank: int, world_size: int, store: dist.Store, device: torch.device,
                        timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
-    """Join the group of `world_size` ranks at `init_method` (tcp://127.0.0.1:PORT)."""
+    """Join the group of `world_size` ranks meeting at `store`; waits at most `timeout_s` for them."""
     global _state
     if _state.world_size > 1:
         raise ParallelError("this process already belongs to a tensor-parallel group; close that engine first")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if rank:
+        store.set(joining_key(rank), "1")
     try:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     except (RuntimeError, ValueError) as exc:
