@@ -113,24 +113,26 @@ class FollowerRuntime:
 
     @torch.inference_mode()
     def run(self, message: object) -> None:
-        handler = getattr(self, "_" + type(message).__name__.lower(), None)
+        handlers = {BindKV: self._bind_kv, FakeStep: self._fake_step, CaptureGraphs: self._capture_graphs,
+                    Forward: self._forward, Logits: self._logits}
+        handler = handlers.get(type(message))
         if handler is None:
             raise ValueError(f"unknown tensor-parallel call {type(message).__name__}")
         handler(message)
 
-    def _bindkv(self, call: BindKV) -> None:
+    def _bind_kv(self, call: BindKV) -> None:
         attention = self.model.attention_layers()
         self.kv_cache = None  # free the previous pool first
         self.kv_cache = torch.zeros(call.num_blocks, len(attention), 2, call.block_size, attention[0].num_kv_heads,
                                     attention[0].head_dim, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
 
-    def _fakestep(self, call: FakeStep) -> None:
+    def _fake_step(self, call: FakeStep) -> None:
         from splitserve.shared.runner import run_fake_mixed_step
 
         run_fake_mixed_step(self.model, call.num_tokens, call.block_size, self.device)
 
-    def _capturegraphs(self, call: CaptureGraphs) -> None:
+    def _capture_graphs(self, call: CaptureGraphs) -> None:
         from splitserve.shared.cuda_graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, call.max_batch, call.max_model_len, call.block_size, self.device)

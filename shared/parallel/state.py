@@ -63,6 +63,8 @@ def init_process_group(rank: int, world_size: int, store: dist.Store, device: to
     if _state.world_size > 1:
         raise ParallelError("this process already belongs to a tensor-parallel group; close that engine first")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is None:  # NCCL binds one device: name it
+        device = torch.device("cuda", torch.cuda.current_device())
     if rank:
         store.set(joining_key(rank), "1")
     try:

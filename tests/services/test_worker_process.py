@@ -29,10 +29,10 @@ pytestmark = pytest.mark.slow
 class Worker:
     """A colocated worker process; a thread collects its output."""
 
-    def __init__(self, tmp_path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "splitserve.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-                "--device", "cpu"]
+                "--device", "cpu", *args]
         env = dict(os.environ, SPLITSERVE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
