@@ -48,10 +48,13 @@ def _run_generate(args: argparse.Namespace) -> int:
             frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
             max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
         llm = LLM.from_engine_config(engine_config_from_args(args))
-        if args.chat:
-            results = [llm.chat([{"role": "user", "content": p}], params)[0] for p in args.prompt]
-        else:
-            results = llm.generate(args.prompt, params)
+        try:
+            if args.chat:
+                results = [llm.chat([{"role": "user", "content": p}], params)[0] for p in args.prompt]
+            else:
+                results = llm.generate(args.prompt, params)
+        finally:
+            llm.close()  # tensor-parallel ranks stop with it
     except (ValueError, FileNotFoundError, RequestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

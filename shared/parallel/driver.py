@@ -82,7 +82,7 @@ class Followers(NoFollowers):
         self._key = secrets.token_bytes(32)
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
-        self._processes: list[multiprocessing.Process] = []
+        self.processes: list[multiprocessing.Process] = []
         try:
             self._start(spec, device)
         except BaseException:
@@ -99,13 +99,15 @@ class Followers(NoFollowers):
             self._sockets.append(sock)
             rank_spec = FollowerSpec(**{**spec.__dict__, "device": str(follower_device(device, rank)),
                                         "store_port": store.port})
-            process = context.Process(target=run_follower, name=f"splitserve-tp-rank-{rank}", args=(
+            # daemon: a program that ends without close() terminates its followers at exit rather
+            # than joining them (they would wait for calls forever)
+            process = context.Process(target=run_follower, name=f"splitserve-tp-rank-{rank}", daemon=True, args=(
                 rank_spec, rank, f"tcp://127.0.0.1:{port}", self._key, os.getpid(),
                 logging.getLogger().getEffectiveLevel()))
             _start_without_sigint(process)
-            self._processes.append(process)
+            self.processes.append(process)
         logger.info("tensor parallelism: %d ranks (followers %s)", spec.world_size,
-                    ", ".join(str(p.pid) for p in self._processes))
+                    ", ".join(str(p.pid) for p in self.processes))
         self._wait_until_joining(store)
         state.init_process_group(0, spec.world_size, store, device)
 
@@ -127,7 +129,7 @@ class Followers(NoFollowers):
             sock.send(frame, copy=False)
 
     def check_alive(self) -> None:
-        for rank, process in enumerate(self._processes, start=1):
+        for rank, process in enumerate(self.processes, start=1):
             if process.exitcode is not None:
                 raise ParallelError(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code "
                                     f"{process.exitcode}; this worker cannot go on")
@@ -156,7 +158,7 @@ class Followers(NoFollowers):
             except zmq.ZMQError:
                 pass
         state.destroy()  # before the joins: a follower leaves the group as it exits, and may wait for rank 0
-        for process in self._processes:
+        for process in self.processes:
             process.join(STOP_TIMEOUT_S)
             if process.exitcode is None:
                 logger.warning("tensor-parallel follower %d did not stop; killing it", process.pid)
@@ -165,7 +167,7 @@ class Followers(NoFollowers):
         for sock in self._sockets:
             sock.close(linger=0)
         self._context.term()
-        self._sockets, self._processes = [], []
+        self._sockets, self.processes = [], []
 
 
 def check_parallel_support(config: EngineConfig, has_connector: bool) -> None:

@@ -99,7 +99,7 @@ def test_what_tensor_parallelism_does_not_combine_with_is_refused_by_name(checkp
 
 def test_a_killed_follower_ends_the_engine_without_a_hang(checkpoint_factory):
     llm = LLM(checkpoint_factory("llama"), device="cpu", num_blocks=64, block_size=4, tensor_parallel_size=2)
-    follower = llm.engine.followers._processes[0]
+    follower = llm.engine.followers.processes[0]
     params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     try:
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2))  # serving
