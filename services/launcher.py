@@ -97,7 +97,8 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
 
 def _worker_devices(args: argparse.Namespace, num_workers: int) -> list[str]:
     """One device per worker: --worker-devices as given, or round-robin over the GPUs when there
-    are several (a prefill and a decode worker on two GPUs land on one each); [] keeps --device."""
+    are several (a prefill and a decode worker on two GPUs land on one each; with -tp N each worker
+    starts N GPUs after the previous one); [] keeps --device."""
     if args.worker_devices:
         devices = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
         if len(devices) != num_workers:
@@ -108,7 +109,10 @@ def _worker_devices(args: argparse.Namespace, num_workers: int) -> list[str]:
     import torch
 
     num_gpus = torch.cuda.device_count()
-    return [f"cuda:{i % num_gpus}" for i in range(num_workers)] if num_gpus > 1 else []
+    ranks = args.tensor_parallel_size  # a worker's ranks take its first GPU and the next ones
+    if num_gpus <= 1 or ranks >= num_gpus:
+        return []
+    return [f"cuda:{(i * ranks) % (num_gpus - num_gpus % ranks)}" for i in range(num_workers)]
 
 
 def _nccl_ranks(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, list[str]]:
