@@ -79,5 +79,6 @@ def test_splits_vllm_refuses_are_refused(heads, kv_heads, n, message):
 
 def test_an_intermediate_size_that_does_not_split_is_refused(as_rank):
     as_rank(0, 2)
-    with pytest.raises(pl.TensorParallelError, match="intermediate size 127 is not divisible by tensor_parallel_size 2"):
+    with pytest.raises(pl.TensorParallelError,
+                       match="intermediate size 127 is not divisible by tensor_parallel_size 2"):
         pl.even_slice(127, "the MLP's intermediate size")

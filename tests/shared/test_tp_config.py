@@ -37,8 +37,10 @@ def test_every_engine_command_takes_it():
         assert parser.parse_args([*command, "-tp", "4"]).tensor_parallel_size == 4
 
 
-@pytest.mark.parametrize("num_gpus,tp,expected", [(4, 2, ["cuda:0", "cuda:2", "cuda:0"]), (4, 1, ["cuda:0", "cuda:1", "cuda:2"]),
-                                                  (3, 2, ["cuda:0", "cuda:0", "cuda:0"]), (2, 2, [])])
+@pytest.mark.parametrize("num_gpus,tp,expected", [
+    (4, 2, ["cuda:0", "cuda:2", "cuda:0"]), (4, 1, ["cuda:0", "cuda:1", "cuda:2"]),
+    (3, 2, ["cuda:0", "cuda:0", "cuda:0"]), (2, 2, []),
+])
 def test_up_places_each_workers_ranks_on_gpus_of_its_own(monkeypatch, num_gpus, tp, expected):
     import torch
 
