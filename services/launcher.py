@@ -225,6 +225,9 @@ def run_stack(args: argparse.Namespace) -> int:
 
     from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
 
+    if args.tensor_parallel_size > 1 and not args.colocated:
+        raise SystemExit("splitserve up: --tensor-parallel-size > 1 needs --colocated (prefill and decode workers "
+                         "do not support tensor parallelism yet)")
     names = args.served_model_name or [served_model_name(args.model)]
     name = names[0]
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children

@@ -49,3 +49,11 @@ def test_up_places_each_workers_ranks_on_gpus_of_its_own(monkeypatch, num_gpus, 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: num_gpus)
     args = argparse.Namespace(worker_devices=None, device="auto", tensor_parallel_size=tp)
     assert _worker_devices(args, 3) == expected
+
+
+def test_up_without_colocated_refuses_tensor_parallelism_before_starting_anything():
+    from splitserve.cli import build_parser
+    from splitserve.services.launcher import run_stack
+
+    with pytest.raises(SystemExit, match="needs --colocated"):
+        run_stack(build_parser().parse_args(["up", "-tp", "2"]))
