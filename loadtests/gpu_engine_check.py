@@ -28,7 +28,11 @@ NEW_TOKENS = 24
 def hf_greedy(model_dir: str, prompt: list[int]) -> tuple[list[int], list[float]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    # Eager attention: the reference must compute what the checkpoint says. transformers 5.17 (the
+    # GPU image's) may dispatch Gemma 2 to SDPA, which has no attention soft-capping; 5.24 refuses
+    # SDPA for Gemma 2 and runs eager, which is what the CPU parity tests compare against.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").cuda().eval()
     out = model.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=NEW_TOKENS,
                          min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     tokens = out.sequences[0, len(prompt):].tolist()
