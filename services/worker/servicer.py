@@ -97,10 +97,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def open_stream(self, request: pb.GenerateRequest):
         """The chunks of one Generate, for the Generate RPC and for a Session; raises RequestFailed."""
         with self._inflight():
-            async for chunk in self._stream(request):
-                yield chunk
+            kv_handle, first_token, params, session = self._parse(request)
+            # One generator between the engine's outputs and the caller: this runs per token.
+            with telemetry.span("decode" if kv_handle else "generate", carrier=request.trace_context,
+                                **{"splitserve.request_id": request.request_id}) as span:
+                try:
+                    async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
+                                                          priority=request.priority, kv_handle=kv_handle,
+                                                          first_token=first_token, session=session):
+                        if out.finished:
+                            _record_final(span, out)
+                        yield convert.engine_output_to_chunk(out)
+                except EngineDeadError as exc:
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+                except RequestFailedInEngine as exc:  # this request only: the worker is fine
+                    raise RequestFailed(grpc.StatusCode.ABORTED, str(exc)) from None
+                except ValueError as exc:
+                    raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
-    async def _stream(self, request: pb.GenerateRequest):
+    def _parse(self, request: pb.GenerateRequest):
+        """(kv handle, first token, sampling params, session hint) of a Generate; raises RequestFailed."""
         if request.HasField("kv_handle") and self.engine.role != "decode":
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "a KV handle can only be loaded by a decode worker")
         if not request.HasField("kv_handle") and self.engine.role == "prefill":
@@ -116,21 +132,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 first_token = convert.first_token_from_proto(request.first_token)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        with telemetry.span("decode" if kv_handle else "generate", carrier=request.trace_context,
-                            **{"splitserve.request_id": request.request_id}) as span:
-            try:
-                async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
-                                                      priority=request.priority, kv_handle=kv_handle,
-                                                      first_token=first_token, session=session):
-                    if out.finished:
-                        _record_final(span, out)
-                    yield convert.engine_output_to_chunk(out)
-            except EngineDeadError as exc:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-            except RequestFailedInEngine as exc:  # this request only: the worker is fine
-                raise RequestFailed(grpc.StatusCode.ABORTED, str(exc)) from None
-            except ValueError as exc:
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return kv_handle, first_token, params, session
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=await self.engine.abort_request(request.request_id))

@@ -136,12 +136,14 @@ def first_token_from_proto(msg: pb.FirstToken) -> Any:
 
 def engine_output_to_chunk(out: Any) -> pb.GenerateChunk:
     """One `EngineOutput` (deltas of one step) -> one `GenerateChunk`; stats on the final one."""
-    chunk = pb.GenerateChunk(
-        request_id=out.request_id, token_ids=out.new_token_ids, logprobs=out.new_logprobs,
-        ranks=getattr(out, "new_ranks", []),
-        top_logprobs=[pb.TopLogprobs(entries=_top_to_proto(top)) for top in out.new_top_logprobs],
-        prompt_logprobs=_prompt_logprobs_to_proto(getattr(out, "new_prompt_logprobs", ())),
-    )
+    # Runs for every request every step: the optional fields are only built when present.
+    chunk = pb.GenerateChunk(request_id=out.request_id, token_ids=out.new_token_ids, logprobs=out.new_logprobs)
+    if ranks := getattr(out, "new_ranks", None):
+        chunk.ranks.extend(ranks)
+    if out.new_top_logprobs:
+        chunk.top_logprobs.extend(pb.TopLogprobs(entries=_top_to_proto(top)) for top in out.new_top_logprobs)
+    if prompt_logprobs := getattr(out, "new_prompt_logprobs", None):
+        chunk.prompt_logprobs.extend(_prompt_logprobs_to_proto(prompt_logprobs))
     if out.finished:
         chunk.finish_reason = out.finish_reason or "stop"
         if isinstance(out.stop_reason, int):
