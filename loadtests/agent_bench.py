@@ -40,8 +40,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from metrics import percentile  # noqa: E402
-from shapes import SHAPES  # noqa: E402
 from stack import LocalStack, metric_total  # noqa: E402
+from workload import add_model_arg, add_shape_arg  # noqa: E402
 
 MODES = ("no-tier", "tier", "tier+retention", "disagg", "disagg+next-turn")
 
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    add_shape_arg(p, "llama-3.1-8b")
+    add_model_arg(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--sessions", type=int, default=32)

@@ -13,7 +13,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes import SHAPES, expected_experts_touched, kv_bytes_per_token, moe_experts, param_count, write_shape  # noqa: E402
+from workload import add_engine_args, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -173,13 +173,9 @@ def _print_moe_floors(shape: str, batch: int, bandwidth: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    add_shape_arg(parser, "llama-3.2-1b")
+    add_workload_args(parser, num_prompts=256, input_len=512, output_len=128)
+    add_engine_args(parser, max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
     parser.add_argument("--peer", default="paged|sdpa", help="transformers attn_implementation for the peer, or 'none'")
     parser.add_argument("--scheduling", default="async,sync",
                         help="comma list of engine modes to run: async (the CUDA default), sync")
@@ -187,9 +183,7 @@ def main() -> int:
     args = parser.parse_args()
 
     model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"shape-{args.shape}-"))
-    rng = random.Random(0)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    prompts = [[rng.randrange(1000, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    prompts = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"])
     bandwidth, flops = measure_ceilings()
     prefill_floor, decode_floor = roofline_s(args.shape, args.num_prompts, args.input_len, args.output_len,
                                              bandwidth, flops, args.max_num_seqs)

@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes import SHAPES, write_shape  # noqa: E402
+from workload import add_shape_arg  # noqa: E402
 
 
 def reference_chunk_attention(q, k_cache, v_cache, block_ids, seq_len, scale, sliding_window):
@@ -47,7 +48,7 @@ def prefill_s(llm, prompt: list[int]) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    add_shape_arg(p, "qwen2.5-0.5b")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

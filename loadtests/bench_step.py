@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from bench_offline import measure_ceilings  # noqa: E402
 from shapes import SHAPES, kv_bytes_per_token, param_count, write_shape  # noqa: E402
+from workload import add_shape_arg  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:
@@ -71,7 +72,7 @@ def decode_times(engine, steps: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    add_shape_arg(parser, "llama-3.1-8b")
     parser.add_argument("--batches", default="1,32,128,256")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--prefill-tokens", type=int, default=16384)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import sys
 import sysconfig
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_offline import _time_steps  # noqa: E402
 from shapes import SHAPES, write_shape  # noqa: E402
+from workload import add_engine_args, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
@@ -134,13 +134,9 @@ def _synchronize() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=["tiny", *sorted(SHAPES)])
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    add_shape_arg(parser, "llama-3.2-1b", extra=("tiny",))
+    add_workload_args(parser, num_prompts=256, input_len=512, output_len=128)
+    add_engine_args(parser, max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
     parser.add_argument("--structured-outputs-threads", type=int, default=None,
                         help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
     parser.add_argument("--device", default="auto")
@@ -151,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     from splitserve.shared.llm import LLM
 
     model_dir, vocab_size = write_model(args.shape, tempfile.mkdtemp(prefix=f"structured-{args.shape}-"))
-    rng = random.Random(0)
-    prompts = [[rng.randrange(300, vocab_size) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    prompts = random_prompts(args.num_prompts, args.input_len, vocab_size, low=300)
     llm = LLM(model_dir, load_format="dummy", device=args.device, skip_tokenizer_init=True,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, HERE)
 
 import cpu_sample  # noqa: E402
 import serve_compare  # noqa: E402  (puts the repo and tests/services on the path too)
+from workload import add_engine_args, add_model_arg, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
 SATURATED_CORES = 0.85
 """A thread this busy on average is treated as saturated (it cannot go faster)."""
@@ -60,9 +60,8 @@ def run_engine_alone(args: argparse.Namespace) -> None:
         prompts = [{"prompt_token_ids": s.prompt} for s in samples]
         params = [SamplingParams(temperature=0.0, max_tokens=s.expected_output_len, ignore_eos=True) for s in samples]
     else:
-        rng = random.Random(args.seed)
-        prompts = [{"prompt_token_ids": [rng.randrange(4096) for _ in range(args.input_len)]}
-                   for _ in range(args.num_prompts)]
+        prompts = [{"prompt_token_ids": p}
+                   for p in random_prompts(args.num_prompts, args.input_len, 4096, low=0, seed=args.seed)]
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
     elapsed = 0.0
@@ -241,20 +240,16 @@ def print_report(results: list[tuple[int, str, dict]], cpu: dict[str, list[tuple
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(serve_compare.SHAPES))
-    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    add_shape_arg(p, "llama-3.2-1b")
+    add_model_arg(p)
     p.add_argument("--topologies", default="colocated,disaggregated")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (engine alone, each topology)")
-    p.add_argument("--num-prompts", type=int, default=256)
+    add_workload_args(p, num_prompts=256, input_len=512, output_len=128)
     p.add_argument("--dataset", default="random", choices=("random", "sharegpt-synthetic"),
                    help="sharegpt-synthetic: ShareGPT-like lengths (loadtests/datasets.py); --input-len and "
                         "--output-len then do not apply")
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
-                   help="per engine: the disaggregated pair shares one GPU")
+    add_engine_args(p, max_num_batched_tokens=8192, gpu_memory_utilization=0.4,
+                    gpu_memory_help="per engine: the disaggregated pair shares one GPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--gateway-processes", type=int, default=1)
     p.add_argument("--session-window", type=int, default=None)

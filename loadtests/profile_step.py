@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from bench_step import wall_ms_per_step  # noqa: E402
 from shapes import SHAPES, write_shape  # noqa: E402
+from workload import add_shape_arg  # noqa: E402
 from splitserve.shared.llm import LLM  # noqa: E402
 from splitserve.shared.sampling_params import SamplingParams  # noqa: E402
 
@@ -90,7 +91,7 @@ def top_kernels(fn, label: str, n: int = 12, warm: bool = True) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    add_shape_arg(parser, "llama-3.2-1b")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()

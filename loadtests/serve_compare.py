@@ -35,6 +35,7 @@ sys.path.append(os.path.join(HERE, ".."))  # `loadtests` as a package, for bench
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from shapes import SHAPES, write_shape  # noqa: E402
+from workload import add_engine_args, add_model_arg, add_shape_arg, add_workload_args  # noqa: E402
 from stack import LocalStack, metric_total  # noqa: E402
 
 def topology_args(name: str, args: argparse.Namespace) -> list[str]:
@@ -135,21 +136,17 @@ def print_table(results: dict[str, list[dict]], goodput: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
-    p.add_argument("--model", default=None, help="checkpoint dir, or 'demo'; default: --shape with dummy weights")
+    add_shape_arg(p, "llama-3.2-1b")
+    add_model_arg(p)
     p.add_argument("--topologies", default="colocated,disaggregated")
     p.add_argument("--colocated-workers", type=int, default=1, help="colocated workers (2 on a 2-GPU machine)")
     p.add_argument("--gateway-processes", type=int, default=1, help="gateway processes on the port (see splitserve up)")
     p.add_argument("--session-window", type=int, default=None, help="the gateway's session credit (default: its own)")
     p.add_argument("--transfer-backend", default="ucx", choices=("ucx", "nccl"), help="KV transfer of the pair")
     p.add_argument("--rates", default="4,16,inf", help="request rates (req/s), comma-separated; inf = all at once")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
-                   help="per worker: two disaggregated workers share one GPU")
+    add_workload_args(p, num_prompts=200, input_len=1024, output_len=128)
+    add_engine_args(p, max_num_batched_tokens=8192, gpu_memory_utilization=0.4,
+                    gpu_memory_help="per worker: two disaggregated workers share one GPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--ucx-tls", default=None, help="UCX transports for the disaggregated pair, e.g. tcp,cuda_copy,cuda_ipc")
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS")

