@@ -1,9 +1,11 @@
 """A real gateway (hermes tool parser, qwen3 reasoning parser) in front of a SCRIPTED worker that
 answers like a tool-calling model: a reasoning block, a sentence and a Hermes call, until the prompt
-holds a tool result, then the answer. Used by the tool-calling and Responses API tests."""
+holds a tool result, then the answer. Used by the tool-calling and Responses API tests, which
+share one such stack (tests/services/conftest.py) and the Agents SDK loop over it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from checkpoints import demo_tokenizer
@@ -60,3 +62,39 @@ def client(gateway, cls=None):
     return (cls or OpenAI)(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
 
 
+
+
+def run_weather_agent(stack, model_class, streamed: bool) -> str:
+    """The OpenAI Agents SDK's loop over `stack` (tool_stack's parts) with `model_class` (its Chat
+    Completions or Responses model): two model turns, the agent calls get_weather, sends the result
+    back and gets the answer. Checks that loop and returns the last prompt the worker saw."""
+    from agents import Agent, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    gateway, worker, tokenizer = stack
+    set_tracing_disabled(True)
+    cities = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    async def run():
+        agent = Agent(name="weather", instructions="Answer weather questions.", tools=[get_weather],
+                      model=model_class(model=MODEL, openai_client=client(gateway, AsyncOpenAI)))
+        if not streamed:
+            return await Runner.run(agent, ASK[0]["content"], max_turns=4)
+        result = Runner.run_streamed(agent, ASK[0]["content"], max_turns=4)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    before = len(worker.record.generates)
+    result = asyncio.run(run())
+    assert result.final_output == ANSWER and cities == ["Paris"]
+    assert len(worker.record.generates) - before == 2
+    prompt = tokenizer.decode(list(worker.record.generates[-1].prompt_token_ids))
+    assert "<tool_response>\nsunny in Paris\n</tool_response>" in prompt
+    return prompt

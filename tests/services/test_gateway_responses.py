@@ -4,31 +4,24 @@ model class, which speaks this API, running a two-turn tool loop."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
 
-from scripted_tools import ANSWER, MODEL, client as make_client, tool_stack
+from scripted_tools import ANSWER, MODEL, client as make_client, run_weather_agent
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 ASK = "What is the weather in Paris?"
 
 
-@pytest.fixture(scope="module")
-def stack():
-    with tool_stack(response_store_size=2) as parts:
-        yield parts
-
-
 def _prompt(worker, tokenizer) -> str:
     return tokenizer.decode(list(worker.record.generates[-1].prompt_token_ids))
 
 
-def test_text_input_and_instructions(stack):
-    gateway, worker, tokenizer = stack
+def test_text_input_and_instructions(scripted_stack):
+    gateway, worker, tokenizer = scripted_stack
     response = make_client(gateway).responses.create(model=MODEL, input=ASK, instructions="Be brief.")
     prompt = _prompt(worker, tokenizer)
     assert "<|system|>\nBe brief.<|end|>" in prompt and ASK in prompt
@@ -40,8 +33,8 @@ def test_text_input_and_instructions(stack):
     assert response.usage.output_tokens > 0 and response.usage.output_tokens_details.reasoning_tokens > 0
 
 
-def test_function_call_then_output_through_previous_response_id(stack):
-    gateway, worker, tokenizer = stack
+def test_function_call_then_output_through_previous_response_id(scripted_stack):
+    gateway, worker, tokenizer = scripted_stack
     client = make_client(gateway)
     first = client.responses.create(model=MODEL, input=[{"role": "user", "content": ASK}], tools=TOOLS)
     (call,) = [item for item in first.output if item.type == "function_call"]
@@ -54,8 +47,8 @@ def test_function_call_then_output_through_previous_response_id(stack):
     assert second.output_text == ANSWER and second.previous_response_id == first.id
 
 
-def test_streamed_events(stack):
-    gateway, _, _ = stack
+def test_streamed_events(scripted_stack):
+    gateway, _, _ = scripted_stack
     with make_client(gateway).responses.stream(model=MODEL, input=ASK, tools=TOOLS) as stream:
         events = list(stream)
         final = stream.get_final_response()
@@ -81,8 +74,8 @@ def test_streamed_events(stack):
     ({"input": [{"type": "function_call_output", "output": "x"}]}, 400, None),
     ({"input": ASK, "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
 ])
-def test_bad_requests(stack, body, status, param):
-    gateway, _, _ = stack
+def test_bad_requests(scripted_stack, body, status, param):
+    gateway, _, _ = scripted_stack
     resp = httpx.post(f"{gateway.url}/v1/responses", json={"model": MODEL, **body}, timeout=10)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -90,8 +83,8 @@ def test_bad_requests(stack, body, status, param):
     assert make_client(gateway).responses.create(model=MODEL, input=ASK).status == "completed"
 
 
-def test_store_false_is_not_kept(stack):
-    gateway, _, _ = stack
+def test_store_false_is_not_kept(scripted_stack):
+    gateway, _, _ = scripted_stack
     client = make_client(gateway)
     response = client.responses.create(model=MODEL, input=ASK, store=False)
     resp = httpx.post(f"{gateway.url}/v1/responses", timeout=10,
@@ -100,32 +93,7 @@ def test_store_false_is_not_kept(stack):
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_agents_sdk_loop_over_the_responses_api(stack, streamed):
-    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
-    from openai import AsyncOpenAI
+def test_agents_sdk_loop_over_the_responses_api(scripted_stack, streamed):
+    from agents import OpenAIResponsesModel
 
-    gateway, worker, tokenizer = stack
-    set_tracing_disabled(True)
-    cities = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Current weather of a city."""
-        cities.append(city)
-        return f"sunny in {city}"
-
-    async def run():
-        agent = Agent(name="weather", instructions="Answer weather questions.", tools=[get_weather],
-                      model=OpenAIResponsesModel(model=MODEL, openai_client=make_client(gateway, AsyncOpenAI)))
-        if not streamed:
-            return await Runner.run(agent, ASK, max_turns=4)
-        result = Runner.run_streamed(agent, ASK, max_turns=4)
-        async for _ in result.stream_events():
-            pass
-        return result
-
-    before = len(worker.record.generates)
-    result = asyncio.run(run())
-    assert result.final_output == ANSWER and cities == ["Paris"]
-    assert len(worker.record.generates) - before == 2
-    assert "<tool_response>\nsunny in Paris\n</tool_response>" in _prompt(worker, tokenizer)
+    run_weather_agent(scripted_stack, OpenAIResponsesModel, streamed)

@@ -8,7 +8,6 @@ the chat template and that the gateway reads the call back in OpenAI's shapes, w
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 
@@ -18,23 +17,17 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from checkpoints import demo_tokenizer
-from scripted_tools import ANSWER, ASK, MODEL, TOOLS, client as _client, tool_stack
+from scripted_tools import ANSWER, ASK, MODEL, TOOLS, client as _client, run_weather_agent, tool_stack
 from splitserve.services.gateway.app import build_app
 from splitserve.services.gateway.config import AgentApiConfig, GatewayConfig
-
-
-@pytest.fixture(scope="module")
-def stack():
-    with tool_stack() as parts:
-        yield parts
 
 
 def _last_prompt(worker, tokenizer) -> str:
     return tokenizer.decode(list(worker.record.generates[-1].prompt_token_ids))
 
 
-def test_tools_and_tool_results_reach_the_prompt(stack):
-    gateway, worker, tokenizer = stack
+def test_tools_and_tool_results_reach_the_prompt(scripted_stack):
+    gateway, worker, tokenizer = scripted_stack
     client = _client(gateway)
     client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
     prompt = _last_prompt(worker, tokenizer)
@@ -50,8 +43,8 @@ def test_tools_and_tool_results_reach_the_prompt(stack):
     assert reply.choices[0].message.content == ANSWER and reply.choices[0].finish_reason == "stop"
 
 
-def test_whole_response_carries_tool_calls_and_reasoning(stack):
-    gateway, _, _ = stack
+def test_whole_response_carries_tool_calls_and_reasoning(scripted_stack):
+    gateway, _, _ = scripted_stack
     reply = _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -62,8 +55,8 @@ def test_whole_response_carries_tool_calls_and_reasoning(stack):
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
-def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(stack):
-    gateway, _, _ = stack
+def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(scripted_stack):
+    gateway, _, _ = scripted_stack
     with _client(gateway).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS) as stream:
         chunks = [event.chunk for event in stream if event.type == "chunk"]
         final = stream.get_final_completion()
@@ -77,8 +70,8 @@ def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(stack):
     assert reasoning == "\nThe user wants weather.\n"
 
 
-def test_parallel_calls_and_parallel_tool_calls_false(stack):
-    gateway, _, _ = stack
+def test_parallel_calls_and_parallel_tool_calls_false(scripted_stack):
+    gateway, _, _ = scripted_stack
     tools = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     client = _client(gateway)
     both = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools).choices[0].message.tool_calls
@@ -87,8 +80,8 @@ def test_parallel_calls_and_parallel_tool_calls_false(stack):
     assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
 
 
-def test_tool_choice_none_reads_no_calls(stack):
-    gateway, _, _ = stack
+def test_tool_choice_none_reads_no_calls(scripted_stack):
+    gateway, _, _ = scripted_stack
     reply = _client(gateway).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none")
     assert reply.choices[0].message.tool_calls is None and "<tool_call>" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
@@ -104,8 +97,8 @@ def test_tool_choice_none_reads_no_calls(stack):
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
 ])
-def test_bad_tool_requests_are_400_and_the_stack_keeps_serving(stack, change, param):
-    gateway, _, _ = stack
+def test_bad_tool_requests_are_400_and_the_stack_keeps_serving(scripted_stack, change, param):
+    gateway, _, _ = scripted_stack
     body = {"model": MODEL, "messages": ASK, **change}
     resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=10)
     assert resp.status_code == 400, resp.text
@@ -134,38 +127,12 @@ def test_auto_tool_choice_needs_the_flag_and_templates_must_render_tools():
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_agents_sdk_loop_over_chat_completions(stack, streamed):
+def test_agents_sdk_loop_over_chat_completions(scripted_stack, streamed):
     """Two model turns: the agent calls get_weather, sends the result back, gets the answer."""
-    from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from openai import AsyncOpenAI
+    from agents import OpenAIChatCompletionsModel
 
-    gateway, worker, tokenizer = stack
-    set_tracing_disabled(True)
-    cities = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Current weather of a city."""
-        cities.append(city)
-        return f"sunny in {city}"
-
-    async def run():
-        client = _client(gateway, AsyncOpenAI)
-        agent = Agent(name="weather", instructions="Answer weather questions.", tools=[get_weather],
-                      model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client))
-        if not streamed:
-            return await Runner.run(agent, "What is the weather in Paris?", max_turns=4)
-        result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=4)
-        async for _ in result.stream_events():
-            pass
-        return result
-
-    before = len(worker.record.generates)
-    result = asyncio.run(run())
-    assert result.final_output == ANSWER and cities == ["Paris"]
-    assert len(worker.record.generates) - before == 2
-    prompt = _last_prompt(worker, tokenizer)
-    assert "<tool_response>\nsunny in Paris\n</tool_response>" in prompt and "Answer weather questions." in prompt
+    prompt = run_weather_agent(scripted_stack, OpenAIChatCompletionsModel, streamed)
+    assert "Answer weather questions." in prompt
 
 
 @pytest.fixture(scope="module")
