@@ -4,7 +4,8 @@ Fixtures (all session-scoped, built once per test run):
 - `checkpoint_factory(arch, **overrides) -> dir`: cached `checkpoints.build_checkpoint`.
 - `tiny_checkpoint`: parametrized over LLAMA_FAMILY; a test using it runs once per arch and
   gets `(arch, dir)`. `family_checkpoint`: the same over NEW_FAMILIES.
-- `demo_checkpoint_dir`: the demo checkpoint built into a temporary cache.
+- `demo_checkpoint_dir`: the session's one demo checkpoint (demo_cache.py), which every stack's
+  cache links to instead of building its own.
 
 torch and transformers are imported inside the fixtures only, so test modules that need
 neither (the gateway's) do not pay for them.
@@ -21,6 +22,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # make `checkpoints` importable from any test dir
 
 from checkpoints import LLAMA_FAMILY, NEW_FAMILIES  # noqa: E402
+from demo_cache import SHARED_CACHE_ENV, shared_demo_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_demo_cache(tmp_path_factory):
+    """Name the session's demo cache (built on first use) for this process and its subprocesses."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SHARED_CACHE_ENV, str(tmp_path_factory.mktemp("shared-demo-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +62,5 @@ def family_checkpoint(request, checkpoint_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint_dir(tmp_path_factory) -> str:
-    from splitserve.shared.demo import ensure_demo_checkpoint
-
-    return ensure_demo_checkpoint(str(tmp_path_factory.mktemp("demo-cache")))
+def demo_checkpoint_dir() -> str:
+    return shared_demo_dir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scripted_tools import tool_stack
+from stack import LocalStack
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +16,16 @@ def scripted_stack():
     store holds 2 responses, as test_gateway_responses.py always had it."""
     with tool_stack(response_store_size=2) as parts:
         yield parts
+
+
+@pytest.fixture(scope="session")
+def agent_api_stack(tmp_path_factory):
+    """One real disaggregated `splitserve up` (gateway, a prefill and a decode worker) with async
+    scheduling and the hermes tool / qwen3 reasoning parsers, for test_stack_tools.py and
+    test_structured_stack.py: the forced tool calls there are structured outputs too. Neither
+    module stops, breaks or reconfigures it, and the parsers leave output without tool-call or
+    <think> markup untouched, so each sees the stack it would have started itself."""
+    args = ["--prefill", "1", "--decode", "1", "--async-scheduling", "--enable-auto-tool-choice",
+            "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+    with LocalStack(args, str(tmp_path_factory.mktemp("agent-api-cache"))) as stack:
+        yield stack

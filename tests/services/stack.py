@@ -5,7 +5,8 @@
         stack.load("decode", 0)      # the worker's GetLoad report
 
 Every process is real (gateway, prefill, decode, gRPC, ZMQ, UCX over loopback TCP); the stack
-serves the demo checkpoint from a per-test cache. Stopping sends SIGINT, as Ctrl-C would.
+serves the demo checkpoint from a per-test cache, which links the test session's one build
+(tests/demo_cache.py). Stopping sends SIGINT, as Ctrl-C would.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import sys
 import threading
 import time
 
-from splitserve.shared.auth import write_secret_file
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for demo_cache (loadtests/ import this file)
+
+from demo_cache import seed_demo  # noqa: E402
+from splitserve.shared.auth import write_secret_file  # noqa: E402
 
 READY_TIMEOUT_S = 240.0
 
@@ -59,6 +63,8 @@ class LocalStack:
         self.num_prefill = 0 if self.colocated else int(_flag(args, "--prefill", "1"))
         self.secret_file = os.path.join(cache_dir, f"secret-{self.port}")
         os.makedirs(cache_dir, exist_ok=True)
+        if "--model" not in args:
+            seed_demo(cache_dir)
         write_secret_file(self.secret_file)  # the stack's; the tests' own calls authenticate with it
         argv = [sys.executable, "-m", "splitserve.cli", "up", "--port", str(self.port),
                 "--worker-base-port", str(self.worker_base_port), "--device", device,

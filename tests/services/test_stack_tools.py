@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from checkpoints import demo_tokenizer
-from stack import LocalStack
 from splitserve.shared.tokenizer import apply_chat_template
 
 pytestmark = pytest.mark.slow
@@ -28,11 +27,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def disagg(tmp_path_factory):
-    args = ["--prefill", "1", "--decode", "1", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-            "--reasoning-parser", "qwen3"]
-    with LocalStack(args, str(tmp_path_factory.mktemp("stack-cache"))) as stack:
-        yield stack
+def disagg(agent_api_stack):
+    return agent_api_stack  # gateway, prefill, decode; the tool and reasoning parsers on (conftest.py)
 
 
 def test_tools_reach_the_prompt_and_the_output_is_read(disagg):

@@ -11,7 +11,6 @@ import jsonschema
 import openai
 import pytest
 
-from stack import LocalStack
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +23,8 @@ MESSAGES = [{"role": "user", "content": "Describe a thing."}]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with LocalStack(["--prefill", "1", "--decode", "1", "--async-scheduling"],
-                    str(tmp_path_factory.mktemp("structured-cache"))) as s:
-        yield s
+def stack(agent_api_stack):
+    return agent_api_stack  # gateway, prefill, decode, async scheduling on (conftest.py)
 
 
 def _json_schema_format(schema=SCHEMA) -> dict:

@@ -21,6 +21,7 @@ import pytest
 from splitserve.shared.grpc_channel import sync_channel
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
+from demo_cache import seed_demo
 from stack import READY_TIMEOUT_S, free_port, process_running, wait_until
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,7 @@ class Worker:
         self.port = free_port()
         argv = [sys.executable, "-m", "splitserve.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
                 "--device", "cpu", *args]
+        seed_demo(str(tmp_path / "cache"))
         env = dict(os.environ, SPLITSERVE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []

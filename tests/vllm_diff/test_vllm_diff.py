@@ -42,10 +42,8 @@ def _cases(names: list[str]) -> list:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from splitserve.shared.demo import ensure_demo_checkpoint
-
-    directory = ensure_demo_checkpoint(str(tmp_path_factory.mktemp("vllm-diff-cache")))
+def model_dir(demo_checkpoint_dir) -> str:
+    directory = demo_checkpoint_dir
     for name, digest in RECORDINGS["checkpoint_sha256"].items():
         actual = hashlib.sha256((Path(directory) / name).read_bytes()).hexdigest()
         assert actual == digest, (f"the demo checkpoint's {name} is not the one vLLM answered for: the builder's "
