@@ -16,11 +16,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 sys.path.insert(0, str(REPO_ROOT / "loadtests"))
+from demo_cache import seed_demo  # noqa: E402
 from engine_vs_served import bottleneck, process_role  # noqa: E402
 
 
 @pytest.mark.slow
 def test_engine_alone_and_the_colocated_stack_on_cpu(tmp_path):
+    seed_demo(str(tmp_path / "cache"))  # the script's engine-alone child serves the demo from <out-dir>/cache
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "loadtests" / "engine_vs_served.py"), "--model", "demo", "--device", "cpu",
          "--rounds", "1", "--topologies", "colocated", "--num-prompts", "6", "--input-len", "24", "--output-len", "6", "--max-num-seqs", "8",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from otlp_receiver import otlp_env, otlp_receiver
 from scripted_tools import tool_stack
 from stack import LocalStack
 
@@ -19,13 +20,21 @@ def scripted_stack():
 
 
 @pytest.fixture(scope="session")
-def agent_api_stack(tmp_path_factory):
+def agent_api_traces():
+    """The OTLP receiver agent_api_stack exports its traces to (otlp_receiver.Receiver)."""
+    with otlp_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def agent_api_stack(agent_api_traces, tmp_path_factory):
     """One real disaggregated `splitserve up` (gateway, a prefill and a decode worker) with async
-    scheduling and the hermes tool / qwen3 reasoning parsers, for test_stack_tools.py and
-    test_structured_stack.py: the forced tool calls there are structured outputs too. Neither
-    module stops, breaks or reconfigures it, and the parsers leave output without tool-call or
-    <think> markup untouched, so each sees the stack it would have started itself."""
+    scheduling, the hermes tool / qwen3 reasoning parsers and OTLP tracing to agent_api_traces, for
+    test_stack_tools.py, test_structured_stack.py and test_tracing.py (the forced tool calls there
+    are structured outputs too). No module stops, breaks or reconfigures it, the parsers leave
+    output without tool-call or <think> markup untouched, and the tracing test picks its own
+    request's trace, so each sees the stack it would have started itself."""
     args = ["--prefill", "1", "--decode", "1", "--async-scheduling", "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
-    with LocalStack(args, str(tmp_path_factory.mktemp("agent-api-cache"))) as stack:
+    with LocalStack(args, str(tmp_path_factory.mktemp("agent-api-cache")), env=otlp_env(agent_api_traces.port)) as stack:
         yield stack

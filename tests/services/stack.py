@@ -11,6 +11,7 @@ serves the demo checkpoint from a per-test cache, which links the test session's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,17 +28,27 @@ from splitserve.shared.auth import write_secret_file  # noqa: E402
 READY_TIMEOUT_S = 240.0
 
 
+_handed_out: set[int] = set()
+"""Ports given out by this process: stacks started together (all_up) bind theirs only later, so a
+port that is free now may already be another stack's."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
 
 
 def free_port_range(count: int) -> int:
     """First of `count` consecutive free ports."""
     for _ in range(100):
         base = free_port()
-        if base + count > 65000:
+        if base + count > 65000 or _handed_out & set(range(base + 1, base + count)):
             continue
         try:
             sockets = []
@@ -45,6 +56,7 @@ def free_port_range(count: int) -> int:
                 s = socket.socket()
                 s.bind(("127.0.0.1", port))
                 sockets.append(s)
+            _handed_out.update(range(base, base + count))
             return base
         except OSError:
             continue
@@ -150,6 +162,19 @@ class LocalStack:
         if len(pids) != 1:
             raise RuntimeError(f"expected one {role} process on port {port}, found {pids}")
         return pids[0]
+
+
+@contextlib.contextmanager
+def all_up(*servers):
+    """Wait until each of `servers` is up (LocalStacks or WorkerProcesses, already started by their
+    constructors, so their start-ups overlap on the cores), yield them, and stop every one at the end
+    (also when a later one fails to start)."""
+    with contextlib.ExitStack() as started:
+        for server in servers:
+            started.push(server.__exit__)  # pushed before waiting: a failure further on still stops it
+        for server in servers:
+            server.__enter__()
+        yield servers
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, message: str = "condition"):

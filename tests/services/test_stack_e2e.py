@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from stack import LocalStack, metric_total, process_running, wait_until
+from stack import LocalStack, all_up, metric_total, process_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,23 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def disagg(cache_dir):
-    with LocalStack(["--prefill", "1", "--decode", "1"], cache_dir) as stack:
-        yield stack
+def stacks(cache_dir):
+    """(disaggregated, colocated), started at once so that their start-ups overlap. The colocated
+    one schedules asynchronously, so the identity test below also holds it against the synchronous
+    paths."""
+    with all_up(LocalStack(["--prefill", "1", "--decode", "1"], cache_dir),
+                LocalStack(["--colocated", "--async-scheduling"], cache_dir)) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
-def colocated(cache_dir):
-    # Async scheduling here, so the identity test below also holds it against the synchronous paths.
-    with LocalStack(["--colocated", "--async-scheduling"], cache_dir) as stack:
-        yield stack
+def disagg(stacks):
+    return stacks[0]
+
+
+@pytest.fixture(scope="module")
+def colocated(stacks):
+    return stacks[1]
 
 
 def _greedy_texts(client, prompts=PROMPTS) -> list[str]:

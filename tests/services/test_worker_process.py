@@ -22,7 +22,7 @@ from splitserve.shared.grpc_channel import sync_channel
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 from demo_cache import seed_demo
-from stack import READY_TIMEOUT_S, free_port, process_running, wait_until
+from stack import READY_TIMEOUT_S, all_up, free_port, process_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +73,16 @@ class Worker:
         return channel, pb_grpc.WorkerStub(channel).Generate(request, timeout=120)
 
 
-def test_sigterm_stops_the_worker_and_its_engine(tmp_path):
-    with Worker(tmp_path) as worker:
+@pytest.fixture(scope="module")
+def plain_workers(tmp_path_factory):
+    """The workers (no failpoint) of three tests below, started at once so that their start-ups
+    overlap; each test takes one of its own and ends it its way."""
+    with all_up(*(Worker(tmp_path_factory.mktemp("worker")) for _ in range(3))) as workers:
+        yield list(workers)
+
+
+def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
+    with plain_workers.pop() as worker:
         channel, stream = worker.stream("served", 5)
         with channel:
             assert sum(len(chunk.token_ids) for chunk in stream) == 5
@@ -84,8 +92,8 @@ def test_sigterm_stops_the_worker_and_its_engine(tmp_path):
         wait_until(lambda: not process_running(engine), 30, message="engine process gone")
 
 
-def test_engine_process_killed_fails_the_open_stream_and_the_worker_exits_1(tmp_path):
-    with Worker(tmp_path) as worker:
+def test_engine_process_killed_fails_the_open_stream_and_the_worker_exits_1(plain_workers):
+    with plain_workers.pop() as worker:
         channel, stream = worker.stream("doomed", 1900)
         with channel, pytest.raises(grpc.RpcError) as failure:
             for i, _ in enumerate(stream):
@@ -118,8 +126,8 @@ def test_a_step_that_raises_fails_the_open_stream_and_the_worker_exits_1(tmp_pat
         wait_until(lambda: "its engine died" in worker.output(), 10, message="the worker's reason logged")
 
 
-def test_the_engine_does_not_outlive_its_killed_worker(tmp_path):
-    with Worker(tmp_path) as worker:
+def test_the_engine_does_not_outlive_its_killed_worker(plain_workers):
+    with plain_workers.pop() as worker:
         engine = worker.engine_pid
         assert process_running(engine)
         worker.process.kill()
