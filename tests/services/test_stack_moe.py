@@ -19,9 +19,10 @@ def test_qwen3_moe_disaggregated_equals_offline(checkpoint_factory, tmp_path):
     from splitserve.shared.sampling_params import SamplingParams
 
     model_dir = checkpoint_factory("qwen3_moe")
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    stack = LocalStack(["--model", model_dir, "--prefill", "1", "--decode", "1"], str(tmp_path))  # starting now,
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)                 # beside the offline run
     offline = [o.outputs[0].text for o in LLM(model_dir, device="cpu", num_blocks=256).generate(PROMPTS, params)]
-    with LocalStack(["--model", model_dir, "--prefill", "1", "--decode", "1"], str(tmp_path)) as stack:
+    with stack:
         client = stack.openai()
         served = []
         for prompt in PROMPTS:
