@@ -8,12 +8,8 @@ worker is killed does not outlive it.
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 
 import grpc
 import pytest
@@ -21,87 +17,56 @@ import pytest
 from splitserve.shared.grpc_channel import sync_channel
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
-from demo_cache import seed_demo
-from stack import READY_TIMEOUT_S, all_up, free_port, process_running, wait_until
+from stack import all_up, process_running, wait_until
+from worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 
-class Worker:
-    """A colocated worker process; a thread collects its output."""
+def stream(worker: WorkerProcess, request_id: str, max_tokens: int):
+    """(channel, Generate stream) of one greedy request on `worker`."""
+    request = pb.GenerateRequest(
+        request_id=request_id, prompt_token_ids=list(range(10, 30)),
+        sampling_params=pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=max_tokens,
+                                          ignore_eos=True))
+    channel = sync_channel(worker.address)
+    return channel, pb_grpc.WorkerStub(channel).Generate(request, timeout=120)
 
-    def __init__(self, tmp_path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        argv = [sys.executable, "-m", "splitserve.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-                "--device", "cpu", *args]
-        seed_demo(str(tmp_path / "cache"))
-        env = dict(os.environ, SPLITSERVE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", **(env or {}))
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "ready on" in line:
-                self._ready.set()
-        self._ready.set()
-
-    def __enter__(self) -> "Worker":
-        assert self._ready.wait(READY_TIMEOUT_S) and self.process.poll() is None, self.output()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def engine_pid(self) -> int:
-        return int(re.search(r"engine process (\d+)", self.output()).group(1))
-
-    def stream(self, request_id: str, max_tokens: int):
-        request = pb.GenerateRequest(
-            request_id=request_id, prompt_token_ids=list(range(10, 30)),
-            sampling_params=pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=max_tokens,
-                                              ignore_eos=True))
-        channel = sync_channel(f"127.0.0.1:{self.port}")
-        return channel, pb_grpc.WorkerStub(channel).Generate(request, timeout=120)
+def colocated_worker(cache_dir, env: dict[str, str] | None = None) -> WorkerProcess:
+    """`splitserve worker` with no --model: the demo checkpoint from its cache."""
+    return WorkerProcess("worker", None, cache_dir, env=env)
 
 
 @pytest.fixture(scope="module")
 def plain_workers(tmp_path_factory):
     """The workers (no failpoint) of three tests below, started at once so that their start-ups
     overlap; each test takes one of its own and ends it its way."""
-    with all_up(*(Worker(tmp_path_factory.mktemp("worker")) for _ in range(3))) as workers:
+    with all_up(*(colocated_worker(tmp_path_factory.mktemp("cache")) for _ in range(3))) as workers:
         yield list(workers)
 
 
 def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
     with plain_workers.pop() as worker:
-        channel, stream = worker.stream("served", 5)
+        channel, generate = stream(worker, "served", 5)
         with channel:
-            assert sum(len(chunk.token_ids) for chunk in stream) == 5
+            assert sum(len(chunk.token_ids) for chunk in generate) == 5
         engine = worker.engine_pid
-        worker.process.send_signal(signal.SIGTERM)
-        assert worker.process.wait(60) == 0, worker.output()
+        worker.terminate()
+        assert worker.wait(60) == 0, worker.output()
         wait_until(lambda: not process_running(engine), 30, message="engine process gone")
 
 
 def test_engine_process_killed_fails_the_open_stream_and_the_worker_exits_1(plain_workers):
     with plain_workers.pop() as worker:
-        channel, stream = worker.stream("doomed", 1900)
+        channel, generate = stream(worker, "doomed", 1900)
         with channel, pytest.raises(grpc.RpcError) as failure:
-            for i, _ in enumerate(stream):
+            for i, _ in enumerate(generate):
                 if i == 2:
                     os.kill(worker.engine_pid, signal.SIGKILL)
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "engine failed" in failure.value.details() and "code -9" in failure.value.details()
-        assert worker.process.wait(60) == 1
+        assert worker.wait(60) == 1
         wait_until(lambda: "its engine died" in worker.output(), 10, message="the worker's reason logged")
 
 
@@ -117,12 +82,12 @@ def test_a_step_that_raises_fails_the_open_stream_and_the_worker_exits_1(tmp_pat
             return step(self)
         EngineCore.step = failing_step
     """))
-    with Worker(tmp_path, env={"PYTHONPATH": str(tmp_path)}) as worker:
-        channel, stream = worker.stream("doomed", 8)
+    with colocated_worker(tmp_path / "cache", env={"PYTHONPATH": str(tmp_path)}) as worker:
+        channel, generate = stream(worker, "doomed", 8)
         with channel, pytest.raises(grpc.RpcError) as failure:
-            list(stream)
+            list(generate)
         assert "engine failed" in failure.value.details() and "illegal memory access" in failure.value.details()
-        assert worker.process.wait(60) == 1
+        assert worker.wait(60) == 1
         wait_until(lambda: "its engine died" in worker.output(), 10, message="the worker's reason logged")
 
 
@@ -130,6 +95,5 @@ def test_the_engine_does_not_outlive_its_killed_worker(plain_workers):
     with plain_workers.pop() as worker:
         engine = worker.engine_pid
         assert process_running(engine)
-        worker.process.kill()
-        worker.process.wait(10)
+        worker.kill()
         wait_until(lambda: not process_running(engine), 30, message="engine process gone with its worker")

@@ -3,6 +3,10 @@
     with WorkerProcess("worker", model_dir, tmp_path) as worker:
         worker.address          # host:port its gRPC server listens on
         worker.output()         # everything it printed so far
+        worker.engine_pid       # its engine process
+
+`model_dir` None: no --model, so the worker serves the demo checkpoint from `cache_dir` (linked to
+the session's build, tests/demo_cache.py), as `splitserve worker` does on its own.
 
 Stopping sends SIGTERM, as Kubernetes does, and waits for the exit code.
 """
@@ -17,15 +21,21 @@ import sys
 import threading
 import time
 
+from demo_cache import seed_demo
+
 READY_TIMEOUT_S = 180.0
 _READY = re.compile(r"splitserve \w+ ready on ([\d.]+):(\d+)")
 
 
 class WorkerProcess:
-    def __init__(self, command: str, model_dir: str, cache_dir, *extra_args: str) -> None:
-        argv = [sys.executable, "-m", "splitserve.cli", command, "--host", "127.0.0.1", "--port", "0",
-                "--model", model_dir, "--device", "cpu", *extra_args]
-        env = dict(os.environ, SPLITSERVE_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    def __init__(self, command: str, model_dir: str | None, cache_dir, *extra_args: str,
+                 env: dict[str, str] | None = None) -> None:
+        if model_dir is None:
+            seed_demo(str(cache_dir))
+        model = [] if model_dir is None else ["--model", model_dir]
+        argv = [sys.executable, "-m", "splitserve.cli", command, "--host", "127.0.0.1", "--port", "0", *model,
+                "--device", "cpu", *extra_args]
+        env = dict(os.environ, SPLITSERVE_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._lines: list[str] = []
         self._ready = threading.Event()
@@ -42,6 +52,10 @@ class WorkerProcess:
 
     def output(self) -> str:
         return "".join(self._lines)
+
+    @property
+    def engine_pid(self) -> int:
+        return int(re.search(r"engine process (\d+)", self.output()).group(1))
 
     def __enter__(self) -> "WorkerProcess":
         if not self._ready.wait(READY_TIMEOUT_S) or not self.address:
