@@ -14,28 +14,10 @@ import textwrap
 import grpc
 import pytest
 
-from splitserve.shared.grpc_channel import sync_channel
-from splitserve.shared.protocol import worker_pb2 as pb
-from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 from stack import all_up, process_running, wait_until
-from worker_process import WorkerProcess
+from worker_process import colocated_worker, generate_stream
 
 pytestmark = pytest.mark.slow
-
-
-def stream(worker: WorkerProcess, request_id: str, max_tokens: int):
-    """(channel, Generate stream) of one greedy request on `worker`."""
-    request = pb.GenerateRequest(
-        request_id=request_id, prompt_token_ids=list(range(10, 30)),
-        sampling_params=pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=max_tokens,
-                                          ignore_eos=True))
-    channel = sync_channel(worker.address)
-    return channel, pb_grpc.WorkerStub(channel).Generate(request, timeout=120)
-
-
-def colocated_worker(cache_dir, env: dict[str, str] | None = None) -> WorkerProcess:
-    """`splitserve worker` with no --model: the demo checkpoint from its cache."""
-    return WorkerProcess("worker", None, cache_dir, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +30,7 @@ def plain_workers(tmp_path_factory):
 
 def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
     with plain_workers.pop() as worker:
-        channel, generate = stream(worker, "served", 5)
+        channel, generate = generate_stream(worker, "served", 5)
         with channel:
             assert sum(len(chunk.token_ids) for chunk in generate) == 5
         engine = worker.engine_pid
@@ -59,7 +41,7 @@ def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
 
 def test_engine_process_killed_fails_the_open_stream_and_the_worker_exits_1(plain_workers):
     with plain_workers.pop() as worker:
-        channel, generate = stream(worker, "doomed", 1900)
+        channel, generate = generate_stream(worker, "doomed", 1900)
         with channel, pytest.raises(grpc.RpcError) as failure:
             for i, _ in enumerate(generate):
                 if i == 2:
@@ -83,7 +65,7 @@ def test_a_step_that_raises_fails_the_open_stream_and_the_worker_exits_1(tmp_pat
         EngineCore.step = failing_step
     """))
     with colocated_worker(tmp_path / "cache", env={"PYTHONPATH": str(tmp_path)}) as worker:
-        channel, generate = stream(worker, "doomed", 8)
+        channel, generate = generate_stream(worker, "doomed", 8)
         with channel, pytest.raises(grpc.RpcError) as failure:
             list(generate)
         assert "engine failed" in failure.value.details() and "illegal memory access" in failure.value.details()

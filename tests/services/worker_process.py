@@ -6,7 +6,10 @@
         worker.engine_pid       # its engine process
 
 `model_dir` None: no --model, so the worker serves the demo checkpoint from `cache_dir` (linked to
-the session's build, tests/demo_cache.py), as `splitserve worker` does on its own.
+the session's build, tests/demo_cache.py), as `splitserve worker` does on its own:
+
+    with colocated_worker(tmp_path, "-tp", "2") as worker:
+        channel, chunks = generate_stream(worker, "r1", max_tokens=5)
 
 Stopping sends SIGTERM, as Kubernetes does, and waits for the exit code.
 """
@@ -22,6 +25,9 @@ import threading
 import time
 
 from demo_cache import seed_demo
+from splitserve.shared.grpc_channel import sync_channel
+from splitserve.shared.protocol import worker_pb2 as pb
+from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
 
 READY_TIMEOUT_S = 180.0
 _READY = re.compile(r"splitserve \w+ ready on ([\d.]+):(\d+)")
@@ -84,3 +90,18 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def colocated_worker(cache_dir, *extra_args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+    """`splitserve worker` with no --model: the demo checkpoint from its cache."""
+    return WorkerProcess("worker", None, cache_dir, *extra_args, env=env)
+
+
+def generate_stream(worker: WorkerProcess, request_id: str, max_tokens: int):
+    """(channel, Generate stream) of one greedy request of 20 prompt tokens on `worker`."""
+    request = pb.GenerateRequest(
+        request_id=request_id, prompt_token_ids=list(range(10, 30)),
+        sampling_params=pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=max_tokens,
+                                          ignore_eos=True))
+    channel = sync_channel(worker.address)
+    return channel, pb_grpc.WorkerStub(channel).Generate(request, timeout=120)
