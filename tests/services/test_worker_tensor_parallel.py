@@ -11,9 +11,8 @@ import signal
 
 import grpc
 import pytest
-from test_worker_process import Worker
-
 from stack import process_running, wait_until
+from worker_process import colocated_worker, generate_stream
 
 pytestmark = pytest.mark.slow
 
@@ -28,28 +27,27 @@ def _followers(engine_pid: int) -> list[int]:
 
 
 def test_a_killed_follower_fails_the_stream_and_the_worker_exits_1_leaving_no_rank(tmp_path):
-    with Worker(tmp_path, args=("-tp", "2")) as worker:
+    with colocated_worker(tmp_path / "cache", "-tp", "2") as worker:
         engine = worker.engine_pid
         followers = _followers(engine)
         assert len(followers) == 1
-        channel, stream = worker.stream("served", 4)
+        channel, stream = generate_stream(worker, "served", 4)
         with channel:
             assert sum(len(chunk.token_ids) for chunk in stream) == 4
-        channel, stream = worker.stream("doomed", 1900)
+        channel, stream = generate_stream(worker, "doomed", 1900)
         with channel, pytest.raises(grpc.RpcError) as failure:
             for i, _ in enumerate(stream):
                 if i == 2:
                     os.kill(followers[0], signal.SIGKILL)
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "engine failed" in failure.value.details() and "ParallelError" in failure.value.details()
-        assert worker.process.wait(60) == 1
+        assert worker.wait(60) == 1
         wait_until(lambda: not process_running(engine), 30, message="engine process (rank 0) gone")
 
 
 def test_no_rank_outlives_a_killed_worker(tmp_path):
-    with Worker(tmp_path, args=("-tp", "2")) as worker:
+    with colocated_worker(tmp_path / "cache", "-tp", "2") as worker:
         ranks = [worker.engine_pid, *_followers(worker.engine_pid)]
         assert len(ranks) == 2
-        worker.process.kill()
-        worker.process.wait(10)
+        worker.kill()
         wait_until(lambda: not any(process_running(p) for p in ranks), 30, message="every rank gone with its worker")
