@@ -160,17 +160,19 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ctx = torch.tensor(lens)  # [R]
     num_blocks = -(-int(ctx.max()) // block_size)
     tables = tables[:, :num_blocks].to(device=k_cache.device, dtype=torch.long)  # [R, nb]
-    k = k_cache[tables].reshape(num_rows, -1, num_kv_heads, head_dim).float()  # [R, S, Hkv, D]
-    v = v_cache[tables].reshape(num_rows, -1, num_kv_heads, head_dim).float()
+    # Gathered straight into [R, Hkv, S, D], the layout the batched matmuls read contiguously
+    # (an einsum over [R, S, Hkv, D] copied it again: ~20 % of the step's attention on CPU).
+    k = k_cache[tables].permute(0, 3, 1, 2, 4).reshape(num_rows, num_kv_heads, -1, head_dim).float()
+    v = v_cache[tables].permute(0, 3, 1, 2, 4).reshape(num_rows, num_kv_heads, -1, head_dim).float()
     q_d = q.float().view(num_rows, num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
-    scores = softcap_scores(torch.einsum("rhgd,rshd->rhgs", q_d, k) * scale, logit_softcap)  # [R, Hkv, G, S]
-    key_pos = torch.arange(k.shape[1])[None, :]
+    scores = softcap_scores(torch.matmul(q_d, k.transpose(-1, -2)) * scale, logit_softcap)  # [R, Hkv, G, S]
+    key_pos = torch.arange(k.shape[2])[None, :]
     visible = key_pos < ctx[:, None]  # the query sits at position ctx - 1 and sees everything before it
     if sliding_window is not None:
         visible &= (ctx[:, None] - 1 - key_pos) < sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("rhgs,rshd->rhgd", probs, v).reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
+    return torch.matmul(probs, v).reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
 
 
 # ---------------------------------------------------------------- Triton kernel

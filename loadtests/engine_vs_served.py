@@ -170,7 +170,8 @@ def process_role(pid: int, cmdline: str, commands: dict[int, str], parents: dict
 
 
 def phase_cpu(series: dict[tuple[int, str], list[tuple[float, float]]], parents: dict[int, int]) -> list[tuple]:
-    """(role, pid, mean total cores, mean main-thread cores, peak total) over the busy samples."""
+    """(role, pid, mean total cores, mean main-thread cores, peak total) over the busy samples, and
+    the mean total cores over the whole phase (a process busy for a moment has a high busy mean)."""
     commands = {pid: cmdline for pid, cmdline in series}
     rows = []
     for (pid, cmdline), values in series.items():
@@ -179,14 +180,14 @@ def phase_cpu(series: dict[tuple[int, str], list[tuple[float, float]]], parents:
         if role is None or not busy:
             continue
         rows.append((role, pid, sum(v[0] for v in busy) / len(busy), sum(v[1] for v in busy) / len(busy),
-                     max(v[0] for v in values)))
+                     max(v[0] for v in values), sum(v[0] for v in values) / len(values)))
     return sorted(rows, key=lambda row: -row[2])
 
 
 def bottleneck(rows: list[tuple]) -> str:
     if not rows:
         return "no process of the benchmark was sampled busy"
-    role, pid, _, main, _ = max(rows, key=lambda row: row[3])
+    role, pid, _, main = max(rows, key=lambda row: row[3])[:4]
     if main >= SATURATED_CORES:
         return f"{role} (pid {pid}): its main thread runs at {main:.2f} cores, the next bottleneck"
     return (f"no thread is saturated (busiest main thread: {role}, {main:.2f} cores): the device or the "
@@ -233,8 +234,9 @@ def print_report(results: list[tuple[int, str, dict]], cpu: dict[str, list[tuple
     print("\nCPU per process, mean cores while busy (total / main thread), per phase:")
     for phase, rows in cpu.items():
         print(f"  {phase}")
-        for role, pid, total, main, peak in rows:
-            print(f"    {role:24s} pid {pid:7d}  {total:5.2f} / {main:5.2f}  (peak {peak:.2f})")
+        for role, pid, total, main, peak, *whole in rows:
+            phase_mean = f", phase mean {whole[0]:.2f}" if whole else ""
+            print(f"    {role:24s} pid {pid:7d}  {total:5.2f} / {main:5.2f}  (peak {peak:.2f}{phase_mean})")
         print(f"    -> {bottleneck(rows)}")
 
 
