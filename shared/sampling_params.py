@@ -116,8 +116,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        for check in _FIELD_CHECKS or _field_checks():
-            check.run(getattr(self, check.name))
+        for name, spec in _sampling_fields(()):  # cached: several SamplingParams are built per request
+            _check_field(name, getattr(self, name), spec, FIELD_TYPES[name])
         if self.n > 1 and self.greedy:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n} (as in vLLM)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -147,31 +147,10 @@ FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(SamplingParams)
 
 # ---- checks -----------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _FieldCheck:
-    """One field's check, its type taken apart once: every request builds several SamplingParams
-    (the gateway's, one per choice, the worker's), and reading annotations each time cost more
-    than the rest of the check."""
-
-    name: str
-    spec: FieldSpec
-    annotation: typing.Any
-
-    def run(self, value: typing.Any) -> None:
-        _check_field(self.name, value, self.spec, self.annotation)
-
-
-_FIELD_CHECKS: list[_FieldCheck] = []
-
-
-def _field_checks() -> list[_FieldCheck]:
-    _FIELD_CHECKS.extend(_FieldCheck(f.name, spec_of(f), FIELD_TYPES[f.name]) for f in fields(SamplingParams))
-    return _FIELD_CHECKS
-
-
 @functools.lru_cache(maxsize=None)
 def _type_parts(annotation: typing.Any) -> tuple[typing.Any, tuple, typing.Any]:
-    """(origin, args, the scalar type of an optional) of an annotation."""
+    """(origin, args, the scalar type of an optional) of an annotation: taken apart once, since
+    reading annotations on every check cost more than the rest of it."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     return origin, args, next((a for a in args if a is not type(None)), annotation)
 
