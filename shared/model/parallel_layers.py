@@ -156,9 +156,8 @@ def _load_vocab_rows(weight: torch.Tensor, rows: RowSlice, tensor: torch.Tensor)
     weight.data[:present].copy_(tensor.narrow(0, rows.start, present))
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary split over the ranks: a rank looks up the ids in its
-    range, zeroes the others, and the all-reduce assembles every row."""
+class _VocabRows(nn.Module):
+    """A `[vocab, hidden]` weight of which this rank holds its contiguous range of rows."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -167,6 +166,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def load_shard(self, param_name: str, shard: None, tensor: torch.Tensor) -> None:
         _load_vocab_rows(self.weight, self.rows, tensor)
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """Token embedding with the vocabulary split over the ranks: a rank looks up the ids in its
+    range, zeroes the others, and the all-reduce assembles every row."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if state.world_size() == 1:
@@ -177,17 +181,9 @@ class VocabParallelEmbedding(nn.Module):
         return state.all_reduce(out.masked_fill(outside[:, None], 0.0))
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_VocabRows):
     """The output projection, vocabulary split like `VocabParallelEmbedding` (so a tied head
     shares its weight); `forward` returns the full logits on every rank, all-gathered."""
-
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.rows = vocab_slice(vocab_size)
-        self.weight = nn.Parameter(torch.empty(self.rows.size, hidden_size))
-
-    def load_shard(self, param_name: str, shard: None, tensor: torch.Tensor) -> None:
-        _load_vocab_rows(self.weight, self.rows, tensor)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = state.all_gather(F.linear(hidden, self.weight), dim=-1)  # [N, ranks * per_rank]
