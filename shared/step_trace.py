@@ -22,7 +22,7 @@ class StepTrace:
 
     def __init__(self, path: str) -> None:
         # "{pid}" in the path: every engine of a stack (prefill, decode) writes a file of its own
-        self.file = open(path.format(pid=os.getpid()), "w", buffering=1 << 20)  # noqa: SIM115 - closed by close()
+        self.file = open(path.replace("{pid}", str(os.getpid())), "w", buffering=1 << 20)  # noqa: SIM115 - closed by close()
         self.file.write(HEADER)
         self.start = 0.0
 
