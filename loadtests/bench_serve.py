@@ -192,7 +192,8 @@ def format_summary(summary: BenchmarkSummary, request_rate: float) -> str:
         ("Output token throughput (tok/s)", f"{summary.output_throughput:.2f}"),
         ("Total token throughput (tok/s)", f"{summary.total_token_throughput:.2f}"),
     ]
-    for name, stats in (("TTFT", summary.ttft), ("TPOT", summary.tpot), ("ITL", summary.itl), ("E2E", summary.e2el)):
+    for name, stats in (("TTFT", summary.ttft), ("TPOT", summary.tpot), ("ITL", summary.itl),
+                        ("first gap", summary.first_gap), ("E2E", summary.e2el)):
         rows.append(f" {name} ".center(width, "-"))
         rows += [(f"Mean {name} (ms)", f"{stats.mean_ms:.2f}"), (f"Median {name} (ms)", f"{stats.median_ms:.2f}"),
                  (f"Std {name} (ms)", f"{stats.std_ms:.2f}")]

@@ -67,6 +67,7 @@ class BenchmarkSummary:
     ttft: LatencyStats
     tpot: LatencyStats
     itl: LatencyStats
+    first_gap: LatencyStats  # first token -> second: disaggregated, the prefill-to-decode hand-off
     e2el: LatencyStats
     errors: list[str]  # the first few error messages
 
@@ -157,6 +158,7 @@ def aggregate(
         ttft=latency_stats([r.ttft_s for r in ok], percentiles),
         tpot=latency_stats([t for r in ok if (t := r.tpot_s) is not None], percentiles),
         itl=latency_stats([gap for r in ok for gap in r.itl_s], percentiles),
+        first_gap=latency_stats([r.itl_s[0] for r in ok if r.itl_s], percentiles),
         e2el=latency_stats([r.e2e_s for r in ok], percentiles),
         errors=[r.error for r in results if not r.success][:MAX_ERRORS_KEPT],
     )

@@ -116,7 +116,7 @@ def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out
 
 def print_table(results: dict[str, list[dict]], goodput: bool) -> None:
     header = (f"{'topology':14s} {'rate':>6s} {'ok/fail':>9s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50':>9s} "
-              f"{'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s} {'ITL p99':>8s}" + (f" {'goodput':>8s}" if goodput else ""))
+              f"{'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s} {'ITL p50':>8s} {'ITL p99':>8s} {'gap1 p50':>8s}" + (f" {'goodput':>8s}" if goodput else ""))
     print("\n" + header + "\n" + "-" * len(header))
     rates = [run["request_rate"] for run in next(iter(results.values()))]
     for i, rate in enumerate(rates):
@@ -125,10 +125,12 @@ def print_table(results: dict[str, list[dict]], goodput: bool) -> None:
             line = (f"{name:14s} {str(rate):>6s} {s['completed']:>4d}/{s['failed']:<4d} {s['request_throughput']:7.2f} "
                     f"{s['output_throughput']:10.0f} {s['ttft']['median_ms']:9.1f} {s['ttft']['percentiles_ms']['p99']:9.1f} "
                     f"{s['tpot']['median_ms']:9.2f} {s['tpot']['percentiles_ms']['p99']:9.2f} "
-                    f"{s['itl']['percentiles_ms']['p99']:8.2f}")
+                    f"{s['itl']['median_ms']:8.2f} {s['itl']['percentiles_ms']['p99']:8.2f} "
+                    f"{s['first_gap']['median_ms']:8.2f}")
             if goodput:
                 line += f" {s['goodput'] or 0.0:8.2f}"
             print(line)
+    print("gap1: first token -> second (disaggregated: the prefill-to-decode hand-off)")
     for name, runs in results.items():
         print(f"{name}: KV moved {runs[0]['kv_bytes'] / 2**20:,.0f} MiB, prompt tokens recomputed "
               f"{runs[0]['recomputed_tokens']:,.0f} (all rates)")
