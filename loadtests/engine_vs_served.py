@@ -7,7 +7,9 @@ Each round runs, one after the other, on the same engine settings:
 
     engine alone    the offline engine (`LLM.generate`, as bench_offline.py) in a process of its own:
                     every prompt at once, ignore_eos; a cold pass, then the timed pass
-    colocated       `splitserve up --colocated` driven by bench_serve.py at rate inf
+    colocated       `splitserve up --colocated` driven by bench_serve.py at rate inf, a cold pass
+                    then the timed pass on the same stack, as the engine alone gets (the cold pass
+                    opens the gateways' connections and worker sessions)
     disaggregated   a prefill and a decode worker on the same device, KV over UCX (or NCCL)
 
 While each phase runs, the CPU of every Python process on the machine is sampled (total and main
@@ -101,7 +103,7 @@ def served_phase(name: str, args: argparse.Namespace, model_argv: list[str], out
     phase_args = argparse.Namespace(**vars(args))
     if trace:  # every engine of the stack writes its own file ({pid})
         phase_args.stack_args = [*args.stack_args, "--step-trace", trace.replace(".csv", "-{pid}.csv")]
-    run = serve_compare.run_topology(name, phase_args, model_argv, out_dir, on_ready)[0]
+    run = serve_compare.run_topology(name, phase_args, model_argv, out_dir, on_ready)[-1]  # the timed pass
     return {"output_throughput": run["summary"]["output_throughput"], "summary": run["summary"]}
 
 
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine_alone_json:
         run_engine_alone(args)
         return 0
-    args.rates, args.goodput, args.colocated_workers = "inf", [], 1  # what serve_compare.run_topology reads
+    args.rates, args.goodput, args.colocated_workers = "inf,inf", [], 1  # what serve_compare.run_topology reads
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="engine-vs-served-")
     os.makedirs(out_dir, exist_ok=True)
     model_argv = serve_compare.model_args(args)
