@@ -68,7 +68,10 @@ class KvShards:
     def gather(self, block_ids: list[int]) -> torch.Tensor:
         """Whole-head copies of `block_ids` [n, L, 2, block_size, Hkv, D] (engine thread only)."""
         self.followers.gather_kv(block_ids)
-        return whole_heads(gather_blocks(self.kv_cache, block_ids), self.num_kv_heads)
+        blocks = whole_heads(gather_blocks(self.kv_cache, block_ids), self.num_kv_heads)
+        if blocks.is_cuda:  # the data plane reads it from its own thread, outside this stream's order
+            torch.cuda.current_stream(blocks.device).synchronize()
+        return blocks
 
     def scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
         """Writes whole-head `blocks` into `block_ids` on every rank (engine thread only)."""
