@@ -30,13 +30,13 @@ import zmq.asyncio
 
 from .config import TransferConfig
 from splitserve.shared.auth import control_key
+from splitserve.shared.parallel.kv_shards import KvShards
 
 from .control import ControlClient, ControlServer
 from .decode_side import DecodeSide
 from .events import ConnectorEvents, EventQueue
 from .handle import KvHandle, KvLayout
 from .prefill_side import PrefillSide
-from splitserve.shared.parallel.kv_shards import KvShards
 
 logger = logging.getLogger(__name__)
 _ABORT_WAIT_S = 5.0
