@@ -10,7 +10,8 @@
 # processes over UCX).
 # Two-GPU steps, not in the default list: tp2 (tensor parallelism over NCCL: TP=2 tokens == TP=1,
 # CUDA graphs with all-reduces == eager, TP=1 vs TP=2 decode tokens/s), transfer2 (GPU 0 -> GPU 1
-# over UCX, then NCCL, GB/s against the measured device-to-device copy) and serve2 (prefill on GPU 0 + decode on GPU 1 against two
+# over UCX, then NCCL, GB/s against the measured device-to-device copy), pdtp2 (P/D at different
+# TP sizes: prefill TP=2 -> decode TP=1 and the reverse, tokens == TP=1, whole-head KV moved) and serve2 (prefill on GPU 0 + decode on GPU 1 against two
 # colocated workers, one per GPU, at rising rates with long prompts; UCX, then NCCL).
 # Outputs go to $OUT (default ./gpu-results): STEP.txt, plus JSON where the tool writes it. The
 # summary lines of each step are printed as it ends. splitserve must be importable (installed, or
@@ -68,7 +69,8 @@ for step in "${STEPS[@]}"; do
                     --rates 4,8,16,inf --num-prompts 100 --input-len 4096 --output-len 256 --gpu-memory-utilization 0.9 \
                     --goodput tpot:25 --out-dir '$OUT/serve2-nccl'" ;;
         tp2) SUMMARY="checked|TP=|passed|differ"; run tp2 python "$L/gpu_tensor_parallel.py" ;;
+        pdtp2) SUMMARY="TP=|passed|differ|FAILED"; run pdtp2 python "$L/gpu_pd_tensor_parallel.py" ;;
         *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve served transfer;" \
-                "two GPUs: transfer2 serve2 tp2)"; exit 2 ;;
+                "two GPUs: transfer2 serve2 tp2 pdtp2)"; exit 2 ;;
     esac
 done

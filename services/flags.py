@@ -100,6 +100,11 @@ def _add_up_parser(sub) -> None:
                         "holding its history (see splitserve gateway --help; 0: never)")
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker process that dies")
+    p.add_argument("--prefill-tensor-parallel-size", "--prefill-tp", type=int, default=None, metavar="N",
+                   help="ranks of each prefill worker (default: -tp); may differ from the decode workers', the KV "
+                        "moves with whole heads between them")
+    p.add_argument("--decode-tensor-parallel-size", "--decode-tp", type=int, default=None, metavar="N",
+                   help="ranks of each decode worker (default: -tp)")
     p.add_argument("--worker-devices", default=None,
                    help="comma list of devices, one per worker in start order (prefill workers, then decode, "
                         "or the colocated ones), e.g. cuda:0,cuda:1; default: with several GPUs, round-robin")

@@ -81,12 +81,14 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
     port = args.worker_base_port
     groups: dict[str, list[Child]] = {"prefill": [], "decode": [], "worker": []}
     counts = {"worker": args.workers} if args.colocated else {"prefill": args.prefill, "decode": args.decode}
-    devices = _worker_devices(args, sum(counts.values()))
+    sizes = _role_tensor_parallel_sizes(args)
+    devices = _worker_devices(args, sum(counts.values()), [sizes[role] for role, n in counts.items() for _ in range(n)])
     nccl = _nccl_ranks(args, counts)
     for role, count in counts.items():
         for i in range(count):
             address = f"{args.host}:{port}"
             extra = [*transfer_argv, *nccl.get(role, [])] if role != "worker" else []
+            extra += ["--tensor-parallel-size", str(sizes[role])]  # after model_argv's: the last one counts
             device = ["--device", devices[port - args.worker_base_port]] if devices else []
             argv = _cli(role, "--host", args.host, "--port", str(port), "--drain-timeout-s", str(WORKER_DRAIN_TIMEOUT_S),
                         *model_argv, *device, *extra)
@@ -95,10 +97,27 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
     return groups["prefill"], groups["decode"], groups["worker"]
 
 
-def _worker_devices(args: argparse.Namespace, num_workers: int) -> list[str]:
+def _role_tensor_parallel_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """Each role's ranks per worker: --prefill-tp / --decode-tp, else -tp (colocated workers: -tp)."""
+    per_role = {"prefill": getattr(args, "prefill_tensor_parallel_size", None),
+                "decode": getattr(args, "decode_tensor_parallel_size", None)}
+    if args.colocated and any(size is not None for size in per_role.values()):
+        raise SystemExit("splitserve up: --prefill-tp / --decode-tp size the prefill and decode workers; "
+                         "colocated workers take -tp")
+    sizes = {"worker": args.tensor_parallel_size,
+             **{role: size or args.tensor_parallel_size for role, size in per_role.items()}}
+    bad = {role: size for role, size in sizes.items() if size < 1}
+    if bad:
+        raise SystemExit(f"splitserve up: tensor-parallel sizes must be at least 1, got {bad}")
+    return sizes
+
+
+def _worker_devices(args: argparse.Namespace, num_workers: int, ranks: list[int] | None = None) -> list[str]:
     """One device per worker: --worker-devices as given, or round-robin over the GPUs when there
-    are several (a prefill and a decode worker on two GPUs land on one each; with -tp N each worker
-    starts N GPUs after the previous one); [] keeps --device."""
+    are several (a prefill and a decode worker on two GPUs land on one each; a worker of N ranks
+    takes its first GPU and the N - 1 after it, and the next worker starts after those, back at
+    cuda:0 when they would run past the last GPU); [] keeps --device. `ranks`: each worker's
+    tensor-parallel size (default -tp for all)."""
     if args.worker_devices:
         devices = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
         if len(devices) != num_workers:
@@ -109,10 +128,16 @@ def _worker_devices(args: argparse.Namespace, num_workers: int) -> list[str]:
     import torch
 
     num_gpus = torch.cuda.device_count()
-    ranks = args.tensor_parallel_size  # a worker's ranks take its first GPU and the next ones
-    if num_gpus <= 1 or ranks >= num_gpus:
+    ranks = ranks or [args.tensor_parallel_size] * num_workers
+    if num_gpus <= 1 or max(ranks) >= num_gpus:
         return []
-    return [f"cuda:{(i * ranks) % (num_gpus - num_gpus % ranks)}" for i in range(num_workers)]
+    devices, first = [], 0
+    for size in ranks:
+        if first + size > num_gpus:
+            first = 0
+        devices.append(f"cuda:{first}")
+        first = (first + size) % num_gpus
+    return devices
 
 
 def _nccl_ranks(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, list[str]]:
@@ -225,9 +250,7 @@ def run_stack(args: argparse.Namespace) -> int:
 
     from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
 
-    if args.tensor_parallel_size > 1 and not args.colocated:
-        raise SystemExit("splitserve up: --tensor-parallel-size > 1 needs --colocated (prefill and decode workers "
-                         "do not support tensor parallelism yet)")
+    _role_tensor_parallel_sizes(args)  # refuse bad sizes before anything starts
     names = args.served_model_name or [served_model_name(args.model)]
     name = names[0]
     model_dir = resolve_model_dir(args.model)  # builds the demo checkpoint once, before the children

@@ -152,7 +152,7 @@ class EngineStats(msgspec.Struct, array_like=True):
 class EngineCore:
     def __init__(self, config: EngineConfig, connector_factory=None) -> None:
         config.validate()
-        check_parallel_support(config, has_connector=connector_factory is not None)
+        check_parallel_support(config)
         self.config = config
         parts: EngineParts = build_engine_parts(config)
         self.followers = parts.followers

@@ -158,6 +158,19 @@ def test_worker_gpus_are_requested_and_limited():
                 assert container["resources"][side].get("nvidia.com/gpu") == expected
 
 
+def test_each_role_runs_its_own_tensor_parallel_size_with_a_gpu_per_rank():
+    objects = render({"prefill": {"tensorParallelSize": 2}, "gpusPerWorker": 1})
+    parser = _cli_parser()
+    for deployment, container in _containers(objects):
+        if container["args"][0] == "gateway":
+            continue
+        size = 2 if container["args"][0] == "prefill" else 1
+        args = _parse_or_fail(parser, container["args"], deployment["metadata"]["name"])
+        assert args.tensor_parallel_size == size
+        for side in ("requests", "limits"):
+            assert container["resources"][side]["nvidia.com/gpu"] == size
+
+
 def test_api_key_secret_and_model_volume_are_wired():
     objects = render(VALUE_SETS["everything"])
     secret = _of_kind(objects, "Secret")[0]

@@ -46,16 +46,20 @@ def connector_factory(args: argparse.Namespace, role: str, secret: bytes | None 
 
 
 def build_connector(args: argparse.Namespace, role: str, secret: bytes | None, parts):
+    from splitserve.shared.parallel.kv_shards import KvShards
     from splitserve.shared.transfer.connector import TransferConfig, TransferConnector
-    from splitserve.shared.transfer.handle import layout_hash
+    from splitserve.shared.transfer.handle import KvLayout
 
-    lh = layout_hash(parts.model_dir, str(parts.dtype).removeprefix("torch."), parts.block_size,
-                     parts.info.num_layers, parts.info.num_kv_heads, parts.info.head_dim)
+    ranks = parts.followers.world_size
+    layout = KvLayout(parts.model_dir, str(parts.dtype).removeprefix("torch."), parts.block_size,
+                      parts.info.num_layers, parts.info.num_kv_heads, parts.info.head_dim,
+                      tensor_parallel_size=ranks, kv_heads_per_rank=parts.kv_cache.shape[4])
+    shards = KvShards(parts.kv_cache, parts.followers, parts.info.num_kv_heads) if ranks > 1 else None
     # CPU KV moves over TCP; on GPUs UCX picks cuda_ipc / rc itself unless told otherwise.
     tls = args.transfer_ucx_tls or ("tcp" if parts.device.type == "cpu" else None)
-    config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, layout_hash=lh,
-                                 model_id=parts.model_dir, ucx_tls=tls)
-    return TransferConnector(parts.kv_cache, config, secret=secret)
+    config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, model_id=parts.model_dir,
+                                 ucx_tls=tls)
+    return TransferConnector(parts.kv_cache, config, secret=secret, layout=layout, shards=shards)
 
 
 def session_config_from_args(args: argparse.Namespace) -> SessionConfig:

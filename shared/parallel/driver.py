@@ -3,6 +3,7 @@
     followers = start_followers(spec, tensor_parallel_size, device)   # this process becomes rank 0
     followers.forward(arrays, graph)   # before rank 0 runs the same forward
     followers.logits(rows)             # before rank 0's own compute_logits of those rows
+    followers.gather_kv(ids) / scatter_kv(ids)  # P/D: before rank 0's side of the KV hand-over
     followers.close()                  # Stop, join, leave the process group
 
 With one rank `NO_FOLLOWERS` stands in: every call is a no-op, so the runner calls them unconditionally.
@@ -27,8 +28,8 @@ import zmq
 from splitserve.shared.config import ConfigError, EngineConfig
 from splitserve.shared.parallel import state
 from splitserve.shared.parallel.follower import FollowerSpec, run_follower
-from splitserve.shared.parallel.messages import (BindKV, CaptureGraphs, FakeStep, Forward, Logits, StepArrays, Stop,
-                                                 seal)
+from splitserve.shared.parallel.messages import (BindKV, CaptureGraphs, FakeStep, Forward, GatherKV, Logits, ScatterKV,
+                                                 StepArrays, Stop, seal)
 from splitserve.shared.parallel.state import ParallelError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class NoFollowers:
         pass
 
     def logits(self, rows: list[int]) -> None:
+        pass
+
+    def gather_kv(self, block_ids: list[int]) -> None:
+        pass
+
+    def scatter_kv(self, block_ids: list[int]) -> None:
         pass
 
     def close(self) -> None:
@@ -149,6 +156,12 @@ class Followers(NoFollowers):
     def logits(self, rows: list[int]) -> None:
         self._send(Logits(rows))
 
+    def gather_kv(self, block_ids: list[int]) -> None:
+        self._send(GatherKV(list(block_ids)))
+
+    def scatter_kv(self, block_ids: list[int]) -> None:
+        self._send(ScatterKV(list(block_ids)))
+
     def close(self) -> None:
         """Stop every follower (killing one that does not stop in time), then leave the group."""
         frame = seal(self._key, Stop())
@@ -170,15 +183,13 @@ class Followers(NoFollowers):
         self._sockets, self.processes = [], []
 
 
-def check_parallel_support(config: EngineConfig, has_connector: bool) -> None:
+def check_parallel_support(config: EngineConfig) -> None:
     """What tensor parallelism does not combine with yet, refused by name before any rank starts."""
     if config.parallel.tensor_parallel_size == 1:
         return
-    if has_connector:
-        raise ConfigError("tensor_parallel_size > 1 is not supported yet on prefill and decode workers (their KV "
-                          "transfer moves one rank's pool); serve it from a colocated worker (splitserve worker)")
     if config.cache.kv_offload_gib:
-        raise ConfigError("kv_offload_gib is not supported yet with tensor_parallel_size > 1")
+        raise ConfigError("kv_offload_gib (the host KV tier) is not supported yet with tensor_parallel_size > 1: "
+                          "it copies one rank's pool")
     if config.scheduler.async_scheduling:
         raise ConfigError("async_scheduling is not supported with tensor_parallel_size > 1: the followers need "
                           "each step's input tokens on the host before it launches")

@@ -21,8 +21,8 @@ import torch
 import zmq
 
 from splitserve.shared.parallel import state
-from splitserve.shared.parallel.messages import (BindKV, CaptureGraphs, FakeStep, Forward, Logits, StepArrays, Stop,
-                                                 unseal)
+from splitserve.shared.parallel.messages import (BindKV, CaptureGraphs, FakeStep, Forward, GatherKV, Logits, ScatterKV,
+                                                 StepArrays, Stop, unseal)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class FollowerRuntime:
     @torch.inference_mode()
     def run(self, message: object) -> None:
         handlers = {BindKV: self._bind_kv, FakeStep: self._fake_step, CaptureGraphs: self._capture_graphs,
-                    Forward: self._forward, Logits: self._logits}
+                    Forward: self._forward, Logits: self._logits, GatherKV: self._gather_kv,
+                    ScatterKV: self._scatter_kv}
         handler = handlers.get(type(message))
         if handler is None:
             raise ValueError(f"unknown tensor-parallel call {type(message).__name__}")
@@ -147,6 +148,16 @@ class FollowerRuntime:
 
     def _logits(self, call: Logits) -> None:
         self.model.compute_logits(self.hidden[call.rows])  # the all-gather; rank 0 samples
+
+    def _gather_kv(self, call: GatherKV) -> None:
+        from splitserve.shared.parallel.kv_shards import gather_blocks
+
+        gather_blocks(self.kv_cache, call.block_ids)
+
+    def _scatter_kv(self, call: ScatterKV) -> None:
+        from splitserve.shared.parallel.kv_shards import scatter_blocks
+
+        scatter_blocks(self.kv_cache, call.block_ids, None)
 
 
 def step_tensors(arrays: StepArrays, device: torch.device):

@@ -2,8 +2,9 @@
 
 Rank 0 owns the scheduler and the requests; a follower owns only its shard of the model and of
 the KV pool. So rank 0 sends the host arrays of each forward (the same ones its own runner uploads),
-which rows go through the LM head, and the few start-up calls (bind the KV pool, the profiling and
-warm-up steps, CUDA-graph capture). A follower runs each call in order; every call that contains a
+which rows go through the LM head, the few start-up calls (bind the KV pool, the profiling and
+warm-up steps, CUDA-graph capture), and the KV hand-overs of P/D (gather a held prompt's head
+shards to rank 0, scatter loaded whole-head blocks from it). A follower runs each call in order; every call that contains a
 collective is made by all ranks in the same order, so their all-reduces and all-gathers pair up.
 
 Transport: ZeroMQ PUSH (rank 0) -> PULL (follower) over tcp://127.0.0.1, each frame
@@ -71,6 +72,20 @@ class CaptureGraphs:
     max_batch: int
     max_model_len: int
     block_size: int
+
+
+@dataclass
+class GatherKV:
+    """Send this rank's head shard of `block_ids` to rank 0 (a prefill hands the blocks over)."""
+
+    block_ids: list[int]
+
+
+@dataclass
+class ScatterKV:
+    """Receive this rank's head shard of `block_ids` from rank 0 (a decode loaded the blocks)."""
+
+    block_ids: list[int]
 
 
 @dataclass

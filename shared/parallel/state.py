@@ -6,6 +6,8 @@
     rank(), world_size()
     all_reduce(x)            # in place, sum over the ranks
     all_gather(x, dim)       # concatenated along `dim`, in rank order
+    gather_to_rank0(x)       # rank 0: every rank's x in rank order; the others: None
+    scatter_from_rank0(out, parts)  # rank r receives rank 0's parts[r] into out
     destroy()
 
 A process holds at most one group (torch.distributed's default group). Without one (a single
@@ -105,6 +107,29 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     except RuntimeError as exc:
         raise ParallelError(f"all_gather failed on rank {_state.rank}: {exc}") from exc
     return torch.cat(parts, dim=dim)
+
+
+def gather_to_rank0(x: torch.Tensor) -> list[torch.Tensor] | None:
+    """Rank 0: every rank's `x` (equal shapes) in rank order; the other ranks: None."""
+    if _state.world_size == 1:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(_state.world_size)] if _state.rank == 0 else None
+    try:
+        dist.gather(x.contiguous(), parts, dst=0)
+    except RuntimeError as exc:
+        raise ParallelError(f"gather failed on rank {_state.rank}: {exc}") from exc
+    return parts
+
+
+def scatter_from_rank0(out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Rank r receives rank 0's `parts[r]` (equal shapes, rank 0 alone passes them) into `out`."""
+    if _state.world_size == 1:
+        return out.copy_(parts[0])
+    try:
+        dist.scatter(out, [p.contiguous() for p in parts] if _state.rank == 0 else None, src=0)
+    except RuntimeError as exc:
+        raise ParallelError(f"scatter failed on rank {_state.rank}: {exc}") from exc
+    return out
 
 
 def destroy() -> None:

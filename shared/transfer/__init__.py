@@ -6,10 +6,10 @@ the engine contract and docs/architecture.md for the cache layout the transfers 
 
 from .config import TransferConfig
 from .events import ConnectorEvents
-from .handle import KV_HANDLE_VERSION, KvHandle, KvHandleError, layout_hash
+from .handle import KV_HANDLE_VERSION, KvHandle, KvHandleError, KvLayout, layout_hash, layout_mismatch
 
 __all__ = ["TransferConnector", "ConnectorEvents", "KvHandle", "KvHandleError", "KV_HANDLE_VERSION",
-           "TransferConfig", "layout_hash"]
+           "TransferConfig", "layout_hash", "KvLayout", "layout_mismatch"]
 
 
 def __getattr__(name):  # TransferConnector pulls torch and zmq: import it only when asked

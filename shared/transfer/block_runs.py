@@ -37,6 +37,15 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
     return runs
 
 
+def run_starts(runs: Sequence[BlockRun]) -> list[int]:
+    """Where each run begins in the block list it was coalesced from (runs keep that list's order)."""
+    starts, position = [], 0
+    for run in runs:
+        starts.append(position)
+        position += run.num_blocks
+    return starts
+
+
 def run_region(kv_cache: torch.Tensor, start: int, num_blocks: int) -> torch.Tensor:
     """The contiguous view kv_cache[start : start + num_blocks] (no copy)."""
     region = kv_cache[start:start + num_blocks]

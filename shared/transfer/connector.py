@@ -30,11 +30,12 @@ import zmq.asyncio
 
 from .config import TransferConfig
 from splitserve.shared.auth import control_key
+from splitserve.shared.parallel.kv_shards import KvShards
 
 from .control import ControlClient, ControlServer
 from .decode_side import DecodeSide
 from .events import ConnectorEvents, EventQueue
-from .handle import KvHandle, layout_hash
+from .handle import KvHandle, KvLayout
 from .prefill_side import PrefillSide
 
 logger = logging.getLogger(__name__)
@@ -46,20 +47,28 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 class TransferConnector:
-    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig, secret: bytes | None = None):
+    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig, secret: bytes | None = None,
+                 layout: KvLayout | None = None, shards: KvShards | None = None):
         """`secret`: the stack's shared secret (shared/auth.py); control messages are signed with
-        a key derived from it and messages not signed with it are dropped."""
+        a key derived from it and messages not signed with it are dropped. `layout`: what this
+        engine's pool holds (default: one rank, read off kv_cache). `shards`: with tensor
+        parallelism, rank 0's access to its ranks' head shards (kv_cache is then rank 0's shard):
+        blocks cross the wire with whole heads, gathered at hold() and scattered at poll()."""
         config.validate()
         if kv_cache.dim() != 6 or not kv_cache.is_contiguous():
             raise ValueError(f"kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
                              f"Hkv, D] tensor, got shape {tuple(kv_cache.shape)}")
         self.config = config
         self.instance_id = str(uuid.uuid4())
-        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        self.block_size = block_size
-        self.layout_hash = config.layout_hash or layout_hash(
-            config.model_id, str(kv_cache.dtype).removeprefix("torch."), block_size, num_layers,
-            num_kv_heads, head_dim)
+        self.block_size = kv_cache.shape[3]
+        self.layout = layout or _one_rank_layout(kv_cache, config.model_id)
+        if (self.layout.tensor_parallel_size > 1) != (shards is not None and shards.world_size > 1):
+            raise ValueError(f"layout says {self.layout.tensor_parallel_size} tensor-parallel ranks, but "
+                             f"{'no' if shards is None else shards.world_size} shards were given")
+        self.layout_hash = config.layout_hash or self.layout.wire_hash()
+        self._shards = shards if self.layout.tensor_parallel_size > 1 else None
+        self._staged: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self._staged_lock = threading.Lock()
         self._kv_cache = kv_cache
         self._control_key = control_key(secret)
         self._events = EventQueue()
@@ -96,8 +105,8 @@ class TransferConnector:
         self._server = self._client = None
         if cfg.role in ("prefill", "both"):
             self._server = ControlServer(self._zctx, cfg.host, cfg.control_port, self._control_key)
-            self._prefill = PrefillSide(self._kv_cache, self.instance_id, self.layout_hash,
-                                        self._data_plane, self._server, self._events,
+            self._prefill = PrefillSide(self._kv_cache, self.instance_id, self.layout,
+                                        self.layout_hash, self._data_plane, self._server, self._events,
                                         cfg.timeout_s, cfg.lease_s)
             tick_s = min(0.5, cfg.lease_s / 4)
             self._tasks += [asyncio.ensure_future(self._prefill.serve()),
@@ -106,11 +115,11 @@ class TransferConnector:
                         self._server.address, self._server.bound)
         if cfg.role in ("decode", "both"):
             self._client = ControlClient(self._zctx, self._control_key)
-            self._decode = DecodeSide(self._kv_cache, self.instance_id, self.layout_hash,
+            self._decode = DecodeSide(self._kv_cache, self.instance_id, self.layout, self.layout_hash,
                                       self._data_plane, self._client, self._events, cfg.timeout_s,
-                                      cfg.trusted_prefills)
-        logger.info("KV connector %s: role %s, backend %s, layout %s", self.instance_id, cfg.role,
-                    cfg.backend, self.layout_hash)
+                                      cfg.trusted_prefills, self._shards, self._stage)
+        logger.info("KV connector %s: role %s, backend %s, layout %s (%s)", self.instance_id, cfg.role,
+                    cfg.backend, self.layout_hash, self.layout)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -129,7 +138,8 @@ class TransferConnector:
         if not 0 < num_tokens <= len(block_ids) * self.block_size:
             raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit "
                              f"{len(block_ids)} blocks of {self.block_size}")
-        return self._prefill.hold(request_id, list(block_ids), num_tokens)
+        staging = self._shards.gather(list(block_ids)) if self._shards else None
+        return self._prefill.hold(request_id, list(block_ids), num_tokens, staging)
 
     def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int]) -> None:
         """Decode side: starts pulling the handle's blocks into `dst_block_ids`; non-blocking."""
@@ -146,7 +156,22 @@ class TransferConnector:
         self._call(self._start_load, request_id, handle, list(dst_block_ids), time.monotonic())
 
     def poll(self) -> ConnectorEvents:
-        return self._events.take()
+        """The events since the last poll. With tensor parallelism, each loaded request's whole-head
+        blocks are first scattered to the ranks' pools (the request runs this very step)."""
+        events = self._events.take()
+        ended = [*events.loaded, *(request_id for request_id, _ in events.load_failed)]
+        with self._staged_lock:
+            staged = {rid: self._staged.pop(rid) for rid in ended if rid in self._staged}
+        for request_id in events.loaded:
+            if request_id in staged:
+                self._shards.scatter(*staged[request_id])
+        return events
+
+    def _stage(self, request_id: str, blocks: torch.Tensor, dst_block_ids: list[int]) -> None:
+        """Decode side, loop thread: a load landed in staging; poll() scatters it (before it
+        reports the request loaded, so the staging is registered first)."""
+        with self._staged_lock:
+            self._staged[request_id] = (blocks, dst_block_ids)
 
     # The host tier's side of the interface: a transfer connector keeps no blocks of its own.
     def lookup(self, block_hashes) -> int:
@@ -249,3 +274,9 @@ class TransferConnector:
             await self._data_plane.close()
         if getattr(self, "_zctx", None) is not None:
             self._zctx.term()
+
+
+def _one_rank_layout(kv_cache: torch.Tensor, model_id: str) -> KvLayout:
+    _, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    return KvLayout(model_id, str(kv_cache.dtype).removeprefix("torch."), block_size, num_layers, num_kv_heads,
+                    head_dim, tensor_parallel_size=1, kv_heads_per_rank=num_kv_heads)

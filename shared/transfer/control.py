@@ -5,10 +5,14 @@ side keeps one DEALER per prefill address (`ControlClient`). Messages are small 
 `type` and the `transfer_id` they belong to:
 
     decode -> prefill   load {request_id, prefill_instance_id, decode_instance_id, layout_hash,
-                              src_block_ids, dst_block_ids, tag, data_address}
+                              src_block_ids, dst_block_ids, tag, data_address, layout}
+                        describe {}                  (a handle's layout hash is not ours: why?)
                         done {request_id, prefill_instance_id}     (prefill may free the blocks)
                         failed {request_id, prefill_instance_id, reason}
     prefill -> decode   accepted {num_runs, data_address} | rejected {reason} | send_failed {reason}
+                        layout {layout}              (the answer to describe: our KvLayout)
+
+`layout` is the sender's `KvLayout` (handle.py): wire fields, tensor-parallel size, heads per rank.
 
 `data_address` is each side's data-plane address (the UCX worker address, the NCCL rank): the
 data planes connect only to peers named in authenticated control messages.
@@ -51,7 +55,9 @@ _ID, _OPT = str, (str, type(None))
 _FIELDS = {
     "load": {"transfer_id": _ID, "request_id": _ID, "prefill_instance_id": _ID, "decode_instance_id": _ID,
              "layout_hash": _ID, "src_block_ids": _IDS, "dst_block_ids": _IDS, "tag": int,
-             "data_address": dict},
+             "data_address": dict, "layout": (dict, type(None))},
+    "describe": {"transfer_id": _ID},
+    "layout": {"transfer_id": _ID, "layout": dict},
     "done": {"transfer_id": _ID, "request_id": _ID, "prefill_instance_id": _ID},
     "failed": {"transfer_id": _ID, "request_id": _ID, "prefill_instance_id": _ID, "reason": _OPT},
     "accepted": {"transfer_id": _ID, "num_runs": int, "data_address": dict},

@@ -20,6 +20,11 @@ is bounded by the transfer deadline. A load that already finished but was not ye
 moved from `loaded` to `load_failed`. So: once a request shows up in load_failed, nothing writes
 into its dst blocks any more, and the engine must keep them allocated until then.
 
+Layout: a handle whose layout hash is not ours is refused before any block moves; the refusal
+asks the prefill for its `KvLayout` (`describe`) to name both sides' values. Every `load` carries
+our `KvLayout`, which the prefill checks too. With tensor parallelism (`shards`), the whole-head
+blocks land in a staging tensor that the engine thread scatters to the ranks at its next poll().
+
 Trust: a handle's control address is dialled only if it is among `trusted_prefills` (when that
 list is set); the gRPC plane already admits handles from authenticated callers only. The data
 plane connects only to the address the prefill's authenticated `accepted` names.
@@ -36,13 +41,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .block_runs import coalesce_runs, run_region
+from splitserve.shared.parallel.kv_shards import KvShards
+
+from .block_runs import coalesce_runs, run_region, run_starts
 from .control import ControlClient
 from .data_plane import DataPlane, TransferError, remaining_s
 from .events import EventQueue
-from .handle import KV_HANDLE_VERSION, KvHandle
+from .handle import KV_HANDLE_VERSION, KvHandle, KvHandleError, KvLayout, layout_mismatch
 
 logger = logging.getLogger(__name__)
+
+DESCRIBE_TIMEOUT_S = 2.0
+"""How long a refused load waits for the prefill's layout (only to word the refusal)."""
 
 
 @dataclass
@@ -59,13 +69,17 @@ class Load:
     receiving: bool = False
     aborted: bool = False
     notify_prefill: bool = True  # False once the prefill side is known not to need our outcome
+    staging: torch.Tensor | None = None  # tensor parallelism: the whole-head blocks land here
 
 
 class DecodeSide:
-    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout_hash: str,
+    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout: KvLayout, layout_hash: str,
                  data_plane: DataPlane, client: ControlClient, events: EventQueue, timeout_s: float,
-                 trusted_prefills: tuple[str, ...] = ()):
+                 trusted_prefills: tuple[str, ...] = (), shards: KvShards | None = None, stage=None):
+        """`shards` / `stage(request_id, blocks, dst_block_ids)`: with tensor parallelism, loads land
+        in a whole-head staging tensor from `shards`, handed to `stage` before the loaded event."""
         self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._layout, self._shards, self._stage = layout, shards, stage
         self._data_plane, self._client, self._events = data_plane, client, events
         self._timeout_s = timeout_s
         self._trusted = frozenset(trusted_prefills)
@@ -143,6 +157,8 @@ class DecodeSide:
                        "reason": reason}
             self._client.send(h.control_address, outcome)
         if reason is None:
+            if load.staging is not None:
+                self._stage(load.request_id, load.staging, list(load.dst_block_ids))
             seconds = time.monotonic() - load.started
             self._events.loaded(load.request_id, nbytes, num_runs, len(load.dst_block_ids), seconds)
         else:
@@ -153,12 +169,11 @@ class DecodeSide:
         h = load.handle
         if h.version != KV_HANDLE_VERSION:
             raise TransferError(f"handle version {h.version} unsupported (expected {KV_HANDLE_VERSION})")
-        if h.layout_hash != self._layout_hash:
-            raise TransferError(f"layout hash mismatch: handle has {h.layout_hash!r}, this decode "
-                                f"engine has {self._layout_hash!r} (model, dtype, block size or shape differ)")
         if self._trusted and not _is_trusted(h.control_address, self._trusted):
             raise TransferError(f"the handle names control address {h.control_address!r}, which is not "
                                 f"among the trusted prefill addresses {sorted(self._trusted)}")
+        if h.layout_hash != self._layout_hash:
+            raise await self._layout_refusal(load)
         inbox = self._client.open_inbox(load.transfer_id)
         self._client.send(h.control_address, self._load_message(load))
         reply = await self._next_reply(load, inbox)
@@ -168,7 +183,7 @@ class DecodeSide:
         if reply["type"] != "accepted":
             raise TransferError(f"unexpected control reply {reply['type']!r}")
         runs = coalesce_runs(h.block_ids, load.dst_block_ids)
-        regions = [run_region(self._kv_cache, r.dst_start, r.num_blocks) for r in runs]
+        regions = self._regions(load, runs)
         stop = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch_send_failed(inbox, stop))
         load.receiving = True
@@ -188,14 +203,36 @@ class DecodeSide:
             if reply["type"] != "accepted":
                 return
             runs = coalesce_runs(load.handle.block_ids, load.dst_block_ids)
-            scratch = [torch.empty_like(run_region(self._kv_cache, r.dst_start, r.num_blocks))
-                       for r in runs]
+            scratch = [self._shards.staging(r.num_blocks) if self._shards else
+                       torch.empty_like(run_region(self._kv_cache, r.dst_start, r.num_blocks)) for r in runs]
             await self._data_plane.recv(load.handle.instance_id, reply["data_address"], load.tag,
                                         scratch, load.deadline, asyncio.Event())
         except (asyncio.TimeoutError, TransferError) as exc:
             logger.info("draining aborted load %s: %r", load.request_id, exc)
         finally:
             self._client.close_inbox(load.transfer_id)
+
+    def _regions(self, load: Load, runs) -> list[torch.Tensor]:
+        """Where each run lands: straight in the pool, or (tensor parallelism) in a whole-head
+        staging tensor in dst order, scattered to the ranks when the engine polls."""
+        if self._shards is None:
+            return [run_region(self._kv_cache, r.dst_start, r.num_blocks) for r in runs]
+        load.staging = self._shards.staging(len(load.dst_block_ids))
+        return [load.staging[start:start + r.num_blocks] for r, start in zip(runs, run_starts(runs))]
+
+    async def _layout_refusal(self, load: Load) -> TransferError:
+        """The handle's layout hash is not ours: ask the prefill for its `KvLayout` (bounded) so the
+        refusal names both sides' values. Nothing is loaded either way."""
+        h = load.handle
+        reason = f"layout hash mismatch: handle has {h.layout_hash!r}, this decode engine has {self._layout_hash!r}"
+        inbox = self._client.open_inbox(load.transfer_id)
+        self._client.send(h.control_address, {"type": "describe", "transfer_id": load.transfer_id})
+        try:
+            reply = await asyncio.wait_for(inbox.get(), min(DESCRIBE_TIMEOUT_S, remaining_s(load.deadline)))
+            detail = layout_mismatch(KvLayout.from_dict(reply["layout"]), self._layout) if "layout" in reply else None
+        except (asyncio.TimeoutError, KvHandleError):
+            detail = None
+        return TransferError(f"{reason}: {detail}" if detail else f"{reason} (model, dtype, block size or shape differ)")
 
     async def _next_reply(self, load: Load, inbox: asyncio.Queue) -> dict:
         try:
@@ -220,7 +257,7 @@ class DecodeSide:
                 "prefill_instance_id": h.instance_id, "decode_instance_id": self._instance_id,
                 "layout_hash": self._layout_hash, "src_block_ids": list(h.block_ids),
                 "dst_block_ids": list(load.dst_block_ids), "tag": load.tag,
-                "data_address": self._data_plane.address()}
+                "data_address": self._data_plane.address(), "layout": self._layout.to_dict()}
 
 
 def _is_trusted(control_address: str, trusted: frozenset[str]) -> bool:

@@ -2,8 +2,9 @@
 
 The handle travels prefill -> gateway (gRPC) -> decode as a plain dict. It names the prefill
 process (`instance_id`, a uuid4 drawn at every process start, so a restarted peer on the same
-address is a *new* peer), the blocks, and a layout hash that both sides must share before any
-byte moves. Standard library only: the gateway imports this module and no torch.
+address is a *new* peer), the blocks, and the hash of the wire layout (`KvLayout.wire_hash`) that
+both sides must share before any byte moves. The full `KvLayout` of each side (tensor-parallel
+size and heads per rank included) travels in the handshake's control messages. Standard library only: the gateway imports this module and no torch.
 """
 
 from __future__ import annotations
@@ -63,3 +64,70 @@ class KvHandle:
         return cls(version=d["version"], instance_id=d["instance_id"], request_id=d["request_id"],
                    block_ids=tuple(d["block_ids"]), num_tokens=d["num_tokens"],
                    layout_hash=d["layout_hash"], control_address=d["control_address"])
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """What one side's KV pool holds, as exchanged at the transfer handshake.
+
+    The wire format is always whole-head blocks ([L, 2, block_size, num_kv_heads, D] per block):
+    a tensor-parallel side gathers or scatters its ranks' head shards (shared/parallel/kv_shards.py),
+    so sides at different tensor-parallel sizes interoperate when their wire fields agree."""
+
+    model_id: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    """All of the model's kv heads (not one rank's)."""
+    head_dim: int
+    tensor_parallel_size: int = 1
+    kv_heads_per_rank: int = 0
+    """Heads in each rank's pool: num_kv_heads / N, or 1 (replicated) when num_kv_heads < N."""
+
+    WIRE_FIELDS = ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim")
+
+    def wire_hash(self) -> str:
+        return layout_hash(self.model_id, self.dtype, self.block_size, self.num_layers, self.num_kv_heads,
+                           self.head_dim)
+
+    def split_error(self) -> str | None:
+        """Why this side's head split is not one a rank layout can hold, or None."""
+        n, heads = self.tensor_parallel_size, self.num_kv_heads
+        if n < 1 or heads < 1:
+            return f"tensor_parallel_size {n} and num_kv_heads {heads} must be positive"
+        if heads % n and n % heads:
+            return f"num_kv_heads {heads} and tensor_parallel_size {n} do not divide one another"
+        if self.kv_heads_per_rank != max(1, heads // n):
+            return (f"kv_heads_per_rank {self.kv_heads_per_rank} is not {max(1, heads // n)} "
+                    f"({heads} kv heads over {n} ranks)")
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KvLayout:
+        kinds = {"model_id": str, "dtype": str, "block_size": int, "num_layers": int, "num_kv_heads": int,
+                 "head_dim": int, "tensor_parallel_size": int, "kv_heads_per_rank": int}
+        for name, kind in kinds.items():
+            if type(d.get(name)) is not kind:
+                raise KvHandleError(f"KV layout field {name!r} is missing or not {kind.__name__}")
+        return cls(**{name: d[name] for name in kinds})
+
+
+def layout_mismatch(prefill: KvLayout, decode: KvLayout) -> str | None:
+    """Why KV cannot move from `prefill`'s pool to `decode`'s (every differing wire field with both
+    sides' values, or a side whose head split is broken), or None when it can."""
+    problems = [f"{side} side: {error}" for side, layout in (("prefill", prefill), ("decode", decode))
+                if (error := layout.split_error())]
+    problems += [f"{name} prefill {getattr(prefill, name)!r} vs decode {getattr(decode, name)!r}"
+                 for name in KvLayout.WIRE_FIELDS if getattr(prefill, name) != getattr(decode, name)]
+    if not problems:
+        return None
+    return (f"KV layout mismatch ({'; '.join(problems)}); prefill holds {_holds(prefill)}, "
+            f"decode holds {_holds(decode)}")
+
+
+def _holds(layout: KvLayout) -> str:
+    return (f"{layout.tensor_parallel_size} rank(s) x {layout.kv_heads_per_rank} of {layout.num_kv_heads} kv heads")

@@ -8,8 +8,11 @@ Lifecycle of a hold (one per request):
     SENT      every run was sent (or the send failed and the decode side was told so)
     RELEASED  reported in ConnectorEvents.released; the engine frees the blocks
 
-Release happens on the decode side's `done` or `failed`, on abort(), on a load whose layout hash
-does not match ours (that decode side will recompute; nobody else will come for these blocks),
+With tensor parallelism the hold keeps whole-head copies of its blocks (gathered from the ranks at
+hold time, see shared/parallel/kv_shards.py) and sends from them; the copies go with the hold.
+
+Release happens on the decode side's `done` or `failed`, on abort(), on a load whose layout
+(`KvLayout`, sent with the load; or its hash) does not match ours (that decode side will recompute; nobody else will come for these blocks),
 and when the lease runs out. A release that arrives while SENDING waits for the send to end, so
 blocks are never freed under a transport still reading them. A `load` naming another instance id
 (we restarted since the handle was made) is rejected and touches no hold of ours.
@@ -25,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_runs import coalesce_runs, run_region
+from .block_runs import coalesce_runs, run_region, run_starts
 from .control import ControlServer
 from .data_plane import DataPlane, TransferError
 from .events import EventQueue
-from .handle import KV_HANDLE_VERSION, KvHandle
+from .handle import KV_HANDLE_VERSION, KvHandle, KvLayout, layout_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +47,17 @@ class Hold:
     sending: bool = False
     release_reason: str | None = None  # set while sending: release once the send ends
     bytes_sent: int = 0
+    staging: torch.Tensor | None = None
+    """Tensor parallelism: whole-head copies of the blocks (gathered from the ranks at hold time);
+    the send reads these instead of the pool."""
 
 
 class PrefillSide:
-    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout_hash: str,
+    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout: KvLayout, layout_hash: str,
                  data_plane: DataPlane, server: ControlServer, events: EventQueue,
                  timeout_s: float, lease_s: float):
         self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._layout = layout
         self._data_plane, self._server, self._events = data_plane, server, events
         self._timeout_s, self._lease_s = timeout_s, lease_s
         self._lock = threading.Lock()  # hold() runs on the engine thread, the rest on the loop
@@ -58,12 +65,13 @@ class PrefillSide:
 
     # ---- engine thread ---------------------------------------------------------------------
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> KvHandle:
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int,
+             staging: torch.Tensor | None = None) -> KvHandle:
         with self._lock:
             if request_id in self._holds:
                 raise ValueError(f"request {request_id!r} is already held")
             self._holds[request_id] = Hold(request_id, tuple(block_ids), num_tokens,
-                                           time.monotonic() + self._lease_s)
+                                           time.monotonic() + self._lease_s, staging=staging)
         return KvHandle(KV_HANDLE_VERSION, self._instance_id, request_id, tuple(block_ids),
                         num_tokens, self._layout_hash, self._server.address)
 
@@ -96,6 +104,9 @@ class PrefillSide:
     def _handle(self, peer: bytes, msg: dict) -> None:
         if msg["type"] == "load":
             self._on_load(peer, msg)
+        elif msg["type"] == "describe":  # a decode side that cannot use our handles asks why
+            self._server.reply(peer, {"type": "layout", "transfer_id": msg["transfer_id"],
+                                      "layout": self._layout.to_dict()})
         elif msg["type"] in ("done", "failed"):
             self._on_outcome(msg)
         else:
@@ -119,6 +130,7 @@ class PrefillSide:
         with self._lock:
             if self._holds.pop(hold.request_id, None) is None:
                 return
+        hold.staging = None
         logger.debug("released %s (%s)", hold.request_id, reason)
         self._events.released(hold.request_id, hold.bytes_sent)
 
@@ -126,6 +138,10 @@ class PrefillSide:
         if msg.get("prefill_instance_id") != self._instance_id:
             return (f"unknown prefill instance_id {msg.get('prefill_instance_id')!r}: this prefill "
                     f"is {self._instance_id} (the handle is from a previous process?)")
+        if msg.get("layout") is not None:
+            mismatch = layout_mismatch(self._layout, KvLayout.from_dict(msg["layout"]))
+            if mismatch:
+                return mismatch
         if msg.get("layout_hash") != self._layout_hash:
             return (f"layout hash mismatch: decode sent {msg.get('layout_hash')!r}, this prefill has "
                     f"{self._layout_hash!r} (model, dtype, block size or shape differ)")
@@ -150,7 +166,7 @@ class PrefillSide:
             logger.warning("rejecting load of %s: %s", msg.get("request_id"), reason)
             self._server.reply(peer, {"type": "rejected", "transfer_id": msg.get("transfer_id"),
                                       "reason": reason})
-            if hold is not None and reason.startswith("layout hash mismatch"):
+            if hold is not None and reason.startswith(("layout hash mismatch", "KV layout mismatch")):
                 self._release(hold, "layout hash mismatch")
             return
         hold.transfer_id, hold.sending = msg["transfer_id"], True
@@ -161,7 +177,10 @@ class PrefillSide:
         asyncio.ensure_future(self._send(peer, hold, msg, runs))
 
     async def _send(self, peer: bytes, hold: Hold, msg: dict, runs) -> None:
-        regions = [run_region(self._kv_cache, r.src_start, r.num_blocks) for r in runs]
+        if hold.staging is None:
+            regions = [run_region(self._kv_cache, r.src_start, r.num_blocks) for r in runs]
+        else:  # the staging holds the blocks in hold order
+            regions = [hold.staging[start:start + r.num_blocks] for r, start in zip(runs, run_starts(runs))]
         nbytes = sum(r.numel() * r.element_size() for r in regions)
         try:
             await self._data_plane.send(msg["decode_instance_id"], msg["data_address"], msg["tag"],

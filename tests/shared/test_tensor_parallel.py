@@ -93,8 +93,6 @@ def test_what_tensor_parallelism_does_not_combine_with_is_refused_by_name(checkp
 
     model = ModelConfig(checkpoint_factory("llama"), device="cpu")
     tp2 = ParallelConfig(tensor_parallel_size=2)
-    with pytest.raises(ConfigError, match="prefill and decode workers"):
-        EngineCore(EngineConfig(model, parallel=tp2), connector_factory=lambda parts: None)
     with pytest.raises(ConfigError, match="kv_offload_gib"):
         EngineCore(EngineConfig(model, CacheConfig(kv_offload_gib=0.1), parallel=tp2))
     with pytest.raises(ConfigError, match="async_scheduling"):

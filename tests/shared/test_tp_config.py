@@ -51,9 +51,26 @@ def test_up_places_each_workers_ranks_on_gpus_of_its_own(monkeypatch, num_gpus, 
     assert _worker_devices(args, 3) == expected
 
 
-def test_up_without_colocated_refuses_tensor_parallelism_before_starting_anything():
+def test_up_sizes_prefill_and_decode_workers_apart(monkeypatch):
+    """--prefill-tp / --decode-tp (default -tp) go to each role's workers, last on the command line
+    (so they win over -tp), and the GPU placement strides by each worker's own size."""
+    import torch
+
+    from splitserve.cli import build_parser
+    from splitserve.services.launcher import _worker_children
+
+    args = build_parser().parse_args(["up", "--prefill-tp", "2", "--decode", "2", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    prefill, decode, colocated = _worker_children(args, ["--tensor-parallel-size", "1"])
+    sizes = [c.argv[len(c.argv) - 1 - c.argv[::-1].index("--tensor-parallel-size") + 1] for c in prefill + decode]
+    assert sizes == ["2", "1", "1"] and not colocated
+    devices = [c.argv[c.argv.index("--device") + 1] for c in prefill + decode]
+    assert devices == ["cuda:0", "cuda:2", "cuda:3"]
+
+
+def test_up_refuses_per_role_sizes_for_colocated_workers():
     from splitserve.cli import build_parser
     from splitserve.services.launcher import run_stack
 
-    with pytest.raises(SystemExit, match="needs --colocated"):
-        run_stack(build_parser().parse_args(["up", "-tp", "2"]))
+    with pytest.raises(SystemExit, match="colocated workers take -tp"):
+        run_stack(build_parser().parse_args(["up", "--colocated", "--decode-tp", "2"]))
