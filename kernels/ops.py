@@ -14,6 +14,7 @@ import os
 import torch
 
 from splitserve.kernels import activation, fused_moe as _moe, kv_cache_write, paged_attention as _attention
+from splitserve.kernels import paged_attention_cpu as _attention_cpu
 from splitserve.kernels import rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.kernels.triton_import import HAS_TRITON
@@ -62,8 +63,9 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """`q [T, Hq, D]` over the paged cache -> `[T, Hq, D]`; see `kernels/paged_attention.py`."""
-    fn = _attention.paged_attention if use_triton(q) else _attention.paged_attention_cpu
+    """`q [T, Hq, D]` over the paged cache -> `[T, Hq, D]`; see `kernels/paged_attention.py` (layout,
+    Triton) and `kernels/paged_attention_cpu.py`."""
+    fn = _attention.paged_attention if use_triton(q) else _attention_cpu.paged_attention_cpu
     return fn(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
         logit_softcap=logit_softcap, max_query_len=max_query_len, max_seq_len=max_seq_len,

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from splitserve.kernels import paged_attention as attention
+    from splitserve.kernels import paged_attention_cpu as attention
     from splitserve.shared.llm import LLM
 
     model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"prefill-{args.shape}-"))

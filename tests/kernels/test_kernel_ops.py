@@ -7,7 +7,8 @@ import torch
 from conftest import needs_triton
 from paged_batch import make_paged_batch
 from splitserve.kernels import ops
-from splitserve.kernels.paged_attention import paged_attention_cpu, paged_attention_ref
+from splitserve.kernels.paged_attention import paged_attention_ref
+from splitserve.kernels.paged_attention_cpu import paged_attention_cpu
 
 
 def test_cpu_tensors_use_the_torch_paths():

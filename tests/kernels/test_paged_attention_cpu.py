@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from paged_batch import dense_attention, make_paged_batch
-from splitserve.kernels.paged_attention import paged_attention_cpu, paged_attention_ref
+from splitserve.kernels.paged_attention import paged_attention_ref
+from splitserve.kernels.paged_attention_cpu import paged_attention_cpu
 
 MIXED = ([1, 7, 19, 1, 5, 1], [37, 23, 19, 1, 5, 64])
 DECODES = ([1] * 9, [1, 2, 15, 16, 17, 33, 64, 5, 40])
