@@ -112,12 +112,16 @@ class LLM:
             result.prompt_logprobs = [None, *(self._prompt_entry(e) for e in step.new_prompt_logprobs)]
         if detok is not None and detok.stopped is not None:
             return
+        # Without stop strings nothing needs the text before the end: it is decoded once, when the
+        # request finishes, off the per-step path (the detokenizer's text does not depend on how the
+        # tokens are split into additions; the gateway's merged chunks rely on the same).
+        per_token = detok is not None and detok.watches_stop_strings
         for j, token_id in enumerate(step.new_token_ids):
             out.token_ids.append(token_id)
             if out.logprobs is not None:
                 out.cumulative_logprob += step.new_logprobs[j]
                 out.logprobs.append(self._logprob_entry(step, j, token_id))
-            if detok is None:
+            if not per_token:
                 continue
             out.text += detok.add([token_id])
             if detok.stopped is not None:
@@ -126,7 +130,8 @@ class LLM:
                 return
         if step.finished:
             result.num_cached_tokens = max(result.num_cached_tokens, step.num_cached_tokens)
-            out.text += detok.finish() if detok is not None else ""
+            if detok is not None:
+                out.text += ("" if per_token else detok.add(out.token_ids)) + detok.finish()
             out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
 
     def _text(self, token_id: int) -> str | None:

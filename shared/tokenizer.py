@@ -135,6 +135,11 @@ class IncrementalDetokenizer:
         """The stop string that ended the output, or None."""
 
     @property
+    def watches_stop_strings(self) -> bool:
+        """True when some stop string may end the output: then every token must be added as it comes."""
+        return bool(self._stop)
+
+    @property
     def text(self) -> str:
         """All text emitted so far."""
         return self._text[: self._num_emitted_chars]

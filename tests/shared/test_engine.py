@@ -104,6 +104,18 @@ def test_stop_string_cut_and_never_emitted(llm):
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
 
 
+def test_offline_text_is_the_decode_of_its_tokens(llm):
+    """Without stop strings LLM.generate decodes each output once at the end; with one that never
+    matches it decodes token by token: both give the tokenizer's decode of the tokens."""
+    prompts = ["def main(", "x = [1, 2", "The quick brown fox"]
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    watched = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=["\x00never\x00"])
+    for a, b in zip(llm.generate(prompts, plain), llm.generate(prompts, watched)):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert a.text == llm.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+
+
 def test_stop_token_ids(llm):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     full = llm.generate("import os", params)[0].outputs[0]
