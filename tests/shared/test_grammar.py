@@ -304,3 +304,23 @@ def test_terminated_attribute_follows_the_matcher(compiler, stop_tokens) -> None
             assert grammar.accept(int(logits.argmax()))
             assert grammar.terminated == grammar.matcher.is_terminated()
         assert grammar.terminated
+
+
+def test_grammar_thread_takes_the_fill_and_stops_on_close(compiler) -> None:
+    """start returns once the grammar thread holds the job (its handshake); the step loop may book
+    meanwhile, result gives the same rows as the inline fill; close stops the thread, and a later
+    start brings a new one up."""
+    compiled = compiler.submit(Spec(regex="[0-9]{3}")).result(timeout=60)
+    grammars = [RequestGrammar(compiled, [1]) for _ in range(3)]
+    filler = _filler(2)
+    expected, rows = (t.clone() for t in filler.build(grammars))
+    fill = filler.start([], grammars)
+    assert fill.job is not None and fill.job.taken.is_set()
+    thread = filler._thread._thread
+    bitmask, filled = fill.result()
+    assert torch.equal(bitmask, expected) and torch.equal(filled, rows) and thread.is_alive()
+    filler.close()
+    assert not thread.is_alive()
+    bitmask, filled = filler.start([], grammars).result()
+    assert torch.equal(bitmask, expected) and filler._thread._thread is not thread
+    filler.close()
