@@ -4,16 +4,17 @@
 
 CPU only (no model): the tokenizer of bench_structured.py (a byte-level vocabulary of the given
 size, as large and varied as a real one) and its JSON schema; `--rows` matchers run `--steps`
-decode steps the way the async engine runs them (BitmaskFiller.start: the step loop accepts the
-last step's tokens, the grammar thread fills this step's rows; `--booking-ms` of Python on the
-step loop stands for booking the outputs; result), tokens drawn under the mask from seeded noise,
-so the states vary and every thread count must draw the same tokens. Medians over the steps:
+decode steps the way the async engine runs them (BitmaskFiller.start hands the grammar thread the
+last step's tokens to accept and this step's rows to fill; the step loop runs half of
+`--booking-ms` of Python, waits for the accepts, runs the other half, waits for the fill), tokens
+drawn under the mask from seeded noise, so the states vary and every thread count must draw the
+same tokens; each step's mask must equal the inline fill's. Medians over the steps:
 
-    accept      the batched accept of `rows` tokens on the step loop (xgrammar: one C++ loop)
-    hand-off    start's handshake with the grammar thread
-    wait        result's wait for the fill after the booking (0 when the fill hid behind it)
-    loop cost   accept + hand-off + wait: what the step loop spends on the mask besides booking
-    inline      accept + the same fill on the step loop's thread (synchronous steps)
+    hand-off      start's handshake with the grammar thread
+    accept wait   wait_accepted, after the first half of the booking
+    fill wait     result, after the second half (0 when the fill hid behind the booking)
+    loop cost     their sum: what the step loop spends on the mask besides booking
+    inline        accept + the same fill on the step loop's thread (synchronous steps)
 
 and, once, the grammar thread's start-up delay with and without the handshake while the step
 loop runs Python (a thread woken then waits for the GIL up to the switch interval). Read with
@@ -67,26 +68,27 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
     filler = BitmaskFiller(vocab_size, torch.device("cpu"), num_threads)
     grammars = [RequestGrammar(compiled, [1]) for _ in range(rows)]
     twins = [RequestGrammar(compiled, [1]) for _ in range(rows)]  # the same tokens, filled inline
-    new_tokens, drawn, times = [], [], {k: [] for k in ("accept", "handoff", "wait", "inline")}
+    new_tokens, drawn, times = [], [], {k: [] for k in ("handoff", "accept_wait", "fill_wait", "inline")}
     for step in range(steps):
         start = time.perf_counter()
-        accept_tokens(new_tokens)
-        accepted = time.perf_counter()
-        fill = filler.start_fill(grammars)
+        fill = filler.start(new_tokens, grammars)
         handed = time.perf_counter()
-        run_python(booking_s)
+        run_python(booking_s / 2)  # what of the last step needs no grammar
         booked = time.perf_counter()
-        bitmask, indices = fill.result()
+        assert all(fill.wait_accepted())
+        accepted = time.perf_counter()
+        run_python(booking_s / 2)  # the grammar rows' outputs
+        booked_all = time.perf_counter()
+        bitmask, indices = (t.clone() for t in fill.result())
         end = time.perf_counter()
-        bitmask, indices = bitmask.clone(), indices.clone()
         inline_start = time.perf_counter()
         accept_tokens([(twin, token) for twin, (_, token) in zip(twins, new_tokens)])
         inline = filler.build(twins)
         inline_end = time.perf_counter()
         assert torch.equal(inline[0], bitmask) and torch.equal(inline[1], indices)
         if step >= warm:
-            for key, seconds in (("accept", accepted - start), ("handoff", handed - accepted),
-                                 ("wait", end - booked), ("inline", inline_end - inline_start)):
+            for key, seconds in (("handoff", handed - start), ("accept_wait", accepted - booked),
+                                 ("fill_wait", end - booked_all), ("inline", inline_end - inline_start)):
                 times[key].append(seconds)
         logits = torch.randn(rows, vocab_size, generator=generator)
         apply_bitmask(logits, bitmask, indices)
@@ -95,7 +97,7 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
         new_tokens = list(zip(grammars, tokens))
     filler.close()
     row = {key: _median(values) * 1e3 for key, values in times.items()}
-    row["loop_cost"] = row["accept"] + row["handoff"] + row["wait"]
+    row["loop_cost"] = row["handoff"] + row["accept_wait"] + row["fill_wait"]
     return {"threads": num_threads, **{f"{k}_ms": v for k, v in row.items()}, "tokens": drawn}
 
 
@@ -147,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     for row in rows:
         row.pop("tokens")
-        row["accept_us_per_token"] = row["accept_ms"] * 1e3 / args.rows
     delays = {"plain_ms": thread_start_delay(0.02, False), "handshake_ms": thread_start_delay(0.02, True),
               "switch_interval_ms": sys.getswitchinterval() * 1e3}
     _print(args, rows, delays)
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(args, rows: list[dict], delays: dict) -> None:
     print(f"\nvocabulary {args.vocab_size}, {args.rows} rows, {os.cpu_count()} cores, medians of "
           f"{args.steps - args.warm} steps, {args.booking_ms} ms of booking on the step loop")
-    print(f"{'threads':>7s} {'accept ms':>10s} {'µs/token':>9s} {'hand-off ms':>12s} {'wait ms':>8s} "
-          f"{'loop cost ms':>13s} {'inline ms':>10s}")
+    print(f"{'threads':>7s} {'hand-off ms':>12s} {'accept wait ms':>15s} {'fill wait ms':>13s} {'loop cost ms':>13s} "
+          f"{'inline ms':>10s}")
     for r in rows:
-        print(f"{r['threads']:7d} {r['accept_ms']:10.3f} {r['accept_us_per_token']:9.2f} {r['handoff_ms']:12.3f} "
-              f"{r['wait_ms']:8.3f} {r['loop_cost_ms']:13.3f} {r['inline_ms']:10.3f}")
+        print(f"{r['threads']:7d} {r['handoff_ms']:12.3f} {r['accept_wait_ms']:15.3f} {r['fill_wait_ms']:13.3f} "
+              f"{r['loop_cost_ms']:13.3f} {r['inline_ms']:10.3f}")
     print(f"a woken thread starts {delays['plain_ms']:.3f} ms late while the step loop runs Python "
           f"(switch interval {delays['switch_interval_ms']:.1f} ms), {delays['handshake_ms']:.3f} ms with the handshake")
 

@@ -1,31 +1,28 @@
-"""A step's grammar bitmask: the matchers accept on the step loop, the rows fill beside it.
+"""A step's grammar bitmask, on one grammar thread beside the step loop: accept, then fill.
 
-    fill = filler.start(new_tokens, grammars)   the matchers take the previous step's tokens (one
-                                                batched call, on this thread: `terminated` is
-                                                known when it returns), then the fill of this
-                                                step's rows is handed to the grammar thread
-    ... the step loop books the previous step's tokens meanwhile ...
+    fill = filler.start(new_tokens, grammars)   hands the step to the grammar thread (returns
+                                                once it has taken it)
+    ... the step loop books what of the previous step needs no grammar ...
+    fill.wait_accepted()                        the matchers took the previous step's tokens:
+                                                `terminated` and rejections are known
+    ... the step loop books the grammar rows' outputs, the rows fill meanwhile ...
     fill.result()  ─▶ (bitmask [N, ceil(V/32)] int32, grammar rows [k] int32) on the device, or None
 
-One row of a 128k vocabulary takes tens of microseconds to fill, so a batch of hundreds costs
-milliseconds: xgrammar spreads one batched fill over its own `num_threads` C++ threads, with the
-GIL released, and that call runs on one thread of ours (the grammar thread) while the step loop
-books outputs in Python. Accepting a token is a few microseconds and xgrammar's batched accept is
-one sequential C++ loop, so it stays on the step loop, which needs its result (`terminated`,
-rejections) for the very outputs it books.
+The grammar thread makes two xgrammar calls a step, each with the GIL released: the batched accept
+(one sequential C++ loop, a few µs a token) and the batched fill, which xgrammar spreads over its
+own `num_threads` C++ threads (tens of µs a row of a 128k vocabulary). Both run while the step loop
+books outputs in Python.
 
-The hand-off is a handshake: `start` waits until the grammar thread has taken the job. A thread
-that wakes while another runs Python waits for the GIL up to the interpreter's switch interval
-(5 ms), far longer than the fill; while the step loop waits on the handshake it holds no GIL, so
-the grammar thread is inside xgrammar's call within one wake-up (docs/benchmarks.md, section 14).
-When the fill returns, the grammar thread needs the GIL once more, which it gets as soon as the
-step loop waits in `result`.
+Every hand-off is arranged so that no thread waits for the GIL while another runs Python, which
+would last up to the interpreter's switch interval (5 ms), longer than the work: `start` waits
+(holding no GIL) until the grammar thread has taken the job; the thread needs the GIL between its
+two calls, which it gets when the step loop waits in `wait_accepted`, and after the fill, which it
+gets when the step loop waits in `result` (docs/benchmarks.md, section 14).
 
 The rows are written into one reused (pinned, on CUDA) host buffer, bitmask and row indices side
 by side, which reaches the device in one copy; rows without a live grammar are neither filled nor
 listed, so the mask kernel leaves their logits alone. Between `start` and `result` the caller must
-not touch a matcher (the fill works on the matchers' state in place); `RequestGrammar.terminated`
-is a plain attribute, set before `start` returns.
+not touch a matcher, and must not read `RequestGrammar.terminated` before `wait_accepted`.
 """
 
 from __future__ import annotations
@@ -51,31 +48,44 @@ def default_threads() -> int:
     return max(1, min(16, cores // 2))
 
 
-class _FillJob:
-    """One step's fill: the live rows and their matchers, and how it went."""
+class _StepJob:
+    """One step's work on the grammar thread: accept the new tokens, then fill the live rows."""
 
-    def __init__(self, matchers: list[xgr.GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
-        self.matchers, self.bitmask, self.rows = matchers, bitmask, rows
-        self.taken, self.done = threading.Event(), threading.Event()
+    def __init__(self, new_tokens: list[tuple[RequestGrammar, int]], grammars: list[RequestGrammar | None],
+                 bitmask: torch.Tensor) -> None:
+        self.new_tokens, self.grammars, self.bitmask = new_tokens, grammars, bitmask
+        self.accepted: list[bool] = []
+        self.rows: list[int] = []
+        """The rows whose grammar is live once the tokens are in (the ones filled)."""
+        self.taken, self.accept_done, self.done = threading.Event(), threading.Event(), threading.Event()
         self.error: BaseException | None = None
 
 
 class StepFill:
-    """One step's fill on the grammar thread; `accepted` is known when `start` returns."""
+    """One step's accept and fill on the grammar thread."""
 
-    def __init__(self, filler: BitmaskFiller, num_rows: int, job: _FillJob | None) -> None:
+    def __init__(self, filler: BitmaskFiller, num_rows: int, job: _StepJob | None) -> None:
         self.filler, self.num_rows, self.job = filler, num_rows, job
-        self.accepted: list[bool] = []
-        """Whether each new token was accepted by its grammar (False: a masking bug, not input)."""
+
+    def wait_accepted(self) -> list[bool]:
+        """Wait for the accepts: whether each new token was accepted by its grammar (False: a
+        masking bug, not input). Every `terminated` holds once this returns."""
+        if self.job is None:
+            return []
+        _wait(self.job.accept_done, "accept")
+        if self.job.error is not None:
+            raise self.job.error
+        return self.job.accepted
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Wait for the fill; the bitmask and its grammar rows on the device (None: no live row)."""
+        self.wait_accepted()
         if self.job is None:
             return None
         _wait(self.job.done, "fill")
         if self.job.error is not None:
             raise self.job.error
-        return self.filler.to_device(self.num_rows, self.job.rows)
+        return self.filler.to_device(self.num_rows, self.job.rows) if self.job.rows else None
 
 
 class BitmaskFiller:
@@ -89,42 +99,32 @@ class BitmaskFiller:
         self._host = self._device_buf = torch.empty(0, dtype=torch.int32)
         self._copied: torch.cuda.Event | None = None
         self._thread: _GrammarThread | None = None
-        self._last: _FillJob | None = None
+        self._last: _StepJob | None = None
 
     def build(self, grammars: Sequence[RequestGrammar | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Fill on this thread and wait (synchronous steps); None when no row has a live grammar."""
-        job = self._job(grammars)
-        if job is None:
-            return None
-        self._batch.batch_fill_next_token_bitmask(job.matchers, job.bitmask, job.rows)
-        return self.to_device(len(grammars), job.rows)
-
-    def start(self, new_tokens: Sequence[tuple[RequestGrammar, int]],
-              grammars: Sequence[RequestGrammar | None]) -> StepFill:
-        """Accept each (grammar, token) of `new_tokens` here, then hand the fill of the live rows
-        of `grammars` to the grammar thread. Returns once it has taken the job (StepFill.accepted
-        and every `terminated` already hold)."""
-        self.wait()
-        accepted = accept_tokens(new_tokens)
-        fill = self.start_fill(grammars)
-        fill.accepted = accepted
-        return fill
-
-    def start_fill(self, grammars: Sequence[RequestGrammar | None]) -> StepFill:
-        """Hand the fill of the live rows of `grammars` to the grammar thread; returns once taken."""
-        job = self._job(grammars)
-        if job is not None:
-            self._running_thread().run(job)
-            self._last = job
-        return StepFill(self, len(grammars), job)
-
-    def _job(self, grammars: Sequence[RequestGrammar | None]) -> _FillJob | None:
-        rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+        rows = live_rows(grammars)
         if not rows:
             return None
         self.wait()
         self._reserve(len(grammars))
-        return _FillJob([grammars[i].matcher for i in rows], self.host_bitmask(len(grammars)), rows)
+        self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], self.host_bitmask(len(grammars)),
+                                                  rows)
+        return self.to_device(len(grammars), rows)
+
+    def start(self, new_tokens: Sequence[tuple[RequestGrammar, int]],
+              grammars: Sequence[RequestGrammar | None]) -> StepFill:
+        """Hand the grammar thread this step: accept each (grammar, token) of `new_tokens`, then
+        fill the rows of `grammars` still live. Returns once the thread has taken it; until
+        `wait_accepted` returns, no `terminated` may be read, and until `result`, no matcher touched."""
+        self.wait()
+        if not new_tokens and not any(g is not None for g in grammars):
+            return StepFill(self, len(grammars), None)
+        self._reserve(len(grammars))
+        job = _StepJob(list(new_tokens), list(grammars), self.host_bitmask(len(grammars)))
+        self._running_thread().run(job)
+        self._last = job
+        return StepFill(self, len(grammars), job)
 
     def wait(self) -> None:
         """Wait for the last started fill to end (a failed step may have left it running)."""
@@ -169,6 +169,10 @@ class BitmaskFiller:
             self._device_buf = torch.empty(numel, dtype=torch.int32, device=self.device)
 
 
+def live_rows(grammars: Sequence[RequestGrammar | None]) -> list[int]:
+    return [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+
+
 def accept_tokens(new_tokens: Sequence[tuple[RequestGrammar, int]]) -> list[bool]:
     """Advance each grammar by its token in one batched call (GIL released); whether each took it."""
     if not new_tokens:
@@ -186,14 +190,14 @@ def _wait(event: threading.Event, what: str) -> None:
 
 
 class _GrammarThread:
-    """The thread that makes each step's batched fill call while the step loop books outputs."""
+    """The thread that makes each step's batched accept and fill calls while the step loop books outputs."""
 
     def __init__(self, batch: xgr.BatchGrammarMatcher) -> None:
         self._batch, self._jobs = batch, queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="grammar-fill", daemon=True)
         self._thread.start()
 
-    def run(self, job: _FillJob) -> None:
+    def run(self, job: _StepJob) -> None:
         """Hand `job` over and wait until it is taken (the handshake of the module docstring)."""
         self._jobs.put(job)
         _wait(job.taken, "take a fill")
@@ -206,7 +210,17 @@ class _GrammarThread:
         while (job := self._jobs.get()) is not None:
             job.taken.set()
             try:
-                self._batch.batch_fill_next_token_bitmask(job.matchers, job.bitmask, job.rows)
+                job.accepted = accept_tokens(job.new_tokens)
+                job.rows = live_rows(job.grammars)
             except BaseException as exc:  # noqa: BLE001 - raised again on the step loop's thread
                 job.error = exc
+            job.accept_done.set()  # the step loop books while the rows fill
+            if job.error is None and job.rows:
+                self._fill(job)
             job.done.set()
+
+    def _fill(self, job: _StepJob) -> None:
+        try:
+            self._batch.batch_fill_next_token_bitmask([job.grammars[i].matcher for i in job.rows], job.bitmask, job.rows)
+        except BaseException as exc:  # noqa: BLE001
+            job.error = exc

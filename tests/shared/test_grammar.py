@@ -225,9 +225,9 @@ def _allowed(bitmask: torch.Tensor, row: int, allowed: bool = True) -> int:
 
 
 def test_start_accepts_the_new_tokens_then_fills(compiler, demo_checkpoint_dir) -> None:
-    """start(new tokens, rows): each matcher takes its token (a forbidden one is reported, a stop
-    token terminates the row and leaves it out) before start returns, then the rows are filled on
-    the grammar thread; the same as accepting and filling each matcher alone, with 1 and 3 threads."""
+    """start(new tokens, rows): on the grammar thread each matcher takes its token (a forbidden one
+    is reported, a stop token terminates the row and leaves it out), then the live rows are
+    filled; the same as accepting and filling each matcher alone, with 1 and 3 fill threads."""
     for num_threads in (1, 3):
         alone, batched = (_grammars_in_many_states(compiler, demo_checkpoint_dir) for _ in range(2))
         before = torch.zeros(len(alone), bitmask_width(VOCAB), dtype=torch.int32)
@@ -247,7 +247,7 @@ def test_start_accepts_the_new_tokens_then_fills(compiler, demo_checkpoint_dir) 
             alone[i].fill(expected, i)
         filler = _filler(num_threads)
         fill = filler.start([(batched[i], tokens[i]) for i in rows], batched)
-        assert fill.accepted == accepted and accepted[1] is False
+        assert fill.wait_accepted() == accepted and accepted[1] is False
         assert [batched[i].terminated for i in rows] == [alone[i].terminated for i in rows]
         bitmask, filled = fill.result()
         assert filled.tolist() == live and torch.equal(bitmask[live], expected[live])
@@ -267,7 +267,7 @@ def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
     small = RequestGrammar(xgr.GrammarCompiler(narrow).compile_regex("[a-c]{3}"), [])
     fill = filler.start([(small, 0)], [small])  # token 0 is "a"
     bitmask, rows = fill.result()
-    assert fill.accepted == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
+    assert fill.wait_accepted() == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
     filler.close()
 
 
