@@ -17,7 +17,7 @@ Every hand-off is arranged so that no thread waits for the GIL while another run
 would last up to the interpreter's switch interval (5 ms), longer than the work: `start` waits
 (holding no GIL) until the grammar thread has taken the job; the thread needs the GIL between its
 two calls, which it gets when the step loop waits in `wait_accepted`, and after the fill, which it
-gets when the step loop waits in `result` (docs/benchmarks.md, section 14).
+gets when the step loop waits in `result` (docs/benchmarks.md, section 15).
 
 The rows are written into one reused (pinned, on CUDA) host buffer, bitmask and row indices side
 by side, which reaches the device in one copy; rows without a live grammar are neither filled nor
