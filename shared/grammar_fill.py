@@ -127,7 +127,7 @@ class BitmaskFiller:
         return StepFill(self, len(grammars), job)
 
     def wait(self) -> None:
-        """Wait for the last started fill to end (a failed step may have left it running)."""
+        """Wait for the last started step's job to end (a failed step may have left it running)."""
         if self._last is not None and self._last.done.wait(FILL_TIMEOUT_S):
             self._last = None
 
