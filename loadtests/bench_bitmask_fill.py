@@ -1,17 +1,24 @@
-"""What a step's structured-output bitmask costs on the host: per-row fill and accept, and thread scaling.
+"""What a step's structured-output bitmask costs the step loop on the host, per fill thread count.
 
-    python loadtests/bench_bitmask_fill.py --vocab-size 128256 --rows 256 --threads 1,2,4,8,16
+    python loadtests/bench_bitmask_fill.py --vocab-size 128256 --rows 256 --threads 1,4,8,16 --booking-ms 1.5
 
 CPU only (no model): the tokenizer of bench_structured.py (a byte-level vocabulary of the given
 size, as large and varied as a real one) and its JSON schema; `--rows` matchers run `--steps`
-decode steps the way the async engine runs them (BitmaskFiller.start: the workers accept the last
-step's tokens, then fill; result), tokens drawn under the mask from seeded noise, so the states
-vary (keys, strings, between items) and every thread count must draw the same tokens. Per thread
-count, medians over the steps: "accept wait", what the step loop waits for before it goes on
-(hand-off + the slowest worker's accept), "accept+fill" until the mask is ready, per row and as a
-speed-up over the first count, and "inline fill", the fill alone on the step loop's thread
-(synchronous steps, xgrammar's own threads). Read with the GPU run of bench_structured.py: on a
-decode step the accept wait is the step loop's cost, and accept+fill must fit beside its work.
+decode steps the way the async engine runs them (BitmaskFiller.start hands the grammar thread the
+last step's tokens to accept and this step's rows to fill; the step loop runs half of
+`--booking-ms` of Python, waits for the accepts, runs the other half, waits for the fill), tokens
+drawn under the mask from seeded noise, so the states vary and every thread count must draw the
+same tokens; each step's mask must equal the inline fill's. Medians over the steps:
+
+    hand-off      start's handshake with the grammar thread
+    accept wait   wait_accepted, after the first half of the booking
+    fill wait     result, after the second half (0 when the fill hid behind the booking)
+    loop cost     their sum: what the step loop spends on the mask besides booking
+    inline        accept + the same fill on the step loop's thread (synchronous steps)
+
+and, once, the grammar thread's start-up delay with and without the handshake while the step
+loop runs Python (a thread woken then waits for the GIL up to the switch interval). Read with
+the GPU run of bench_structured.py: the loop cost must fit beside the decode step's forward.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,76 +48,127 @@ def compile_schema(vocab_size: int, output_len: int):
     return compiled
 
 
-def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int, warm: int) -> dict:
-    """`steps` decode steps of `rows` fresh matchers, as the async engine runs them: the workers
-    accept the last step's tokens and fill this step's rows (BitmaskFiller.start, result); the
-    next tokens are drawn under the mask from seeded noise, so every thread count sees the same
-    states. Times the steps after `warm` (medians) and returns the tokens drawn."""
+def run_python(seconds: float) -> None:
+    """Python bytecode for `seconds`, holding the GIL as the step loop's booking does."""
+    deadline, count = time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        count += 1
+
+
+def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int, warm: int,
+              booking_s: float) -> dict:
+    """`steps` decode steps of `rows` fresh matchers, as the async engine runs them; times the
+    steps after `warm` (medians) and returns the tokens drawn."""
     import torch
 
     from splitserve.shared.grammar import RequestGrammar, apply_bitmask
-    from splitserve.shared.grammar_fill import BitmaskFiller
+    from splitserve.shared.grammar_fill import BitmaskFiller, accept_tokens
 
     generator = torch.Generator().manual_seed(0)
     filler = BitmaskFiller(vocab_size, torch.device("cpu"), num_threads)
     grammars = [RequestGrammar(compiled, [1]) for _ in range(rows)]
-    new_tokens, drawn, accept_s, step_s, inline_s = [], [], [], [], []
+    twins = [RequestGrammar(compiled, [1]) for _ in range(rows)]  # the same tokens, filled inline
+    new_tokens, drawn, times = [], [], {k: [] for k in ("handoff", "accept_wait", "fill_wait", "inline")}
     for step in range(steps):
         start = time.perf_counter()
         fill = filler.start(new_tokens, grammars)
+        handed = time.perf_counter()
+        run_python(booking_s / 2)  # what of the last step needs no grammar
+        booked = time.perf_counter()
+        assert all(fill.wait_accepted())
         accepted = time.perf_counter()
-        bitmask, indices = fill.result()
+        run_python(booking_s / 2)  # the grammar rows' outputs
+        booked_all = time.perf_counter()
+        bitmask, indices = (t.clone() for t in fill.result())
         end = time.perf_counter()
-        assert all(fill.accepted)
+        inline_start = time.perf_counter()
+        accept_tokens([(twin, token) for twin, (_, token) in zip(twins, new_tokens)])
+        inline = filler.build(twins)
+        inline_end = time.perf_counter()
+        assert torch.equal(inline[0], bitmask) and torch.equal(inline[1], indices)
         if step >= warm:
-            accept_s.append(accepted - start)
-            step_s.append(end - start)
-            start = time.perf_counter()
-            filler.build(grammars)  # the same fill on this thread (synchronous steps)
-            inline_s.append(time.perf_counter() - start)
+            for key, seconds in (("handoff", handed - start), ("accept_wait", accepted - booked),
+                                 ("fill_wait", end - booked_all), ("inline", inline_end - inline_start)):
+                times[key].append(seconds)
         logits = torch.randn(rows, vocab_size, generator=generator)
         apply_bitmask(logits, bitmask, indices)
         tokens = logits.argmax(dim=-1).tolist()
         drawn.append(tokens)
         new_tokens = list(zip(grammars, tokens))
     filler.close()
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"threads": num_threads, "accept_ms": median(accept_s) * 1e3, "step_ms": median(step_s) * 1e3,
-            "inline_fill_ms": median(inline_s) * 1e3, "tokens": drawn}
+    row = {key: _median(values) * 1e3 for key, values in times.items()}
+    row["loop_cost"] = row["handoff"] + row["accept_wait"] + row["fill_wait"]
+    return {"threads": num_threads, **{f"{k}_ms": v for k, v in row.items()}, "tokens": drawn}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def thread_start_delay(busy_s: float, handshake: bool, repeats: int = 9) -> float:
+    """Median delay (ms) from waking a thread to it running, while this thread runs Python for
+    `busy_s` right after (with `handshake`: waiting first until the thread says it runs)."""
+    delays = []
+    for _ in range(repeats):
+        go, running, began = threading.Event(), threading.Event(), []
+
+        def worker() -> None:
+            go.wait()
+            began.append(time.perf_counter())
+            running.set()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        time.sleep(0.005)  # the worker is asleep in go.wait()
+        woken = time.perf_counter()
+        go.set()
+        if handshake:
+            running.wait(5)
+        run_python(busy_s)
+        thread.join()
+        delays.append(began[0] - woken)
+    return _median(delays) * 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--threads", default="1,2,4,8,16", help="comma-separated thread counts")
+    parser.add_argument("--threads", default="1,2,4,8,16", help="comma-separated thread counts of the fill")
     parser.add_argument("--output-len", type=int, default=128, help="the schema's minItems (bench_structured.py)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warm", type=int, default=4, help="steps not timed (states still alike)")
+    parser.add_argument("--booking-ms", type=float, default=1.5, help="Python on the step loop between start and result")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args(argv)
     compiled = compile_schema(args.vocab_size, args.output_len)
     rows = []
     for num_threads in [int(t) for t in args.threads.split(",")]:
-        row = run_steps(compiled, args.vocab_size, args.rows, num_threads, args.steps, args.warm)
-        assert not rows or row["tokens"] == rows[0]["tokens"], f"{num_threads} threads drew other tokens than 1"
+        row = run_steps(compiled, args.vocab_size, args.rows, num_threads, args.steps, args.warm, args.booking_ms / 1e3)
+        assert not rows or row["tokens"] == rows[0]["tokens"], f"{num_threads} threads drew other tokens"
         rows.append(row)
     for row in rows:
         row.pop("tokens")
-        row["us_per_row"] = row["step_ms"] * 1e3 / args.rows
-        row["speedup"] = rows[0]["step_ms"] / row["step_ms"]
-    print(f"\nvocabulary {args.vocab_size}, {args.rows} rows, {os.cpu_count()} cores, medians of {args.steps - args.warm} "
-          f"steps; accept + fill on the workers, and the same fill on the step loop's thread (xgrammar's threads)")
-    print(f"{'threads':>7s} {'accept wait ms':>15s} {'accept+fill ms':>15s} {'µs/row':>8s} {'speed-up':>9s} "
-          f"{'inline fill ms':>15s}")
-    for r in rows:
-        print(f"{r['threads']:7d} {r['accept_ms']:15.3f} {r['step_ms']:15.3f} {r['us_per_row']:8.2f} {r['speedup']:8.2f}x "
-              f"{r['inline_fill_ms']:15.3f}")
-    result = {"args": vars(args), "rows": rows}
+    delays = {"plain_ms": thread_start_delay(0.02, False), "handshake_ms": thread_start_delay(0.02, True),
+              "switch_interval_ms": sys.getswitchinterval() * 1e3}
+    _print(args, rows, delays)
+    result = {"args": vars(args), "rows": rows, "thread_start_delay": delays}
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _print(args, rows: list[dict], delays: dict) -> None:
+    print(f"\nvocabulary {args.vocab_size}, {args.rows} rows, {os.cpu_count()} cores, medians of "
+          f"{args.steps - args.warm} steps, {args.booking_ms} ms of booking on the step loop")
+    print(f"{'threads':>7s} {'hand-off ms':>12s} {'accept wait ms':>15s} {'fill wait ms':>13s} {'loop cost ms':>13s} "
+          f"{'inline ms':>10s}")
+    for r in rows:
+        print(f"{r['threads']:7d} {r['handoff_ms']:12.3f} {r['accept_wait_ms']:15.3f} {r['fill_wait_ms']:13.3f} "
+              f"{r['loop_cost_ms']:13.3f} {r['inline_ms']:10.3f}")
+    print(f"a woken thread starts {delays['plain_ms']:.3f} ms late while the step loop runs Python "
+          f"(switch interval {delays['switch_interval_ms']:.1f} ms), {delays['handshake_ms']:.3f} ms with the handshake")
 
 
 if __name__ == "__main__":

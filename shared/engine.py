@@ -51,7 +51,7 @@ from splitserve.shared.transfer.handle import KvHandle
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.heap import freeze_startup_heap
 from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
-from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
+from splitserve.shared.grammar_fill import BitmaskFiller, StepFill, accept_tokens
 from splitserve.shared.step_trace import StepTrace
 from splitserve.shared.parallel.driver import check_parallel_support
 from splitserve.shared.parallel.state import ParallelError
@@ -332,8 +332,8 @@ class EngineCore:
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
         # step's tokens, so it is sampled (and booked) once those are settled, while the device
-        # still runs the forward. The bitmask fills on other threads while the previous step's
-        # tokens are booked (see _resolve).
+        # still runs the forward. The bitmask fills on the grammar thread while the previous
+        # step's tokens are booked (see _resolve).
         previous = self._inflight
         structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
         pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
@@ -373,7 +373,8 @@ class EngineCore:
     def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
         """Synchronous steps: advance each grammar's matcher by its request's new token, before any
         output is built; the requests whose grammar rejects it. (Async steps: BitmaskFiller.start.)"""
-        return {req.request_id for req, token_id in new_tokens if not req.grammar.accept(token_id)}
+        accepted = accept_tokens([(req.grammar, token_id) for req, token_id in new_tokens])
+        return {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -396,19 +397,20 @@ class EngineCore:
 
     def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> StepFill | None:
         """Settle the in-flight step: fill its placeholders, cache its blocks, apply stop rules.
-        The grammar requests' matchers take this step's tokens on the filler's workers, which then
-        fill `next_sched`'s bitmask (the launched step with grammar rows) while the outputs are
-        built; returns that fill (StepFill.result gives the bitmask)."""
+        The grammar requests' matchers take this step's tokens on the grammar thread, which then
+        fills `next_sched`'s bitmask (the launched step with grammar rows); meanwhile the outputs
+        are booked, the grammar rows' last, once their accepts are in (StepFill.wait_accepted).
+        Returns that fill (StepFill.result gives the bitmask)."""
         inflight, self._inflight = self._inflight, None
         sampled = inflight.pending.result()
         new_tokens = [(req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
                       if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req
                       ] if inflight.structured else []
-        fill, rejected = None, set()
+        fill = None
         if new_tokens or next_sched is not None:
             grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
             fill = self._bitmasks.start([(req.grammar, token_id) for req, token_id in new_tokens], grammars)
-            rejected = {req.request_id for (req, _), ok in zip(new_tokens, fill.accepted) if not ok}
+        structured_rows = []
         for req, num_computed, index in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
@@ -420,7 +422,15 @@ class EngineCore:
                 continue
             token = sampled[req.request_id]
             req.set_output(index, token.token_id)
-            self._emit(req, token, index + 1, outputs, req.request_id in rejected)
+            if inflight.structured and req.grammar is not None:
+                structured_rows.append((req, token, index))  # its stop rules need the grammar's accept
+            else:
+                self._emit(req, token, index + 1, outputs)
+        if structured_rows:
+            accepted = fill.wait_accepted()
+            rejected = {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
+            for req, token, index in structured_rows:
+                self._emit(req, token, index + 1, outputs, req.request_id in rejected)
         return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:

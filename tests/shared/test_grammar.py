@@ -201,7 +201,7 @@ def _grammars_in_many_states(compiler, demo_checkpoint_dir) -> list:
 
 
 def test_batched_fill_matches_each_matcher_alone_with_any_thread_count(compiler, demo_checkpoint_dir) -> None:
-    """One batched fill (1 to 3 threads, on this thread or on the workers) writes each live row
+    """One batched fill (1 to 3 threads, on this thread or on the grammar thread) writes each live row
     exactly as that row's matcher fills it alone; other rows are left out."""
     grammars = _grammars_in_many_states(compiler, demo_checkpoint_dir)
     live = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
@@ -224,10 +224,10 @@ def _allowed(bitmask: torch.Tensor, row: int, allowed: bool = True) -> int:
     return bits.index(1 if allowed else 0)
 
 
-def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) -> None:
-    """start(new tokens, rows): each matcher takes its token on a worker (a forbidden one is
-    reported, a stop token terminates the row and leaves it out), then the rows are filled; the
-    same as accepting and filling each matcher alone, with 1 and 3 workers."""
+def test_start_accepts_the_new_tokens_then_fills(compiler, demo_checkpoint_dir) -> None:
+    """start(new tokens, rows): on the grammar thread each matcher takes its token (a forbidden one
+    is reported, a stop token terminates the row and leaves it out), then the live rows are
+    filled; the same as accepting and filling each matcher alone, with 1 and 3 fill threads."""
     for num_threads in (1, 3):
         alone, batched = (_grammars_in_many_states(compiler, demo_checkpoint_dir) for _ in range(2))
         before = torch.zeros(len(alone), bitmask_width(VOCAB), dtype=torch.int32)
@@ -247,7 +247,7 @@ def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) 
             alone[i].fill(expected, i)
         filler = _filler(num_threads)
         fill = filler.start([(batched[i], tokens[i]) for i in rows], batched)
-        assert fill.accepted == accepted and accepted[1] is False
+        assert fill.wait_accepted() == accepted and accepted[1] is False
         assert [batched[i].terminated for i in rows] == [alone[i].terminated for i in rows]
         bitmask, filled = fill.result()
         assert filled.tolist() == live and torch.equal(bitmask[live], expected[live])
@@ -256,7 +256,7 @@ def test_workers_accept_the_new_tokens_then_fill(compiler, demo_checkpoint_dir) 
 
 def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
     """An error inside xgrammar's fill (here: a matcher of another vocabulary size) comes back from
-    result(), and the workers go on with the next step."""
+    result(), and the grammar thread goes on with the next step."""
     import xgrammar as xgr
 
     compiled = compiler.submit(Spec(regex="[0-9]+")).result(timeout=60)
@@ -267,7 +267,7 @@ def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
     small = RequestGrammar(xgr.GrammarCompiler(narrow).compile_regex("[a-c]{3}"), [])
     fill = filler.start([(small, 0)], [small])  # token 0 is "a"
     bitmask, rows = fill.result()
-    assert fill.accepted == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
+    assert fill.wait_accepted() == [True] and rows.tolist() == [0] and int(bitmask[0, 0]) & 0b111 == 0b111
     filler.close()
 
 
@@ -281,10 +281,10 @@ def test_fill_threads_flag_and_its_bounds() -> None:
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, SchedulerConfig, "scheduler")
     assert parser.parse_args(["--structured-outputs-threads", "6"]).structured_outputs_threads == 6
-    with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 0"):
-        SchedulerConfig(structured_outputs_threads=-1).validate()
-    SchedulerConfig(structured_outputs_threads=0).validate()  # 0: on the step loop's thread
-    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == 0
+    with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 1"):
+        SchedulerConfig(structured_outputs_threads=0).validate()
+    SchedulerConfig(structured_outputs_threads=1).validate()
+    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
 
 
 @pytest.mark.parametrize("stop_tokens", [[1], []])
@@ -304,3 +304,23 @@ def test_terminated_attribute_follows_the_matcher(compiler, stop_tokens) -> None
             assert grammar.accept(int(logits.argmax()))
             assert grammar.terminated == grammar.matcher.is_terminated()
         assert grammar.terminated
+
+
+def test_grammar_thread_takes_the_fill_and_stops_on_close(compiler) -> None:
+    """start returns once the grammar thread holds the job (its handshake); the step loop may book
+    meanwhile, result gives the same rows as the inline fill; close stops the thread, and a later
+    start brings a new one up."""
+    compiled = compiler.submit(Spec(regex="[0-9]{3}")).result(timeout=60)
+    grammars = [RequestGrammar(compiled, [1]) for _ in range(3)]
+    filler = _filler(2)
+    expected, rows = (t.clone() for t in filler.build(grammars))
+    fill = filler.start([], grammars)
+    assert fill.job is not None and fill.job.taken.is_set()
+    thread = filler._thread._thread
+    bitmask, filled = fill.result()
+    assert torch.equal(bitmask, expected) and torch.equal(filled, rows) and thread.is_alive()
+    filler.close()
+    assert not thread.is_alive()
+    bitmask, filled = filler.start([], grammars).result()
+    assert torch.equal(bitmask, expected) and filler._thread._thread is not thread
+    filler.close()
