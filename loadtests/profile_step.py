@@ -33,7 +33,7 @@ def phase_times(engine, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         sched = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        tables = engine.kv.block_table_array([s.request.request_id for s in sched.scheduled])
+        tables = engine.kv.block_table_arrays([s.request.request_id for s in sched.scheduled])
         inputs = runner.prepare_inputs(sched, tables)
         torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -8,6 +8,8 @@ batch is padded up to its bucket. All graphs read their inputs from the same sta
     query_start_loc [S+1] = 0..S (one token each)       fixed at capture
     seq_lens [S]                                        pad rows: 1 (they read one slot of block 0)
     block_tables [S, max_blocks_per_seq]                only the first cdiv(seq_len, block) columns are read
+    group_tables                                        a pool split by KV layer group: each other
+                                                        group's block_tables and slot_mapping, as above
 
 The attention kernel's launch shape is fixed per graph: capture passes `max_seq_len =
 max_model_len` so the split-KV choice covers every context the graph will see (the kernel
@@ -36,7 +38,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
+        """`num_kv_groups` > 1: the pool is split by KV layer group, each with its own block tables
+        and slot mapping (static copies of each are kept)."""
         self.model = model
         self.sizes = bucket_sizes(max_batch)
         self.max_model_len = max_model_len
@@ -48,6 +52,10 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=device)
+        self.group_tables = tuple(
+            (torch.zeros(size, max_blocks, dtype=torch.int32, device=device),
+             torch.full((size,), -1, dtype=torch.int64, device=device)) for _ in range(num_kv_groups - 1))
+        """Groups 1.. (group 0's are block_tables and slot_mapping)."""
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket(self, batch: int) -> int | None:
@@ -62,6 +70,8 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size], slot_mapping=self.slot_mapping[:size],
             max_query_len=1, max_seq_len=self.max_model_len,
             query_lens_cpu=[1] * size, seq_lens_cpu=[1] * size,
+            group_tables=((self.block_tables[:size], self.slot_mapping[:size]),
+                          *((t[:size], m[:size]) for t, m in self.group_tables)) if self.group_tables else (),
         )
 
     @torch.inference_mode()
@@ -91,6 +101,11 @@ class DecodeGraphs:
         self.slot_mapping[:batch].copy_(attn.slot_mapping, non_blocking=True)
         self.seq_lens[:batch].copy_(attn.seq_lens, non_blocking=True)
         self.block_tables[:batch, :width].copy_(attn.block_tables, non_blocking=True)
+        for (tables, slots), (step_tables, step_slots) in zip(self.group_tables, attn.group_tables[1:]):
+            tables[:batch, : step_tables.shape[1]].copy_(step_tables, non_blocking=True)
+            slots[:batch].copy_(step_slots, non_blocking=True)
+            if size > batch:
+                slots[batch:size].fill_(-1)
         if size > batch:
             self.slot_mapping[batch:size].fill_(-1)
             self.seq_lens[batch:size].fill_(1)

@@ -42,6 +42,7 @@ from splitserve.shared.config import ConfigError, EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.connector import CompositeConnector
+from splitserve.shared.kv.layer_groups import GroupedKVCacheManager
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
 from splitserve.shared.request import Request, RequestStatus, SessionHint
 from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
@@ -154,7 +155,9 @@ class EngineCore:
         config.validate()
         check_parallel_support(config)
         self.config = config
-        parts: EngineParts = build_engine_parts(config)
+        # A connector (KV transfer) or a host tier move whole one-pool blocks: no layer-group split then.
+        parts: EngineParts = build_engine_parts(
+            config, split_kv_by_layer_group=connector_factory is None and not config.cache.kv_offload_gib)
         self.followers = parts.followers
         try:
             self._setup(config, parts, connector_factory)
@@ -169,7 +172,11 @@ class EngineCore:
         self.block_size = config.cache.block_size
         window = getattr(parts.model, "uniform_sliding_window", None)
         tier = _host_tier(config, parts, window)
-        if window:  # every layer slides: blocks behind the window go back to the pool
+        if parts.kv_groups:  # interleaved windows: one pool and table per layer group
+            self.kv = self._window_kv = GroupedKVCacheManager(
+                [w for w, _ in parts.kv_groups], parts.group_num_blocks, self.block_size,
+                config.cache.enable_prefix_caching)
+        elif window:  # every layer slides: blocks behind the window go back to the pool
             self.kv = self._window_kv = SlidingWindowKVCacheManager(
                 parts.num_blocks, self.block_size, window, config.cache.enable_prefix_caching)
         else:
@@ -183,9 +190,9 @@ class EngineCore:
         graphs = None
         if parts.device.type == "cuda" and not config.model.enforce_eager:
             graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
-                                  parts.device)
+                                  parts.device, num_kv_groups=len(parts.kv_caches))
         warmup_tokens = config.scheduler.max_num_batched_tokens if parts.device.type == "cuda" else 0
-        self.runner = ModelRunner(parts.model, parts.kv_cache, self.block_size, parts.device, graphs, warmup_tokens,
+        self.runner = ModelRunner(parts.model, parts.kv_caches, self.block_size, parts.device, graphs, warmup_tokens,
                                   parts.followers)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
@@ -323,7 +330,7 @@ class EngineCore:
             if source is getattr(req.kv_transfer, "handle", None):
                 self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, source, block_ids)
-        tables = self.kv.block_table_array([s.request.request_id for s in sched.scheduled])
+        tables = self.kv.block_table_arrays([s.request.request_id for s in sched.scheduled])
         if not self.async_scheduling:
             result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
             self._update(sched, result, outputs)

@@ -2,6 +2,10 @@
 
 The KV pool is one block-major tensor (see docs/architecture.md):
     kv_cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+or, for a model whose layers attend differently (interleaved sliding windows) and an engine that
+neither transfers KV nor has a host tier nor followers, one such tensor per KV layer group
+(`kv_caches`, in `model.kv_layer_groups()` order) over the same memory, split so the sliding
+groups get only what their windows need (shared/kv/layer_groups.py).
 On CUDA it takes what this engine's share of the device (`gpu_memory_utilization`) leaves after its
 weights and the measured peak of its largest step; on CPU a fixed `cpu_kv_cache_gib`.
 
@@ -13,11 +17,12 @@ count (its followers allocate the same when the runner binds the pool).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from splitserve.shared.config import ConfigError, EngineConfig
+from splitserve.shared.kv.layer_groups import LayerGroup, split_layer_blocks
 from splitserve.shared.model.loader import ModelInfo, load_hf_config, load_model, model_info
 from splitserve.shared.model.layers import num_kv_heads_of
 from splitserve.shared.model.parallel_layers import TensorParallelError, check_head_split, kv_heads_per_rank
@@ -42,6 +47,15 @@ class EngineParts:
     model_dir: str
     followers: NoFollowers = NO_FOLLOWERS
     """Tensor parallelism: the other ranks, which mirror every model call (NO_FOLLOWERS: one rank)."""
+    kv_groups: list[LayerGroup] = field(default_factory=list)
+    """The KV layer groups when the pool is split by group (empty: one pool of all layers)."""
+    kv_caches: list[torch.Tensor] = field(default_factory=list)
+    """One pool per entry of `kv_groups` (`kv_cache` is then group 0's); else `[kv_cache]`."""
+    group_num_blocks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.kv_caches:
+            self.kv_caches = [self.kv_cache]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,14 +81,16 @@ def resolve_model_dir(model: str | None) -> str:
     return model
 
 
-def build_engine_parts(config: EngineConfig) -> EngineParts:
+def build_engine_parts(config: EngineConfig, split_kv_by_layer_group: bool = True) -> EngineParts:
+    """`split_kv_by_layer_group`: whether the pool may be split per KV layer group (the engine
+    says no when a KV connector needs the one-pool layout)."""
     mc = config.model
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = resolve_model_dir(mc.model)
     followers = start_followers(config, model_dir, device)
     try:
-        return _build_on_rank0(config, model_dir, device, dtype, followers)
+        return _build_on_rank0(config, model_dir, device, dtype, followers, split_kv_by_layer_group)
     except BaseException:
         followers.close()
         raise
@@ -96,7 +112,7 @@ def start_followers(config: EngineConfig, model_dir: str, device: torch.device) 
 
 
 def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, dtype: torch.dtype,
-                    followers: NoFollowers) -> EngineParts:
+                    followers: NoFollowers, split_kv_by_layer_group: bool) -> EngineParts:
     mc, cc = config.model, config.cache
     try:
         model, hf_config = load_model(model_dir, dtype=dtype, device=device, load_format=mc.load_format, seed=mc.seed)
@@ -115,11 +131,10 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
         num_blocks = _num_blocks_on_gpu(config, model, info, kv_heads, device, dtype, block_bytes, followers)
     else:
         num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
-    blocks_per_seq = -(-max_model_len // cc.block_size)
-    if num_blocks < blocks_per_seq:
-        logger.warning("KV pool of %d blocks holds only %d tokens; capping max_model_len %d to that",
-                       num_blocks, num_blocks * cc.block_size, max_model_len)
-        max_model_len = num_blocks * cc.block_size
+    groups = model.kv_layer_groups()
+    if split_kv_by_layer_group and len(groups) > 1 and followers.world_size == 1:
+        return _build_grouped(config, model, info, device, dtype, num_blocks, max_model_len, groups, model_dir)
+    max_model_len = _cap_max_model_len(max_model_len, num_blocks, cc.block_size)
     kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
                            dtype=dtype, device=device)
     logger.info("KV pool: %d blocks x %d tokens (%.1f MiB) on %s, %s%s", num_blocks, cc.block_size,
@@ -127,6 +142,35 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
                 f", {kv_heads} kv heads on each of {followers.world_size} ranks" if followers.world_size > 1 else "")
     return EngineParts(model, info, device, dtype, kv_cache, num_blocks, max_model_len, cc.block_size, model_dir,
                        followers)
+
+
+def _cap_max_model_len(max_model_len: int, num_blocks: int, block_size: int) -> int:
+    if num_blocks < -(-max_model_len // block_size):
+        logger.warning("KV pool of %d blocks holds only %d tokens; capping max_model_len %d to that",
+                       num_blocks, num_blocks * block_size, max_model_len)
+        return num_blocks * block_size
+    return max_model_len
+
+
+def _build_grouped(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
+                   dtype: torch.dtype, num_blocks: int, max_model_len: int, groups: list[LayerGroup],
+                   model_dir: str) -> EngineParts:
+    """One pool per KV layer group, from the memory `num_blocks` one-pool blocks would take."""
+    cc, sc = config.cache, config.scheduler
+    counts = split_layer_blocks(num_blocks * info.num_layers, groups, cc.block_size, sc.max_num_seqs,
+                                sc.max_num_batched_tokens)
+    # A group left at the one-pool share (or the full group) bounds one sequence, as one pool would.
+    max_model_len = _cap_max_model_len(max_model_len, min(c for c in counts if c >= num_blocks), cc.block_size)
+    caches = [torch.zeros(n, len(layers), 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
+                          device=device) for n, (_, layers) in zip(counts, groups)]
+    layer_block_mib = 2 * cc.block_size * info.num_kv_heads * info.head_dim * dtype.itemsize / 2**20
+    logger.info("KV pool split by layer group (%.1f MiB in all on %s, %s): %s; %d full-attention tokens "
+                "(one pool: %d)", sum(n * len(layers) for n, (_, layers) in zip(counts, groups)) * layer_block_mib,
+                device, dtype, ", ".join(f"{'full' if w is None else f'window {w}'} x {len(layers)} layers: "
+                                         f"{n} blocks" for n, (w, layers) in zip(counts, groups)),
+                counts[0] * cc.block_size, num_blocks * cc.block_size)
+    return EngineParts(model, info, device, dtype, caches[0], counts[0], max_model_len, cc.block_size, model_dir,
+                       kv_groups=groups, kv_caches=caches, group_num_blocks=counts)
 
 
 NON_TORCH_BYTES = 1 * 2**30

@@ -6,6 +6,9 @@ tokens across B requests,
     input_ids [T], positions [T], slot_mapping [T]          (one entry per new token)
     query_start_loc [B+1], seq_lens [B], block_tables [B, max_blocks]   (one row per request)
 
+(block_tables and slot_mapping once per KV layer group when the pool is split by group; see
+shared/kv/layer_groups.py),
+
 runs `model.forward`, takes the hidden state of the last new token of every request that has
 caught up with its known tokens, and samples one token for each of those.
 
@@ -132,18 +135,19 @@ def run_fake_mixed_step(model: torch.nn.Module, num_tokens: int, block_size: int
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device,
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
                  graphs: DecodeGraphs | None = None, warmup_tokens: int = 0,
                  followers: NoFollowers = NO_FOLLOWERS) -> None:
+        """`kv_caches`: the one pool, or one per KV layer group (followers only with one pool)."""
         self.model = model
         self.followers = followers
-        self.kv_cache = kv_cache
+        self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
-        model.bind_kv_cache(kv_cache)
-        followers.bind_kv(kv_cache.shape[0], block_size)
+        model.bind_kv_cache(kv_caches[0] if len(kv_caches) == 1 else kv_caches)
+        followers.bind_kv(kv_caches[0].shape[0], block_size)
         # Two sets of pinned staging buffers, used by alternate steps: with async scheduling step
         # N+1 is prepared while step N may still be queued on the GPU behind N-1, so its copies out
         # of a buffer are not known to be done when the next step wants it. Each set's copies end
@@ -178,7 +182,8 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: np.ndarray, bitmask: Bitmask | None = None) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
+                bitmask: Bitmask | None = None) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
         pending = self.execute_async(sched, block_tables, defer_sampling=True)
         self.sample(pending, bitmask)
@@ -194,7 +199,7 @@ class ModelRunner:
             pending.start_copy()
 
     @torch.inference_mode()
-    def execute_async(self, sched: SchedulerOutput, block_tables: np.ndarray,
+    def execute_async(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
                       previous: PendingStep | None = None, defer_sampling: bool = False) -> PendingStep:
         """Launch one step without waiting for it. Input tokens not known on the host yet
         (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor.
@@ -245,10 +250,11 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, attn)
 
     @torch.inference_mode()
-    def prepare_inputs(self, sched: SchedulerOutput, block_tables: np.ndarray,
+    def prepare_inputs(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
                        previous: PendingStep | None = None) -> StepInputs:
         """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms.
-        `block_tables` [B, width] int32 holds the scheduled requests' tables in scheduled order."""
+        `block_tables[g]` [B, width] int32 holds the scheduled requests' tables of KV layer group g
+        (one entry: one pool) in scheduled order."""
         if self.device.type == "cuda":
             self._slot ^= 1
             if self._staged[self._slot] is not None:
@@ -269,20 +275,24 @@ class ModelRunner:
         else:
             input_ids = np.fromiter(itertools.chain.from_iterable(
                 r.all_token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), seq_lens.tolist())), np.int64, num_tokens)
-        slots = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        group_slots = [t[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs for t in block_tables]
+        slots = group_slots[0]
         samples = np.fromiter((s.samples for s in sched.scheduled), bool, num_reqs)
         sample_indices = query_start[1:][samples] - 1
         arrays = StepArrays(input_ids, positions, query_start.astype(np.int32), seq_lens.astype(np.int32),
-                            block_tables, slots, query_lens.tolist(), seq_lens.tolist())
+                            block_tables[0], slots, query_lens.tolist(), seq_lens.tolist())
+        tables = [(self._to_device(f"block_tables{g}", t), self._to_device(f"slot_mapping{g}", s))
+                  for g, (t, s) in enumerate(zip(block_tables, group_slots))]
         attn = AttentionMetadata(
             query_start_loc=self._to_device("query_start_loc", arrays.query_start_loc),
             seq_lens=self._to_device("seq_lens", arrays.seq_lens),
-            block_tables=self._to_device("block_tables", block_tables),
-            slot_mapping=self._to_device("slot_mapping", slots),
+            block_tables=tables[0][0],
+            slot_mapping=tables[0][1],
             max_query_len=max(arrays.query_lens_cpu),
             max_seq_len=max(arrays.seq_lens_cpu),
             query_lens_cpu=arrays.query_lens_cpu,
             seq_lens_cpu=arrays.seq_lens_cpu,
+            group_tables=tuple(tables) if len(tables) > 1 else (),
         )
         device_ids = self._to_device("input_ids", input_ids)
         fill = np.flatnonzero(input_ids == PLACEHOLDER)

@@ -66,6 +66,11 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits_tokens / self.prefix_queries_tokens if self.prefix_queries_tokens else 0.0
 
+    @property
+    def request_ids(self) -> set[str]:
+        """The requests that hold a table here."""
+        return set(self._tables)
+
     def block_ids(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
 
@@ -134,13 +139,12 @@ class KVCacheManager:
         hit_hashes: list[BlockHash] = []
         if new_computed_blocks:
             hit_hashes = self._verify_hit(request_id, token_ids, num_computed_tokens, new_computed_blocks)
+        if not self.has_room(request_id, num_computed_tokens + num_new_tokens, new_computed_blocks):
+            return None
         num_new_blocks = self.num_blocks_needed(request_id, num_computed_tokens + num_new_tokens)
         num_new_blocks = max(0, num_new_blocks - len(new_computed_blocks))
-        # An evictable hit block (refcount 0) is counted as free; adopting it uses it up.
-        num_evictable_hits = sum(1 for b in set(new_computed_blocks) if self.pool.refcount(b) == 0)
-        if num_new_blocks + num_evictable_hits > self.pool.num_free_blocks:
-            return None
-        self.pool.incref(new_computed_blocks)  # first, so allocate() cannot evict the hits
+        # first, so allocate() cannot evict the hits
+        self.pool.incref([b for b in new_computed_blocks if not self._is_placeholder(b)])
         num_before = len(table)
         table.extend(new_computed_blocks)
         table.extend(self.pool.allocate(num_new_blocks))
@@ -148,6 +152,35 @@ class KVCacheManager:
         self._mirror(request_id, table, num_before)
         self._block_hashes.setdefault(request_id, []).extend(hit_hashes)
         return list(table)
+
+    def has_room(self, request_id: str, num_total_tokens: int, new_computed_blocks: Sequence[int] = ()) -> bool:
+        """Whether `allocate_slots` can cover `num_total_tokens` slots (adopting these hit blocks)."""
+        num_new_blocks = max(0, self.num_blocks_needed(request_id, num_total_tokens) - len(new_computed_blocks))
+        # An evictable hit block (refcount 0) is counted as free; adopting it uses it up.
+        num_evictable_hits = sum(1 for b in set(new_computed_blocks)
+                                 if not self._is_placeholder(b) and self.pool.refcount(b) == 0)
+        return num_new_blocks + num_evictable_hits <= self.pool.num_free_blocks
+
+    def _is_placeholder(self, block_id: int) -> bool:
+        """A table entry that holds no KV of its own (sliding windows: the null block)."""
+        return False
+
+    def hit_bound(self, block_hashes: Sequence[BlockHash]) -> int:
+        """The most leading blocks of these chained hashes a hit here can cover: the cached prefix."""
+        n = 0
+        while n < len(block_hashes) and self.pool.lookup(block_hashes[n]) is not None:
+            n += 1
+        return n
+
+    def hit_blocks(self, block_hashes: Sequence[BlockHash], num_blocks: int) -> list[int] | None:
+        """The table head a hit of the first `num_blocks` blocks adopts here, or None if this pool
+        cannot serve it (full attention: every block of the prefix must be cached)."""
+        blocks = [self.pool.lookup(h) for h in block_hashes[:num_blocks]]
+        return None if None in blocks else blocks
+
+    def block_table_arrays(self, request_ids: Sequence[str]) -> list[np.ndarray]:
+        """One block-table array per KV layer group (see layer_groups.py); here the one pool's."""
+        return [self.block_table_array(request_ids)]
 
     def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Register the hash of every block newly filled by computed tokens (O(new blocks))."""
@@ -269,6 +302,6 @@ class KVCacheManager:
         bs = self.block_size
         for i, block_id in enumerate(hit_blocks):
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
-            if self.pool.cached_hash(block_id) != hashes[-1]:
+            if not self._is_placeholder(block_id) and self.pool.cached_hash(block_id) != hashes[-1]:
                 raise ValueError(f"stale prefix hit: block {block_id} no longer holds block {i} of {request_id!r}")
         return hashes

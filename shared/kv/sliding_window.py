@@ -12,7 +12,9 @@ and are masked.
 
 The engine releases only for requests whose KV is not being held for a transfer to another
 engine, so what a decode instance receives, and registers in its prefix cache, is always real.
-Interleaved models (some layers global) keep every block: their global layers read them all.
+Interleaved models (some layers global) give their sliding layers a pool and a manager of this
+kind of their own (layer_groups.py), where a prefix hit needs only the blocks its window can see:
+`hit_blocks` returns null entries for the rest, and `allocate_slots` adopts them as released.
 """
 
 from __future__ import annotations
@@ -37,6 +39,41 @@ class SlidingWindowKVCacheManager(KVCacheManager):
     def num_dead_blocks(self, num_computed_tokens: int) -> int:
         """Leading blocks no query after `num_computed_tokens` computed tokens can see."""
         return max(0, (num_computed_tokens - self.window + 1) // self.block_size)
+
+    def _is_placeholder(self, block_id: int) -> bool:
+        return block_id == self.null_block
+
+    def hit_bound(self, block_hashes) -> int:
+        return len(block_hashes)  # blocks before the window need not be cached
+
+    def hit_blocks(self, block_hashes, num_blocks: int) -> list[int] | None:
+        """A hit of `num_blocks` blocks needs only those a query after them can see, the last
+        `window` tokens' (keys from `num_blocks * block_size - window + 1` on); the rest of the head
+        is null entries. None when one of the needed blocks is not cached."""
+        num_dead = min(self.num_dead_blocks(num_blocks * self.block_size), num_blocks)
+        live = [self.pool.lookup(h) for h in block_hashes[num_dead:num_blocks]]
+        return None if None in live else [self.null_block] * num_dead + live
+
+    def allocate_slots(self, request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks=()):
+        """The parent's, except that a hit's head may be null entries (`hit_blocks`): they count
+        as released blocks of the request."""
+        num_null = next((i for i, b in enumerate(new_computed_blocks) if b != self.null_block),
+                        len(new_computed_blocks))
+        if self.null_block in new_computed_blocks[num_null:]:
+            raise ValueError(f"request {request_id!r}: null entries only lead a hit, got {list(new_computed_blocks)}")
+        table = super().allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks)
+        if table is not None and num_null:
+            self._num_released[request_id] = num_null
+        return table
+
+    def reset_prefix_cache(self) -> bool:
+        """The parent's, with the null block (always held) set aside meanwhile."""
+        if self.pool.num_free_blocks != self.pool.num_blocks - 1:
+            return False
+        self.pool.free([self.null_block])
+        reset = self.pool.reset_prefix_cache()
+        self.null_block = self.pool.allocate(1)[0]
+        return reset
 
     def release_out_of_window(self, request_id: str, num_computed_tokens: int) -> int:
         """Free the request's blocks that slid out of the window; returns how many were freed."""

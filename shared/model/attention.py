@@ -28,6 +28,16 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    """(block_tables, slot_mapping) of each KV layer group when the pool is split by group
+    (shared/kv/layer_groups.py; group 0's are the two fields above). Empty: every layer reads
+    `block_tables` and `slot_mapping` (one pool, or a fake step whose tables are all zeros)."""
+
+    def tables_of(self, kv_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_tables, slot_mapping) that the layers of `kv_group` read."""
+        if not self.group_tables:
+            return self.block_tables, self.slot_mapping
+        return self.group_tables[kv_group]
 
     @classmethod
     def build(
@@ -97,16 +107,21 @@ class Attention(nn.Module):
         # [num_blocks, block_size, Hkv, D] strided views into the pool; set by bind_kv_cache.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.kv_group = 0
+        """The KV layer group whose pool and block tables this layer uses (set by bind_kv_cache)."""
 
-    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """`kv_cache [num_blocks, num_layers, 2, block_size, Hkv, D]`: keep this layer's K and V views."""
+    def bind_kv_cache(self, kv_cache: torch.Tensor, index: int | None = None, kv_group: int = 0) -> None:
+        """`kv_cache [num_blocks, num_layers, 2, block_size, Hkv, D]`: keep this layer's K and V
+        views, at `index` (default: `layer_idx`) in the pool of layer group `kv_group`."""
         if kv_cache.dim() != 6 or kv_cache.shape[4:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"kv_cache must be [num_blocks, num_layers, 2, block_size, {self.num_kv_heads}, "
                 f"{self.head_dim}], got {tuple(kv_cache.shape)}"
             )
-        self.k_cache = kv_cache[:, self.layer_idx, 0]
-        self.v_cache = kv_cache[:, self.layer_idx, 1]
+        index = self.layer_idx if index is None else index
+        self.k_cache = kv_cache[:, index, 0]
+        self.v_cache = kv_cache[:, index, 1]
+        self.kv_group = kv_group
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata
@@ -114,14 +129,15 @@ class Attention(nn.Module):
         # q [T, Hq, D], k and v [T, Hkv, D] for this step's new tokens -> [T, Hq * D]
         if self.k_cache is None:
             raise RuntimeError("no KV cache bound: call model.bind_kv_cache(kv_cache) before forward")
-        ops.write_kv_cache(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
+        block_tables, slot_mapping = attn.tables_of(self.kv_group)
+        ops.write_kv_cache(k, v, self.k_cache, self.v_cache, slot_mapping)
         out = ops.paged_attention(
             q,
             self.k_cache,
             self.v_cache,
             attn.query_start_loc,
             attn.seq_lens,
-            attn.block_tables,
+            block_tables,
             self.scale,
             self.sliding_window,
             logit_softcap=self.logit_softcap,

@@ -13,7 +13,7 @@ returns the final hidden states and whose `embed_tokens` the head may tie to) an
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -60,13 +60,28 @@ class CausalLM(nn.Module):
         windows = {layer.sliding_window for layer in self.attention_layers()}
         return windows.pop() if len(windows) == 1 else None
 
-    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """Give every attention layer its views of the pool `[num_blocks, num_layers, 2, block_size, Hkv, D]`."""
+    def kv_layer_groups(self) -> list[tuple[int | None, list[int]]]:
+        """(window or None, attention layer indices) of each group of layers that attend alike:
+        full attention first, then one group per window, smallest first (shared/kv/layer_groups.py).
+        A model with one group keeps one pool of all layers."""
+        by_window: dict[int | None, list[int]] = {}
+        for i, layer in enumerate(self.attention_layers()):
+            by_window.setdefault(layer.sliding_window, []).append(i)
+        return sorted(by_window.items(), key=lambda item: -1 if item[0] is None else item[0])
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Give every attention layer its views of the pool `[num_blocks, num_layers, 2, block_size, Hkv, D]`,
+        or of its group's pool given one per `kv_layer_groups()` entry (`num_layers` the group's)."""
         layers = self.attention_layers()
-        if kv_cache.shape[1] != len(layers):
-            raise ValueError(f"kv_cache has {kv_cache.shape[1]} layers, the model {len(layers)}")
-        for layer in layers:
-            layer.bind_kv_cache(kv_cache)
+        pools = [kv_cache] if isinstance(kv_cache, torch.Tensor) else list(kv_cache)
+        groups = [list(range(len(layers)))] if len(pools) == 1 else [idx for _, idx in self.kv_layer_groups()]
+        if len(pools) != len(groups):
+            raise ValueError(f"{len(pools)} KV pools for the model's {len(groups)} layer groups")
+        for group, (pool, indices) in enumerate(zip(pools, groups)):
+            if pool.shape[1] != len(indices):
+                raise ValueError(f"kv_cache has {pool.shape[1]} layers, the model {len(indices)}")
+            for index, layer_idx in enumerate(indices):
+                layers[layer_idx].bind_kv_cache(pool, index if len(pools) > 1 else None, group)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the parameters (casting to their dtype/device).

@@ -68,8 +68,3 @@ def test_window_model_holds_only_its_window(checkpoint_factory, hf_reference, ar
     assert peak < full_attention_need / 2, (peak, full_attention_need)
     assert llm.engine.kv.num_free_blocks == 63  # all back, the null block aside
 
-
-def test_interleaved_and_full_models_keep_every_block(checkpoint_factory):
-    for arch in ("gemma2", "llama"):
-        llm = LLM(checkpoint_factory(arch), device="cpu", num_blocks=64, block_size=4)
-        assert type(llm.engine.kv).__name__ == "KVCacheManager"
