@@ -2,7 +2,8 @@
 
 1. fp32 on CUDA: greedy tokens equal transformers' `generate` on tiny random checkpoints of all four
    architectures, logprobs within 1e-3, batched with chunked prefill.
-2. bf16: decode through captured CUDA graphs gives the same tokens as eager decode.
+2. bf16: decode through captured CUDA graphs gives the same tokens as eager decode (Llama, and
+   Gemma 2, whose KV pool is split by layer group: one block table per group in the graphs).
 
     python loadtests/gpu_engine_check.py        (exits non-zero on any mismatch)
 """
@@ -64,8 +65,8 @@ def check_fp32_parity(arch: str) -> list[str]:
     return problems
 
 
-def check_graphs_and_async_match_eager() -> list[str]:
-    model_dir = build_checkpoint(tempfile.mkdtemp(prefix="gpu-graphs-"), "llama")
+def check_graphs_and_async_match_eager(arch: str = "llama") -> list[str]:
+    model_dir = build_checkpoint(tempfile.mkdtemp(prefix=f"gpu-graphs-{arch}-"), arch)
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(4, 90))] for _ in range(37)]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -74,13 +75,15 @@ def check_graphs_and_async_match_eager() -> list[str]:
         llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=512, block_size=16,
                   enforce_eager=mode == "eager", async_scheduling=mode.endswith("async"), max_num_seqs=64)
         outputs[mode] = [r.outputs[0].token_ids for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+        groups = llm.engine.stats().kv_group_blocks
         del llm
     problems = []
+    print(f"bf16 {arch}: KV layer groups {groups or 'none (one pool)'}", flush=True)
     for mode in ("graphs", "graphs+async"):
         same = sum(a == b for a, b in zip(outputs["eager"], outputs[mode]))
-        print(f"bf16 {mode} vs eager: {same}/{len(prompts)} requests token-identical", flush=True)
+        print(f"bf16 {arch} {mode} vs eager: {same}/{len(prompts)} requests token-identical", flush=True)
         if same != len(prompts):
-            problems.append(f"{mode} differs from eager on {len(prompts) - same} requests")
+            problems.append(f"{arch} {mode} differs from eager on {len(prompts) - same} requests")
     return problems
 
 
@@ -88,7 +91,8 @@ def main() -> int:
     problems = []
     for arch in ARCHITECTURES:
         problems += check_fp32_parity(arch)
-    problems += check_graphs_and_async_match_eager()
+    problems += check_graphs_and_async_match_eager("llama")
+    problems += check_graphs_and_async_match_eager("gemma2")  # pool split by KV layer group
     print("GPU ENGINE CHECK:", "PASS" if not problems else f"FAIL {problems}", flush=True)
     return 1 if problems else 0
 

@@ -148,6 +148,8 @@ class EngineStats(msgspec.Struct, array_like=True):
     kv_usage: float
     prefix_hit_rate: float
     num_preemptions: int
+    kv_group_blocks: dict[str, int] = {}
+    """Blocks of each KV layer group's pool ("full", "window_<w>") when the pool is split by group."""
 
 
 class EngineCore:
@@ -183,6 +185,8 @@ class EngineCore:
             self.kv = KVCacheManager(parts.num_blocks, self.block_size, config.cache.enable_prefix_caching,
                                      track_newly_cached=tier is not None)
             self._window_kv = None
+        self._kv_group_blocks = {("full" if w is None else f"window_{w}"): n
+                                 for (w, _), n in zip(parts.kv_groups, parts.group_num_blocks)}
         transfer = connector_factory(parts) if connector_factory else None
         self.connector = CompositeConnector(tier, transfer) if tier or transfer else None
         self.has_transfer = transfer is not None
@@ -599,6 +603,7 @@ class EngineCore:
             num_held_kv=len(self.held), num_waiting_tokens=s.num_waiting_tokens,
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
             kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate, num_preemptions=s.num_preemptions,
+            kv_group_blocks=self._kv_group_blocks,
         )
 
     def close(self) -> None:

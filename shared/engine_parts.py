@@ -163,12 +163,11 @@ def _build_grouped(config: EngineConfig, model: torch.nn.Module, info: ModelInfo
     max_model_len = _cap_max_model_len(max_model_len, min(c for c in counts if c >= num_blocks), cc.block_size)
     caches = [torch.zeros(n, len(layers), 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
                           device=device) for n, (_, layers) in zip(counts, groups)]
-    layer_block_mib = 2 * cc.block_size * info.num_kv_heads * info.head_dim * dtype.itemsize / 2**20
-    logger.info("KV pool split by layer group (%.1f MiB in all on %s, %s): %s; %d full-attention tokens "
-                "(one pool: %d)", sum(n * len(layers) for n, (_, layers) in zip(counts, groups)) * layer_block_mib,
-                device, dtype, ", ".join(f"{'full' if w is None else f'window {w}'} x {len(layers)} layers: "
-                                         f"{n} blocks" for n, (w, layers) in zip(counts, groups)),
-                counts[0] * cc.block_size, num_blocks * cc.block_size)
+    split = ", ".join(f"{'full' if w is None else f'window {w}'} ({len(layers)} layers): {n} blocks"
+                      for n, (w, layers) in zip(counts, groups))
+    logger.info("KV pool split by layer group on %s, %s (%.1f MiB): %s; group 0 holds %d tokens, one pool of "
+                "the same memory %d", device, dtype, sum(c.numel() for c in caches) * dtype.itemsize / 2**20,
+                split, counts[0] * cc.block_size, num_blocks * cc.block_size)
     return EngineParts(model, info, device, dtype, caches[0], counts[0], max_model_len, cc.block_size, model_dir,
                        kv_groups=groups, kv_caches=caches, group_num_blocks=counts)
 

@@ -72,6 +72,21 @@ def test_prefix_hit_needs_the_full_prefix_and_only_the_window_of_the_sliding_gro
     sliding.pool.free(taken)
 
 
+def test_reset_prefix_cache_waits_for_every_group_then_forgets_all():
+    kv = _two_groups()
+    tokens = list(range(100, 120))
+    kv.allocate_slots("a", tokens, 0, 20)
+    kv.cache_computed_blocks("a", tokens, 20)
+    kv.release_out_of_window("a", 20)
+    assert kv.reset_prefix_cache() is False  # a request holds blocks
+    kv.free("a")
+    assert kv.get_computed_blocks(tokens)[1] == 16
+    assert kv.reset_prefix_cache() is True  # the sliding group sets its null block aside meanwhile
+    assert kv.get_computed_blocks(tokens) == ((), 0)
+    kv.check_integrity()
+    assert kv.groups[1].num_free_blocks == 15
+
+
 def test_split_gives_sliding_groups_their_need_and_the_rest_to_full_attention():
     groups = [(None, [1, 3]), (6, [0, 2])]
     need = sliding_group_demand(6, 4, max_num_seqs=2, max_num_batched_tokens=16)
@@ -85,10 +100,13 @@ def test_split_gives_sliding_groups_their_need_and_the_rest_to_full_attention():
 
 def test_interleaved_models_split_the_pool_others_keep_one(checkpoint_factory):
     for arch in ("gemma2", "gemma3", "qwen2_window"):
-        kv = LLM(checkpoint_factory(arch), device="cpu", num_blocks=64, block_size=4, max_num_seqs=2,
-                 max_num_batched_tokens=16).engine.kv
+        engine = LLM(checkpoint_factory(arch), device="cpu", num_blocks=64, block_size=4, max_num_seqs=2,
+                     max_num_batched_tokens=16).engine
+        kv = engine.kv
         assert isinstance(kv, GroupedKVCacheManager), arch
         assert kv.groups[0].pool.num_blocks > 64 > kv.groups[1].pool.num_blocks, arch  # what the window spares
+        assert engine.stats().kv_group_blocks == {"full": kv.groups[0].pool.num_blocks,
+                                                  f"window_{kv.groups[1].window}": kv.groups[1].pool.num_blocks}
     llm = LLM(checkpoint_factory("llama"), device="cpu", num_blocks=64, block_size=4)
     assert type(llm.engine.kv).__name__ == "KVCacheManager"
 
@@ -125,9 +143,9 @@ def _run_tracking_sliding_peak(llm: LLM, prompts: list[list[int]]) -> int:
     return peak
 
 
-def test_prefix_hit_across_groups_is_token_identical(checkpoint_factory, hf_reference):
+def test_prefix_hit_across_groups_is_token_identical_async(checkpoint_factory, hf_reference):
     model_dir = checkpoint_factory("gemma3")
-    llm = LLM(model_dir, device="cpu", num_blocks=64, block_size=4, max_num_seqs=2)
+    llm = LLM(model_dir, device="cpu", num_blocks=64, block_size=4, max_num_seqs=2, async_scheduling=True)
     vocab = llm.engine.model_info.vocab_size
     shared = _prompts(vocab, lengths=(26,), seed=3)[0]
     prompts = _eos_free(hf_reference, model_dir, _prompts(vocab, lengths=(5, 11), seed=4, prefix=shared))
