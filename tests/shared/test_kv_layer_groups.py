@@ -87,6 +87,19 @@ def test_reset_prefix_cache_waits_for_every_group_then_forgets_all():
     assert kv.groups[1].num_free_blocks == 15
 
 
+def test_a_keyed_session_is_retained_in_every_group():
+    kv = _two_groups()
+    tokens = list(range(100, 120))
+    kv.allocate_slots("a", tokens, 0, 20)
+    kv.cache_computed_blocks("a", tokens, 20)
+    kv.retain_session("k", kv.block_hashes("a"), until_s=10.0)
+    kv.free("a")
+    assert [g.pool.num_retained_evictable_blocks for g in kv.groups] == [5, 5]
+    kv.sessions.expire(11.0)
+    assert [g.pool.num_retained_evictable_blocks for g in kv.groups] == [0, 0]
+    kv.check_integrity()
+
+
 def test_split_gives_sliding_groups_their_need_and_the_rest_to_full_attention():
     groups = [(None, [1, 3]), (6, [0, 2])]
     need = sliding_group_demand(6, 4, max_num_seqs=2, max_num_batched_tokens=16)
