@@ -122,13 +122,25 @@ class GroupedKVCacheManager:
             bs = self.block_size
             hashes = hash_prompt_blocks(token_ids[: max(0, len(token_ids) - 1) // bs * bs], bs)
             for num_blocks in range(min(g.hit_bound(hashes) for g in self.groups), 0, -1):
-                heads = [g.hit_blocks(hashes, num_blocks) for g in self.groups]
-                if None not in heads:
-                    hit, num_hit_tokens = tuple(heads), num_blocks * bs
+                heads = self._hit_heads(hashes, num_blocks)
+                if heads is not None:
+                    hit, num_hit_tokens = heads, num_blocks * bs
                     break
         if record_stats:
             self.record_prefix_query(len(token_ids), num_hit_tokens)
         return hit, num_hit_tokens
+
+    def _hit_heads(self, hashes: list[BlockHash], num_blocks: int) -> tuple[list[int], ...] | None:
+        """Every group's head for a hit of `num_blocks`, or None. The groups are asked last to
+        first, so the sliding ones (a window's lookups) turn a length down before the full group
+        (the whole prefix's) is asked; within the bound the full group always serves it."""
+        heads = []
+        for g in reversed(self.groups):
+            head = g.hit_blocks(hashes, num_blocks)
+            if head is None:
+                return None
+            heads.append(head)
+        return tuple(reversed(heads))
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries_tokens += num_tokens
