@@ -46,7 +46,8 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
     num_blocks: int | None = None
-    """Fix the KV pool size in blocks; None sizes it from memory (see below)."""
+    """Fix the KV pool size in blocks; None sizes it from memory (see below). A pool split by KV
+    layer group (interleaved sliding windows) gets the memory of that many one-pool blocks."""
     gpu_memory_utilization: float = 0.9
     """On CUDA: fraction of total device memory the engine may use (weights + activations + KV)."""
     cpu_kv_cache_gib: float = 0.5
