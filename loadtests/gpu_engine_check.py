@@ -5,7 +5,7 @@
 2. bf16: decode through captured CUDA graphs gives the same tokens as eager decode (Llama, and
    Gemma 2, whose KV pool is split by layer group: one block table per group in the graphs).
 
-    python loadtests/gpu_engine_check.py        (exits non-zero on any mismatch)
+    python loadtests/gpu_engine_check.py [ARCH ...]   (all architectures by default; exits non-zero on any mismatch)
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def check_graphs_and_async_match_eager(arch: str = "llama") -> list[str]:
     return problems
 
 
-def main() -> int:
+def main(archs: list[str]) -> int:
     problems = []
-    for arch in ARCHITECTURES:
+    for arch in archs or ARCHITECTURES:
         problems += check_fp32_parity(arch)
     problems += check_graphs_and_async_match_eager("llama")
     problems += check_graphs_and_async_match_eager("gemma2")  # pool split by KV layer group
@@ -98,4 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
