@@ -84,20 +84,38 @@ class Dispatcher:
     async def _disaggregated(self, prefill: Instance, decode: Instance, req: WorkerRequest) -> AsyncIterator[TokenChunk]:
         # True while the prefill instance may hold KV for this request that no decode has taken.
         kv_may_be_held = True
+        decode_chunks = first_decode = None
         try:
             with self.router.track(prefill, len(req.prompt_token_ids)):
                 result = await self._call(prefill, "Prefill",
                                           self.clients[prefill.url].prefill(req, self.prefill_timeout_s))
             kv_may_be_held = not result.finished
+            span = trace.get_current_span()
+            span.add_event("splitserve.prefill_returned")
+            if not result.finished:
+                # The Generate goes to the decode instance before the first token is handed on, so
+                # the consumer's work on that token (detokenizing, writing its SSE event) overlaps
+                # the hand-off instead of delaying it.
+                decode_chunks = self._stream(decode, req, result)
+                first_decode = asyncio.ensure_future(_first_chunk(decode_chunks))
+                await asyncio.sleep(0)  # the task runs up to its first wait: the Generate is queued
             yield result.first
             if result.finished:
                 return
-            async for chunk in self._stream(decode, req, result):
+            chunk = await first_decode
+            while chunk is not None:
+                if kv_may_be_held:
+                    span.add_event("splitserve.decode_first_chunk")
                 kv_may_be_held = False  # the decode side has loaded (or recomputed) the prompt
                 if chunk.finish_reason is not None:  # the prompt's cache hits were the prefill's
                     chunk.num_cache_hit_tokens = result.first.num_cache_hit_tokens
                 yield chunk
+                chunk = await anext(decode_chunks, None)
         finally:
+            if first_decode is not None:
+                first_decode.cancel()  # a no-op once it is done
+                await asyncio.gather(first_decode, return_exceptions=True)
+                await decode_chunks.aclose()  # cancels the call if we stopped early
             if kv_may_be_held:
                 self.abort_in_background(prefill, req.request_id)
 
@@ -147,3 +165,9 @@ class Dispatcher:
         """Wait (bounded) for background aborts, e.g. at shutdown."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout_s)
+
+
+async def _first_chunk(chunks: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+    async for chunk in chunks:
+        return chunk
+    return None

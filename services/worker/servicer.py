@@ -101,10 +101,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             # One generator between the engine's outputs and the caller: this runs per token.
             with telemetry.span("decode" if kv_handle else "generate", carrier=request.trace_context,
                                 **{"splitserve.request_id": request.request_id}) as span:
+                first = True
                 try:
                     async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
                                                           priority=request.priority, kv_handle=kv_handle,
                                                           first_token=first_token, session=session):
+                        if first:
+                            span.add_event("splitserve.first_output")
+                            first = False
                         if out.finished:
                             _record_final(span, out)
                         yield convert.engine_output_to_chunk(out)

@@ -3,6 +3,7 @@
     with otlp_receiver() as receiver:
         env = otlp_env(receiver.port)   # for the stack's processes
         receiver.spans      # (service name, span name, trace id hex, {attribute: AnyValue}) of every span
+        receiver.timed      # the same spans as TimedSpans: with start, end and events (unix ns)
 """
 
 from __future__ import annotations
@@ -10,11 +11,24 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from stack import free_port
+
+
+@dataclass
+class TimedSpan:
+    service: str
+    name: str
+    trace_id: str
+    start_ns: int
+    end_ns: int
+    attributes: dict
+    events: dict[str, int]
+    """Event name -> time (unix ns) of its first occurrence."""
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -23,6 +37,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, port: int) -> None:
         self.port = port
         self.spans: list[tuple[str, str, str, dict]] = []
+        self.timed: list[TimedSpan] = []
         self.lock = threading.Lock()
 
     def Export(self, request, context):
@@ -34,6 +49,11 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     for span in scope.spans:
                         attrs = {a.key: a.value for a in span.attributes}
                         self.spans.append((service, span.name, span.trace_id.hex(), attrs))
+                        events: dict[str, int] = {}
+                        for event in span.events:
+                            events.setdefault(event.name, event.time_unix_nano)
+                        self.timed.append(TimedSpan(service, span.name, span.trace_id.hex(), span.start_time_unix_nano,
+                                                    span.end_time_unix_nano, attrs, events))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

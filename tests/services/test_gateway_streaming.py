@@ -336,3 +336,43 @@ def test_n_choices_with_a_seed_get_seed_plus_k(make_stack, tokenizer):
     generates = stack.workers["colocated0"].record.generates
     seeds = sorted(g.sampling_params.seed for g in generates)
     assert seeds == sorted([2**63 - 2, 2**63 - 1, -(2**63)] * 2)  # wrapped into int64
+
+
+def test_the_decode_call_goes_out_before_the_first_token_is_handed_on(loop, tokenizer):
+    """The hand-off does not wait for the consumer: while it still holds the prefill's first token
+    (it has not asked for the next one), the decode worker already has the Generate; the stream
+    then goes on with the decode side's tokens, and closing it early cancels the decode call."""
+    from splitserve.services.gateway.dispatch import Dispatcher
+    from splitserve.services.gateway.metrics import GatewayMetrics
+    from splitserve.services.gateway.router import Router, poll_once
+    from splitserve.services.gateway.worker_client import WorkerClient, WorkerRequest
+    from splitserve.shared.sampling_params import SamplingParams
+
+    tokens = _tokens(tokenizer)
+    prefill, p_url = loop.call(lambda: start_scripted_worker("prefill", Script(tokens), "prefill0"))
+    decode, d_url = loop.call(lambda: start_scripted_worker("decode", Script(tokens, delay_s=0.05), "decode0"))
+    router = Router([p_url], [d_url])
+
+    async def make_clients():  # their channels belong to the loop they serve on
+        return {url: WorkerClient(url) for url in (p_url, d_url)}
+
+    clients = loop.call(make_clients)
+    dispatcher = Dispatcher(router, clients, GatewayMetrics(), prefill_timeout_s=10, generate_timeout_s=30,
+                            abort_timeout_s=5)
+    loop.call(lambda: poll_once(router, clients, 5.0))
+    chunks = dispatcher.generate(WorkerRequest("handoff-1", tokens[:4], SamplingParams(max_tokens=20)))
+    try:
+        first = loop.call(lambda: anext(chunks))
+        assert first.token_ids == [tokens[0]]
+        wait_until(lambda: len(decode.record.generates) == 1, 30, "the Generate to reach the decode worker")
+        assert decode.record.generates[0].first_token.token_id == tokens[0]
+        second = loop.call(lambda: anext(chunks))
+        assert second.token_ids[0] == tokens[1]
+    finally:
+        loop.call(chunks.aclose)
+    wait_until(lambda: decode.record.cancelled == ["handoff-1"], 30, "the decode call to be cancelled")
+    assert prefill.record.aborts == []  # the decode side took the KV
+    for client in clients.values():
+        loop.call(client.close)
+    for worker in (prefill, decode):
+        loop.call(lambda w=worker: stop_scripted_worker(w))
