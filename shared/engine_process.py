@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 
@@ -43,6 +44,12 @@ IDLE_POLL_MS = 50
 """How long an idle loop waits for a command before it checks its parent and its stats again."""
 KV_POLL_S = 0.0005
 """With only remote KV in flight there is nothing to step: poll the connector again this soon."""
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""The KV connector's threads (ZMQ control, UCX completions) wake on I/O and then need the
+interpreter lock, which the step loop holds while it runs Python. With CPython's default 5 ms
+switch interval each such wake-up waited ~3 ms (p50) behind a busy loop, several times per KV
+load; at 0.5 ms it waits ~0.7 ms (loadtests/handoff_probe.py, docs/benchmarks.md section 6). The
+shorter interval costs nothing while no other thread wants the lock."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -52,6 +59,7 @@ def run_engine_process(config, role: str, connector_factory, command_address: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start
     _die_with_parent(parent_pid)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s engine-{role} %(name)s: %(message)s")
     context = zmq.Context()
     commands, events = context.socket(zmq.PULL), context.socket(zmq.PUSH)

@@ -35,3 +35,22 @@ def test_one_trace_spans_gateway_prefill_transfer_decode(agent_api_stack, agent_
     transfer = [attrs for service, name, _, attrs in spans if name == "kv_transfer"]
     assert transfer and transfer[0]["splitserve.kv_bytes"].int_value > 0
     assert transfer[0]["splitserve.ok"].bool_value
+
+
+def test_the_handoff_phases_come_out_of_one_streamed_request(agent_api_stack, agent_api_traces):
+    """loadtests/handoff_probe.py's breakdown, on one request: every mark it reads is in the spans
+    (the gateway's prefill_returned / decode_first_chunk events, the decode span's first_output,
+    kv_transfer) and they come in causal order, so no phase is negative."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "loadtests"))
+    from handoff_probe import PHASES, phases_of, request_spans, stream_one
+
+    client = agent_api_stack.openai()
+    completion_id, times = stream_one(client, "splitserve-demo", "hand me off " * 6, 4)
+    assert len(times) >= 2
+    phases = wait_until(lambda: phases_of(request_spans(agent_api_traces, completion_id), times), timeout_s=20,
+                        interval_s=0.5, message="the request's hand-off spans")
+    assert set(phases) == set(PHASES)
+    assert all(value >= 0 for value in phases.values()), phases
