@@ -18,8 +18,10 @@ host's wall clock, so the processes' timestamps compare):
     python loadtests/handoff_probe.py --shape llama-3.2-1b --device cuda --ucx-tls cuda_copy,cuda_ipc,tcp \\
         --input-len 1024 --gpu-memory-utilization 0.4
 
-Requests go one after another (`--interval-s` apart), so each phase is the fixed cost of the
-hand-off, not queueing behind other requests; serve_compare.py measures gap1 under load.
+Probed requests go one after another (`--interval-s` apart), so each phase is the fixed cost of
+the hand-off. `--background-streams N` keeps N other long streams decoding meanwhile, so the
+decode engine is mid-step when a hand-off arrives, as under load (serve_compare.py measures gap1
+under Poisson load).
 
 `--gil` measures instead what one thread hop costs in a process whose main thread runs pure Python
 (as an engine process's step loop does between its torch calls, while its KV connector threads
@@ -115,6 +117,12 @@ def stack_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def keep_streaming(client, model: str, prompt, stop: threading.Event) -> None:
+    """Background load: long streams, one after another, until `stop`."""
+    while not stop.is_set():
+        stream_one(client, model, prompt, 64)
+
+
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     rows, itl_ms = [], []
     with otlp_receiver() as receiver, LocalStack(stack_argv(args), args.cache_dir or tempfile.mkdtemp(prefix="handoff-"),
@@ -122,16 +130,30 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         client = stack.openai()
         model = client.models.list().data[0].id
         prompt = [(7 * i) % 200 + 10 for i in range(args.input_len)]  # token ids: any tokenizer
-        for i in range(args.warmup + args.num_requests):
-            completion_id, times = stream_one(client, model, prompt, args.output_len)
-            if i >= args.warmup:
-                got = wait_until(lambda: phases_of(request_spans(receiver, completion_id), times), timeout_s=30,
-                                 interval_s=0.2, message=f"the spans of {completion_id}")
-                rows.append(got)
-                itl_ms += [(b - a) / 1e6 for a, b in zip(times[1:], times[2:])]
-            time.sleep(args.interval_s)
+        stop = threading.Event()
+        background = [threading.Thread(target=keep_streaming, args=(stack.openai(), model, prompt[::-1], stop),
+                                       daemon=True) for _ in range(args.background_streams)]
+        for thread in background:
+            thread.start()
+        try:
+            probe(receiver, client, model, prompt, args, rows, itl_ms)
+        finally:
+            stop.set()
+            for thread in background:
+                thread.join(60)
     print_table(rows, itl_ms)
     return rows
+
+
+def probe(receiver, client, model: str, prompt, args: argparse.Namespace, rows: list, itl_ms: list) -> None:
+    for i in range(args.warmup + args.num_requests):
+        completion_id, times = stream_one(client, model, prompt, args.output_len)
+        if i >= args.warmup:
+            got = wait_until(lambda: phases_of(request_spans(receiver, completion_id), times), timeout_s=30,
+                             interval_s=0.2, message=f"the spans of {completion_id}")
+            rows.append(got)
+            itl_ms += [(b - a) / 1e6 for a, b in zip(times[1:], times[2:])]
+        time.sleep(args.interval_s)
 
 
 def _write_times(fd: int, count: int) -> None:
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=8)
     p.add_argument("--interval-s", type=float, default=0.1)
+    p.add_argument("--background-streams", type=int, default=0, help="other streams decoding meanwhile")
     p.add_argument("--ucx-tls", default=None, help="--transfer-ucx-tls for the workers (default: theirs)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--cache-dir", default=None)

@@ -47,9 +47,9 @@ KV_POLL_S = 0.0005
 GIL_SWITCH_INTERVAL_S = 0.0005
 """The KV connector's threads (ZMQ control, UCX completions) wake on I/O and then need the
 interpreter lock, which the step loop holds while it runs Python. With CPython's default 5 ms
-switch interval each such wake-up waited ~3 ms (p50) behind a busy loop, several times per KV
-load; at 0.5 ms it waits ~0.7 ms (loadtests/handoff_probe.py, docs/benchmarks.md section 6). The
-shorter interval costs nothing while no other thread wants the lock."""
+switch interval each such wake-up waited ~5 ms (p50) behind a loop running pure Python, about six
+times per KV load; at 0.5 ms it waits ~0.7 ms (`loadtests/handoff_probe.py --gil`, docs/benchmarks.md
+section 6). The shorter interval costs nothing while no other thread wants the lock."""
 _PR_SET_PDEATHSIG = 1
 
 
