@@ -100,6 +100,8 @@ class AsyncEngine:
             self._close_sockets()
             raise
         self.instance_id, self.max_model_len, self.block_size = ready.instance_id, ready.max_model_len, ready.block_size
+        self.torch_threads = ready.torch_threads
+        """The engine process's torch thread count (`ParallelConfig.cpu_threads`)."""
         self._stats: EngineStats = ready.stats
         self._receiver = threading.Thread(target=self._receive, name=f"engine-{role}-receiver", daemon=True)
         self._receiver.start()

@@ -117,10 +117,18 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     """Ranks the model is sharded over inside this worker (vLLM's `-tp`): one process per device,
     cuda:i .. cuda:i+N-1 from the configured device on GPUs, gloo processes on CPU."""
+    cpu_threads: int | None = None
+    """Torch's intra-op threads in the engine (`torch.set_num_threads`; rank 0's under tensor
+    parallelism, whose other ranks split the cores). Unset: torch's default (every core) for
+    `LLM(...)`, which has the machine to itself; on CPU, one core fewer (at least 1) for a served
+    worker's engine process, whose serving process and the gateway run beside it: an OpenMP thread
+    that loses its core to them stalls every parallel region of the step."""
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ count (its followers allocate the same when the runner binds the pool).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the whole host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_cpu_threads(config: EngineConfig, beside_server: bool) -> int | None:
+    """The torch thread count an engine sets (`ParallelConfig.cpu_threads`); None keeps torch's.
+
+    `beside_server`: the engine process of a served worker, which shares the cores with its serving
+    process and the gateway. On CPU it leaves them one core (measured: docs/benchmarks.md section 9)."""
+    if config.parallel.cpu_threads is not None:
+        return config.parallel.cpu_threads
+    if beside_server and resolve_device(config.model.device).type == "cpu":
+        return max(1, usable_cores() - 1)
+    return None
+
+
+def apply_cpu_threads(config: EngineConfig, beside_server: bool) -> None:
+    threads = resolve_cpu_threads(config, beside_server)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def resolve_model_dir(model: str | None) -> str:

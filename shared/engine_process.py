@@ -32,9 +32,11 @@ import sys
 import time
 import uuid
 
+import torch
 import zmq
 
 from splitserve.shared.engine import EngineCore, EngineOutput, KvTransferParams
+from splitserve.shared.engine_parts import apply_cpu_threads
 from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
                                                EngineStartFailed, EngineStep, Shutdown, command_decoder, encoder)
 
@@ -76,6 +78,7 @@ def run_engine_process(config, role: str, connector_factory, command_address: st
 
 def _serve(config, role, connector_factory, commands, events, parent_pid) -> int:
     try:
+        apply_cpu_threads(config, beside_server=True)
         core = EngineCore(config, connector_factory)
     except Exception as exc:  # a bad checkpoint, no memory: the worker's start-up fails with this
         logger.exception("engine start-up failed")
@@ -83,7 +86,8 @@ def _serve(config, role, connector_factory, commands, events, parent_pid) -> int
         return 1
     try:
         instance_id = getattr(core.connector, "instance_id", None) or f"{role}-{uuid.uuid4().hex[:12]}"
-        events.send(encoder.encode(EngineReady(instance_id, core.max_model_len, core.block_size, core.stats())))
+        events.send(encoder.encode(EngineReady(instance_id, core.max_model_len, core.block_size, core.stats(),
+                                               torch.get_num_threads())))
         return EngineLoop(core, commands, events, parent_pid).run()
     finally:
         core.close()

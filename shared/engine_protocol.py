@@ -51,6 +51,8 @@ class EngineReady(msgspec.Struct, tag="ready", array_like=True):
     max_model_len: int
     block_size: int
     stats: EngineStats
+    torch_threads: int
+    """torch.get_num_threads() in the engine process once its engine was built."""
 
 
 class EngineStartFailed(msgspec.Struct, tag="start_failed", array_like=True):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.shared.engine import EngineCore, EngineOutput
+from splitserve.shared.engine_parts import apply_cpu_threads
 from splitserve.shared.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
@@ -26,14 +27,14 @@ class LLM:
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, structured_outputs_threads: int | None = None,
-                 step_trace: str | None = None, tensor_parallel_size: int = 1) -> None:
+                 step_trace: str | None = None, tensor_parallel_size: int = 1, cpu_threads: int | None = None) -> None:
         config = EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, load_format, seed, enforce_eager),
             cache=CacheConfig(block_size, num_blocks, gpu_memory_utilization, cpu_kv_cache_gib, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy,
                                       async_scheduling, structured_outputs_threads=structured_outputs_threads,
                                       step_trace=step_trace),
-            parallel=ParallelConfig(tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size, cpu_threads),
         )
         self._setup(config, skip_tokenizer_init)
 
@@ -44,6 +45,7 @@ class LLM:
         return llm
 
     def _setup(self, config: EngineConfig, skip_tokenizer_init: bool) -> None:
+        apply_cpu_threads(config, beside_server=False)
         self.engine = EngineCore(config)
         # Without a tokenizer (benchmarks on config-only checkpoints) prompts must be token ids
         # and outputs carry token ids only, as with vLLM's skip_tokenizer_init.

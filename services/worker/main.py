@@ -128,7 +128,7 @@ async def _serve_engine(args: argparse.Namespace, engine: AsyncEngine, stop: asy
                 sorted(listening_sockets()), ", mutual TLS" if security.tls else "",
                 ", token required" if security.token else ", no auth")
     print(f"splitserve {engine.role} ready on {args.host}:{port} (instance {engine.instance_id}, "
-          f"engine process {engine.process.pid})", flush=True)
+          f"engine process {engine.process.pid}, {engine.torch_threads} torch threads)", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -36,6 +36,12 @@ def _free_blocks_settle(engine, expected: int) -> None:
     asyncio.run(wait())
 
 
+def test_the_engine_process_leaves_a_core_to_its_server_by_default(engine):
+    from splitserve.shared.engine_parts import usable_cores
+
+    assert engine.torch_threads == max(1, usable_cores() - 1)  # ParallelConfig.cpu_threads unset, on CPU
+
+
 def test_stream_to_the_end(engine):
     async def run():
         outs = [o async for o in engine.generate("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=6, ignore_eos=True))]
