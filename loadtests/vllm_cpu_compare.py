@@ -9,6 +9,9 @@ the same for the other, so a shared, loaded machine slows both alike:
     splitserve   `splitserve up --colocated` (gateway + one colocated worker, its engine process)
     vllm         `vllm serve DIR` from the venv given (vLLM stays out of this project's dependencies)
 
+A system `splitserve:FLAGS` is splitserve with more `up` flags (comma-separated, e.g.
+`splitserve:--cpu-threads=2`), so settings can be A/B'd in the same run.
+
 The table gives output tok/s, TTFT, TPOT and ITL as vLLM's client measured them, and splitserve's
 output tok/s as a share of vLLM's in the same round. `--model` defaults to the demo checkpoint.
 """
@@ -33,10 +36,12 @@ STOP_TIMEOUT_S = 30.0
 
 
 def server_argv(system: str, args: argparse.Namespace, port: int) -> list[str]:
-    if system == "splitserve":
+    name, _, extra = system.partition(":")
+    if name == "splitserve":
         return [sys.executable, "-m", "splitserve.cli", "up", "--colocated", "--port", str(port),
                 "--worker-base-port", str(port + 1), "--model", args.model, "--device", "cpu",
-                "--max-model-len", str(args.max_model_len), "--no-enable-prefix-caching"]
+                "--max-model-len", str(args.max_model_len), "--no-enable-prefix-caching",
+                *[flag for flag in extra.split(",") if flag]]
     return [os.path.join(args.vllm_venv, "bin", "vllm"), "serve", args.model, "--port", str(port),
             "--max-model-len", str(args.max_model_len), "--no-enable-prefix-caching", *args.vllm_serve_args]
 
@@ -68,12 +73,13 @@ def stop(process: subprocess.Popen) -> None:
 def bench(system: str, args: argparse.Namespace, out_dir: str, rnd: int) -> dict:
     port = args.port
     url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(out_dir, f"{system}-{rnd}.log"), "w")
+    label = "".join(c if c.isalnum() or c in "-_" else "_" for c in system)
+    log = open(os.path.join(out_dir, f"{label}-{rnd}.log"), "w")
     process = subprocess.Popen(server_argv(system, args, port), stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         model_id = wait_ready(process, url, args.start_timeout_s)
-        result = os.path.join(out_dir, f"{system}-{rnd}.json")
+        result = os.path.join(out_dir, f"{label}-{rnd}.json")
         subprocess.run([os.path.join(args.vllm_venv, "bin", "vllm"), "bench", "serve", "--backend", "openai",
                         "--base-url", url, "--model", model_id, "--tokenizer", args.model, "--dataset-name", "random",
                         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
@@ -90,13 +96,14 @@ def bench(system: str, args: argparse.Namespace, out_dir: str, rnd: int) -> dict
 def print_table(rows: list[tuple[int, str, dict]], args: argparse.Namespace) -> None:
     print(f"\n{args.num_prompts} prompts x ({args.input_len} -> {args.output_len}), max concurrency "
           f"{args.max_concurrency}, ignore_eos, model {args.model}, measured by `vllm bench serve`; ms")
-    header = (f"{'round':>5s} {'system':11s} {'out tok/s':>10s} {'vs vLLM':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+    width = max(11, *(len(system) for _, system, _ in rows))
+    header = (f"{'round':>5s} {'system':{width}s} {'out tok/s':>10s} {'vs vLLM':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
               f"{'TPOT p50':>9s} {'ITL p50':>8s} {'ITL p99':>8s}")
     print(header + "\n" + "-" * len(header))
     vllm = {rnd: r["output_throughput"] for rnd, system, r in rows if system == "vllm"}
     for rnd, system, r in rows:
         share = f"{r['output_throughput'] / vllm[rnd]:7.2f}x" if vllm.get(rnd) else "      -"
-        print(f"{rnd:5d} {system:11s} {r['output_throughput']:10.1f} {share:>8s} {r.get('median_ttft_ms', 0):9.1f} "
+        print(f"{rnd:5d} {system:{width}s} {r['output_throughput']:10.1f} {share:>8s} {r.get('median_ttft_ms', 0):9.1f} "
               f"{r.get('p99_ttft_ms', 0):9.1f} {r.get('median_tpot_ms', 0):9.2f} {r.get('median_itl_ms', 0):8.2f} "
               f"{r.get('p99_itl_ms', 0):8.2f}")
 
