@@ -55,11 +55,12 @@ def run_system(system: str, args: argparse.Namespace, model_dir: str, vocab_size
     argv = [python, os.path.abspath(__file__), "--child", system, "--child-model", model_dir,
             "--prompt-len", str(args.prompt_len), "--child-dtype", dtype, "--repeats", str(args.repeats),
             "--child-vocab", str(vocab_size)]
-    with open(log_path, "w") as log:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, timeout=args.timeout_s)
+    with open(log_path, "w") as log:  # vLLM logs to stdout: keep all of it, results included
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{system} exited with {proc.returncode}; see {log_path}")
-    return [float(seconds) for seconds, _ in _RESULT.findall(proc.stdout)]
+    with open(log_path) as log:
+        return [float(seconds) for seconds, _ in _RESULT.findall(log.read())]
 
 
 def main(argv: list[str] | None = None) -> int:
