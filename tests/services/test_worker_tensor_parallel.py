@@ -11,10 +11,19 @@ import signal
 
 import grpc
 import pytest
-from stack import process_running, wait_until
+from stack import all_up, process_running, wait_until
 from worker_process import colocated_worker, generate_stream
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tp_workers(tmp_path_factory):
+    """The `-tp 2` workers of the two tests below, started at once so that their rank start-ups
+    overlap; each test takes one of its own and kills a part of it."""
+    cache = tmp_path_factory.mktemp("tp-cache")
+    with all_up(*(colocated_worker(cache, "-tp", "2") for _ in range(2))) as workers:
+        yield list(workers)
 
 
 def _followers(engine_pid: int) -> list[int]:
@@ -26,8 +35,8 @@ def _followers(engine_pid: int) -> list[int]:
     return [p for p in pids if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
 
 
-def test_a_killed_follower_fails_the_stream_and_the_worker_exits_1_leaving_no_rank(tmp_path):
-    with colocated_worker(tmp_path / "cache", "-tp", "2") as worker:
+def test_a_killed_follower_fails_the_stream_and_the_worker_exits_1_leaving_no_rank(tp_workers):
+    with tp_workers.pop() as worker:
         engine = worker.engine_pid
         followers = _followers(engine)
         assert len(followers) == 1
@@ -45,8 +54,8 @@ def test_a_killed_follower_fails_the_stream_and_the_worker_exits_1_leaving_no_ra
         wait_until(lambda: not process_running(engine), 30, message="engine process (rank 0) gone")
 
 
-def test_no_rank_outlives_a_killed_worker(tmp_path):
-    with colocated_worker(tmp_path / "cache", "-tp", "2") as worker:
+def test_no_rank_outlives_a_killed_worker(tp_workers):
+    with tp_workers.pop() as worker:
         ranks = [worker.engine_pid, *_followers(worker.engine_pid)]
         assert len(ranks) == 2
         worker.kill()
