@@ -22,6 +22,7 @@ token id, or `--model DIR`. On CPU, `--model demo` serves the demo checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ sys.path.append(os.path.join(HERE, ".."))  # `loadtests` as a package, for bench
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from shapes import SHAPES, write_shape  # noqa: E402
-from workload import add_engine_args, add_model_arg, add_shape_arg, add_workload_args  # noqa: E402
+from workload import (add_engine_args, add_model_arg, add_shape_arg, add_start_together_arg,  # noqa: E402
+                      add_workload_args, started_in_turn)
 from stack import LocalStack, metric_total  # noqa: E402
 
 def topology_args(name: str, args: argparse.Namespace) -> list[str]:
@@ -78,22 +80,27 @@ def add_stack_args_flag(p: argparse.ArgumentParser) -> None:
                    help="more `splitserve up` flags, one string, e.g. '--session-max-hold-ms 5'")
 
 
-def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str,
-                 on_ready=None) -> list[dict]:
-    """`on_ready()`, when given, is called once the stack is up, just before the load starts."""
-    from loadtests import bench_serve
-
+def topology_stack(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> LocalStack:
+    """The stack of a topology, starting (LocalStack waits for it on entry)."""
     engine_argv = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching"]
     if args.ucx_tls:
         engine_argv += ["--transfer-ucx-tls", args.ucx_tls]
-    result_json = os.path.join(out_dir, f"{name}.json")
     gateway_argv = ["--gateway-processes", str(args.gateway_processes)]
     if args.session_window is not None:
         gateway_argv += ["--session-window", str(args.session_window)]
     stack_argv = [*topology_args(name, args), *model_argv, *engine_argv, *gateway_argv, *args.stack_args]
-    with LocalStack(stack_argv, os.path.join(out_dir, "cache"),
-                    device=args.device) as stack:
+    return LocalStack(stack_argv, os.path.join(out_dir, "cache"), device=args.device)
+
+
+def run_topology(name: str, args: argparse.Namespace, model_argv: list[str], out_dir: str,
+                 on_ready=None, stack: LocalStack | None = None) -> list[dict]:
+    """`on_ready()`, when given, is called once the stack is up, just before the load starts.
+    `stack`: the topology's stack, already starting (default: started here)."""
+    from loadtests import bench_serve
+
+    result_json = os.path.join(out_dir, f"{name}.json")
+    with stack or topology_stack(name, args, model_argv, out_dir) as stack:
         argv = ["--base-url", stack.url, "--num-prompts", str(args.num_prompts), "--random-input-len",
                 str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos",
                 "--sweep-rates", args.rates, "--result-json", result_json, "--disable-tqdm", "--seed", str(args.seed)]
@@ -156,15 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None,
                    help="where the JSON results go: one per topology from bench_serve, and compare.json")
+    add_start_together_arg(p)
     args = p.parse_args(argv)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="serve-compare-")
     os.makedirs(out_dir, exist_ok=True)
     model_argv = model_args(args)
-    results = {}
-    for name in args.topologies.split(","):
+    names = args.topologies.split(",")
+    for name in names:
         if name not in TOPOLOGIES:
             p.error(f"unknown topology {name!r}; choose from {TOPOLOGIES}")
-        results[name] = run_topology(name, args, model_argv, out_dir)
+    results = {}
+    with contextlib.ExitStack() as started:
+        for name, stack in started_in_turn(lambda name: topology_stack(name, args, model_argv, out_dir), names,
+                                           args.start_stacks_together, started):
+            results[name] = run_topology(name, args, model_argv, out_dir, stack=stack)
     print(f"\n{args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out) per rate, "
           f"model {args.model or args.shape}, device {args.device}; latencies in ms")
     print_table(results, bool(args.goodput))

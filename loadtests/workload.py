@@ -5,6 +5,8 @@
     add_workload_args(parser, num_prompts=256, input_len=512, output_len=128)
     add_engine_args(parser, max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
     random_prompts(num, length, vocab, low=1000, seed=0)       # token-id prompts, reproducible
+    add_start_together_arg(parser)                             # --start-stacks-together
+    for name, stack in started_in_turn(start, names, args.start_stacks_together, exit_stack): ...
 
 Each script keeps its own defaults (they are part of its documented command lines); only the
 flags' names, types and the way prompts are drawn live here, so one spelling holds everywhere.
@@ -13,7 +15,9 @@ flags' names, types and the way prompts are drawn live here, so one spelling hol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+from collections.abc import Callable, Iterator
 
 from shapes import SHAPES
 
@@ -49,3 +53,27 @@ def random_prompts(num: int, length: int, vocab: int, *, low: int = 1000, seed: 
     and byte tokens at the start of most vocabularies), the same for the same arguments."""
     rng = random.Random(seed)
     return [[rng.randrange(low, vocab) for _ in range(length)] for _ in range(num)]
+
+
+def add_start_together_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start-stacks-together", action="store_true",
+                        help="start every stack of the run at once, up front, so that their start-ups overlap "
+                             "(the idle ones share the machine with the one under load: for quick checks, such "
+                             "as the CPU tests, not for measurements)")
+
+
+def started_in_turn(start: Callable[[str], object], names: list[str], together: bool,
+                    started: contextlib.ExitStack) -> Iterator[tuple[str, object]]:
+    """(name, start(name)) for each of `names`, each started when its turn comes, or all up front
+    when `together`. `start` returns a server already starting (a tests/services/stack.py
+    LocalStack); every one started is stopped when `started` closes, also when a later one fails."""
+    def begin(name: str):
+        server = start(name)
+        started.push(server.__exit__)
+        return server
+
+    if together:
+        yield from list(zip(names, [begin(name) for name in names]))
+    else:
+        for name in names:
+            yield name, begin(name)

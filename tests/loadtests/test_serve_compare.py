@@ -19,7 +19,8 @@ def test_serve_compare_runs_both_topologies_on_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "loadtests" / "serve_compare.py"), "--model", "demo", "--device", "cpu",
          "--rates", "8,inf", "--num-prompts", "8", "--input-len", "48", "--output-len", "8", "--max-num-seqs", "16",
-         "--max-num-batched-tokens", "512", "--ucx-tls", "tcp", "--colocated-workers", "2", "--goodput", "tpot:5000", "--out-dir", str(tmp_path)],
+         "--max-num-batched-tokens", "512", "--ucx-tls", "tcp", "--colocated-workers", "2", "--goodput", "tpot:5000", "--start-stacks-together",
+         "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=280,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
