@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -41,7 +42,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from metrics import percentile  # noqa: E402
 from stack import LocalStack, metric_total  # noqa: E402
-from workload import add_model_arg, add_shape_arg  # noqa: E402
+from workload import add_model_arg, add_shape_arg, add_start_together_arg, started_in_turn  # noqa: E402
 
 MODES = ("no-tier", "tier", "tier+retention", "disagg", "disagg+next-turn")
 
@@ -158,8 +159,13 @@ def worker_counters(stack: LocalStack, mode: str) -> dict:
     return {role: dict(stack.load(role).counters) for role in roles}
 
 
-def run_mode(mode: str, args: argparse.Namespace, model_argv: list[str], vocab: int, out_dir: str) -> ModeResult:
-    with LocalStack([*mode_args(mode, args), *model_argv], os.path.join(out_dir, "cache"), device=args.device) as stack:
+def mode_stack(mode: str, args: argparse.Namespace, model_argv: list[str], out_dir: str) -> LocalStack:
+    """The stack of a mode, starting (LocalStack waits for it on entry)."""
+    return LocalStack([*mode_args(mode, args), *model_argv], os.path.join(out_dir, "cache"), device=args.device)
+
+
+def run_mode(mode: str, args: argparse.Namespace, vocab: int, stack: LocalStack) -> ModeResult:
+    with stack:
         result = asyncio.run(run_workload(stack.url, mode, args, vocab))
         result.counters = worker_counters(stack, mode)
         with urllib.request.urlopen(stack.url + "/metrics", timeout=10) as response:
@@ -241,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="agent-bench-")
     os.makedirs(out_dir, exist_ok=True)
     model_argv, vocab = model_argv_and_vocab(args)
-    summaries = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
-        summaries.append(summarize(run_mode(mode, args, model_argv, vocab, out_dir), args.block_size))
+    summaries = []
+    with contextlib.ExitStack() as started:
+        for mode, stack in started_in_turn(lambda mode: mode_stack(mode, args, model_argv, out_dir), modes,
+                                           args.start_stacks_together, started):
+            summaries.append(summarize(run_mode(mode, args, vocab, stack), args.block_size))
     print(f"\n{args.sessions} sessions x {args.turns} turns (system {args.system_len}, first {args.first_len}, "
           f"tool {args.tool_len}, output {args.output_len} tokens), pool {args.num_blocks} x {args.block_size}-token "
           f"blocks, host tier {args.kv_offload_gib} GiB; model {args.model or args.shape}, device {args.device}")
@@ -281,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--out-dir", default=None)
+    add_start_together_arg(p)
     return p
 
 

@@ -37,7 +37,8 @@ def test_agent_bench_runs_tiny_on_cpu(tmp_path):
         [sys.executable, str(REPO_ROOT / "loadtests" / "agent_bench.py"), "--model", "demo", "--device", "cpu",
          "--sessions", "3", "--turns", "2", "--system-len", "32", "--first-len", "16", "--tool-len", "8",
          "--output-len", "4", "--num-blocks", "8", "--kv-offload-gib", "0.01", "--think-s", "0.1",
-         "--arrival-s", "0.1", "--modes", "no-tier,disagg+next-turn", "--out-dir", str(tmp_path), "--disable-tqdm"],
+         "--arrival-s", "0.1", "--modes", "no-tier,disagg+next-turn", "--start-stacks-together", "--out-dir", str(tmp_path),
+         "--disable-tqdm"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "no-tier" in out.stdout and "disagg+next-turn" in out.stdout and "turn 1 TTFT p50 ms" in out.stdout
