@@ -10,6 +10,8 @@ ranks both hold (a replica of) that head.
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import pytest
 
@@ -28,15 +30,20 @@ def one_kv_head(checkpoint_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stacks(tmp_path_factory, one_kv_head):
+def stacks(tmp_path_factory, one_kv_head, demo_checkpoint_dir):
     """(prefill TP=2 -> decode TP=1 on the demo checkpoint, prefill TP=1 -> decode TP=2 with one kv
-    head), started at once so that their start-ups overlap."""
+    head) and the colocated TP=1 engine's greedy texts of each checkpoint. The stacks start at
+    once so that their start-ups overlap, and the offline references are computed meanwhile."""
     cache = str(tmp_path_factory.mktemp("pd-tp-cache"))
     common = ["--prefill", "1", "--decode", "1", "--num-blocks", "128", "--block-size", str(BLOCK_SIZE)]
-    with all_up(LocalStack([*common, "--prefill-tp", "2"], cache),
-                LocalStack([*common, "--decode-tp", "2", "--model", one_kv_head, "--served-model-name", "tiny"],
-                           cache)) as both:
-        yield both
+    starting = (LocalStack([*common, "--prefill-tp", "2"], cache),
+                LocalStack([*common, "--decode-tp", "2", "--model", one_kv_head, "--served-model-name", "tiny"], cache))
+    with contextlib.ExitStack() as cleanup:
+        for stack in starting:
+            cleanup.push(stack.__exit__)  # stopped even if an offline run fails
+        references = [_offline(demo_checkpoint_dir), _offline(one_kv_head)]
+        with all_up(*starting) as both:
+            yield list(zip(both, references))
 
 
 def _greedy(client, model: str) -> list[tuple[str, int]]:
@@ -68,13 +75,13 @@ def _whole_head_block_bytes(model_dir: str) -> int:
     return info.num_layers * 2 * BLOCK_SIZE * info.num_kv_heads * info.head_dim * 4  # fp32 on CPU
 
 
-def _check_stack(stack: LocalStack, model: str, model_dir: str) -> None:
+def _check_stack(stack: LocalStack, model: str, model_dir: str, offline: list[str]) -> None:
     metrics = httpx.get(f"{stack.url}/metrics").text
     moved_before = metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total")
     recomputed_before = metric_total(metrics, "splitserve_gateway_recomputed_tokens_total")
     before = stack.load("decode").counters
     served = _greedy(stack.openai(), model)
-    assert [text for text, _ in served] == _offline(model_dir)
+    assert [text for text, _ in served] == offline
     after = stack.load("decode").counters
     assert after["transfers_ok"] - before.get("transfers_ok", 0) == len(PROMPTS)
     assert after.get("transfers_failed", 0) == before.get("transfers_failed", 0)
@@ -86,12 +93,11 @@ def _check_stack(stack: LocalStack, model: str, model_dir: str) -> None:
     assert metric_total(metrics, "splitserve_gateway_recomputed_tokens_total") == recomputed_before
 
 
-def test_prefill_tp2_to_decode_tp1_serves_the_colocated_tokens_with_kv_moved(stacks):
-    from splitserve.shared.demo import ensure_demo_checkpoint
-
-    prefill_tp2 = stacks[0]
-    _check_stack(prefill_tp2, "splitserve-demo", ensure_demo_checkpoint(prefill_tp2.env["SPLITSERVE_CACHE"]))
+def test_prefill_tp2_to_decode_tp1_serves_the_colocated_tokens_with_kv_moved(stacks, demo_checkpoint_dir):
+    prefill_tp2, offline = stacks[0]
+    _check_stack(prefill_tp2, "splitserve-demo", demo_checkpoint_dir, offline)
 
 
 def test_prefill_tp1_to_decode_tp2_with_a_replicated_kv_head(stacks, one_kv_head):
-    _check_stack(stacks[1], "tiny", one_kv_head)
+    decode_tp2, offline = stacks[1]
+    _check_stack(decode_tp2, "tiny", one_kv_head, offline)
