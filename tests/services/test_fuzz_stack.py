@@ -23,7 +23,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from stack import LocalStack, wait_until
+from stack import LocalStack, all_up, wait_until
 from splitserve.shared.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN
 
 pytestmark = pytest.mark.slow
@@ -58,17 +58,28 @@ class FuzzedStack:
             wait_until(idle, 60, message=f"{role} idle with every block free")
 
 
-@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
-def fuzzed(request, tmp_path_factory):
+TOPOLOGIES = {  # name: (`splitserve up` flags, environment, worker roles)
+    "colocated": (["--colocated", "--api-key", KEY], {}, ["worker"]),
+    "disaggregated": (["--prefill", "1", "--decode", "1"], {"SPLITSERVE_API_KEY": KEY}, ["prefill", "decode"]),
+}
+
+
+@pytest.fixture(scope="module")
+def fuzzed_stacks(tmp_path_factory):
+    """Both topologies' stacks, started at once so that their start-ups overlap (each test runs on
+    each of them in turn; the other one idles meanwhile)."""
     cache = str(tmp_path_factory.mktemp("fuzz-cache"))
-    if request.param == "colocated":
-        args, env, roles = ["--colocated", "--api-key", KEY], {}, ["worker"]
-    else:
-        args, env, roles = ["--prefill", "1", "--decode", "1"], {"SPLITSERVE_API_KEY": KEY}, ["prefill", "decode"]
-    with LocalStack([*args, *GATEWAY_LIMITS], cache, env=env) as stack:
-        fuzzed = FuzzedStack(stack, roles)
+    stacks = [LocalStack([*args, *GATEWAY_LIMITS], cache, env=env) for args, env, _ in TOPOLOGIES.values()]
+    with all_up(*stacks):
+        fuzzed = {name: FuzzedStack(stack, roles) for (name, (_, _, roles)), stack in zip(TOPOLOGIES.items(), stacks)}
         yield fuzzed
-        fuzzed.http.close()
+        for one in fuzzed.values():
+            one.http.close()
+
+
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
+def fuzzed(request, fuzzed_stacks):
+    return fuzzed_stacks[request.param]
 
 
 # ---- schemathesis --------------------------------------------------------------------------------

@@ -30,12 +30,15 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def stacks(cache_dir):
-    """(disaggregated, colocated), started at once so that their start-ups overlap. The colocated
-    one schedules asynchronously, so the identity test below also holds it against the synchronous
-    paths."""
+    """(disaggregated, colocated, NCCL-paired, two gateway processes), started at once so that
+    their start-ups overlap. The colocated one schedules asynchronously, so the identity test below
+    also holds it against the synchronous paths. The last two serve only their own test each."""
     with all_up(LocalStack(["--prefill", "1", "--decode", "1"], cache_dir),
-                LocalStack(["--colocated", "--async-scheduling"], cache_dir)) as both:
-        yield both
+                LocalStack(["--colocated", "--async-scheduling"], cache_dir),
+                LocalStack(["--prefill", "1", "--decode", "1", "--transfer-backend", "nccl",
+                            "--worker-devices", "cpu,cpu"], cache_dir),
+                LocalStack(["--colocated", "--gateway-processes", "2", "--session-window", "0"], cache_dir)) as four:
+        yield four
 
 
 @pytest.fixture(scope="module")
@@ -187,22 +190,21 @@ def test_openai_client_sees_clear_errors(disagg):
     assert disagg.openai().completions.create(model="splitserve-demo", prompt="ok", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_nccl_backend_stack_serves_the_same_tokens_with_kv_moved(disagg, cache_dir):
-    """`splitserve up --transfer-backend nccl`: the launcher pairs the prefill (rank 0) and decode
-    (rank 1) workers in one process group (gloo stands in for NCCL on CPU tensors); the output is
-    the UCX stack's, KV really moves and nothing is recomputed. Workers go where --worker-devices
-    says."""
-    with LocalStack(["--prefill", "1", "--decode", "1", "--transfer-backend", "nccl",
-                     "--worker-devices", "cpu,cpu"], cache_dir) as nccl:
-        assert _greedy_texts(nccl.openai()) == _greedy_texts(disagg.openai())
-        metrics = httpx.get(f"{nccl.url}/metrics").text
-        assert metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total") > 0
-        assert metric_total(metrics, "splitserve_gateway_recomputed_tokens_total") == 0
-        for role, rank in (("prefill", "0"), ("decode", "1")):
-            with open(f"/proc/{nccl.worker_pid(role)}/cmdline") as f:
-                argv = f.read().split("\0")
-            assert argv[argv.index("--transfer-nccl-rank") + 1] == rank
-            assert argv[len(argv) - 1 - argv[::-1].index("--device") + 1] == "cpu"  # the last --device wins
+def test_nccl_backend_stack_serves_the_same_tokens_with_kv_moved(disagg, stacks):
+    """`splitserve up --transfer-backend nccl --worker-devices cpu,cpu`: the launcher pairs the
+    prefill (rank 0) and decode (rank 1) workers in one process group (gloo stands in for NCCL on
+    CPU tensors); the output is the UCX stack's, KV really moves and nothing is recomputed. Workers
+    go where --worker-devices says."""
+    nccl = stacks[2]
+    assert _greedy_texts(nccl.openai()) == _greedy_texts(disagg.openai())
+    metrics = httpx.get(f"{nccl.url}/metrics").text
+    assert metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total") > 0
+    assert metric_total(metrics, "splitserve_gateway_recomputed_tokens_total") == 0
+    for role, rank in (("prefill", "0"), ("decode", "1")):
+        with open(f"/proc/{nccl.worker_pid(role)}/cmdline") as f:
+            argv = f.read().split("\0")
+        assert argv[argv.index("--transfer-nccl-rank") + 1] == rank
+        assert argv[len(argv) - 1 - argv[::-1].index("--device") + 1] == "cpu"  # the last --device wins
 
 
 def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
@@ -212,12 +214,14 @@ def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
 
 
 
-def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, cache_dir):
-    """`splitserve up --gateway-processes 2`: both processes answer on the one port (the kernel
-    spreads new connections), the tokens are the single gateway's, and /metrics, whichever process
-    answers it, counts the tokens that both served. The session credit is off here (window 0), so
-    that path serves real traffic too. Stopping the stack stops every gateway process."""
-    with LocalStack(["--colocated", "--gateway-processes", "2", "--session-window", "0"], cache_dir) as multi:
+def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, stacks):
+    """`splitserve up --gateway-processes 2 --session-window 0`: both processes answer on the one
+    port (the kernel spreads new connections), the tokens are the single gateway's, and /metrics,
+    whichever process answers it, counts the tokens that both served (nothing else uses this
+    stack). The session credit is off here (window 0), so that path serves real traffic too.
+    Stopping the stack stops every gateway process."""
+    multi = stacks[3]
+    with multi:  # stops it at the end (the fixture's stop then finds it stopped)
         pids = {httpx.get(f"{multi.url}/health").json()["pid"] for _ in range(40)}  # a new connection each
         assert len(pids) == 2
         for pid in pids:
