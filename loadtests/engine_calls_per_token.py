@@ -12,8 +12,10 @@ tokenizer), for sync and async scheduling (async is forced on CPU; it is the GPU
 the decode steps while every request runs (`steady`: the per-step cost) and over the whole run
 from the first prefill to the last finish (`run`: per output token). `engine` counts only the
 calls made in the engine's own files (shared/, without the model), the part this measure guards;
-`all` adds torch's and the model's. The CPU ms per step comes from an unprofiled pass
-(indicative: it depends on the machine).
+`all` adds torch's and the model's. The times come from an unprofiled pass (medians over the
+decode steps of all requests; indicative: they depend on the machine and its load): the whole
+step, and the step outside the model's forward (on CPU the host's own work; on a GPU, with async
+scheduling, it also holds the waits for the device).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -87,38 +90,58 @@ def _is_engine_file(filename: str) -> bool:
     return filename.startswith(_SHARED) and not filename.startswith(_MODEL)
 
 
-def profiled(fn) -> tuple[pstats.Stats, float]:
+def profiled(fn) -> pstats.Stats:
     prof = cProfile.Profile()
-    t0 = time.process_time()
     prof.enable()
     fn()
     prof.disable()
-    return pstats.Stats(prof), time.process_time() - t0
+    return pstats.Stats(prof)
+
+
+def timed_decode_steps(engine, num: int) -> tuple[float, float]:
+    """Run the engine dry; (median wall ms of a decode step of all `num` requests, median ms of
+    such a step outside the model's forward: the host's own work, where the forward is synchronous
+    as on CPU; on a GPU it also holds waits for the device)."""
+    runner, forward, forward_s = engine.runner, engine.runner._forward, [0.0]
+
+    def timed_forward(inputs):
+        t0 = time.perf_counter()
+        out = forward(inputs)
+        forward_s[0] += time.perf_counter() - t0
+        return out
+
+    runner._forward = timed_forward
+    steps, outside = [], []
+    try:
+        while engine.has_unfinished_requests():
+            decoding, forward_s[0] = all_decoding(engine, num), 0.0
+            t0 = time.perf_counter()
+            engine.step()
+            if decoding:
+                steps.append(time.perf_counter() - t0)
+                outside.append(steps[-1] - forward_s[0])
+    finally:
+        runner._forward = forward
+    return 1e3 * statistics.median(steps), 1e3 * statistics.median(outside)
 
 
 def measure(model_dir: str, device: str, prompts: list[list[int]], output_len: int, async_scheduling: bool,
             max_num_batched_tokens: int, steady_steps: int, top: int = 0) -> dict[str, float]:
-    """Calls per request-step (steady decode) and per output token (whole run), and CPU ms per step."""
+    """Calls per request-step (steady decode) and per output token (whole run), and ms per step."""
     num = len(prompts)
     engine = build_engine(model_dir, device, num, len(prompts[0]) + output_len, async_scheduling,
                           max_num_batched_tokens)
     try:
-        # An unprofiled pass first: warms every path (and the caches of the allocator) and gives the time.
+        # An unprofiled pass first: it warms every path and gives the times.
         add_requests(engine, prompts, output_len, "warm")
-        steps, cpu_s = 0, 0.0
-        while engine.has_unfinished_requests():
-            decoding = all_decoding(engine, num)
-            t0 = time.process_time()
-            engine.step()
-            if decoding:
-                cpu_s, steps = cpu_s + time.process_time() - t0, steps + 1
+        step_ms, outside_ms = timed_decode_steps(engine, num)
         add_requests(engine, prompts, output_len, "run")
-        run_stats, _ = profiled(lambda: _drain(engine))
+        run_stats = profiled(lambda: _drain(engine))
         add_requests(engine, prompts, output_len, "steady")
         while not all_decoding(engine, num):
             engine.step()
         steady_steps = min(steady_steps, output_len - 4)
-        steady_stats, _ = profiled(lambda: [engine.step() for _ in range(steady_steps)])
+        steady_stats = profiled(lambda: [engine.step() for _ in range(steady_steps)])
         if not all_decoding(engine, num):
             raise RuntimeError("a request finished inside the steady window: raise --output-len")
         _drain(engine)
@@ -131,7 +154,7 @@ def measure(model_dir: str, device: str, prompts: list[list[int]], output_len: i
     request_steps, tokens = steady_steps * num, num * output_len
     return {"steady_engine": steady_engine / request_steps, "steady_all": steady_all / request_steps,
             "run_engine": run_engine / tokens, "run_all": run_all / tokens,
-            "cpu_ms_per_step": 1e3 * cpu_s / max(steps, 1)}
+            "step_ms": step_ms, "outside_forward_ms": outside_ms}
 
 
 def _drain(engine) -> None:
@@ -160,12 +183,12 @@ def main() -> int:
     print(f"{args.num_prompts} requests x ({args.input_len} -> {args.output_len}), {args.shape if not args.model else args.model}"
           f" on {args.device}; calls = cProfile ncalls")
     print(f"{'scheduling':<11} {'engine/req-step':>16} {'all/req-step':>13} {'engine/token':>13} {'all/token':>10}"
-          f" {'CPU ms/step':>12}")
+          f" {'step ms':>8} {'outside forward ms':>19}")
     for mode in args.modes.split(","):
         r = measure(model_dir, args.device, prompts, args.output_len, mode == "async", args.max_num_batched_tokens,
                     args.steady_steps, args.top)
         print(f"{mode:<11} {r['steady_engine']:>16.1f} {r['steady_all']:>13.1f} {r['run_engine']:>13.1f}"
-              f" {r['run_all']:>10.1f} {r['cpu_ms_per_step']:>12.2f}", flush=True)
+              f" {r['run_all']:>10.1f} {r['step_ms']:>8.2f} {r['outside_forward_ms']:>19.2f}", flush=True)
     return 0
 
 

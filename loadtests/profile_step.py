@@ -47,11 +47,9 @@ def phase_times(engine, steps: int) -> dict[str, float]:
                 for s in sched.scheduled]
         out = runner.sampler(logits, rows)
         t4 = time.perf_counter()
-        from splitserve.shared.runner import SampledToken
+        from splitserve.shared.runner import ModelRunnerOutput
 
-        sampled = {s.request.request_id: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], [])
-                   for i, s in enumerate(sched.scheduled)}
-        engine._update(sched, sampled, {})
+        engine._update(sched, ModelRunnerOutput(out), {})
         t5 = time.perf_counter()
         for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
             times[key].append(value * 1e3)

@@ -46,6 +46,7 @@ from splitserve.shared.kv.layer_groups import GroupedKVCacheManager
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
 from splitserve.shared.request import Request, RequestStatus, SessionHint
 from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
+from splitserve.shared.sampler import SamplerOutput
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
 from splitserve.shared.transfer.handle import KvHandle
@@ -109,8 +110,9 @@ class InflightStep:
     """Async scheduling: a launched step whose tokens are still on the device."""
 
     pending: PendingStep
-    launched: list[tuple[Request, int, int | None]]
-    """(request, its computed tokens after this step, index of its placeholder output or None)."""
+    launched: list[tuple[Request, int, int, int | None, int | None]]
+    """(request, its new tokens in this step, its computed tokens after it, index of its placeholder
+    output and its row in `pending`, or None twice when it samples nothing)."""
     structured: bool = False
     """Some row samples under a grammar (its matcher takes the token when the step settles)."""
 
@@ -199,6 +201,8 @@ class EngineCore:
         self.runner = ModelRunner(parts.model, parts.kv_caches, self.block_size, parts.device, graphs, warmup_tokens,
                                   parts.followers)
         self.requests: dict[str, Request] = {}
+        self._penalised: set[str] = set()
+        """Live requests whose sampling reads their previous tokens (see _needs_exact_history)."""
         self.held: dict[str, Request] = {}
         """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
         self.aborting: dict[str, Request] = {}
@@ -242,6 +246,8 @@ class EngineCore:
         elif kv_transfer is not None and kv_transfer.hold and not self.has_transfer:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
+        if _penalised(params):
+            self._penalised.add(request_id)
         if params.structured_outputs is None:
             self.scheduler.add(req)
             return
@@ -275,7 +281,7 @@ class EngineCore:
             # A transfer may still be writing into the blocks: free them only once the connector
             # reports the load ended (load_failed "aborted", or loaded).
             self.connector.abort(request_id)
-            self.requests.pop(request_id)
+            self._forget(req)
             self.aborting[request_id] = req
             req.status = RequestStatus.FINISHED_ABORTED
             return True
@@ -308,7 +314,7 @@ class EngineCore:
         self._failed_steps += 1
         if _is_device_fault(exc) or self._failed_steps >= MAX_FAILED_STEPS:
             raise exc
-        inflight = [req.request_id for req, _, _ in self._inflight.launched] if self._inflight else []
+        inflight = [entry[0].request_id for entry in self._inflight.launched] if self._inflight else []
         self._inflight = None
         self._bitmasks.wait()  # no fill may still work on a matcher once the step is over
         culprits = dict.fromkeys([*(self._step_request_ids or self.requests), *inflight])
@@ -328,13 +334,14 @@ class EngineCore:
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         self.kv.sessions.expire(time.monotonic())
         sched = self.scheduler.schedule()
-        self._step_request_ids = [s.request.request_id for s in sched.scheduled]
-        self._step_tokens = sched.num_batched_tokens
+        request_ids = self._step_request_ids = [s.request.request_id for s in sched.scheduled]
+        if self._trace is not None:
+            self._step_tokens = sched.num_batched_tokens
         for req, source, block_ids in sched.kv_loads:
             if source is getattr(req.kv_transfer, "handle", None):
                 self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
             self.connector.start_load(req.request_id, source, block_ids)
-        tables = self.kv.block_table_arrays([s.request.request_id for s in sched.scheduled])
+        tables = self.kv.block_table_arrays(request_ids)
         if not self.async_scheduling:
             result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
             self._update(sched, result, outputs)
@@ -346,7 +353,7 @@ class EngineCore:
         # still runs the forward. The bitmask fills on the grammar thread while the previous
         # step's tokens are booked (see _resolve).
         previous = self._inflight
-        structured = any(s.samples and s.request.grammar is not None for s in sched.scheduled)
+        structured = any([s.samples and s.request.grammar is not None for s in sched.scheduled])
         pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
                                             defer_sampling=structured)
         if not structured:
@@ -387,23 +394,25 @@ class EngineCore:
         accepted = accept_tokens([(req.grammar, token_id) for req, token_id in new_tokens])
         return {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
 
-    def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int | None]]:
+    def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int, int | None, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
         sampling request gets a PLACEHOLDER output, so the next step can be scheduled now."""
-        launched = []
+        launched, num_rows = [], 0
         for s in sched.scheduled:
-            req, samples = s.request, s.samples
+            req, row = s.request, None
+            if s.samples:  # the runner's sampling rows are the scheduled requests that sample, in order
+                row, num_rows = num_rows, num_rows + 1
             if self.requests.get(req.request_id) is not req:
                 continue  # a deferred step is booked after the previous one ended this request
             req.num_computed_tokens += s.num_new_tokens
             index = None
-            if samples:
-                index = len(req.output_token_ids)
+            if row is not None:
+                index = req.num_tokens - req.num_prompt_tokens
                 req.append_output(PLACEHOLDER)
                 hold = req.kv_transfer is not None and req.kv_transfer.hold
-                if hold or len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                if hold or index + 1 >= req.max_tokens or req.num_tokens >= self.max_model_len:
                     self.scheduler.remove(req.request_id)  # its next token cannot be needed
-            launched.append((req, req.num_computed_tokens, index))
+            launched.append((req, s.num_new_tokens, req.num_computed_tokens, index, row))
         return launched
 
     def _resolve(self, outputs: dict[str, EngineOutput], next_sched: SchedulerOutput | None = None) -> StepFill | None:
@@ -413,8 +422,9 @@ class EngineCore:
         are booked, the grammar rows' last, once their accepts are in (StepFill.wait_accepted).
         Returns that fill (StepFill.result gives the bitmask)."""
         inflight, self._inflight = self._inflight, None
-        sampled = inflight.pending.result()
-        new_tokens = [(req, sampled[req.request_id].token_id) for req, _, index in inflight.launched
+        pending = inflight.pending
+        sampled = pending.sampled()
+        new_tokens = [(req, sampled.token_ids[row]) for req, _, _, index, row in inflight.launched
                       if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req
                       ] if inflight.structured else []
         fill = None
@@ -422,48 +432,76 @@ class EngineCore:
             grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
             fill = self._bitmasks.start([(req.grammar, token_id) for req, token_id in new_tokens], grammars)
         structured_rows = []
-        for req, num_computed, index in inflight.launched:
+        for req, num_new, num_computed, index, row in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
-            _collect_prompt_logprobs(req, inflight.pending.prompt_logprobs.get(req.request_id))
+            if pending.prompt_logprobs:
+                _collect_prompt_logprobs(req, pending.prompt_logprobs.get(req.request_id))
             if req.num_computed_tokens >= num_computed:  # not preempted since
-                self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
-                self._release_out_of_window(req, num_computed)
+                self._book_computed(req, num_new, num_computed)
             if index is None:
                 continue
-            token = sampled[req.request_id]
-            req.set_output(index, token.token_id)
+            req.set_output(index, sampled.token_ids[row])
             if inflight.structured and req.grammar is not None:
-                structured_rows.append((req, token, index))  # its stop rules need the grammar's accept
+                structured_rows.append((req, row, index))  # its stop rules need the grammar's accept
             else:
-                self._emit(req, token, index + 1, outputs)
+                self._emit_sampled(req, sampled, row, index + 1, outputs)
         if structured_rows:
             accepted = fill.wait_accepted()
             rejected = {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
-            for req, token, index in structured_rows:
-                self._emit(req, token, index + 1, outputs, req.request_id in rejected)
+            for req, row, index in structured_rows:
+                self._emit_sampled(req, sampled, row, index + 1, outputs, req.request_id in rejected)
         return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
+        sampled = result.sampled
+        samplers = [s.request for s in sched.scheduled if s.samples]  # row i of `sampled`
         rejected = self._advance_grammars([
-            (s.request, result.sampled[s.request.request_id].token_id) for s in sched.scheduled
-            if s.request.grammar is not None and s.request.request_id in result.sampled])
+            (req, token_id) for req, token_id in zip(samplers, sampled.token_ids) if req.grammar is not None])
+        row = 0
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            self._release_out_of_window(req, req.num_computed_tokens)
-            _collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
-            token = result.sampled.get(req.request_id)
-            if token is not None:
-                req.append_output(token.token_id)
-                self._emit(req, token, len(req.output_token_ids), outputs, req.request_id in rejected)
+            self._book_computed(req, s.num_new_tokens, req.num_computed_tokens)
+            if result.prompt_logprobs:
+                _collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
+            if s.samples:
+                req.append_output(sampled.token_ids[row])
+                self._emit_sampled(req, sampled, row, req.num_tokens - req.num_prompt_tokens, outputs,
+                                   req.request_id in rejected)
+                row += 1
+
+    def _book_computed(self, req: Request, num_new: int, num_computed: int) -> None:
+        """A step computed `num_new` tokens of `req`, up to `num_computed`: register the blocks it
+        filled for the prefix cache (in a decode step, one request in block_size: the integer test
+        spares the others the call), and release what slid out of a window."""
+        if num_computed % self.block_size < num_new:  # a block boundary lies in the computed span
+            self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, num_computed)
+        if self._window_kv is not None:
+            self._release_out_of_window(req, num_computed)
 
     def _release_out_of_window(self, req: Request, num_computed: int) -> None:
         """Sliding-window models: free the blocks no later query can see, except while the KV is to
         be held for another engine (it must receive, and may cache, real blocks only)."""
         if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
             self._window_kv.release_out_of_window(req.request_id, num_computed)
+
+    def _emit_sampled(self, req: Request, sampled: SamplerOutput, row: int, num_outputs: int,
+                      outputs: dict[str, EngineOutput], grammar_rejected: bool = False) -> None:
+        """Report row `row` of a step's sampled tokens, `req`'s `num_outputs`-th output. Runs for
+        every request every step, so the common token (one that cannot end the request, of a
+        request with no grammar, no KV hold and no prompt logprobs to send) is one test and one
+        EngineOutput; everything else goes through `_emit`. (max_tokens is already capped by the
+        context length at add_request, so it alone bounds the length here.)"""
+        token_id = sampled.token_ids[row]
+        top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else ()
+        if (num_outputs < req.max_tokens and token_id not in req.stop_token_candidates and req.grammar is None
+                and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
+            outputs[req.request_id] = EngineOutput(req.request_id, [token_id], [sampled.logprobs[row]], [top],
+                                                   [sampled.ranks[row]])
+            return
+        token = SampledToken(token_id, sampled.logprobs[row], sampled.ranks[row], top)
+        self._emit(req, token, num_outputs, outputs, grammar_rejected)
 
     def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput],
               grammar_rejected: bool = False) -> None:
@@ -545,16 +583,23 @@ class EngineCore:
         return None
 
     def _needs_exact_history(self) -> bool:
-        """Penalties count previous output tokens, so they cannot run on a placeholder."""
-        return any(_penalised(r.sampling_params) for r in self.scheduler.running)
+        """Penalties count previous output tokens, so they cannot run on a placeholder. (Any live
+        penalised request counts, running or not: a set kept on add and finish, not a pass over
+        the running requests every step.)"""
+        return bool(self._penalised)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         req.finish_reason = status.value
-        self.requests.pop(req.request_id, None)
-        self.runner.drop_request(req.request_id)
+        self._forget(req)
         self._retain_session(req)
         self.kv.free(req.request_id)
+
+    def _forget(self, req: Request) -> None:
+        """The request leaves this engine's live set (its blocks are the caller's business)."""
+        self.requests.pop(req.request_id, None)
+        self._penalised.discard(req.request_id)
+        self.runner.drop_request(req.request_id)
 
     def _retain_session(self, req: Request) -> None:
         """A keyed request's blocks (prompt + output) outlive it at a higher priority, on both tiers."""
@@ -577,8 +622,7 @@ class EngineCore:
 
     def _hold(self, req: Request):
         """Keep the prompt's KV blocks past the request until the decode side has copied them."""
-        self.requests.pop(req.request_id, None)
-        self.runner.drop_request(req.request_id)
+        self._forget(req)
         block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
         self.held[req.request_id] = req
         self._retain_session(req)

@@ -40,10 +40,12 @@ def prompt_rows(sched: SchedulerOutput) -> list[PromptRows]:
     for s in sched.scheduled:
         req, start = s.request, s.request.num_computed_tokens
         k = req.sampling_params.prompt_logprobs
-        last_target = min(start + s.num_new_tokens, req.num_prompt_tokens - 1)
-        if k is not None and last_target > start:
-            targets = req.prompt_token_ids[start + 1:last_target + 1]
-            found.append(PromptRows(req.request_id, start + 1, list(range(offset, offset + len(targets))), targets, k))
+        if k is not None:  # most requests did not ask: nothing else is computed for them
+            last_target = min(start + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if last_target > start:
+                targets = req.prompt_token_ids[start + 1:last_target + 1]
+                found.append(PromptRows(req.request_id, start + 1, list(range(offset, offset + len(targets))),
+                                        targets, k))
         offset += s.num_new_tokens
     return found
 

@@ -81,35 +81,39 @@ class Request:
     for prompt logprobs); sent once, with the first output token."""
     prompt_logprobs_sent: bool = False
 
+    # Read for every request every step: plain attributes kept up to date by the methods below,
+    # not properties (a property is a function call each time it is read).
+    all_token_ids: list[int] = field(init=False, repr=False, compare=False)
+    """Prompt + output token ids (the live list: change it only through the methods below)."""
+    num_prompt_tokens: int = field(init=False, repr=False, compare=False)
+    num_tokens: int = field(init=False, repr=False, compare=False)
+    """len(all_token_ids)."""
+    stop_token_candidates: frozenset[int] = field(init=False, repr=False, compare=False)
+    """Token ids that may end the request (its stop ids, and the EOS ids unless ignore_eos): any
+    other token cannot, which spares the engine the stop rules for most tokens."""
+
     def __post_init__(self) -> None:
-        # Prompt + outputs, kept up to date by `append_output` (read every step: never rebuilt).
-        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_tokens = len(self.all_token_ids)
+        params = self.sampling_params
+        self.stop_token_candidates = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else self.eos_token_ids)
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        self.num_tokens += 1
 
     def set_output(self, index: int, token_id: int) -> None:
         """Fill output `index` (a placeholder appended before its value left the device)."""
         self.output_token_ids[index] = token_id
-        self._all_token_ids[len(self.prompt_token_ids) + index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
 
     def truncate_outputs(self, num_outputs: int) -> None:
         """Drop outputs past `num_outputs` (placeholders of steps launched after the request ended)."""
-        del self.output_token_ids[num_outputs:], self._all_token_ids[len(self.prompt_token_ids) + num_outputs:]
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self._all_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt + output token ids (the live list: do not modify)."""
-        return self._all_token_ids
+        del self.output_token_ids[num_outputs:], self.all_token_ids[self.num_prompt_tokens + num_outputs:]
+        self.num_tokens = len(self.all_token_ids)
 
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
-        return self._all_token_ids[start:stop]
+        return self.all_token_ids[start:stop]

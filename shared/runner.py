@@ -32,7 +32,8 @@ from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.parallel.driver import NO_FOLLOWERS, NoFollowers
 from splitserve.shared.parallel.messages import StepArrays
 from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
-from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplingInput, unpack
+from splitserve.shared.request import Request
+from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplerOutput, SamplingInput, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
 
@@ -47,8 +48,9 @@ class SampledToken:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, SampledToken]
-    """Request id -> the token sampled for it this step (only requests that caught up)."""
+    sampled: SamplerOutput
+    """Row i: the token sampled for the i-th scheduled request that samples this step (those that
+    caught up with their known tokens), in scheduled order."""
     prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
     """Request id -> (index of the first prompt token scored, their logprobs), for requests
     that asked for prompt logprobs and had prompt tokens computed this step."""
@@ -77,7 +79,7 @@ class PendingStep:
 
     def start_copy(self) -> None:
         if self.sample.packed.is_cuda:
-            # Start the copy to the host now; result() waits only for this event.
+            # Start the copy to the host now; sampled() waits only for this event.
             self.host = torch.empty(self.sample.packed.shape, dtype=self.sample.packed.dtype, pin_memory=True)
             self.host.copy_(self.sample.packed, non_blocking=True)
             self.event = torch.cuda.Event()
@@ -86,18 +88,17 @@ class PendingStep:
     def rows(self) -> dict[str, int]:
         return {request_id: i for i, request_id in enumerate(self.request_ids)}
 
-    def result(self) -> dict[str, SampledToken]:
+    def sampled(self) -> SamplerOutput:
+        """The sampled tokens on the host, row i that of request_ids[i] (waits for the copy). Kept
+        as columns: the engine reads them row by row, and an object per row would cost a call each."""
         if self.sample is None:
-            return {}
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None, ranks=[])
         if self.event is not None:
             self.event.synchronize()
             packed = self.host.tolist()
         else:
             packed = self.sample.packed.tolist()
-        out = unpack(packed, self.sample.counts)
-        top = out.top_logprobs
-        return {rid: SampledToken(out.token_ids[i], out.logprobs[i], out.ranks[i], top[i] if top else ())
-                for i, rid in enumerate(self.request_ids)}
+        return unpack(packed, self.sample.counts)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self._rows: dict[str, SamplingInput] = {}
         model.bind_kv_cache(kv_caches[0] if len(kv_caches) == 1 else kv_caches)
         followers.bind_kv(kv_caches[0].shape[0], block_size)
         # Two sets of pinned staging buffers, used by alternate steps: with async scheduling step
@@ -180,6 +182,19 @@ class ModelRunner:
 
     def drop_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self._rows.pop(request_id, None)
+
+    def _sampling_inputs(self, requests: list[Request]) -> list[SamplingInput]:
+        """Each request's SamplingInput, built on its first sampling step and kept until
+        drop_request: it holds the request's live token lists, so it stays current, and a decode
+        step builds no object per request. (A row of another request of the same id, which
+        drop_request should have removed, is told apart by its output list.)"""
+        rows = self._rows
+        for r in [r for r in requests if r.request_id not in rows or rows[r.request_id].output_token_ids
+                  is not r.output_token_ids]:
+            rows[r.request_id] = SamplingInput(r.sampling_params, r.prompt_token_ids, r.output_token_ids,
+                                               self.generators.get(r.request_id), r.eos_token_ids)
+        return [rows[r.request_id] for r in requests]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
@@ -187,7 +202,7 @@ class ModelRunner:
         """Run one step and wait for its tokens."""
         pending = self.execute_async(sched, block_tables, defer_sampling=True)
         self.sample(pending, bitmask)
-        return ModelRunnerOutput(pending.result(), pending.prompt_logprobs)
+        return ModelRunnerOutput(pending.sampled(), pending.prompt_logprobs)
 
     @torch.inference_mode()
     def sample(self, pending: PendingStep, bitmask: Bitmask | None) -> None:
@@ -216,16 +231,7 @@ class ModelRunner:
             return PendingStep([], None, prompt_logprobs=prompt_logprobs)
         self.followers.logits(inputs.sample_rows)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
-        rows = [
-            SamplingInput(
-                params=r.sampling_params,
-                prompt_token_ids=r.prompt_token_ids,
-                output_token_ids=r.output_token_ids,
-                generator=self.generators.get(r.request_id),
-                eos_token_ids=r.eos_token_ids,
-            )
-            for r in sampling
-        ]
+        rows = self._sampling_inputs(sampling)
         request_ids = [r.request_id for r in sampling]
         if defer_sampling:
             return PendingStep(request_ids, None, deferred=(logits, rows), prompt_logprobs=prompt_logprobs)
@@ -262,8 +268,8 @@ class ModelRunner:
         bs = self.block_size
         reqs = [s.request for s in sched.scheduled]
         num_reqs = len(reqs)
-        query_lens = np.fromiter((s.num_new_tokens for s in sched.scheduled), np.int64, num_reqs)
-        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_reqs)
+        query_lens = np.array([s.num_new_tokens for s in sched.scheduled], np.int64)
+        starts = np.array([r.num_computed_tokens for r in reqs], np.int64)
         seq_lens = starts + query_lens
         query_start = np.zeros(num_reqs + 1, np.int64)
         np.cumsum(query_lens, out=query_start[1:])
@@ -271,13 +277,13 @@ class ModelRunner:
         row_of_token = np.repeat(np.arange(num_reqs), query_lens)  # [T]
         positions = np.arange(num_tokens) + (starts - query_start[:-1])[row_of_token]
         if num_tokens == num_reqs:  # decode: one token each, no slicing
-            input_ids = np.fromiter((r.all_token_ids[p] for r, p in zip(reqs, starts.tolist())), np.int64, num_reqs)
+            input_ids = np.array([r.all_token_ids[r.num_computed_tokens] for r in reqs], np.int64)
         else:
             input_ids = np.fromiter(itertools.chain.from_iterable(
-                r.all_token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), seq_lens.tolist())), np.int64, num_tokens)
+                [r.all_token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), seq_lens.tolist())]), np.int64, num_tokens)
         group_slots = [t[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs for t in block_tables]
         slots = group_slots[0]
-        samples = np.fromiter((s.samples for s in sched.scheduled), bool, num_reqs)
+        samples = np.array([s.samples for s in sched.scheduled], bool)
         sample_indices = query_start[1:][samples] - 1
         arrays = StepArrays(input_ids, positions, query_start.astype(np.int32), seq_lens.astype(np.int32),
                             block_tables[0], slots, query_lens.tolist(), seq_lens.tolist())

@@ -30,7 +30,7 @@ Order of processing for the logits `[N, V]`:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,15 @@ class SamplingInput:
     """Per-request generator (on the logits' device) when params.seed is set; None: global RNG."""
     eos_token_ids: Collection[int] = frozenset()
     """Banned together with stop_token_ids while len(output) < min_tokens."""
+    plain_greedy: bool = field(init=False)
+    """Greedy, no logprobs asked, and nothing in the params that edits the logits (bias,
+    penalties): once past min_tokens, the token is the logits' argmax. (The params do not change
+    during a request, and the runner keeps a request's row for its life.)"""
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.plain_greedy = (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+                             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 and not p.logit_bias)
 
 
 @dataclass
@@ -97,7 +106,7 @@ class Sampler:
         _check_inputs(logits, rows)
         if bitmask is not None:
             apply_bitmask(logits, *bitmask)
-        if all(_argmax_only(row) for row in rows):
+        if _all_argmax_only(rows):
             # Upcasting is exact, so the argmax of bf16 logits is the argmax of their fp32 copy:
             # skip a full [N, V] conversion pass on the common greedy decode step.
             return _pack_logprobs(None, logits.argmax(dim=-1), rows)
@@ -113,11 +122,11 @@ class Sampler:
         return _pack_logprobs(raw_logprobs, token_ids, rows)
 
 
-def _argmax_only(row: SamplingInput) -> bool:
-    """Greedy, no logprobs asked, and nothing that edits the logits (bias, penalties, min_tokens bans)."""
-    p = row.params
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
-            and p.presence_penalty == 0.0 and not p.logit_bias and len(row.output_token_ids) >= p.min_tokens)
+def _all_argmax_only(rows: Sequence[SamplingInput]) -> bool:
+    """Every row's token is its logits' argmax: plain greedy and past min_tokens (no ban applies).
+    One comprehension, no call per row in the common case (it runs every step)."""
+    return all([row.plain_greedy and (not row.params.min_tokens or len(row.output_token_ids) >= row.params.min_tokens)
+                for row in rows])
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:

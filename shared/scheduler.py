@@ -58,7 +58,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum([s.num_new_tokens for s in self.scheduled])
 
     @property
     def is_empty(self) -> bool:
@@ -135,6 +135,10 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        decodes = self._schedule_decodes(budget)
+        if decodes is not None:
+            out.scheduled = decodes
+            return budget - len(decodes)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -154,6 +158,23 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         return budget
+
+    def _schedule_decodes(self, budget: int) -> list[ScheduledRequest] | None:
+        """The common step, in one pass over the running requests: each is one token behind and
+        the budget covers them all. Only a request whose next token starts a new block can need
+        one (its table covers its computed tokens, and the last of them shares the next one's
+        block otherwise), so only those ask the KV manager, in running order, as the general loop
+        would. None when that does not hold or the pool runs short: then the general loop decides
+        (who is preempted); it finds the blocks allocated here as it would have allocated them."""
+        running = self.running
+        if len(running) > budget or [r for r in running if r.num_tokens - r.num_computed_tokens != 1]:
+            return None
+        bs = self.kv.block_size
+        for req in [r for r in running if r.num_computed_tokens % bs == 0]:
+            if (self.kv.num_blocks_needed(req.request_id, req.num_computed_tokens + 1)
+                    and self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, 1) is None):
+                return None
+        return [ScheduledRequest(r, 1, True) for r in running]
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and self._num_active < self.config.max_num_seqs:

@@ -81,7 +81,8 @@ class KVCacheManager:
     def block_table_array(self, request_ids: Sequence[str]) -> np.ndarray:
         """`[len(request_ids), longest table]` int32, row i the table of request_ids[i], zero-padded."""
         rows = [self._row_of[request_id] for request_id in request_ids]
-        width = max((len(self._tables[request_id]) for request_id in request_ids), default=0)
+        # map, not a generator: no Python-level call per request on the per-step path
+        width = max(map(len, map(self._tables.__getitem__, request_ids)), default=0)
         return self._rows[rows, :width]
 
     def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
