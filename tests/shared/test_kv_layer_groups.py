@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 from test_parity import _check, _eos_free, _prompts, hf_reference  # noqa: F401  (fixture)
+from test_sliding_window_kv import _peak_blocks_in_use
 
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.shared.engine import EngineCore
@@ -148,25 +149,12 @@ def test_same_budget_admits_more_tokens_and_sliding_blocks_return(checkpoint_fac
     assert sliding.window < 22 and full.pool.num_blocks >= 28 and sliding.pool.num_blocks < 24
     prompts = _eos_free(hf_reference, model_dir, _prompts(llm.engine.model_info.vocab_size, lengths=(24, 22)))
     assert sum(-(-(len(p) + 32) // 4) for p in prompts) > 24  # more than one pool of this budget holds
-    peak = _run_tracking_sliding_peak(llm, prompts)
+    peak = _peak_blocks_in_use(llm, prompts, sliding)
     assert llm.engine.scheduler.num_preemptions == 0
     assert peak <= 2 * (-(-sliding.window // 4) + 2) + 4 < sum(-(-(len(p) + 32) // 4) for p in prompts)
     assert sliding.num_free_blocks == sliding.pool.num_blocks - 1 and full.num_free_blocks == full.pool.num_blocks
     _check(llm, hf_reference, model_dir, prompts)  # token-identical on this layout
     assert llm.engine.scheduler.num_preemptions == 0
-
-
-def _run_tracking_sliding_peak(llm: LLM, prompts: list[list[int]]) -> int:
-    engine, sliding = llm.engine, llm.engine.kv.groups[1]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    peak = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        peak = max(peak, sliding.pool.num_blocks - 1 - sliding.num_free_blocks)
-        engine.kv.check_integrity()
-    return peak
 
 
 def test_prefix_hit_across_groups_is_token_identical_async(checkpoint_factory, hf_reference):

@@ -43,15 +43,18 @@ def test_release_never_passes_unregistered_blocks():
     kv.check_integrity()
 
 
-def _peak_blocks_in_use(llm: LLM, prompts: list[list[int]]) -> int:
+def _peak_blocks_in_use(llm: LLM, prompts: list[list[int]], kv: SlidingWindowKVCacheManager | None = None) -> int:
+    """Run `prompts` to the end; the most blocks of `kv` (default: the engine's manager) in use
+    at once, the null block not counted, with its integrity checked after every step."""
     engine = llm.engine
+    kv = engine.kv if kv is None else kv
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     peak = 0
     while engine.has_unfinished_requests():
         engine.step()
-        peak = max(peak, engine.kv.pool.num_blocks - 1 - engine.kv.num_free_blocks)
+        peak = max(peak, kv.pool.num_blocks - 1 - kv.num_free_blocks)
         engine.kv.check_integrity()
     return peak
 
