@@ -55,8 +55,41 @@ def run_python(seconds: float) -> None:
         count += 1
 
 
+class _Marks:
+    """With --trace: when the grammar thread began and ended its accept and fill in each step."""
+
+    def __init__(self) -> None:
+        import splitserve.shared.grammar_fill as fill
+
+        self.fill, self.times = fill, {}
+        self._accept, self._fill = fill.accept_tokens, fill._GrammarThread._fill
+        marks = self
+
+        def accept(new_tokens):
+            marks.times["accept_begin"] = time.perf_counter()
+            try:
+                return marks._accept(new_tokens)
+            finally:
+                marks.times["accept_end"] = time.perf_counter()
+
+        def fill_rows(thread, job):
+            marks.times["fill_begin"] = time.perf_counter()
+            marks._fill(thread, job)
+            marks.times["fill_end"] = time.perf_counter()
+        fill.accept_tokens, fill._GrammarThread._fill = accept, fill_rows
+
+    def close(self) -> None:
+        self.fill.accept_tokens, self.fill._GrammarThread._fill = self._accept, self._fill
+
+
+TRACE_SPANS = (("wake", "start", "accept_begin"), ("resume", "accept_begin", "handed"),
+               ("accept", "accept_begin", "accept_end"), ("fill", "fill_begin", "fill_end"),
+               ("after_fill", "fill_end", "end"))
+"""--trace: (name, from mark, to mark) of what each step's hand-offs and calls took."""
+
+
 def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int, warm: int,
-              booking_s: float) -> dict:
+              booking_s: float, trace: bool = False) -> dict:
     """`steps` decode steps of `rows` fresh matchers, as the async engine runs them; times the
     steps after `warm` (medians) and returns the tokens drawn."""
     import torch
@@ -69,6 +102,9 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
     grammars = [RequestGrammar(compiled, [1]) for _ in range(rows)]
     twins = [RequestGrammar(compiled, [1]) for _ in range(rows)]  # the same tokens, filled inline
     new_tokens, drawn, times = [], [], {k: [] for k in ("handoff", "accept_wait", "fill_wait", "inline")}
+    marks = _Marks() if trace else None
+    if trace:
+        times.update({name: [] for name, _, _ in TRACE_SPANS})
     for step in range(steps):
         start = time.perf_counter()
         fill = filler.start(new_tokens, grammars)
@@ -90,12 +126,20 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
             for key, seconds in (("handoff", handed - start), ("accept_wait", accepted - booked),
                                  ("fill_wait", end - booked_all), ("inline", inline_end - inline_start)):
                 times[key].append(seconds)
+            if marks is not None and "fill_end" in marks.times:
+                at = {**marks.times, "start": start, "handed": handed, "end": end}
+                for name, begin, until in TRACE_SPANS:
+                    times[name].append(at[until] - at[begin])
+        if marks is not None:
+            marks.times.clear()
         logits = torch.randn(rows, vocab_size, generator=generator)
         apply_bitmask(logits, bitmask, indices)
         tokens = logits.argmax(dim=-1).tolist()
         drawn.append(tokens)
         new_tokens = list(zip(grammars, tokens))
     filler.close()
+    if marks is not None:
+        marks.close()
     row = {key: _median(values) * 1e3 for key, values in times.items()}
     row["loop_cost"] = row["handoff"] + row["accept_wait"] + row["fill_wait"]
     return {"threads": num_threads, **{f"{k}_ms": v for k, v in row.items()}, "tokens": drawn}
@@ -139,12 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warm", type=int, default=4, help="steps not timed (states still alike)")
     parser.add_argument("--booking-ms", type=float, default=1.5, help="Python on the step loop between start and result")
+    parser.add_argument("--trace", action="store_true",
+                        help="also time each hand-off and call of the grammar thread (TRACE_SPANS)")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args(argv)
     compiled = compile_schema(args.vocab_size, args.output_len)
     rows = []
     for num_threads in [int(t) for t in args.threads.split(",")]:
-        row = run_steps(compiled, args.vocab_size, args.rows, num_threads, args.steps, args.warm, args.booking_ms / 1e3)
+        row = run_steps(compiled, args.vocab_size, args.rows, num_threads, args.steps, args.warm, args.booking_ms / 1e3,
+                        args.trace)
         assert not rows or row["tokens"] == rows[0]["tokens"], f"{num_threads} threads drew other tokens"
         rows.append(row)
     for row in rows:
@@ -167,6 +214,10 @@ def _print(args, rows: list[dict], delays: dict) -> None:
     for r in rows:
         print(f"{r['threads']:7d} {r['handoff_ms']:12.3f} {r['accept_wait_ms']:15.3f} {r['fill_wait_ms']:13.3f} "
               f"{r['loop_cost_ms']:13.3f} {r['inline_ms']:10.3f}")
+    if args.trace:
+        print("grammar thread, ms: " + "; ".join(
+            f"{r['threads']} threads " + ", ".join(f"{name} {r[name + '_ms']:.3f}" for name, _, _ in TRACE_SPANS)
+            for r in rows))
     print(f"a woken thread starts {delays['plain_ms']:.3f} ms late while the step loop runs Python "
           f"(switch interval {delays['switch_interval_ms']:.1f} ms), {delays['handshake_ms']:.3f} ms with the handshake")
 
