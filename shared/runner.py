@@ -114,6 +114,17 @@ class StepInputs:
     """The host arrays the device tensors were copied from (what tensor-parallel followers get)."""
 
 
+@dataclass
+class StagedInputs:
+    """A step's inputs on the device but for the tokens its previous step still samples."""
+
+    inputs: StepInputs
+    fill: torch.Tensor | None
+    """Positions in the flat batch of those tokens (PLACEHOLDER on the host)."""
+    fill_ids: list[str]
+    """The request each of them belongs to (its row in the previous step's samples)."""
+
+
 @torch.inference_mode()
 def run_fake_mixed_step(model: torch.nn.Module, num_tokens: int, block_size: int, device: torch.device) -> torch.Tensor:
     """The largest step the scheduler can issue: a prefill chunk of num_tokens - 1 plus one decode,
@@ -215,14 +226,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
-                      previous: PendingStep | None = None, defer_sampling: bool = False) -> PendingStep:
+                      previous: PendingStep | None = None, defer_sampling: bool = False,
+                      staged: StagedInputs | None = None) -> PendingStep:
         """Launch one step without waiting for it. Input tokens not known on the host yet
         (PLACEHOLDER, sampled by `previous`, still in flight) are taken from its device tensor.
         With `defer_sampling` only the forward is launched: `sample` finishes the step once the
-        grammar bitmask (which needs the previous step's tokens) is known."""
+        grammar bitmask (which needs the previous step's tokens) is known. `staged`: this step's
+        inputs from `stage_inputs`, made before `previous` was sampled."""
         if sched.is_empty:
             return PendingStep([], None)
-        inputs = self.prepare_inputs(sched, block_tables, previous)
+        inputs = self.fill_placeholders(staged or self.stage_inputs(sched, block_tables), previous)
         hidden = self._forward(inputs)  # [T, H]
         wanted = prompt_rows(sched)
         prompt_logprobs = compute_prompt_logprobs(self._prompt_logits(hidden), wanted) if wanted else {}
@@ -258,9 +271,14 @@ class ModelRunner:
     @torch.inference_mode()
     def prepare_inputs(self, sched: SchedulerOutput, block_tables: list[np.ndarray],
                        previous: PendingStep | None = None) -> StepInputs:
-        """Vectorised with numpy: a decode step of hundreds of requests must cost well under a ms.
-        `block_tables[g]` [B, width] int32 holds the scheduled requests' tables of KV layer group g
-        (one entry: one pool) in scheduled order."""
+        return self.fill_placeholders(self.stage_inputs(sched, block_tables), previous)
+
+    @torch.inference_mode()
+    def stage_inputs(self, sched: SchedulerOutput, block_tables: list[np.ndarray]) -> StagedInputs:
+        """A step's inputs, copied to the device, except the tokens the previous step has not
+        sampled yet (`fill_placeholders`). Vectorised with numpy: a decode step of hundreds of
+        requests must cost well under a ms. `block_tables[g]` [B, width] int32 holds the scheduled
+        requests' tables of KV layer group g (one entry: one pool) in scheduled order."""
         if self.device.type == "cuda":
             self._slot ^= 1
             if self._staged[self._slot] is not None:
@@ -302,23 +320,29 @@ class ModelRunner:
         )
         device_ids = self._to_device("input_ids", input_ids)
         fill = np.flatnonzero(input_ids == PLACEHOLDER)
-        if fill.size:
-            rows = previous.rows() if previous is not None else {}
-            source = [rows[reqs[r].request_id] for r in row_of_token[fill].tolist()]
-            device_ids[self._to_device("fill", fill)] = previous.sample.token_ids[self._to_device("source", np.array(source))]
-        positions_device = self._to_device("positions", positions)
-        sample_indices_device = self._to_device("sample_indices", sample_indices)
-        if self.device.type == "cuda":
-            self._staged[self._slot] = torch.cuda.Event()
-            self._staged[self._slot].record()  # after this step's last copy out of the set
-        return StepInputs(
+        fill_ids = [reqs[r].request_id for r in row_of_token[fill].tolist()]
+        fill_device = self._to_device("fill", fill) if fill.size else None
+        inputs = StepInputs(
             input_ids=device_ids,
-            positions=positions_device,
+            positions=self._to_device("positions", positions),
             attn=attn,
-            sample_indices=sample_indices_device,
+            sample_indices=self._to_device("sample_indices", sample_indices),
             sample_rows=sample_indices.tolist(),
             arrays=arrays,
         )
+        return StagedInputs(inputs, fill_device, fill_ids)
+
+    def fill_placeholders(self, staged: StagedInputs, previous: PendingStep | None) -> StepInputs:
+        """The staged step's inputs, with its tokens still on the device (`previous`'s samples)
+        gathered into place: after `previous` is sampled, before this step's forward."""
+        if staged.fill_ids:
+            rows = previous.rows() if previous is not None else {}
+            source = self._to_device("source", np.array([rows[rid] for rid in staged.fill_ids]))
+            staged.inputs.input_ids[staged.fill] = previous.sample.token_ids[source]
+        if self.device.type == "cuda":
+            self._staged[self._slot] = torch.cuda.Event()
+            self._staged[self._slot].record()  # after this step's last copy out of the set
+        return staged.inputs
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
         """Host array -> device tensor; on CUDA through a reused pinned buffer of this step's set
