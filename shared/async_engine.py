@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator
 import zmq
 
 from splitserve.shared.config import EngineConfig
-from splitserve.shared.engine import EngineOutput, EngineStats, RequestError
+from splitserve.shared.engine import RequestError
+from splitserve.shared.engine_output import EngineOutput, EngineStats
 from splitserve.shared.engine_process import run_engine_process
 from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
                                                EngineStartFailed, EngineStep, Shutdown, encoder, event_decoder)

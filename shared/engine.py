@@ -8,6 +8,12 @@ goes through one `KVConnector` (shared/kv/connector.py), called at fixed points:
 scheduling, start_load after it, save_blocks for newly computed blocks, hold for a finished
 prefill, retain for a keyed session's blocks, poll at the top of each step, abort.
 
+The loop and the booking of computed tokens live here; the rest, one concept a file:
+    shared/external_kv.py     `ExternalKV`: the connector's events, loads, holds, saves, retention
+    shared/emit.py            `Emitter`: sampled tokens to `EngineOutput`s, stop rules, finishing
+    shared/grammar_booking.py structured outputs: grammar admission, step bitmasks, accepts
+    shared/engine_output.py   `EngineOutput`, `EngineStats` (what crosses to the serving process)
+
 A request's life in one engine (see request.py for the statuses):
 
     add_request ─▶ WAITING ─▶ RUNNING ─▶ finished ─▶ blocks freed
@@ -32,31 +38,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import msgspec
 import torch
 
-from splitserve.shared.config import ConfigError, EngineConfig
+from splitserve.shared.config import EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
+from splitserve.shared.emit import Emitter
+from splitserve.shared.engine_output import EngineOutput, EngineStats
+from splitserve.shared.engine_parts import EngineParts, build_engine_parts
+from splitserve.shared.external_kv import ExternalKV, build_host_tier
+from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
+from splitserve.shared.grammar_booking import accept_sampled, admit_compiled, rejected_ids, start_fill, step_bitmask
+from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
+from splitserve.shared.heap import freeze_startup_heap
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.connector import CompositeConnector
 from splitserve.shared.kv.layer_groups import GroupedKVCacheManager
 from splitserve.shared.kv.sliding_window import SlidingWindowKVCacheManager
-from splitserve.shared.request import Request, RequestStatus, SessionHint
-from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
-from splitserve.shared.sampler import SamplerOutput
-from splitserve.shared.sampling_params import SamplingParams
-from splitserve.shared.scheduler import Scheduler, SchedulerOutput
-from splitserve.shared.transfer.handle import KvHandle
-from splitserve.shared.engine_parts import EngineParts, build_engine_parts
-from splitserve.shared.heap import freeze_startup_heap
-from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
-from splitserve.shared.grammar_fill import BitmaskFiller, StepFill, accept_tokens
-from splitserve.shared.step_trace import StepTrace
 from splitserve.shared.parallel.driver import check_parallel_support
 from splitserve.shared.parallel.state import ParallelError
+from splitserve.shared.prompt_logprobs import collect_prompt_logprobs
+from splitserve.shared.request import KvTransferParams, Request, RequestStatus, SessionHint
+from splitserve.shared.runner import PLACEHOLDER, ModelRunner, ModelRunnerOutput, PendingStep, SampledToken
+from splitserve.shared.sampling_params import SamplingParams
+from splitserve.shared.scheduler import Scheduler, SchedulerOutput
+from splitserve.shared.step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -67,42 +74,6 @@ MAX_FAILED_STEPS = 3
 
 class RequestError(ValueError):
     """A request cannot be served as given (too long, bad tokens, duplicate id); the message says why."""
-
-
-@dataclass(frozen=True)
-class KvTransferParams:
-    hold: bool = False
-    """Prefill side: stop after the first token and hold the prompt's KV for a decode instance
-    (unless that token already finished the request); the output carries the `KvHandle`."""
-    handle: object | None = None
-    """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
-
-
-class EngineOutput(msgspec.Struct, array_like=True, gc=False):
-    """What one step produced for one request (deltas, not totals). A msgspec struct: a step's
-    outputs cross from the engine process to the serving process as one msgpack message, and
-    building one is cheaper than a dataclass (this runs for every request every step)."""
-
-    request_id: str
-    new_token_ids: list[int] = []
-    new_logprobs: list[float] = []
-    new_top_logprobs: list[Sequence[tuple[int, float]]] = []
-    new_ranks: list[int] = []
-    new_prompt_logprobs: list[SampledToken] = []
-    """Prompt tokens 1.. (requests that asked for prompt logprobs), with the first output token."""
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_recomputed_tokens: int = 0
-    kv_bytes_received: int = 0
-    kv_handle: KvHandle | None = None
-    kv_load_window_ns: tuple[int, int, bool] | None = None
-    """(start, end, ok) wall-clock ns of this request's remote KV load, for the transfer span."""
-    error: str | None = None
-    """Set when the request failed after it was added: a step failed on it (finish_reason 'error'),
-    or its structured-output grammar does not compile or did not in time (finish_reason 'abort')."""
 
 
 @dataclass
@@ -124,34 +95,10 @@ def _is_device_fault(exc: BaseException) -> bool:
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
-def _collect_prompt_logprobs(req: Request, scored: tuple[int, list[SampledToken]] | None) -> None:
-    """Keep the prompt logprobs a step computed; positions seen before (a preempted request
-    computes its prompt again) are not added twice."""
-    if scored is None:
-        return
-    first_target, entries = scored
-    if req.prompt_logprobs is None:
-        req.prompt_logprobs = []
-    req.prompt_logprobs.extend(entries[len(req.prompt_logprobs) + 1 - first_target:])
 
 
 def _penalised(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-
-
-class EngineStats(msgspec.Struct, array_like=True):
-    num_running: int
-    num_waiting: int
-    num_loading_kv: int
-    num_held_kv: int
-    num_waiting_tokens: int
-    num_free_blocks: int
-    num_total_blocks: int
-    kv_usage: float
-    prefix_hit_rate: float
-    num_preemptions: int
-    kv_group_blocks: dict[str, int] = {}
-    """Blocks of each KV layer group's pool ("full", "window_<w>") when the pool is split by group."""
 
 
 class EngineCore:
@@ -175,7 +122,7 @@ class EngineCore:
         self.max_model_len = parts.max_model_len
         self.block_size = config.cache.block_size
         window = getattr(parts.model, "uniform_sliding_window", None)
-        tier = _host_tier(config, parts, window)
+        tier = build_host_tier(config, parts, window)
         if parts.kv_groups:  # interleaved windows: one pool and table per layer group
             self.kv = self._window_kv = GroupedKVCacheManager(
                 [w for w, _ in parts.kv_groups], parts.group_num_blocks, self.block_size,
@@ -193,6 +140,7 @@ class EngineCore:
         self.connector = CompositeConnector(tier, transfer) if tier or transfer else None
         self.has_transfer = transfer is not None
         self.scheduler = Scheduler(config.scheduler, self.kv, tier.lookup if tier else None)
+        self._external = ExternalKV(self.connector, self.kv, self.scheduler, self.block_size)
         graphs = None
         if parts.device.type == "cuda" and not config.model.enforce_eager:
             graphs = DecodeGraphs(parts.model, config.scheduler.max_num_seqs, self.max_model_len, self.block_size,
@@ -203,16 +151,12 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._penalised: set[str] = set()
         """Live requests whose sampling reads their previous tokens (see _needs_exact_history)."""
-        self.held: dict[str, Request] = {}
-        """Prefill side: finished requests whose blocks wait for the decode side to copy them."""
-        self.aborting: dict[str, Request] = {}
-        """Decode side: aborted requests whose blocks wait for their cancelled transfer to end."""
+        self._emitter = Emitter(self.requests, self._penalised, self.scheduler, self.runner, self._external,
+                                self.max_model_len)
         self.async_scheduling = config.scheduler.async_scheduling
         if self.async_scheduling is None:  # off with followers: they need every step's real input tokens
             self.async_scheduling = parts.device.type == "cuda" and parts.followers.world_size == 1
         self._inflight: InflightStep | None = None
-        self._kv_bytes: dict[str, int] = {}
-        self._kv_windows: dict[str, tuple[int, int, bool]] = {}
         self._step_request_ids: list[str] | None = None  # the running step's requests, once scheduled
         self._step_tokens = 0
         self._failed_steps = 0
@@ -254,7 +198,7 @@ class EngineCore:
         self.grammars.add(req)  # compiled on the compiler's thread; scheduled once it is ready
 
     def _validate(self, request_id: str, prompt_token_ids: list[int]) -> None:
-        if request_id in self.requests or request_id in self.held:
+        if request_id in self.requests or request_id in self._external.held:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
@@ -269,7 +213,7 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is and free (or release) its blocks. False if unknown."""
-        if request_id in self.held:
+        if request_id in self._external.held:
             self.connector.abort(request_id)  # blocks are freed when the connector reports them released
             return True
         req = self.requests.get(request_id)
@@ -278,21 +222,17 @@ class EngineCore:
         self.scheduler.remove(request_id)
         self.grammars.remove(request_id)
         if req.status is RequestStatus.WAITING_FOR_KV and self.kv.block_ids(request_id):
-            # A transfer may still be writing into the blocks: free them only once the connector
-            # reports the load ended (load_failed "aborted", or loaded).
-            self.connector.abort(request_id)
-            self._forget(req)
-            self.aborting[request_id] = req
+            self._external.abort_load(req)
+            self._emitter.forget(req)
             req.status = RequestStatus.FINISHED_ABORTED
             return True
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
-        self._kv_bytes.pop(request_id, None)
-        self._kv_windows.pop(request_id, None)
+        self._emitter.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._external.forget(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return (bool(self.requests) or bool(self.held) or bool(self.aborting) or self._inflight is not None
-                or self.kv.num_pinned_blocks > 0)
+        return (bool(self.requests) or bool(self._external.held) or bool(self._external.aborting)
+                or self._inflight is not None or self.kv.num_pinned_blocks > 0)
 
     # ---- the step ---------------------------------------------------------------------
 
@@ -327,9 +267,9 @@ class EngineCore:
 
     def _step(self) -> list[EngineOutput]:
         outputs: dict[str, EngineOutput] = {}
-        self._handle_connector_events(outputs)
+        self._external.poll()
         if self.grammars:
-            self._admit_compiled(outputs)
+            admit_compiled(self.grammars, self.scheduler, self._emitter, outputs)
         if self._inflight is not None and self._needs_exact_history():
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         self.kv.sessions.expire(time.monotonic())
@@ -337,15 +277,13 @@ class EngineCore:
         request_ids = self._step_request_ids = [s.request.request_id for s in sched.scheduled]
         if self._trace is not None:
             self._step_tokens = sched.num_batched_tokens
-        for req, source, block_ids in sched.kv_loads:
-            if source is getattr(req.kv_transfer, "handle", None):
-                self._kv_windows[req.request_id] = (time.time_ns(), 0, False)
-            self.connector.start_load(req.request_id, source, block_ids)
+        if sched.kv_loads:
+            self._external.start_loads(sched.kv_loads)
         tables = self.kv.block_table_arrays(request_ids)
         if not self.async_scheduling:
-            result = self.runner.execute(sched, tables, self._grammar_bitmask(sched))
+            result = self.runner.execute(sched, tables, step_bitmask(self._bitmasks, sched))
             self._update(sched, result, outputs)
-            self._save_new_blocks()
+            self._external.save_new_blocks()
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
@@ -361,38 +299,12 @@ class EngineCore:
         fill = None
         if previous is not None:
             fill = self._resolve(outputs, sched if structured else None)
-            self._save_new_blocks()
+            self._external.save_new_blocks()
         if structured:
-            self.runner.sample(pending, fill.result() if fill is not None else self._grammar_bitmask(sched))
+            self.runner.sample(pending, fill.result() if fill is not None else step_bitmask(self._bitmasks, sched))
             launched = self._advance(sched)
         self._inflight = InflightStep(pending, launched, structured) if launched else None
         return list(outputs.values())
-
-    # ---- structured outputs -----------------------------------------------------------
-
-    def _admit_compiled(self, outputs: dict[str, EngineOutput]) -> None:
-        """Requests whose grammar is ready join the scheduler; those that cannot have one fail."""
-        ready, failed = self.grammars.poll()
-        for req, message in failed:
-            self._reject(req, message, outputs)
-        for req in ready:
-            self.scheduler.add(req)
-
-    def _reject(self, req: Request, message: str, outputs: dict[str, EngineOutput], reason: str = "abort") -> None:
-        """End a request that cannot go on; 'abort': as given (a 400), 'error': an engine fault."""
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
-        outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason=reason, error=message)
-
-    def _grammar_bitmask(self, sched: SchedulerOutput):
-        """The bitmask of this step's sampling rows, in the runner's row order (None: no grammar)."""
-        return self._bitmasks.build([s.request.grammar for s in sched.scheduled if s.samples])
-
-    @staticmethod
-    def _advance_grammars(new_tokens: list[tuple[Request, int]]) -> set[str]:
-        """Synchronous steps: advance each grammar's matcher by its request's new token, before any
-        output is built; the requests whose grammar rejects it. (Async steps: BitmaskFiller.start.)"""
-        accepted = accept_tokens([(req.grammar, token_id) for req, token_id in new_tokens])
-        return {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int, int | None, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each
@@ -424,19 +336,16 @@ class EngineCore:
         inflight, self._inflight = self._inflight, None
         pending = inflight.pending
         sampled = pending.sampled()
-        new_tokens = [(req, sampled.token_ids[row]) for req, _, _, index, row in inflight.launched
-                      if index is not None and req.grammar is not None and self.requests.get(req.request_id) is req
-                      ] if inflight.structured else []
-        fill = None
-        if new_tokens or next_sched is not None:
-            grammars = [s.request.grammar for s in next_sched.scheduled if s.samples] if next_sched else []
-            fill = self._bitmasks.start([(req.grammar, token_id) for req, token_id in new_tokens], grammars)
+        fill, new_tokens = None, []
+        if inflight.structured or next_sched is not None:  # grammar rows settle here, or launch next
+            grammar_launched = inflight.launched if inflight.structured else []
+            fill, new_tokens = start_fill(self._bitmasks, grammar_launched, sampled, self.requests, next_sched)
         structured_rows = []
         for req, num_new, num_computed, index, row in inflight.launched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted or finished while the step was in flight
             if pending.prompt_logprobs:
-                _collect_prompt_logprobs(req, pending.prompt_logprobs.get(req.request_id))
+                collect_prompt_logprobs(req, pending.prompt_logprobs.get(req.request_id))
             if req.num_computed_tokens >= num_computed:  # not preempted since
                 self._book_computed(req, num_new, num_computed)
             if index is None:
@@ -445,30 +354,27 @@ class EngineCore:
             if inflight.structured and req.grammar is not None:
                 structured_rows.append((req, row, index))  # its stop rules need the grammar's accept
             else:
-                self._emit_sampled(req, sampled, row, index + 1, outputs)
+                self._emitter.emit_sampled(req, sampled, row, index + 1, outputs)
         if structured_rows:
-            accepted = fill.wait_accepted()
-            rejected = {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
+            rejected = rejected_ids(fill, new_tokens)
             for req, row, index in structured_rows:
-                self._emit_sampled(req, sampled, row, index + 1, outputs, req.request_id in rejected)
+                self._emitter.emit_sampled(req, sampled, row, index + 1, outputs, req.request_id in rejected)
         return fill
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
         sampled = result.sampled
-        samplers = [s.request for s in sched.scheduled if s.samples]  # row i of `sampled`
-        rejected = self._advance_grammars([
-            (req, token_id) for req, token_id in zip(samplers, sampled.token_ids) if req.grammar is not None])
+        rejected = accept_sampled(sched, sampled)
         row = 0
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self._book_computed(req, s.num_new_tokens, req.num_computed_tokens)
             if result.prompt_logprobs:
-                _collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
+                collect_prompt_logprobs(req, result.prompt_logprobs.get(req.request_id))
             if s.samples:
                 req.append_output(sampled.token_ids[row])
-                self._emit_sampled(req, sampled, row, req.num_tokens - req.num_prompt_tokens, outputs,
-                                   req.request_id in rejected)
+                self._emitter.emit_sampled(req, sampled, row, req.num_tokens - req.num_prompt_tokens, outputs,
+                                           req.request_id in rejected)
                 row += 1
 
     def _book_computed(self, req: Request, num_new: int, num_computed: int) -> None:
@@ -486,157 +392,11 @@ class EngineCore:
         if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
             self._window_kv.release_out_of_window(req.request_id, num_computed)
 
-    def _emit_sampled(self, req: Request, sampled: SamplerOutput, row: int, num_outputs: int,
-                      outputs: dict[str, EngineOutput], grammar_rejected: bool = False) -> None:
-        """Report row `row` of a step's sampled tokens, `req`'s `num_outputs`-th output. Runs for
-        every request every step, so the common token (one that cannot end the request, of a
-        request with no grammar, no KV hold and no prompt logprobs to send) is one test and one
-        EngineOutput; everything else goes through `_emit`. (max_tokens is already capped by the
-        context length at add_request, so it alone bounds the length here.)"""
-        token_id = sampled.token_ids[row]
-        top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else ()
-        if (num_outputs < req.max_tokens and token_id not in req.stop_token_candidates and req.grammar is None
-                and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
-            outputs[req.request_id] = EngineOutput(req.request_id, [token_id], [sampled.logprobs[row]], [top],
-                                                   [sampled.ranks[row]])
-            return
-        token = SampledToken(token_id, sampled.logprobs[row], sampled.ranks[row], top)
-        self._emit(req, token, num_outputs, outputs, grammar_rejected)
-
-    def _emit(self, req: Request, token: SampledToken, num_outputs: int, outputs: dict[str, EngineOutput],
-              grammar_rejected: bool = False) -> None:
-        """Report a request's new token (its `num_outputs`-th) and finish it if that ends it. Its
-        grammar, if any, has taken the token already (`_advance_grammars`)."""
-        if grammar_rejected:
-            # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
-            logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
-            self.scheduler.remove(req.request_id)
-            self._reject(req, f"sampled token {token.token_id} violates the grammar", outputs, "error")
-            return
-        out = outputs.get(req.request_id)
-        if out is None:  # the common case, built in one call: this runs for every request every step
-            out = outputs[req.request_id] = EngineOutput(
-                req.request_id, [token.token_id], [token.logprob], [token.top_logprobs], [token.rank])
-        else:
-            out.new_token_ids.append(token.token_id)
-            out.new_logprobs.append(token.logprob)
-            out.new_top_logprobs.append(token.top_logprobs)
-            out.new_ranks.append(token.rank)
-        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            out.new_prompt_logprobs.extend(req.prompt_logprobs)
-            req.prompt_logprobs_sent = True
-        status = self._stop_status(req, token.token_id, num_outputs)
-        hold = req.kv_transfer is not None and req.kv_transfer.hold
-        if status is None and not hold:
-            return
-        self.scheduler.remove(req.request_id)
-        req.truncate_outputs(num_outputs)  # async: steps launched after this token are void
-        if status is None:  # prefill-only request: the first token is out, hand the KV over
-            out.kv_handle = self._hold(req)
-        else:
-            self._finish(req, status)
-        self._fill_final(req, out)
-
-    def _handle_connector_events(self, outputs: dict[str, EngineOutput]) -> None:
-        if self.connector is None:
-            return
-        events = self.connector.poll()
-        if events.saved_block_ids:
-            self.kv.unpin(events.saved_block_ids)
-        for request_id in events.released:
-            if self.held.pop(request_id, None) is not None:
-                self.kv.free(request_id)
-        ended = [*events.loaded, *(request_id for request_id, _ in events.load_failed)]
-        for request_id in ended:
-            if self.aborting.pop(request_id, None) is not None:
-                self.kv.free(request_id)
-                self._kv_windows.pop(request_id, None)
-        for request_id in events.loaded:
-            req = self.scheduler.finish_kv_load(request_id, ok=True)
-            if req is not None:
-                self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
-                if request_id in self._kv_windows:  # remote KV (a host-tier restore moved no KV between engines)
-                    self._kv_bytes[request_id] = events.loaded_bytes.get(request_id, 0)
-                self._end_kv_window(request_id, ok=True)
-        for request_id, reason in events.load_failed:
-            if self.scheduler.finish_kv_load(request_id, ok=False) is not None:
-                self._end_kv_window(request_id, ok=False)
-                logger.warning("KV load for %s failed (%s); recomputing it here", request_id, reason)
-
-    def _end_kv_window(self, request_id: str, ok: bool) -> None:
-        if request_id in self._kv_windows:
-            self._kv_windows[request_id] = (self._kv_windows[request_id][0], time.time_ns(), ok)
-
-    # ---- finishing --------------------------------------------------------------------
-
-    def _stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
-        min_tokens = req.sampling_params.min_tokens
-        if token_id in req.eos_token_ids and num_outputs > min_tokens and not req.sampling_params.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED
-        if token_id in req.sampling_params.stop_token_ids and num_outputs > min_tokens:
-            req.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
-        if req.grammar is not None and req.grammar.terminated:
-            return RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing may follow
-        if num_outputs >= req.max_tokens or req.num_prompt_tokens + num_outputs >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
     def _needs_exact_history(self) -> bool:
         """Penalties count previous output tokens, so they cannot run on a placeholder. (Any live
         penalised request counts, running or not: a set kept on add and finish, not a pass over
         the running requests every step.)"""
         return bool(self._penalised)
-
-    def _finish(self, req: Request, status: RequestStatus) -> None:
-        req.status = status
-        req.finish_reason = status.value
-        self._forget(req)
-        self._retain_session(req)
-        self.kv.free(req.request_id)
-
-    def _forget(self, req: Request) -> None:
-        """The request leaves this engine's live set (its blocks are the caller's business)."""
-        self.requests.pop(req.request_id, None)
-        self._penalised.discard(req.request_id)
-        self.runner.drop_request(req.request_id)
-
-    def _retain_session(self, req: Request) -> None:
-        """A keyed request's blocks (prompt + output) outlive it at a higher priority, on both tiers."""
-        if req.session is None:
-            return
-        hashes = self.kv.block_hashes(req.request_id)
-        until_s = time.monotonic() + req.session.retention_s
-        self.kv.retain_session(req.session.key, hashes, until_s)
-        if self.connector is not None:
-            self.connector.retain(req.session.key, hashes, until_s)
-
-    def _save_new_blocks(self) -> None:
-        """Hand newly computed full blocks to the connector (the host tier copies them out); the
-        ones it reads stay pinned until poll() says their copy ended."""
-        if not self.kv.track_newly_cached:
-            return
-        pairs = self.kv.take_newly_cached()
-        if pairs:
-            self.kv.pin(self.connector.save_blocks([b for b, _ in pairs], [h for _, h in pairs]))
-
-    def _hold(self, req: Request):
-        """Keep the prompt's KV blocks past the request until the decode side has copied them."""
-        self._forget(req)
-        block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
-        self.held[req.request_id] = req
-        self._retain_session(req)
-        return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
-
-    def _fill_final(self, req: Request, out: EngineOutput) -> None:
-        out.finished = True
-        out.finish_reason = req.finish_reason
-        out.stop_reason = req.stop_reason
-        out.num_prompt_tokens = req.num_prompt_tokens
-        out.num_cached_tokens = req.num_cached_tokens
-        out.num_recomputed_tokens = req.num_recomputed_tokens
-        out.kv_bytes_received = self._kv_bytes.pop(req.request_id, 0)
-        out.kv_load_window_ns = self._kv_windows.pop(req.request_id, None)
 
     # ---- introspection ----------------------------------------------------------------
 
@@ -644,7 +404,7 @@ class EngineCore:
         s = self.scheduler
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting), num_loading_kv=len(s.loading),
-            num_held_kv=len(self.held), num_waiting_tokens=s.num_waiting_tokens,
+            num_held_kv=len(self._external.held), num_waiting_tokens=s.num_waiting_tokens,
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
             kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate, num_preemptions=s.num_preemptions,
             kv_group_blocks=self._kv_group_blocks,
@@ -655,24 +415,6 @@ class EngineCore:
         self._bitmasks.close()
         if self._trace is not None:
             self._trace.close()
-        if self.connector is not None:
-            self.connector.close()
+        self._external.close()
         self.followers.close()
 
-
-def _host_tier(config: EngineConfig, parts: EngineParts, window: int | None):
-    """The host-memory KV tier of `--kv-offload-gib`, or None when it is off."""
-    gib = config.cache.kv_offload_gib
-    if not gib:
-        return None
-    if window:
-        raise ConfigError("kv_offload_gib is not supported yet for models whose every layer slides a window")
-    from splitserve.shared.offload.host_tier import HostTier
-
-    block_bytes = parts.kv_cache[0].numel() * parts.kv_cache.element_size()
-    num_host_blocks = int(gib * 2**30) // block_bytes
-    if num_host_blocks < 1:
-        raise ConfigError(f"kv_offload_gib {gib} holds no block of {block_bytes} bytes")
-    logger.info("host KV tier: %d blocks (%.2f GiB)%s", num_host_blocks, num_host_blocks * block_bytes / 2**30,
-                ", pinned" if parts.device.type == "cuda" else "")
-    return HostTier(parts.kv_cache, num_host_blocks)

@@ -35,10 +35,12 @@ import uuid
 import torch
 import zmq
 
-from splitserve.shared.engine import EngineCore, EngineOutput, KvTransferParams
+from splitserve.shared.engine import EngineCore
+from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.engine_parts import apply_cpu_threads
 from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
                                                EngineStartFailed, EngineStep, Shutdown, command_decoder, encoder)
+from splitserve.shared.request import KvTransferParams
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from splitserve.shared.engine import EngineCore, EngineOutput
+from splitserve.shared.engine import EngineCore
+from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.engine_parts import apply_cpu_threads
 from splitserve.shared.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.shared.sampling_params import SamplingParams

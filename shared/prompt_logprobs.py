@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from splitserve.shared.request import Request
 from splitserve.shared.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from splitserve.shared.runner import SampledToken  # runner imports this module
 
 
 @dataclass
@@ -68,3 +73,14 @@ def compute_prompt_logprobs(logits_of: Callable[[list[int]], torch.Tensor], want
         results[w.request_id] = (w.first_target, [
             SampledToken(t, lp, r, top) for t, lp, r, top in zip(w.target_ids, chosen[:, 0].tolist(), ranks, tops)])
     return results
+
+
+def collect_prompt_logprobs(req: Request, scored: tuple[int, list[SampledToken]] | None) -> None:
+    """Keep the prompt logprobs a step computed; positions seen before (a preempted request
+    computes its prompt again) are not added twice."""
+    if scored is None:
+        return
+    first_target, entries = scored
+    if req.prompt_logprobs is None:
+        req.prompt_logprobs = []
+    req.prompt_logprobs.extend(entries[len(req.prompt_logprobs) + 1 - first_target:])

@@ -44,6 +44,15 @@ class SessionHint:
     retention_s: float
 
 
+@dataclass(frozen=True)
+class KvTransferParams:
+    hold: bool = False
+    """Prefill side: stop after the first token and hold the prompt's KV for a decode instance
+    (unless that token already finished the request); the output carries the `KvHandle`."""
+    handle: object | None = None
+    """Decode side: a `KvHandle` to load the prompt's KV from instead of computing it."""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -67,7 +76,7 @@ class Request:
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     """Tokens computed again after a preemption or a failed KV transfer."""
-    kv_transfer: object | None = None
+    kv_transfer: KvTransferParams | None = None
     """Disaggregation parameters (a KvHandle to load, or a request to hold KV); see transfer/."""
     session: SessionHint | None = None
     """A keyed session (`prompt_cache_key`): its blocks are retained after it ends."""
