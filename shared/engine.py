@@ -86,6 +86,9 @@ class InflightStep:
     output and its row in `pending`, or None twice when it samples nothing)."""
     structured: bool = False
     """Some row samples under a grammar (its matcher takes the token when the step settles)."""
+    fill: StepFill | None = None
+    """A structured step launched without its sampling: its bitmask, filling on the grammar thread
+    (sampled at the next step, once that step's inputs are staged: `_sample_deferred`)."""
 
 
 def _is_device_fault(exc: BaseException) -> bool:
@@ -271,6 +274,7 @@ class EngineCore:
         if self.grammars:
             admit_compiled(self.grammars, self.scheduler, self._emitter, outputs)
         if self._inflight is not None and self._needs_exact_history():
+            self._sample_deferred()
             self._resolve(outputs)  # penalties read the real previous tokens: no overlap this step
         self.kv.sessions.expire(time.monotonic())
         sched = self.scheduler.schedule()
@@ -287,24 +291,34 @@ class EngineCore:
             return list(outputs.values())
         # Async: launch this step first, then settle the previous one while the device works.
         # A step with grammar rows launches its forward only: its bitmask needs the previous
-        # step's tokens, so it is sampled (and booked) once those are settled, while the device
-        # still runs the forward. The bitmask fills on the grammar thread while the previous
-        # step's tokens are booked (see _resolve).
+        # step's tokens. The grammar thread takes those tokens and fills the bitmask while the
+        # previous step is booked (see _resolve), and while the next step is scheduled and its
+        # inputs staged; only then is the step sampled, right before the next forward is
+        # launched, so the device waits for no host work but the bitmask.
         previous = self._inflight
         structured = any([s.samples and s.request.grammar is not None for s in sched.scheduled])
+        staged = self.runner.stage_inputs(sched, tables) if not sched.is_empty else None
+        self._sample_deferred()
         pending = self.runner.execute_async(sched, tables, previous.pending if previous else None,
-                                            defer_sampling=structured)
-        if not structured:
-            launched = self._advance(sched)
+                                            defer_sampling=structured, staged=staged)
+        launched = self._advance(sched)
         fill = None
         if previous is not None:
             fill = self._resolve(outputs, sched if structured else None)
             self._external.save_new_blocks()
-        if structured:
-            self.runner.sample(pending, fill.result() if fill is not None else step_bitmask(self._bitmasks, sched))
-            launched = self._advance(sched)
-        self._inflight = InflightStep(pending, launched, structured) if launched else None
+        if structured and fill is None:  # no settled step handed the grammar thread this bitmask
+            fill = self._bitmasks.start([], [s.request.grammar for s in sched.scheduled if s.samples])
+        self._inflight = InflightStep(pending, launched, structured, fill if structured else None) if launched else None
+        if structured and not launched:
+            self._bitmasks.wait()  # nothing of the step is left to sample (every request ended)
         return list(outputs.values())
+
+    def _sample_deferred(self) -> None:
+        """Sample the in-flight step that waited for its grammar bitmask (see _step)."""
+        inflight = self._inflight
+        if inflight is not None and inflight.fill is not None:
+            fill, inflight.fill = inflight.fill, None
+            self.runner.sample(inflight.pending, fill.result())
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int, int | None, int | None]]:
         """Book a launched step before its tokens are known: computed counts move on and each

@@ -33,7 +33,7 @@ from splitserve.shared.parallel.driver import NO_FOLLOWERS, NoFollowers
 from splitserve.shared.parallel.messages import StepArrays
 from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from splitserve.shared.request import Request
-from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplerOutput, SamplingInput, unpack
+from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplerOutput, SamplingInput, as_of_now, unpack
 from splitserve.shared.scheduler import SchedulerOutput
 
 
@@ -247,7 +247,8 @@ class ModelRunner:
         rows = self._sampling_inputs(sampling)
         request_ids = [r.request_id for r in sampling]
         if defer_sampling:
-            return PendingStep(request_ids, None, deferred=(logits, rows), prompt_logprobs=prompt_logprobs)
+            deferred = (logits, as_of_now(rows))
+            return PendingStep(request_ids, None, deferred=deferred, prompt_logprobs=prompt_logprobs)
         return PendingStep(request_ids, self.sampler.sample(logits, rows), prompt_logprobs=prompt_logprobs)
 
     def _prompt_logits(self, hidden: torch.Tensor):

@@ -30,7 +30,7 @@ Order of processing for the logits `[N, V]`:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,6 +58,21 @@ class SamplingInput:
         p = self.params
         self.plain_greedy = (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
                              and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 and not p.logit_bias)
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Its sampling reads its output tokens (penalties, min_tokens)."""
+        p = self.params
+        return bool(p.min_tokens) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def as_of_now(rows: list[SamplingInput]) -> list[SamplingInput]:
+    """The rows with their output tokens as they are now, when some row's sampling reads them (the
+    penalties then count every row's): a step sampled after the engine booked it (a deferred
+    structured step) must not see the placeholder outputs the booking appended."""
+    if not any([row.reads_outputs for row in rows]):
+        return rows
+    return [replace(row, output_token_ids=tuple(row.output_token_ids)) for row in rows]
 
 
 @dataclass
