@@ -24,7 +24,6 @@ the GPU run of bench_structured.py: the loop cost must fit beside the decode ste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_structured import schema, write_tokenizer  # noqa: E402
+from results import add_result_json_arg, write_result_json  # noqa: E402
 
 
 def compile_schema(vocab_size: int, output_len: int):
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--booking-ms", type=float, default=1.5, help="Python on the step loop between start and result")
     parser.add_argument("--trace", action="store_true",
                         help="also time each hand-off and call of the grammar thread (TRACE_SPANS)")
-    parser.add_argument("--result-json", default=None)
+    add_result_json_arg(parser)
     args = parser.parse_args(argv)
     compiled = compile_schema(args.vocab_size, args.output_len)
     rows = []
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
               "switch_interval_ms": sys.getswitchinterval() * 1e3}
     _print(args, rows, delays)
     result = {"args": vars(args), "rows": rows, "thread_start_delay": delays}
-    if args.result_json:
-        with open(args.result_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result_json(args.result_json, result)
     return result
 
 

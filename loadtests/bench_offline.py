@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes import SHAPES, expected_experts_touched, kv_bytes_per_token, moe_experts, param_count, write_shape  # noqa: E402
+from results import add_result_json_arg, write_result_json  # noqa: E402
 from workload import add_engine_args, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
 
@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--peer", default="paged|sdpa", help="transformers attn_implementation for the peer, or 'none'")
     parser.add_argument("--scheduling", default="async,sync",
                         help="comma list of engine modes to run: async (the CUDA default), sync")
-    parser.add_argument("--result-json", default=None)
+    add_result_json_arg(parser)
     args = parser.parse_args()
 
     model_dir = write_shape(args.shape, tempfile.mkdtemp(prefix=f"shape-{args.shape}-"))
@@ -210,10 +210,8 @@ def main() -> int:
     for name, t in rows:
         speedup = f"{peer_time / t:.1f}x" if peer_time else "-"
         print(f"{name:42s} {t:8.3f} {out_tokens / t:10.0f} {t / floor:10.2f} {speedup:>16s}")
-    if args.result_json:
-        with open(args.result_json, "w") as f:
-            json.dump({"args": vars(args), "bandwidth_Bps": bandwidth, "matmul_flops": flops,
-                       "rows": [{"system": n, "time_s": t} for n, t in rows]}, f, indent=1)
+    write_result_json(args.result_json, {"args": vars(args), "bandwidth_Bps": bandwidth, "matmul_flops": flops,
+                                         "rows": [{"system": n, "time_s": t} for n, t in rows]})
     return 0
 
 

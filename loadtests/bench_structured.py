@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_offline import _time_steps  # noqa: E402
+from results import add_result_json_arg, write_result_json  # noqa: E402
 from shapes import SHAPES, write_shape  # noqa: E402
 from workload import add_engine_args, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--structured-outputs-threads", type=int, default=None,
                         help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--result-json", default=None)
+    add_result_json_arg(parser)
     args = parser.parse_args(argv)
 
     from splitserve.shared.grammar_fill import default_threads
@@ -167,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"throughput loss {loss * 100:.1f} % ({verdict} the {TARGET_LOSS * 100:.0f} % target); "
           f"median decode step +{step_overhead * 100:.1f} %")
     result = {"args": vars(args), "rows": rows, "throughput_loss": loss, "decode_step_overhead": step_overhead}
-    if args.result_json:
-        with open(args.result_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result_json(args.result_json, result)
     return result
 
 

@@ -203,5 +203,18 @@ def metric_total(text: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def greedy_completions(client, prompts: list[str], max_tokens: int, model: str | None = None) -> list[tuple[str, int]]:
+    """(text, prompt tokens) of a greedy completion of each prompt, one request at a time, through
+    the `openai` client; each must run to `max_tokens` (EOS ignored). `model`: the first served one."""
+    model = model or client.models.list().data[0].id
+    served = []
+    for prompt in prompts:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == max_tokens
+        served.append((r.choices[0].text, r.usage.prompt_tokens))
+    return served
+
+
 def _flag(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default

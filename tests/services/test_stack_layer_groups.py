@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stack import LocalStack
+from stack import LocalStack, greedy_completions
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +24,9 @@ def test_colocated_gemma2_splits_its_pool_and_equals_offline(checkpoint_factory,
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     offline = [o.outputs[0].text for o in LLM(model_dir, device="cpu", num_blocks=256).generate(prompts, params)]
     with stack:
-        client = stack.openai()
-        served = []
-        for prompt in prompts:
-            r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=MAX_TOKENS,
-                                          temperature=0, extra_body={"ignore_eos": True})
-            assert r.usage.completion_tokens == MAX_TOKENS and r.usage.prompt_tokens > 6
-            served.append(r.choices[0].text)
+        served = greedy_completions(stack.openai(), prompts, MAX_TOKENS)
         load = stack.load("worker")
-    assert served == offline
+    assert all(prompt_tokens > 6 for _, prompt_tokens in served)
+    assert [text for text, _ in served] == offline
     counters = dict(load.counters)
     assert counters["kv_blocks_window_6"] < counters["kv_blocks_full"] == load.num_total_blocks, counters

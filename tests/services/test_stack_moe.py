@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stack import LocalStack
+from stack import LocalStack, greedy_completions
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,8 @@ def test_qwen3_moe_disaggregated_equals_offline(checkpoint_factory, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)                 # beside the offline run
     offline = [o.outputs[0].text for o in LLM(model_dir, device="cpu", num_blocks=256).generate(PROMPTS, params)]
     with stack:
-        client = stack.openai()
-        served = []
-        for prompt in PROMPTS:
-            r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=MAX_TOKENS,
-                                          temperature=0, extra_body={"ignore_eos": True})
-            assert r.usage.completion_tokens == MAX_TOKENS
-            served.append(r.choices[0].text)
+        served = greedy_completions(stack.openai(), PROMPTS, MAX_TOKENS)
         counters = stack.load("decode").counters
-    assert served == offline
+    assert [text for text, _ in served] == offline
     assert counters["transfers_ok"] == len(PROMPTS) and counters["bytes_received"] > 0
     assert counters.get("transfers_failed", 0) == 0

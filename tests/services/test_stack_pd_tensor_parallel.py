@@ -15,7 +15,7 @@ import contextlib
 import httpx
 import pytest
 
-from stack import LocalStack, all_up, metric_total
+from stack import LocalStack, all_up, greedy_completions, metric_total
 
 pytestmark = pytest.mark.slow
 
@@ -46,16 +46,6 @@ def stacks(tmp_path_factory, one_kv_head, demo_checkpoint_dir):
             yield list(zip(both, references))
 
 
-def _greedy(client, model: str) -> list[tuple[str, int]]:
-    out = []
-    for prompt in PROMPTS:
-        r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                      extra_body={"ignore_eos": True})
-        assert r.usage.completion_tokens == MAX_TOKENS
-        out.append((r.choices[0].text, r.usage.prompt_tokens))
-    return out
-
-
 def _offline(model_dir: str) -> list[str]:
     from splitserve.shared.llm import LLM
     from splitserve.shared.sampling_params import SamplingParams
@@ -80,7 +70,7 @@ def _check_stack(stack: LocalStack, model: str, model_dir: str, offline: list[st
     moved_before = metric_total(metrics, "splitserve_gateway_kv_transfer_bytes_total")
     recomputed_before = metric_total(metrics, "splitserve_gateway_recomputed_tokens_total")
     before = stack.load("decode").counters
-    served = _greedy(stack.openai(), model)
+    served = greedy_completions(stack.openai(), PROMPTS, MAX_TOKENS, model)
     assert [text for text, _ in served] == offline
     after = stack.load("decode").counters
     assert after["transfers_ok"] - before.get("transfers_ok", 0) == len(PROMPTS)
