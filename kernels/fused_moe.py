@@ -69,7 +69,8 @@ def _swizzled_tile(num_row_tiles, num_col_tiles, GROUP_M: tl.constexpr):
     return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
 
-@triton.jit
+# num_row_tiles follows the token count: unspecialised, so a new count never means a new compile
+@triton.jit(do_not_specialize=["num_row_tiles"])
 def _gate_up_kernel(
     inter_ptr,  # [max_rows, I] in x's dtype; rows are padded positions
     x_ptr,  # [T, H]
@@ -116,7 +117,7 @@ def _gate_up_kernel(
     tl.store(o_ptrs, out.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_row_tiles"])
 def _down_kernel(
     pair_out_ptr,  # [T * k, H] in x's dtype
     inter_ptr,  # [max_rows, I]
@@ -197,10 +198,11 @@ def fused_moe(
         return torch.zeros_like(x)
     config = config or moe_launch_config(x.device, num_tokens, num_experts, inter, hidden, top_k, x.dtype)
     pair_of_row, expert_of_tile = align_pairs_by_expert(topk_ids.contiguous(), num_experts, config.block_m)
-    inter_rows = _gate_up(x, w13, pair_of_row, expert_of_tile, top_k, activation, config.block_m, config.gate_up)
+    inter_rows = torch.empty(pair_of_row.shape[0], inter, dtype=x.dtype, device=x.device)
+    gate_up_rows(inter_rows, x, w13, pair_of_row, expert_of_tile, top_k, activation, config.block_m, config.gate_up)
     pair_out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _down(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, config.block_m, config.down)
+    down_rows(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, config.block_m, config.down)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
@@ -208,27 +210,37 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gate_up(x, w13, pair_of_row, expert_of_tile, top_k, activation, block_m, tile: MoeTile) -> torch.Tensor:
-    """-> `inter_rows [max_rows, I]`: act(gate) * up of every row tile's pairs."""
+def _launch(kernel, grid: tuple[int], args: tuple, constexprs: dict, compile_only: bool) -> None:
+    """Launch, or with `compile_only` just compile into Triton's cache (the tuner's compile workers)."""
+    if compile_only:
+        kernel.warmup(*args, grid=grid, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs)
+
+
+def gate_up_rows(inter_rows, x, w13, pair_of_row, expert_of_tile, top_k: int, activation: str, block_m: int,
+                 tile: MoeTile, compile_only: bool = False) -> None:
+    """`inter_rows [max_rows, I]` = act(gate) * up of every row tile's pairs (padding rows untouched)."""
     hidden, inter = x.shape[1], w13.shape[1] // 2
     num_row_tiles = expert_of_tile.shape[0]
-    inter_rows = torch.empty(pair_of_row.shape[0], inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(num_row_tiles * triton.cdiv(inter, tile.block_n),)](
-        inter_rows, x, w13, pair_of_row, expert_of_tile, num_row_tiles, x.stride(0), w13.stride(0), w13.stride(1),
+    args = (inter_rows, x, w13, pair_of_row, expert_of_tile, num_row_tiles, x.stride(0), w13.stride(0), w13.stride(1))
+    constexprs = dict(
         TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=tile.group_m, ACTIVATION=ACTIVATION_IDS[activation], DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    return inter_rows
+    _launch(_gate_up_kernel, (num_row_tiles * triton.cdiv(inter, tile.block_n),), args, constexprs, compile_only)
 
 
-def _down(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, block_m, tile: MoeTile) -> None:
+def down_rows(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, block_m: int, tile: MoeTile,
+              compile_only: bool = False) -> None:
     """`pair_out [T*k, H]` = each pair's `inter_rows` row @ its expert's w2.T, times its weight."""
     hidden, inter = w2.shape[1], w2.shape[2]
     num_row_tiles = expert_of_tile.shape[0]
-    _down_kernel[(num_row_tiles * triton.cdiv(hidden, tile.block_n),)](
-        pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, num_row_tiles, w2.stride(0), w2.stride(1),
+    args = (pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, num_row_tiles, w2.stride(0), w2.stride(1))
+    constexprs = dict(
         HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=tile.group_m, DOT_PRECISION=_dot_precision(w2.dtype), num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )
+    _launch(_down_kernel, (num_row_tiles * triton.cdiv(hidden, tile.block_n),), args, constexprs, compile_only)

@@ -52,7 +52,7 @@ def _fill(ptr, start, end, value, BLOCK: tl.constexpr):
         tl.store(ptr + offs, tl.zeros([BLOCK], tl.int32) + value, mask=offs < end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])  # they follow the token count
 def _align_kernel(
     pair_of_row_ptr,  # [max_tiles * BLOCK_M] int32
     expert_of_tile_ptr,  # [max_tiles] int32
