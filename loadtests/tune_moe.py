@@ -27,6 +27,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -68,6 +69,14 @@ class MoeShape:
             return MoeShape(spec, num_experts, top_k, SHAPES[spec]["hidden_size"], inter // tp)
         num_experts, top_k, hidden, inter = (int(v) for v in spec.split(","))
         return MoeShape(spec, num_experts, top_k, hidden, inter // tp)
+
+
+def parse_shapes(text: str, tp: int) -> list[MoeShape]:
+    """'qwen3-30b-a3b,mixtral-8x7b' (names, comma-separated), or dims 'E,k,H,I'; ';' between groups."""
+    specs = []
+    for part in re.split(r"[;\s]+", text.strip()):
+        specs += [part] if re.fullmatch(r"\d+(,\d+){3}", part) else [p for p in part.split(",") if p]
+    return [MoeShape.parse(spec, tp) for spec in specs]
 
 
 # ---------------------------------------------------------------- the grid
@@ -357,7 +366,7 @@ def tune_shape(shape: MoeShape, plan: dict, dtype, device, copy_gbps, deadline: 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="names from loadtests/shapes.py or E,k,H,I; ';'-separated")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="names from loadtests/shapes.py (comma-separated) or E,k,H,I; ';' between groups")
     parser.add_argument("--tokens", default=DEFAULT_TOKENS)
     parser.add_argument("--tp", type=int, default=1, help="tune each rank's slice of the experts (I / tp)")
     parser.add_argument("--dtype", default="bfloat16")
@@ -377,7 +386,7 @@ def main(argv=None) -> int:
         return 2
     deadline = time.monotonic() + args.budget_s
     dtype = getattr(torch, args.dtype)
-    shapes = [MoeShape.parse(s, args.tp) for s in args.shapes.replace(";", " ").split() if s]
+    shapes = parse_shapes(args.shapes, args.tp)
     plans = {s: sweep_plan(s, [int(t) for t in args.tokens.split(",")], args.small_grid) for s in shapes}
     log = print if args.verbose else (lambda *_: None)
     copy_gbps = None

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "loadtests"))
 
-from tune_moe import DEFAULT_SHAPES, DEFAULT_TOKENS, SMEM_BYTES, MoeShape, sweep_plan  # noqa: E402
+from tune_moe import DEFAULT_SHAPES, DEFAULT_TOKENS, SMEM_BYTES, parse_shapes, sweep_plan  # noqa: E402
 
 from splitserve.kernels.moe_config import MoeLaunchConfig, shape_key  # noqa: E402
 
@@ -40,10 +40,14 @@ def test_sweep_writes_a_table_the_kernel_reads(tmp_path):
 
 
 def test_gpu_grid_respects_shared_memory_and_accumulator_bounds():
-    for name in DEFAULT_SHAPES.split(","):
-        plan = sweep_plan(MoeShape.parse(name, 1), [int(t) for t in DEFAULT_TOKENS.split(",")], small=False)
+    shapes = parse_shapes(DEFAULT_SHAPES, tp=1)
+    assert [s.name for s in shapes] == ["qwen3-30b-a3b", "mixtral-8x7b", "qwen1.5-moe-a2.7b"]
+    assert [(s.num_experts, s.top_k, s.hidden, s.inter) for s in parse_shapes("4,2,32,32;mixtral-8x7b", tp=2)] == [
+        (4, 2, 32, 16), (8, 2, 4096, 7168)]
+    for shape in shapes:
+        plan = sweep_plan(shape, [int(t) for t in DEFAULT_TOKENS.split(",")], small=False)
         for num_tokens, candidates in plan.items():
-            assert candidates, (name, num_tokens)
+            assert candidates, (shape, num_tokens)
             for block_m, kind, tile in candidates:
                 weight_tiles = 2 if kind == "gate_up" else 1
                 assert tile.num_stages * (block_m + weight_tiles * tile.block_n) * tile.block_k * 2 <= SMEM_BYTES
