@@ -15,8 +15,8 @@ bandwidth measured in the same run, TFLOP/s.
     # then commit it as kernels/moe_configs/NVIDIA_H200.json (the name the kernel looks for)
 
 The grid is pruned (shared memory, accumulator size, `group_m` only where an expert has several
-row tiles) and compiled ahead in `--jobs` processes, all shapes submitted at once, so compiling
-overlaps the sweep. `--budget-s` stops starting new cases once spent; what finished is written. An
+row tiles) and compiled ahead in `--jobs` processes (`tune_moe_compile.py`), all shapes submitted
+at once, so compiling overlaps the sweep. `--budget-s` stops starting new cases once spent; what finished is written. An
 existing `--out` file is merged into (its other entries kept). On CPU (TRITON_INTERPRET=1, the
 test) it runs the same path with wall-clock timing and no compile workers.
 """
@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from shapes import moe_experts, SHAPES  # noqa: E402
+from shapes import SHAPES, moe_experts  # noqa: E402
+from tune_moe_compile import submit_compiles, wait_for_compiles  # noqa: E402
 from splitserve.kernels.fused_moe import down_rows, fused_moe, fused_moe_ref, gate_up_rows  # noqa: E402
 from splitserve.kernels.moe_align import align_pairs_by_expert  # noqa: E402
 from splitserve.kernels.moe_config import MoeLaunchConfig, MoeTile, device_name, heuristic_config  # noqa: E402
@@ -121,39 +122,6 @@ def sweep_plan(shape: MoeShape, tokens: list[int], small: bool) -> dict[int, lis
         plan[num_tokens] = [(bm, kind, tile) for bm in block_m_candidates(rows) for kind in ("gate_up", "down")
                             for tile in tile_candidates(kind, bm, rows, small)]
     return plan
-
-
-# ---------------------------------------------------------------- compile workers
-
-
-def _compile_chunk(shape: MoeShape, dtype_name: str, jobs: list[tuple[int, str, MoeTile]]) -> int:
-    """In a worker: compile each (block_m, kind, tile) into Triton's disk cache, launching nothing.
-    Tensors of one expert give the kernels the shape's constexprs and strides."""
-    dtype, dev = getattr(torch, dtype_name), "cuda"
-    x = torch.empty(1, shape.hidden, dtype=dtype, device=dev)
-    w13 = torch.empty(1, 2 * shape.inter, shape.hidden, dtype=dtype, device=dev)
-    w2 = torch.empty(1, shape.hidden, shape.inter, dtype=dtype, device=dev)
-    ints = torch.empty(128, dtype=torch.int32, device=dev)
-    inter_rows = torch.empty(128, shape.inter, dtype=dtype, device=dev)
-    pair_out = torch.empty(shape.top_k, shape.hidden, dtype=dtype, device=dev)
-    weights = torch.empty(shape.top_k, dtype=torch.float32, device=dev)
-    done = 0
-    for block_m, kind, tile in jobs:
-        try:
-            if kind == "gate_up":
-                gate_up_rows(inter_rows, x, w13, ints, ints, shape.top_k, "silu", block_m, tile, compile_only=True)
-            else:
-                down_rows(pair_out, inter_rows, w2, weights, ints, ints, block_m, tile, compile_only=True)
-            done += 1
-        except Exception:  # noqa: BLE001 - the sweep skips what does not build
-            pass
-    return done
-
-
-def submit_compiles(pool: ProcessPoolExecutor, shape: MoeShape, plan: dict, dtype: torch.dtype, workers: int) -> list:
-    jobs = sorted({job for candidates in plan.values() for job in candidates}, key=str)
-    dtype_name = str(dtype).removeprefix("torch.")
-    return [pool.submit(_compile_chunk, shape, dtype_name, jobs[i::workers * 2]) for i in range(min(len(jobs), workers * 2))]
 
 
 # ---------------------------------------------------------------- one case: inputs, references, timing
@@ -245,7 +213,7 @@ def _sweep_gemm(kind: str, block_m: int, tiles: list[MoeTile], case: Case, align
     pair_of_row, expert_of_tile = aligned
     rows = torch.nonzero(pair_of_row >= 0).squeeze(1)
     pairs = pair_of_row[rows].long()
-    top_k, inter, hidden = case.ids.shape[1], case.w2.shape[2], case.w2.shape[1]  # noqa: F841
+    top_k, inter, hidden = case.ids.shape[1], case.w2.shape[2], case.w2.shape[1]
     inter_rows = torch.empty(pair_of_row.shape[0], inter, dtype=case.x.dtype, device=case.x.device)
     if kind == "gate_up":
         out = inter_rows
@@ -403,9 +371,7 @@ def main(argv=None) -> int:
     try:
         for shape in shapes:
             if pool is not None:
-                start = time.monotonic()
-                built = sum(f.result() for f in compiles[shape])
-                print(f"{shape.name}: {built} kernels compiled ahead, waited {time.monotonic() - start:.1f} s")
+                wait_for_compiles(shape, compiles[shape])
             entries, measured = tune_shape(shape, plans[shape], dtype, device, copy_gbps, deadline, log)
             key = shape_key(shape.num_experts, shape.inter, shape.hidden, shape.top_k, dtype)
             if entries:  # written after each shape, so a run cut short keeps what it finished
