@@ -62,11 +62,13 @@ def _swizzled_tile(num_row_tiles, num_col_tiles, GROUP_M: tl.constexpr):
     activation rows in L2. GROUP_M 0: every row tile of a column before the next column."""
     pid = tl.program_id(0)
     if GROUP_M == 0:
-        return pid % num_row_tiles, pid // num_row_tiles
-    per_group = GROUP_M * num_col_tiles
-    first_row = pid // per_group * GROUP_M
-    group_rows = tl.minimum(num_row_tiles - first_row, GROUP_M)
-    return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+        row_tile, col_tile = pid % num_row_tiles, pid // num_row_tiles
+    else:
+        per_group = GROUP_M * num_col_tiles
+        first_row = pid // per_group * GROUP_M
+        group_rows = tl.minimum(num_row_tiles - first_row, GROUP_M)
+        row_tile, col_tile = first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+    return row_tile, col_tile
 
 
 # num_row_tiles follows the token count: unspecialised, so a new count never means a new compile
