@@ -11,7 +11,7 @@ each GEMM's best tiles. It is then checked and timed end to end (`fused_moe` aga
 µs, the heuristic's µs, GB/s of the expert weights this routing touches, % of a device copy's
 bandwidth measured in the same run, TFLOP/s.
 
-    python loadtests/tune_moe.py --out gpu-results/NVIDIA_H200.json
+    python loadtests/tune_moe.py --out gpu-results     # -> gpu-results/NVIDIA_H200.json on an H200
     # then commit it as kernels/moe_configs/NVIDIA_H200.json (the name the kernel looks for)
 
 The grid is pruned (shared memory, accumulator size, `group_m` only where an expert has several
@@ -338,7 +338,8 @@ def parse_args(argv):
     parser.add_argument("--tokens", default=DEFAULT_TOKENS)
     parser.add_argument("--tp", type=int, default=1, help="tune each rank's slice of the experts (I / tp)")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", default=None, help="table to write or merge into (default ./<device>.json)")
+    parser.add_argument("--out", default=None,
+                        help="table to write or merge into; a folder: <folder>/<device>.json (default: .)")
     parser.add_argument("--budget-s", type=float, default=180.0, help="start no new case after this many seconds")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="compile processes")
     parser.add_argument("--small-grid", action="store_true", help="two tiles per GEMM (the CPU test)")
@@ -367,7 +368,9 @@ def main(argv=None) -> int:
         copy_gbps = copy_bandwidth_gbps()
         print(f"copy bandwidth {copy_gbps:.0f} GB/s (read + write); {sum(map(len, compiles.values()))} compile batches on {args.jobs} processes")
     name = device_name(device)
-    out = args.out or table_file_name(name)
+    out = args.out or "."
+    if os.path.isdir(out):
+        out = os.path.join(out, table_file_name(name))
     try:
         for shape in shapes:
             if pool is not None:

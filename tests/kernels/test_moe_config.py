@@ -4,6 +4,7 @@ count) and equals the reference on that config; an unknown shape or device gets 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -77,3 +78,25 @@ def test_kernel_on_an_unknown_shape_runs_the_heuristic_and_equals_reference(tabl
     args = _problem(5, hidden=32, inter=24)  # not in the table
     torch.testing.assert_close(fused_moe(*args), fused_moe_ref(*args), atol=1e-4, rtol=1e-4)
     assert moe_launch_config(CPU, 5, EXPERTS, 24, 32, TOP_K, torch.float32) == heuristic_config(5 * TOP_K, EXPERTS)
+
+
+COMMITTED = sorted(f for f in os.listdir(moe_config.MOE_CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(
+    moe_config.MOE_CONFIG_DIR) else []
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no tuned table committed under kernels/moe_configs yet")
+@pytest.mark.parametrize("file_name", COMMITTED)
+def test_committed_tables_load_into_configs_triton_can_build(file_name):
+    """A table tune_moe.py wrote on a GPU (committed by hand): every entry loads and has tiles the
+    kernels accept (powers of two, row tiles of at least 16 for tl.dot)."""
+    with open(os.path.join(moe_config.MOE_CONFIG_DIR, file_name)) as f:
+        device = json.load(f)["device"]
+    assert moe_config.table_file_name(device) == file_name  # the name the kernel looks for
+    table = moe_config._device_table(device, moe_config.MOE_CONFIG_DIR)
+    assert table and all(table.values())
+    for by_tokens in table.values():
+        for config in by_tokens.values():
+            assert config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0
+            for tile in (config.gate_up, config.down):
+                assert all(v > 0 and v & (v - 1) == 0 for v in (tile.block_n, tile.block_k, tile.num_warps))
+                assert tile.block_k >= 16 and tile.num_stages >= 1 and tile.group_m >= 0
