@@ -339,7 +339,7 @@ def parse_args(argv):
     parser.add_argument("--tp", type=int, default=1, help="tune each rank's slice of the experts (I / tp)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default=None,
-                        help="table to write or merge into; a folder: <folder>/<device>.json (default: .)")
+                        help="table (.json) to write or merge into; else a folder: <folder>/<device>.json (default: .)")
     parser.add_argument("--budget-s", type=float, default=180.0, help="start no new case after this many seconds")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="compile processes")
     parser.add_argument("--small-grid", action="store_true", help="two tiles per GEMM (the CPU test)")
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
         print(f"copy bandwidth {copy_gbps:.0f} GB/s (read + write); {sum(map(len, compiles.values()))} compile batches on {args.jobs} processes")
     name = device_name(device)
     out = args.out or "."
-    if os.path.isdir(out):
+    if not out.endswith(".json"):  # a folder, made if missing
         out = os.path.join(out, table_file_name(name))
     try:
         for shape in shapes:
