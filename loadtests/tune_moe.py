@@ -259,10 +259,9 @@ def sweep_case(case: Case, candidates: list[tuple[int, str, MoeTile]], log) -> M
     return best
 
 
-def measure(case: Case, config: MoeLaunchConfig) -> tuple[float, float]:
-    """(µs, rel err) of the whole `fused_moe` at `config`, against `fused_moe_ref` in fp32."""
+def measure(case: Case, config: MoeLaunchConfig, ref: torch.Tensor) -> tuple[float, float]:
+    """(µs, rel err) of the whole `fused_moe` at `config`, against `ref` (`fused_moe_ref` in fp32)."""
     args = (case.x, case.w13, case.w2, case.weights, case.ids)
-    ref = fused_moe_ref(case.x.float(), case.w13.float(), case.w2.float(), case.weights, case.ids)
     us, out = time_us(lambda: fused_moe(*args, config=config), case.x.device)
     return us, rel_err(out, ref)
 
@@ -276,8 +275,9 @@ def expert_bytes_flops(shape: MoeShape, num_tokens: int, touched: int, dtype_byt
 
 
 def result_row(shape: MoeShape, num_tokens: int, case: Case, config: MoeLaunchConfig, copy_gbps: float | None) -> dict:
-    us, err = measure(case, config)
-    base_us, _ = measure(case, heuristic_config(num_tokens * shape.top_k, shape.num_experts))
+    ref = fused_moe_ref(case.x.float(), case.w13.float(), case.w2.float(), case.weights, case.ids)
+    us, err = measure(case, config, ref)
+    base_us, _ = measure(case, heuristic_config(num_tokens * shape.top_k, shape.num_experts), ref)
     moved, flops = expert_bytes_flops(shape, num_tokens, case.touched_experts, case.x.element_size())
     gbps = moved / (us * 1e-6) / 1e9
     return dict(tokens=num_tokens, us=us, heuristic_us=base_us, rel_err=err, touched_experts=case.touched_experts,
@@ -371,6 +371,7 @@ def main(argv=None) -> int:
     out = args.out or "."
     if not out.endswith(".json"):  # a folder, made if missing
         out = os.path.join(out, table_file_name(name))
+    written = 0
     try:
         for shape in shapes:
             if pool is not None:
@@ -379,11 +380,12 @@ def main(argv=None) -> int:
             key = shape_key(shape.num_experts, shape.inter, shape.hidden, shape.top_k, dtype)
             if entries:  # written after each shape, so a run cut short keeps what it finished
                 write_table(out, name, {key: entries}, {key: measured})
+                written += len(entries)
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    print(f"\nwrote {out}: commit it as kernels/moe_configs/{table_file_name(name)}")
-    return 0
+            pool.shutdown(cancel_futures=True)  # waits for the batches running (a few compiles each)
+    print(f"\nwrote {written} entries to {out}: commit it as kernels/moe_configs/{table_file_name(name)}")
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

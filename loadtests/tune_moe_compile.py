@@ -40,7 +40,8 @@ def _compile_chunk(shape, dtype_name: str, jobs: list[tuple[int, str, MoeTile]])
 def submit_compiles(pool: ProcessPoolExecutor, shape, plan: dict, dtype: torch.dtype, workers: int) -> list:
     jobs = sorted({job for candidates in plan.values() for job in candidates}, key=str)
     dtype_name = str(dtype).removeprefix("torch.")
-    return [pool.submit(_compile_chunk, shape, dtype_name, jobs[i::workers * 2]) for i in range(min(len(jobs), workers * 2))]
+    batches = min(len(jobs), workers * 4)  # small batches: a budget-cut run waits little for the last
+    return [pool.submit(_compile_chunk, shape, dtype_name, jobs[i::batches]) for i in range(batches)]
 
 
 def wait_for_compiles(shape, futures: list) -> None:
