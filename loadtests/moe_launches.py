@@ -105,11 +105,12 @@ def build_layer(spec: str, device: torch.device, dtype: torch.dtype) -> SparseMo
     else:
         num_experts, top_k, hidden, inter, *rest = (int(v) for v in spec.split(","))
         shared, renormalize = (rest or [0])[0], True
-    layer = SparseMoE(hidden, num_experts, top_k, inter, renormalize, "silu", shared)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.copy_(torch.randn_like(param) * param.shape[-1] ** -0.5)
-    return layer.to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: a 30B-class layer's random init on the GPU
+        layer = SparseMoE(hidden, num_experts, top_k, inter, renormalize, "silu", shared)
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.copy_(torch.randn_like(param) * param.shape[-1] ** -0.5)
+    return layer.to(dtype=dtype)
 
 
 def softmax_dtype_matches_cast(num_tokens: int, num_experts: int, top_k: int, device: torch.device) -> bool:
