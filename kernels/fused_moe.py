@@ -4,13 +4,17 @@
 
 with `w13 [E, 2I, H]` (gate rows then up rows of each expert, as Hugging Face stacks them) and
 `w2 [E, H, I]`. `fused_moe_ref` is the plain-torch oracle and CPU path: one expert at a time over
-the tokens routed to it, like transformers' eager experts. The Triton path (`fused_moe`) sorts the
-(token, slot) pairs by expert and pads each expert's run to a multiple of BLOCK_M, so each tile of
-rows belongs to one expert; two grouped GEMM kernels then walk the tiles:
+the tokens routed to it, like transformers' eager experts. The Triton path (`fused_moe`) is four
+launches:
+  0. `moe_align.align_pairs_by_expert`: the (token, slot) pairs sorted by expert, each expert's run
+     padded to a multiple of BLOCK_M, so each tile of rows belongs to one expert;
   1. `_gate_up_kernel`: x rows @ w13[e].T for the gate and the up columns of one N tile, the
      activation and the product fused, into `inter [padded pairs, I]`;
   2. `_down_kernel`: inter rows @ w2[e].T, scaled by the pair's routing weight, into
-     `pair_out [T * k, H]`, which is summed over the k slots.
+     `pair_out [T * k, H]`;
+  3. the sum of `pair_out` over the k slots.
+Both GEMMs run a 1-D grid of (row tile, column tile) programs in the swizzled order of `group_m`.
+Tiles, warps and stages come from `moe_config.py` (a tuned table per device, else a heuristic).
 Routing is the model's business (softmax then top-k, renormalised or not); this file takes its result.
 Sizes here never leave the device: the tile count is bounded by `T*k/BLOCK_M + E`, so the launch
 needs no host sync and can be captured in a CUDA graph.
@@ -18,12 +22,12 @@ needs no host sync and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from splitserve.kernels.activation import ACTIVATION_IDS, gate_activation
 from splitserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
+from splitserve.kernels.moe_align import align_pairs_by_expert
+from splitserve.kernels.moe_config import MoeLaunchConfig, MoeTile, moe_launch_config
 from splitserve.kernels.triton_import import require_triton, tl, triton
 
 _ACT_AND_MUL = {"silu": silu_and_mul_ref, "gelu_pytorch_tanh": gelu_tanh_and_mul_ref}
@@ -48,46 +52,34 @@ def fused_moe_ref(
     return out
 
 
-# ---------------------------------------------------------------- alignment (torch, on device)
-
-
-def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the T*k (token, slot) pairs by expert, each expert's run padded to a multiple of `block_m`.
-
-    Returns `pair_of_row [max_rows]` int32 (pair index t*k + j, -1 for padding) and
-    `expert_of_tile [max_rows // block_m]` int32 (-1 past the last used tile), where
-    `max_rows = cdiv(T*k, block_m) * block_m + E * block_m` bounds every routing."""
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    num_pairs = flat.numel()
-    device = flat.device
-    max_tiles = -(-num_pairs // block_m) + num_experts
-    # scatter_add rather than bincount, whose CUDA version reads the maximum back to the host
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = padded_end - padded
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-    sorted_expert = flat[order]
-    run_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(num_pairs, device=device) - run_start[sorted_expert]  # place within its expert's run
-    pair_of_row = torch.full((max_tiles * block_m,), -1, dtype=torch.int32, device=device)
-    pair_of_row[padded_start[sorted_expert] + rank] = order.to(torch.int32)
-    tile_start = torch.arange(max_tiles, device=device) * block_m
-    expert_of_tile = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
-    expert_of_tile = torch.where(expert_of_tile < num_experts, expert_of_tile, -1)
-    return pair_of_row, expert_of_tile
-
-
 # ---------------------------------------------------------------- Triton kernels
 
 
 @triton.jit
+def _swizzled_tile(num_row_tiles, num_col_tiles, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile) of a 1-D grid: GROUP_M row tiles take each column
+    tile in turn, so the programs running together share the column's weight tile and the group's
+    activation rows in L2. GROUP_M 0: every row tile of a column before the next column."""
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        row_tile, col_tile = pid % num_row_tiles, pid // num_row_tiles
+    else:
+        per_group = GROUP_M * num_col_tiles
+        first_row = pid // per_group * GROUP_M
+        group_rows = tl.minimum(num_row_tiles - first_row, GROUP_M)
+        row_tile, col_tile = first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+    return row_tile, col_tile
+
+
+# num_row_tiles follows the token count: unspecialised, so a new count never means a new compile
+@triton.jit(do_not_specialize=["num_row_tiles"])
 def _gate_up_kernel(
     inter_ptr,  # [max_rows, I] in x's dtype; rows are padded positions
     x_ptr,  # [T, H]
     w13_ptr,  # [E, 2I, H]
     pair_of_row_ptr,
     expert_of_tile_ptr,
+    num_row_tiles,
     stride_xt,
     stride_we, stride_wn,
     TOP_K: tl.constexpr,
@@ -96,10 +88,11 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     ACTIVATION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    tile, col_tile = _swizzled_tile(num_row_tiles, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     expert = tl.load(expert_of_tile_ptr + tile)
     if expert < 0:
         return
@@ -107,7 +100,7 @@ def _gate_up_kernel(
     pair = tl.load(pair_of_row_ptr + rows)
     row_ok = pair >= 0
     token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     w_base = w13_ptr + expert.to(tl.int64) * stride_we
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -126,7 +119,7 @@ def _gate_up_kernel(
     tl.store(o_ptrs, out.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_row_tiles"])
 def _down_kernel(
     pair_out_ptr,  # [T * k, H] in x's dtype
     inter_ptr,  # [max_rows, I]
@@ -134,15 +127,17 @@ def _down_kernel(
     topk_weights_ptr,  # [T * k] fp32
     pair_of_row_ptr,
     expert_of_tile_ptr,
+    num_row_tiles,
     stride_we, stride_wn,
     HIDDEN: tl.constexpr,
     INTER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    tile, col_tile = _swizzled_tile(num_row_tiles, tl.cdiv(HIDDEN, BLOCK_N), GROUP_M)
     expert = tl.load(expert_of_tile_ptr + tile)
     if expert < 0:
         return
@@ -150,7 +145,7 @@ def _down_kernel(
     pair = tl.load(pair_of_row_ptr + rows)
     row_ok = pair >= 0
     rows64 = rows.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < HIDDEN
     w_base = w2_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -167,24 +162,6 @@ def _down_kernel(
 
 
 # ---------------------------------------------------------------- wrapper
-
-
-@dataclass(frozen=True)
-class MoeLaunchConfig:
-    block_m: int
-    block_n: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def moe_launch_config(num_pairs: int, num_experts: int) -> MoeLaunchConfig:
-    """Row tiles sized to the tokens an expert gets on average: 16 rows in decode (few tokens per
-    expert, so padding stays small), 64 in prefill (tiles reuse each weight tile for more rows)."""
-    rows_per_expert = num_pairs / max(num_experts, 1)
-    if rows_per_expert <= 16:
-        return MoeLaunchConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    return MoeLaunchConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def _check_inputs(x, w13, w2, topk_weights, topk_ids, activation) -> None:
@@ -213,30 +190,59 @@ def fused_moe(
     activation: str = "silu",
     config: MoeLaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Triton fused MoE; same contract as `fused_moe_ref`."""
+    """Triton fused MoE; same contract as `fused_moe_ref`. `config` defaults to the device's tuned
+    table entry for this shape (`kernels/moe_config.py`), else the heuristic."""
     require_triton()
     _check_inputs(x, w13, w2, topk_weights, topk_ids, activation)
     num_tokens, hidden = x.shape
-    num_experts, inter = w13.shape[0], w2.shape[2]
-    top_k = topk_ids.shape[1]
+    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
-    config = config or moe_launch_config(num_tokens * top_k, num_experts)
-    pair_of_row, expert_of_tile = align_pairs_by_expert(topk_ids, num_experts, config.block_m)
-    num_tiles = expert_of_tile.shape[0]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    config = config or moe_launch_config(x.device, num_tokens, num_experts, inter, hidden, top_k, x.dtype)
+    pair_of_row, expert_of_tile = align_pairs_by_expert(topk_ids.contiguous(), num_experts, config.block_m)
     inter_rows = torch.empty(pair_of_row.shape[0], inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(num_tiles, triton.cdiv(inter, config.block_n))](
-        inter_rows, x, w13, pair_of_row, expert_of_tile, x.stride(0), w13.stride(0), w13.stride(1),
-        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, ACTIVATION=ACTIVATION_IDS[activation], DOT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    gate_up_rows(inter_rows, x, w13, pair_of_row, expert_of_tile, top_k, activation, config.block_m, config.gate_up)
     pair_out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _down_kernel[(num_tiles, triton.cdiv(hidden, config.block_n))](
-        pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, w2.stride(0), w2.stride(1),
-        HIDDEN=hidden, INTER=inter, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    down_rows(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, config.block_m, config.down)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch(kernel, grid: tuple[int], args: tuple, constexprs: dict, compile_only: bool) -> None:
+    """Launch, or with `compile_only` just compile into Triton's cache (the tuner's compile workers)."""
+    if compile_only:
+        kernel.warmup(*args, grid=grid, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs)
+
+
+def gate_up_rows(inter_rows, x, w13, pair_of_row, expert_of_tile, top_k: int, activation: str, block_m: int,
+                 tile: MoeTile, compile_only: bool = False) -> None:
+    """`inter_rows [max_rows, I]` = act(gate) * up of every row tile's pairs (padding rows untouched)."""
+    hidden, inter = x.shape[1], w13.shape[1] // 2
+    num_row_tiles = expert_of_tile.shape[0]
+    args = (inter_rows, x, w13, pair_of_row, expert_of_tile, num_row_tiles, x.stride(0), w13.stride(0), w13.stride(1))
+    constexprs = dict(
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m, ACTIVATION=ACTIVATION_IDS[activation], DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    _launch(_gate_up_kernel, (num_row_tiles * triton.cdiv(inter, tile.block_n),), args, constexprs, compile_only)
+
+
+def down_rows(pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, block_m: int, tile: MoeTile,
+              compile_only: bool = False) -> None:
+    """`pair_out [T*k, H]` = each pair's `inter_rows` row @ its expert's w2.T, times its weight."""
+    hidden, inter = w2.shape[1], w2.shape[2]
+    num_row_tiles = expert_of_tile.shape[0]
+    args = (pair_out, inter_rows, w2, weights, pair_of_row, expert_of_tile, num_row_tiles, w2.stride(0), w2.stride(1))
+    constexprs = dict(
+        HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m, DOT_PRECISION=_dot_precision(w2.dtype), num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )
+    _launch(_down_kernel, (num_row_tiles * triton.cdiv(hidden, tile.block_n),), args, constexprs, compile_only)

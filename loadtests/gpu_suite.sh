@@ -8,7 +8,9 @@
 # serve (whole stack, colocated vs disaggregated), served (the engine alone against the served stack,
 # colocated and disaggregated on one GPU, alternating, CPU of every process), transfer (two GPU
 # processes over UCX). Not in the default list: calls (the engine's Python calls per request per
-# decode step on the 1B workload, loadtests/engine_calls_per_token.py).
+# decode step on the 1B workload, loadtests/engine_calls_per_token.py), moe (the fused-MoE tile
+# sweep into $OUT/moe_table.json, to commit as kernels/moe_configs/<GPU name>.json, and the
+# kernel launches of one Qwen3-MoE layer).
 # Two-GPU steps, not in the default list: tp2 (tensor parallelism over NCCL: TP=2 tokens == TP=1,
 # CUDA graphs with all-reduces == eager, TP=1 vs TP=2 decode tokens/s), transfer2 (GPU 0 -> GPU 1
 # over UCX, then NCCL, GB/s against the measured device-to-device copy), pdtp2 (P/D at different
@@ -62,6 +64,9 @@ for step in "${STEPS[@]}"; do
                run calls python "$L/engine_calls_per_token.py" --device cuda --shape llama-3.2-1b --num-prompts 256 \
                    --input-len 512 --output-len 128 ;;
         transfer) SUMMARY="GB/s|bit-exact|blocks"; run transfer python "$L/gpu_transfer.py" --blocks 256 ;;
+        moe) SUMMARY="^==|^ +[0-9]+ +[0-9]+ |WRONG|launches per|routing softmax|wrote|budget"
+             run moe bash -c "python '$L/tune_moe.py' --out '$OUT/moe_table.json' && \
+                 python '$L/moe_launches.py' --shape qwen3-30b-a3b --tokens 1,64,256" ;;
         transfer2) SUMMARY="GB/s|bit-exact|blocks|peak"
                    run transfer2 bash -c "python '$L/gpu_transfer.py' --blocks 256 --decode-device cuda:1 && \
                        python '$L/gpu_transfer.py' --blocks 256 --decode-device cuda:1 --backend nccl" ;;
@@ -74,7 +79,7 @@ for step in "${STEPS[@]}"; do
                     --goodput tpot:25 --out-dir '$OUT/serve2-nccl'" ;;
         tp2) SUMMARY="checked|TP=|passed|differ"; run tp2 python "$L/gpu_tensor_parallel.py" ;;
         pdtp2) SUMMARY="TP=|passed|differ|FAILED"; run pdtp2 python "$L/gpu_pd_tensor_parallel.py" ;;
-        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve served transfer calls;" \
+        *) echo "unknown step $step (steps: check kernels tune offline offline8b step8b profile serve served transfer calls moe;" \
                 "two GPUs: transfer2 serve2 tp2 pdtp2)"; exit 2 ;;
     esac
 done

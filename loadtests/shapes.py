@@ -45,6 +45,15 @@ SHAPES: dict[str, dict] = {
                           max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                           tie_word_embeddings=False, use_sliding_window=False, bos_token_id=151643,
                           eos_token_id=151645),
+    # Qwen2-MoE: 60 experts, 4 routed per token, plus a gated shared expert every token passes;
+    # ~2.7B of 14.3B parameters active.
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", hidden_size=2048,
+                              intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                              num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
+                              mlp_only_layers=[], num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                              vocab_size=151936, max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                              tie_word_embeddings=False, use_sliding_window=False, bos_token_id=151643,
+                              eos_token_id=151643),
     # 8 experts, 2 routed per token, ~12.9B of 46.7B active (93 GB in bf16: ours and the peer run one
     # after the other on one H200).
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
@@ -79,7 +88,7 @@ def _attention_params(c: dict) -> int:
     h = c["hidden_size"]
     d = c.get("head_dim", h // c["num_attention_heads"])
     params = h * d * (c["num_attention_heads"] * 2 + c["num_key_value_heads"] * 2)
-    if c["model_type"] == "qwen2":  # q/k/v biases
+    if c["model_type"] in ("qwen2", "qwen2_moe"):  # q/k/v biases
         params += d * (c["num_attention_heads"] + 2 * c["num_key_value_heads"])
     if c["model_type"].startswith("qwen3"):  # per-head q and k RMSNorm weights
         params += 2 * d
@@ -101,6 +110,8 @@ def param_count(name: str, active_experts: float | None = None) -> int:
     if num_experts:
         experts = num_experts if active_experts is None else active_experts
         mlp = experts * expert_params(name) + h * num_experts  # experts + router
+        if c.get("shared_expert_intermediate_size"):  # the shared expert and its gate
+            mlp += 3 * h * c["shared_expert_intermediate_size"] + h
     else:
         mlp = 3 * h * c["intermediate_size"]
     per_layer = _attention_params(c) + mlp + 2 * h

@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-_KERNEL_MODULES = ["triton_import", "paged_attention", "paged_attention_cpu", "kv_cache_write", "rms_norm", "rotary", "activation", "fused_moe", "ops"]
+_KERNEL_MODULES = ["triton_import", "paged_attention", "paged_attention_cpu", "kv_cache_write", "rms_norm", "rotary", "activation", "moe_config", "moe_align", "fused_moe", "ops"]
 for _name in _KERNEL_MODULES:
     _module = sys.modules.get(f"splitserve.kernels.{_name}")
     if _module is not None:

@@ -1,5 +1,5 @@
-"""Fused MoE: the torch reference against a dense per-token oracle, the pair alignment, and the
-Triton kernels (interpreter) against the reference."""
+"""Fused MoE: the torch reference against a dense per-token oracle, the pair alignment (torch, and
+the Triton kernel against it), and the Triton GEMMs (interpreter) against the reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from conftest import needs_triton
 from splitserve.kernels import fused_moe as moe_module
-from splitserve.kernels.fused_moe import MoeLaunchConfig, align_pairs_by_expert, fused_moe, fused_moe_ref
+from splitserve.kernels import moe_align
+from splitserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from splitserve.kernels.moe_align import align_pairs_by_expert, align_pairs_by_expert_ref
+from splitserve.kernels.moe_config import MoeLaunchConfig, MoeTile
 
 
 def _problem(num_tokens=9, hidden=64, inter=32, num_experts=4, top_k=2, seed=0, dtype=torch.float32):
@@ -43,7 +46,7 @@ def test_reference_matches_dense_oracle(act):
 
 def test_alignment_groups_pairs_by_expert_in_padded_tiles():
     ids = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 1]])
-    pair_of_row, expert_of_tile = align_pairs_by_expert(ids, num_experts=5, block_m=2)
+    pair_of_row, expert_of_tile = align_pairs_by_expert_ref(ids, num_experts=5, block_m=2)
     rows = pair_of_row.tolist()
     for tile, expert in enumerate(expert_of_tile.tolist()):
         pairs = [p for p in rows[2 * tile : 2 * tile + 2] if p >= 0]
@@ -54,12 +57,25 @@ def test_alignment_groups_pairs_by_expert_in_padded_tiles():
 
 
 @needs_triton
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [(4, 2, 5, 2), (9, 2, 4, 16), (1, 1, 6, 16), (70, 3, 7, 4)])
+def test_triton_alignment_equals_torch(poison_outputs, num_tokens, top_k, num_experts, block_m):
+    """Every row and tile, padding and tail included, as the torch ops give them (a stable sort)."""
+    poison_outputs(moe_align)
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    ids[: num_tokens // 2] = ids[0]  # a crowded expert: runs of several tiles
+    for got, want in zip(align_pairs_by_expert(ids, num_experts, block_m), align_pairs_by_expert_ref(ids, num_experts, block_m)):
+        assert torch.equal(got, want)
+
+
+@needs_triton
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
-@pytest.mark.parametrize("num_tokens,top_k", [(9, 2), (3, 1)])
-def test_triton_matches_reference(poison_outputs, act, num_tokens, top_k):
+@pytest.mark.parametrize("num_tokens,top_k,group_m", [(9, 2, 0), (3, 1, 0), (20, 2, 2)])
+def test_triton_matches_reference(poison_outputs, act, num_tokens, top_k, group_m):
     poison_outputs(moe_module)
     args = _problem(num_tokens=num_tokens, top_k=top_k, hidden=48, inter=40, seed=2)  # not multiples of the tiles
-    config = MoeLaunchConfig(block_m=16, block_n=32, block_k=32)
+    # the two GEMMs on different tiles; group_m 2 swizzles the 1-D grid over several row tiles
+    config = MoeLaunchConfig(16, MoeTile(block_n=32, block_k=32, group_m=group_m), MoeTile(block_n=64, block_k=16, group_m=group_m))
     out = fused_moe(*args, act, config=config)
     torch.testing.assert_close(out, fused_moe_ref(*args, act), atol=1e-4, rtol=1e-4)
 

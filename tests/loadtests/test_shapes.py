@@ -30,5 +30,6 @@ def test_moe_active_parameters_and_touched_experts():
     assert 30.0e9 < param_count("qwen3-30b-a3b") < 31.0e9  # "30.5B total, 3.3B activated"
     assert 3.2e9 < param_count("qwen3-30b-a3b", active_experts=8) < 3.4e9
     assert 46.0e9 < param_count("mixtral-8x7b") < 47.5e9 and 12.5e9 < param_count("mixtral-8x7b", active_experts=2) < 13.2e9
+    assert 14.0e9 < param_count("qwen1.5-moe-a2.7b") < 14.6e9 and 2.6e9 < param_count("qwen1.5-moe-a2.7b", active_experts=4) < 2.8e9
     assert expected_experts_touched("qwen3-30b-a3b", 1) == pytest.approx(8)
     assert expected_experts_touched("qwen3-30b-a3b", 64) > 120  # nearly every expert at batch 64
