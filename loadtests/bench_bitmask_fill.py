@@ -83,7 +83,8 @@ class _Marks:
         return {"accept_begin": max(p["accept"][0] for p in parts),
                 "accept_ms_max": max(p["accept"][1] - p["accept"][0] for p in parts),
                 "fill_gap_max": max(p["fill"][0] - p["accept"][1] for p in parts),
-                "fill_ms_max": max(p["fill"][1] - p["fill"][0] for p in parts), "fill_end": max(p["fill"][1] for p in parts)}
+                "fill_ms_max": max(p["fill"][1] - p["fill"][0] for p in parts),
+                "fill_end": max(p["fill"][1] for p in parts)}
 
     def close(self) -> None:
         self.fill.accept_slice, self.fill.fill_slice = self._accept, self._fill

@@ -146,7 +146,8 @@ def fresh_states(compiled, vocab_size: int, rows: int, steps: int, num_threads: 
     from splitserve.shared.grammar import bitmask_width
     from splitserve.shared.grammar_fill import BitmaskFiller
 
-    result, drawn = stepped(compiled, vocab_size, rows, steps, xgrammar_pool_step(num_threads, bitmask_width(vocab_size)))
+    xgrammar_step = xgrammar_pool_step(num_threads, bitmask_width(vocab_size))
+    result, drawn = stepped(compiled, vocab_size, rows, steps, xgrammar_step)
     for make in (own_fill_step, own_pool_step):
         filler = BitmaskFiller(vocab_size, torch.device("cpu"), num_threads)
         times, tokens = stepped(compiled, vocab_size, rows, steps, make(filler))

@@ -115,7 +115,8 @@ def test_pool_gives_the_inline_accepts_and_bitmask(compiled, num_threads) -> Non
         expected_accepted, expected_rows, expected = _inline_step(inline_side, tokens, num_rows)
         fill = filler.start([(pool_side[i], t) for i, t in tokens.items()], pool_side[:num_rows])
         assert fill.wait_accepted() == expected_accepted
-        assert [g is not None and g.terminated for g in pool_side] == [g is not None and g.terminated for g in inline_side]
+        ended_flags = [[g is not None and g.terminated for g in side] for side in (pool_side, inline_side)]
+        assert ended_flags[0] == ended_flags[1]
         bitmask, rows = fill.result()
         assert rows.tolist() == expected_rows and torch.equal(bitmask[expected_rows], expected[expected_rows])
         ended += sum(inline_side[i].terminated for i in tokens)
