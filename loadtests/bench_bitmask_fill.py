@@ -4,19 +4,19 @@
 
 CPU only (no model): the tokenizer of bench_structured.py (a byte-level vocabulary of the given
 size, as large and varied as a real one) and its JSON schema; `--rows` matchers run `--steps`
-decode steps the way the async engine runs them (BitmaskFiller.start hands the grammar thread the
-last step's tokens to accept and this step's rows to fill; the step loop runs half of
+decode steps the way the async engine runs them (BitmaskFiller.start hands the pool's threads
+the last step's tokens to accept and this step's rows to fill, a slice each; the step loop runs half of
 `--booking-ms` of Python, waits for the accepts, runs the other half, waits for the fill), tokens
 drawn under the mask from seeded noise, so the states vary and every thread count must draw the
 same tokens; each step's mask must equal the inline fill's. Medians over the steps:
 
-    hand-off      start's handshake with the grammar thread
+    hand-off      start: planning the slices and the handshake with the pool's threads
     accept wait   wait_accepted, after the first half of the booking
     fill wait     result, after the second half (0 when the fill hid behind the booking)
     loop cost     their sum: what the step loop spends on the mask besides booking
-    inline        accept + the same fill on the step loop's thread (synchronous steps)
+    inline        accept + fill of all rows on one thread, one xgrammar call each (no pool)
 
-and, once, the grammar thread's start-up delay with and without the handshake while the step
+and, once, a thread's start-up delay with and without the handshake while the step
 loop runs Python (a thread woken then waits for the GIL up to the switch interval). Read with
 the GPU run of bench_structured.py: the loop cost must fit beside the decode step's forward.
 """
@@ -56,36 +56,67 @@ def run_python(seconds: float) -> None:
 
 
 class _Marks:
-    """With --trace: when the grammar thread began and ended its accept and fill in each step."""
+    """With --trace: when each pool thread began and ended its slice's accept and fill in each step
+    (the pool's two calls wrapped; their Python is the trace's only addition to the threads)."""
 
     def __init__(self) -> None:
         import splitserve.shared.grammar_fill as fill
 
-        self.fill, self.times = fill, {}
-        self._accept, self._fill = fill.accept_tokens, fill._GrammarThread._fill
+        self.fill, self.slices = fill, {}
+        self._accept, self._fill = fill.accept_slice, fill.fill_slice
         marks = self
 
-        def accept(new_tokens):
-            marks.times["accept_begin"] = time.perf_counter()
-            try:
-                return marks._accept(new_tokens)
-            finally:
-                marks.times["accept_end"] = time.perf_counter()
+        def accept(part):
+            begin = time.perf_counter()
+            marks._accept(part)
+            marks.slices.setdefault(id(part), {})["accept"] = (begin, time.perf_counter())
 
-        def fill_rows(thread, job):
-            marks.times["fill_begin"] = time.perf_counter()
-            marks._fill(thread, job)
-            marks.times["fill_end"] = time.perf_counter()
-        fill.accept_tokens, fill._GrammarThread._fill = accept, fill_rows
+        def fill_rows(part, call):
+            begin = time.perf_counter()
+            marks._fill(part, call)
+            marks.slices.setdefault(id(part), {})["fill"] = (begin, time.perf_counter())
+        fill.accept_slice, fill.fill_slice = accept, fill_rows
+
+    def step_times(self) -> dict[str, float]:
+        """The step's marks over its slices: the last thread to start, the longest calls."""
+        parts, self.slices = list(self.slices.values()), {}
+        return {"accept_begin": max(p["accept"][0] for p in parts),
+                "accept_ms_max": max(p["accept"][1] - p["accept"][0] for p in parts),
+                "fill_gap_max": max(p["fill"][0] - p["accept"][1] for p in parts),
+                "fill_ms_max": max(p["fill"][1] - p["fill"][0] for p in parts),
+                "fill_end": max(p["fill"][1] for p in parts)}
 
     def close(self) -> None:
-        self.fill.accept_tokens, self.fill._GrammarThread._fill = self._accept, self._fill
+        self.fill.accept_slice, self.fill.fill_slice = self._accept, self._fill
 
 
-TRACE_SPANS = (("wake", "start", "accept_begin"), ("resume", "accept_begin", "handed"),
-               ("accept", "accept_begin", "accept_end"), ("fill", "fill_begin", "fill_end"),
-               ("after_fill", "fill_end", "end"))
-"""--trace: (name, from mark, to mark) of what each step's hand-offs and calls took."""
+TRACE_SPANS = ("wake", "resume", "accept", "accept_to_fill", "fill", "after_fill")
+"""--trace, a step's spans: wake (start until the last pool thread runs its accept), resume (from
+there until start returns), accept (the longest slice's accept), accept_to_fill (the longest wait
+of a thread between its two calls: its GIL hand-off), fill (the longest slice's fill), after_fill
+(the last fill's end until result returns)."""
+
+
+def _trace_spans(marks: _Marks, start: float, handed: float, end: float) -> dict[str, float]:
+    at = marks.step_times()
+    return {"wake": at["accept_begin"] - start, "resume": handed - at["accept_begin"],
+            "accept": at["accept_ms_max"], "accept_to_fill": at["fill_gap_max"], "fill": at["fill_ms_max"],
+            "after_fill": end - at["fill_end"]}
+
+
+def reference_step(twins, new_tokens, width: int):
+    """Accept and fill on this thread, one xgrammar call each, no pool: the reference mask (and
+    the `inline` column: what one thread would do)."""
+    import torch
+    import xgrammar as xgr
+
+    from splitserve.shared.grammar_fill import accept_tokens, live_rows
+
+    accept_tokens([(twin, token) for twin, (_, token) in zip(twins, new_tokens)])
+    rows = live_rows(twins)
+    bitmask = torch.zeros(len(twins), width, dtype=torch.int32)
+    xgr.BatchGrammarMatcher(1).batch_fill_next_token_bitmask([twins[i].matcher for i in rows], bitmask, rows)
+    return bitmask, rows
 
 
 def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int, warm: int,
@@ -95,7 +126,7 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
     import torch
 
     from splitserve.shared.grammar import RequestGrammar, apply_bitmask
-    from splitserve.shared.grammar_fill import BitmaskFiller, accept_tokens
+    from splitserve.shared.grammar_fill import BitmaskFiller
 
     generator = torch.Generator().manual_seed(0)
     filler = BitmaskFiller(vocab_size, torch.device("cpu"), num_threads)
@@ -104,7 +135,7 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
     new_tokens, drawn, times = [], [], {k: [] for k in ("handoff", "accept_wait", "fill_wait", "inline")}
     marks = _Marks() if trace else None
     if trace:
-        times.update({name: [] for name, _, _ in TRACE_SPANS})
+        times.update({name: [] for name in TRACE_SPANS})
     for step in range(steps):
         start = time.perf_counter()
         fill = filler.start(new_tokens, grammars)
@@ -118,20 +149,18 @@ def run_steps(compiled, vocab_size: int, rows: int, num_threads: int, steps: int
         bitmask, indices = (t.clone() for t in fill.result())
         end = time.perf_counter()
         inline_start = time.perf_counter()
-        accept_tokens([(twin, token) for twin, (_, token) in zip(twins, new_tokens)])
-        inline = filler.build(twins)
+        inline, inline_rows = reference_step(twins, new_tokens, filler.width)
         inline_end = time.perf_counter()
-        assert torch.equal(inline[0], bitmask) and torch.equal(inline[1], indices)
+        assert indices.tolist() == inline_rows and torch.equal(inline[inline_rows], bitmask[inline_rows])
         if step >= warm:
             for key, seconds in (("handoff", handed - start), ("accept_wait", accepted - booked),
                                  ("fill_wait", end - booked_all), ("inline", inline_end - inline_start)):
                 times[key].append(seconds)
-            if marks is not None and "fill_end" in marks.times:
-                at = {**marks.times, "start": start, "handed": handed, "end": end}
-                for name, begin, until in TRACE_SPANS:
-                    times[name].append(at[until] - at[begin])
+            if marks is not None:
+                for name, seconds in _trace_spans(marks, start, handed, end).items():
+                    times[name].append(seconds)
         if marks is not None:
-            marks.times.clear()
+            marks.slices = {}
         logits = torch.randn(rows, vocab_size, generator=generator)
         apply_bitmask(logits, bitmask, indices)
         tokens = logits.argmax(dim=-1).tolist()
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm", type=int, default=4, help="steps not timed (states still alike)")
     parser.add_argument("--booking-ms", type=float, default=1.5, help="Python on the step loop between start and result")
     parser.add_argument("--trace", action="store_true",
-                        help="also time each hand-off and call of the grammar thread (TRACE_SPANS)")
+                        help="also time each hand-off and call of the pool's threads (TRACE_SPANS)")
     add_result_json_arg(parser)
     args = parser.parse_args(argv)
     compiled = compile_schema(args.vocab_size, args.output_len)
@@ -213,8 +242,8 @@ def _print(args, rows: list[dict], delays: dict) -> None:
         print(f"{r['threads']:7d} {r['handoff_ms']:12.3f} {r['accept_wait_ms']:15.3f} {r['fill_wait_ms']:13.3f} "
               f"{r['loop_cost_ms']:13.3f} {r['inline_ms']:10.3f}")
     if args.trace:
-        print("grammar thread, ms: " + "; ".join(
-            f"{r['threads']} threads " + ", ".join(f"{name} {r[name + '_ms']:.3f}" for name, _, _ in TRACE_SPANS)
+        print("pool threads, ms: " + "; ".join(
+            f"{r['threads']} threads " + ", ".join(f"{name} {r[name + '_ms']:.3f}" for name in TRACE_SPANS)
             for r in rows))
     print(f"a woken thread starts {delays['plain_ms']:.3f} ms late while the step loop runs Python "
           f"(switch interval {delays['switch_interval_ms']:.1f} ms), {delays['handshake_ms']:.3f} ms with the handshake")

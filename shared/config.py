@@ -90,11 +90,11 @@ class SchedulerConfig:
     grammar_compile_timeout_s: float = 30.0
     """A structured-output request whose grammar has not compiled after this long fails."""
     structured_outputs_threads: int | None = None
-    """Threads of xgrammar's batched fill of a step's structured-output token masks (its C++
-    pool, GIL released). With async scheduling that call runs on one grammar thread beside the
-    step loop, which books the previous step's outputs meanwhile. Unset: half the cores, at most
-    16 (the step loop and the device's host work keep the rest; a fill of 256 rows of a 128k
-    vocabulary took 1.5 ms on 16 threads and 5.7 ms on 1 on an H200 host)."""
+    """Threads of the engine's grammar pool: each takes a slice of a step's structured-output
+    rows, advances their matchers by the new tokens and fills their token masks (two xgrammar
+    calls, GIL released), beside the step loop, which books the previous step's outputs
+    meanwhile (shared/grammar_fill.py). Unset: half the cores, at most 16 (the step loop and the
+    device's host work keep the rest)."""
     step_trace: str | None = None
     """Write one CSV line per engine step (start, duration, requests, tokens, outputs) to this
     file: a diagnostic for where a run's time goes (shared/step_trace.py)."""

@@ -139,7 +139,8 @@ class RequestGrammar:
         # No stop token (ignore_eos): the request ends when the grammar is complete.
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None,
                                           terminate_without_stop_token=not stop_token_ids)
-        self._stop_tokens = frozenset(stop_token_ids)
+        self.stop_token_ids = frozenset(stop_token_ids)
+        """The tokens that end the grammar once accepted (none: it ends when complete)."""
         self.terminated = self.matcher.is_terminated()
         """The grammar is complete. An attribute, kept by `accept`: the engine reads it while a
         bitmask fill may be working on the matcher (grammar_fill.py)."""
@@ -154,9 +155,9 @@ class RequestGrammar:
 
     def note_accepted(self, token_id: int, accepted: bool) -> None:
         """Keep `terminated` once the matcher took (or refused) a token, here or in a batched accept."""
-        if not self._stop_tokens:  # complete is terminated
+        if not self.stop_token_ids:  # complete is terminated
             self.terminated = self.matcher.is_terminated()
-        elif accepted and token_id in self._stop_tokens:  # xgrammar: terminated once a stop token is in
+        elif accepted and token_id in self.stop_token_ids:  # xgrammar: terminated once a stop token is in
             self.terminated = True
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:

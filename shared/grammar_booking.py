@@ -3,7 +3,7 @@ step's sampling rows, and which sampled tokens their grammars took.
 
     synchronous step:  step_bitmask ─▶ run + sample ─▶ accept_sampled ─▶ outputs
     async step N+1:    start_fill (step N's tokens into the matchers, then N+1's bitmask, on the
-                       grammar thread) ─▶ book step N's other rows ─▶ rejected_ids ─▶ its grammar rows
+                       grammar pool) ─▶ book step N's other rows ─▶ rejected_ids ─▶ its grammar rows
 
 Every sampled token of a grammar request is taken by its matcher before that request's output is
 built (its stop rules read `RequestGrammar.terminated`).
@@ -46,7 +46,7 @@ def accept_sampled(sched: SchedulerOutput, sampled: SamplerOutput) -> set[str]:
 
 def start_fill(bitmasks: BitmaskFiller, launched: list, sampled: SamplerOutput, requests: dict[str, Request],
                next_sched: SchedulerOutput | None) -> tuple[StepFill | None, list[tuple[Request, int]]]:
-    """Async steps: hand the grammar thread the settled step's tokens of its live grammar rows
+    """Async steps: hand the grammar pool the settled step's tokens of its live grammar rows
     (`launched`: InflightStep.launched) and then `next_sched`'s bitmask; (that fill, or None when
     there is nothing to do, and the (request, token) pairs it accepts)."""
     new_tokens = [(req, sampled.token_ids[row]) for req, _, _, index, row in launched

@@ -1,28 +1,41 @@
-"""A step's grammar bitmask, on one grammar thread beside the step loop: accept, then fill.
+"""A step's grammar bitmask, on a pool of our own threads beside the step loop: accept, then fill.
 
-    fill = filler.start(new_tokens, grammars)   hands the step to the grammar thread (returns
-                                                once it has taken it)
+    fill = filler.start(new_tokens, grammars)   splits the step into slices, one a pool thread,
+                                                and returns once every thread has taken its own
     ... the step loop books what of the previous step needs no grammar ...
     fill.wait_accepted()                        the matchers took the previous step's tokens:
                                                 `terminated` and rejections are known
     ... the step loop books the grammar rows' outputs, the rows fill meanwhile ...
     fill.result()  ─▶ (bitmask [N, ceil(V/32)] int32, grammar rows [k] int32) on the device, or None
 
-The grammar thread makes two xgrammar calls a step, each with the GIL released: the batched accept
-(one sequential C++ loop, a few µs a token) and the batched fill, which xgrammar spreads over its
-own `num_threads` C++ threads (tens of µs a row of a 128k vocabulary). Both run while the step loop
-books outputs in Python.
+Each of the K pool threads (`--structured-outputs-threads`) owns a contiguous slice of the step's
+grammar rows, balanced by row count, and makes two xgrammar calls for it, each with the GIL
+released: the batched accept of its rows' new tokens (a sequential C++ loop, a few µs a token),
+then the fill of its rows with a BatchGrammarMatcher(1) of its own (tens of µs a row of a 128k
+vocabulary) into the shared host bitmask at the rows' indices. A grammar's accept and fill are in
+the same slice, so the threads never wait for each other.
 
-Every hand-off is arranged so that no thread waits for the GIL while another runs Python, which
-would last up to the interpreter's switch interval (5 ms), longer than the work: `start` waits
-(holding no GIL) until the grammar thread has taken the job; the thread needs the GIL between its
-two calls, which it gets when the step loop waits in `wait_accepted`, and after the fill, which it
-gets when the step loop waits in `result` (docs/benchmarks.md, section 15).
+The pool threads run no Python beyond those two calls and setting Events: a thread that wants the
+GIL while the step loop runs Python waits for it up to the switch interval (5 ms), longer than
+its work. So the step loop builds every list in `start` (matcher handles, tokens, row indices a
+slice), and reads the accept results (keeping each grammar's `terminated`) in `wait_accepted`.
+The threads take the GIL only where the step loop waits holding none: `start` returns once every
+thread has taken its slice (the handshake), a thread passes from its accept to its fill while
+the step loop waits in `wait_accepted`, and reports its fill while it waits in `result`
+(docs/benchmarks.md, section 15).
+
+Which rows fill is decided in `start`, before the accepts: those whose grammar is live and whose
+new token is none of its stop tokens (an accepted stop token terminates the grammar, and xgrammar
+refuses to fill a terminated one). Two cases are settled on the step loop: a grammar without stop
+tokens (ignore_eos) ends when complete, which only its matcher knows, so `wait_accepted` reads it
+once its slice's fill is done; a stop token the grammar refused (a masking bug) leaves its row
+live but unfilled, so `result` fills that row on the step loop's thread.
 
 The rows are written into one reused (pinned, on CUDA) host buffer, bitmask and row indices side
 by side, which reaches the device in one copy; rows without a live grammar are neither filled nor
 listed, so the mask kernel leaves their logits alone. Between `start` and `result` the caller must
-not touch a matcher, and must not read `RequestGrammar.terminated` before `wait_accepted`.
+not touch a matcher, and must not read `RequestGrammar.terminated` before `wait_accepted`. A
+grammar may appear once a step (one row a request).
 """
 
 from __future__ import annotations
@@ -34,11 +47,16 @@ from collections.abc import Sequence
 
 import torch
 import xgrammar as xgr
+from xgrammar.base import _core
 
 from splitserve.shared.grammar import RequestGrammar, bitmask_width
 
 FILL_TIMEOUT_S = 60.0
-"""Longest wait for the grammar thread (its work takes milliseconds; longer means it is gone)."""
+"""Longest wait for a pool thread (its work takes milliseconds; longer means it is gone)."""
+
+_ACCEPT = _core.BatchGrammarMatcher.batch_accept_token
+"""xgrammar's batched accept below its Python wrapper, which would build the handle list and read
+the result array on the pool thread: here the step loop does both (`start`, `wait_accepted`)."""
 
 
 def default_threads() -> int:
@@ -48,98 +66,147 @@ def default_threads() -> int:
     return max(1, min(16, cores // 2))
 
 
-class _StepJob:
-    """One step's work on the grammar thread: accept the new tokens, then fill the live rows."""
+class _Slice:
+    """One pool thread's part of a step: accept `tokens` into `accept_handles`, then fill `fill_rows`
+    of `bitmask` from `fill_handles`. Built by the step loop; the thread only reads it and sets
+    `accepted`, `error` and the events."""
 
-    def __init__(self, new_tokens: list[tuple[RequestGrammar, int]], grammars: list[RequestGrammar | None],
-                 bitmask: torch.Tensor) -> None:
-        self.new_tokens, self.grammars, self.bitmask = new_tokens, grammars, bitmask
-        self.accepted: list[bool] = []
-        self.rows: list[int] = []
-        """The rows whose grammar is live once the tokens are in (the ones filled)."""
-        self.taken, self.accept_done, self.done = threading.Event(), threading.Event(), threading.Event()
+    def __init__(self, bitmask: torch.Tensor) -> None:
+        self.bitmask = bitmask
+        self.token_positions: list[int] = []
+        """Where each of `tokens` is in the step's new tokens."""
+        self.accept_handles: list = []
+        self.tokens: list[int] = []
+        self.fill_handles: list = []
+        self.fill_rows: list[int] = []
+        self.ends_unseen = False
+        """A grammar without stop tokens takes a token and fills here: its `terminated` is read after the fill."""
+        self.accepted: Sequence[bool] = ()
         self.error: BaseException | None = None
+        self.taken, self.accept_done, self.done = threading.Event(), threading.Event(), threading.Event()
+
+
+def plan_slices(new_tokens: Sequence[tuple[RequestGrammar, int]], grammars: Sequence[RequestGrammar | None],
+                num_slices: int, bitmask: torch.Tensor) -> tuple[list[_Slice], set[int]]:
+    """The step's non-empty slices and the rows they fill: the live rows, taking no stop token,
+    in `num_slices` contiguous runs of equal length; a token whose grammar fills nowhere is
+    accepted in the slices in turn."""
+    stopping = {id(g) for g, token_id in new_tokens if token_id in g.stop_token_ids}
+    rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated and id(g) not in stopping]
+    slices, owner = [_Slice(bitmask) for _ in range(num_slices)], {}
+    for n, row in enumerate(rows):
+        grammar = grammars[row]
+        part = slices[owner.setdefault(id(grammar), n * num_slices // len(rows))]
+        part.fill_handles.append(grammar.matcher._handle)
+        part.fill_rows.append(row)
+    for n, (grammar, token_id) in enumerate(new_tokens):
+        part = slices[owner.get(id(grammar), n % num_slices)]
+        part.token_positions.append(n)
+        part.accept_handles.append(grammar.matcher._handle)
+        part.tokens.append(token_id)
+        part.ends_unseen |= not grammar.stop_token_ids and id(grammar) in owner
+    return [s for s in slices if s.tokens or s.fill_rows], set(rows)
 
 
 class StepFill:
-    """One step's accept and fill on the grammar thread."""
+    """One step's accept and fill on the pool."""
 
-    def __init__(self, filler: BitmaskFiller, num_rows: int, job: _StepJob | None) -> None:
-        self.filler, self.num_rows, self.job = filler, num_rows, job
+    def __init__(self, filler: BitmaskFiller, new_tokens: Sequence[tuple[RequestGrammar, int]],
+                 grammars: Sequence[RequestGrammar | None], slices: list[_Slice], filled: set[int]) -> None:
+        self.filler, self.new_tokens, self.grammars = filler, new_tokens, grammars
+        self.slices, self.filled = slices, filled
+        self._accepted: list[bool] | None = None
 
     def wait_accepted(self) -> list[bool]:
         """Wait for the accepts: whether each new token was accepted by its grammar (False: a
         masking bug, not input). Every `terminated` holds once this returns."""
-        if self.job is None:
-            return []
-        _wait(self.job.accept_done, "accept")
-        if self.job.error is not None:
-            raise self.job.error
-        return self.job.accepted
+        if self._accepted is None:
+            for part in self.slices:
+                _wait(part.accept_done, "accept")
+                if part.error is not None:
+                    raise part.error
+            self._accepted = self._note_accepted()
+        return self._accepted
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Wait for the fill; the bitmask and its grammar rows on the device (None: no live row)."""
         self.wait_accepted()
-        if self.job is None:
-            return None
-        _wait(self.job.done, "fill")
-        if self.job.error is not None:
-            raise self.job.error
-        return self.filler.to_device(self.num_rows, self.job.rows) if self.job.rows else None
+        for part in self.slices:
+            _wait(part.done, "fill")
+            if part.error is not None:
+                raise part.error
+        rows = live_rows(self.grammars)
+        missed = [i for i in rows if i not in self.filled]  # a refused stop token: still live
+        if missed:
+            self.filler.fill_inline(self.grammars, missed)
+        return self.filler.to_device(len(self.grammars), rows) if rows else None
+
+    def _note_accepted(self) -> list[bool]:
+        accepted = [False] * len(self.new_tokens)
+        for part in self.slices:
+            if part.ends_unseen:  # is_terminated() must not race the fill of the same matcher
+                _wait(part.done, "fill")
+            for position, ok in zip(part.token_positions, part.accepted):
+                grammar, token_id = self.new_tokens[position]
+                accepted[position] = ok = bool(ok)
+                grammar.note_accepted(token_id, ok)
+        return accepted
 
 
 class BitmaskFiller:
-    """Fills steps' bitmasks for one engine; xgrammar's fill runs on `num_threads` threads."""
+    """Fills steps' bitmasks for one engine over a pool of `num_threads` threads of its own."""
 
     def __init__(self, vocab_size: int, device: torch.device, num_threads: int | None = None) -> None:
         self.width, self.device = bitmask_width(vocab_size), device
         self.num_threads = default_threads() if num_threads is None else num_threads
-        """xgrammar's threads for one batched fill (its pool, started per call)."""
-        self._batch = xgr.BatchGrammarMatcher(self.num_threads)  # used by one thread at a time
+        """The pool's threads, each filling one slice of a step's rows."""
+        self._inline = xgr.BatchGrammarMatcher(1)  # the step loop's own fills (result's refused stop tokens)
         self._host = self._device_buf = torch.empty(0, dtype=torch.int32)
         self._copied: torch.cuda.Event | None = None
-        self._thread: _GrammarThread | None = None
-        self._last: _StepJob | None = None
+        self._pool: list[_PoolThread] = []
+        self._last: list[_Slice] = []
 
     def build(self, grammars: Sequence[RequestGrammar | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Fill on this thread and wait (synchronous steps); None when no row has a live grammar."""
-        rows = live_rows(grammars)
-        if not rows:
-            return None
-        self.wait()
-        self._reserve(len(grammars))
-        self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], self.host_bitmask(len(grammars)),
-                                                  rows)
-        return self.to_device(len(grammars), rows)
+        """Fill on the pool and wait (synchronous steps); None when no row has a live grammar."""
+        return self.start((), grammars).result()
 
     def start(self, new_tokens: Sequence[tuple[RequestGrammar, int]],
               grammars: Sequence[RequestGrammar | None]) -> StepFill:
-        """Hand the grammar thread this step: accept each (grammar, token) of `new_tokens`, then
-        fill the rows of `grammars` still live. Returns once the thread has taken it; until
+        """Hand the pool this step: accept each (grammar, token) of `new_tokens`, then fill the
+        rows of `grammars` still live. Returns once every thread has taken its slice; until
         `wait_accepted` returns, no `terminated` may be read, and until `result`, no matcher touched."""
         self.wait()
-        if not new_tokens and not any(g is not None for g in grammars):
-            return StepFill(self, len(grammars), None)
+        new_tokens, grammars = list(new_tokens), list(grammars)
         self._reserve(len(grammars))
-        job = _StepJob(list(new_tokens), list(grammars), self.host_bitmask(len(grammars)))
-        self._running_thread().run(job)
-        self._last = job
-        return StepFill(self, len(grammars), job)
+        slices, filled = plan_slices(new_tokens, grammars, self.num_threads, self.host_bitmask(len(grammars)))
+        for thread, part in zip(self._running_pool(), slices):
+            thread.jobs.put(part)
+        for part in slices:  # the handshake: each thread runs before the step loop goes on
+            _wait(part.taken, "take its slice")
+        self._last = slices
+        return StepFill(self, new_tokens, grammars, slices, filled)
 
     def wait(self) -> None:
-        """Wait for the last started step's job to end (a failed step may have left it running)."""
-        if self._last is not None and self._last.done.wait(FILL_TIMEOUT_S):
-            self._last = None
+        """Wait for the last started step's slices to end (a failed step may have left them running)."""
+        if all(part.done.wait(FILL_TIMEOUT_S) for part in self._last):
+            self._last = []
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
+        """Stop the pool (each thread ends the slice it holds first); a later start starts a new one."""
+        pool, self._pool = self._pool, []
+        for thread in pool:
+            thread.jobs.put(None)
+        for thread in pool:
+            thread.join()
 
-    def _running_thread(self) -> _GrammarThread:
-        if self._thread is None:
-            self._thread = _GrammarThread(self._batch)
-        return self._thread
+    def fill_inline(self, grammars: Sequence[RequestGrammar | None], rows: list[int]) -> None:
+        self._inline.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows],
+                                                   self.host_bitmask(len(grammars)), rows)
+
+    def _running_pool(self) -> list[_PoolThread]:
+        if not self._pool:
+            self._pool = [_PoolThread(i) for i in range(self.num_threads)]
+        return self._pool
 
     def host_bitmask(self, num_rows: int) -> torch.Tensor:
         return self._host[: num_rows * self.width].view(num_rows, self.width)
@@ -174,7 +241,8 @@ def live_rows(grammars: Sequence[RequestGrammar | None]) -> list[int]:
 
 
 def accept_tokens(new_tokens: Sequence[tuple[RequestGrammar, int]]) -> list[bool]:
-    """Advance each grammar by its token in one batched call (GIL released); whether each took it."""
+    """Advance each grammar by its token in one batched call on this thread (synchronous steps);
+    whether each took it."""
     if not new_tokens:
         return []
     results = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g, _ in new_tokens],
@@ -186,41 +254,47 @@ def accept_tokens(new_tokens: Sequence[tuple[RequestGrammar, int]]) -> list[bool
 
 def _wait(event: threading.Event, what: str) -> None:
     if not event.wait(FILL_TIMEOUT_S):
-        raise RuntimeError(f"the structured-output grammar thread did not {what} within {FILL_TIMEOUT_S} s")
+        raise RuntimeError(f"a structured-output pool thread did not {what} within {FILL_TIMEOUT_S} s")
 
 
-class _GrammarThread:
-    """The thread that makes each step's batched accept and fill calls while the step loop books outputs."""
+def accept_slice(part: _Slice) -> None:
+    """The slice's batched accept (GIL released inside); the result array is read by the step loop."""
+    try:
+        if part.tokens:
+            part.accepted = _ACCEPT(part.accept_handles, part.tokens, False)
+    except BaseException as exc:  # noqa: BLE001 - raised again on the step loop's thread
+        part.error = exc
 
-    def __init__(self, batch: xgr.BatchGrammarMatcher) -> None:
-        self._batch, self._jobs = batch, queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="grammar-fill", daemon=True)
+
+def fill_slice(part: _Slice, fill) -> None:
+    """The slice's fill with its thread's own BatchGrammarMatcher(1) (GIL released inside)."""
+    try:
+        if part.error is None and part.fill_rows:
+            fill(part.fill_handles, part.bitmask, part.fill_rows, False)
+    except BaseException as exc:  # noqa: BLE001
+        part.error = exc
+
+
+class _PoolThread:
+    """One thread of the pool: takes a slice, accepts its tokens, fills its rows."""
+
+    def __init__(self, index: int) -> None:
+        self.jobs: queue.SimpleQueue[_Slice | None] = queue.SimpleQueue()
+        self._batch = xgr.BatchGrammarMatcher(1)
+        self._thread = threading.Thread(target=self._serve, name=f"grammar-fill-{index}", daemon=True)
         self._thread.start()
 
-    def run(self, job: _StepJob) -> None:
-        """Hand `job` over and wait until it is taken (the handshake of the module docstring)."""
-        self._jobs.put(job)
-        _wait(job.taken, "take a fill")
-
-    def stop(self) -> None:
-        self._jobs.put(None)
+    def join(self) -> None:
         self._thread.join(FILL_TIMEOUT_S)
 
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job.taken.set()
-            try:
-                job.accepted = accept_tokens(job.new_tokens)
-                job.rows = live_rows(job.grammars)
-            except BaseException as exc:  # noqa: BLE001 - raised again on the step loop's thread
-                job.error = exc
-            job.accept_done.set()  # the step loop books while the rows fill
-            if job.error is None and job.rows:
-                self._fill(job)
-            job.done.set()
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
-    def _fill(self, job: _StepJob) -> None:
-        try:
-            self._batch.batch_fill_next_token_bitmask([job.grammars[i].matcher for i in job.rows], job.bitmask, job.rows)
-        except BaseException as exc:  # noqa: BLE001
-            job.error = exc
+    def _serve(self) -> None:
+        fill = self._batch._handle.batch_fill_next_token_bitmask  # below the wrapper, as _ACCEPT
+        while (part := self.jobs.get()) is not None:
+            part.taken.set()
+            accept_slice(part)
+            part.accept_done.set()  # the step loop books while the rows fill
+            fill_slice(part, fill)
+            part.done.set()

@@ -1,4 +1,4 @@
-"""The bitmask fill benchmark runs on a CPU at a tiny size: the grammar thread's masks equal the
+"""The bitmask fill benchmark runs on a CPU at a tiny size: the grammar pool's masks equal the
 inline fill's at every step (the benchmark asserts it) and every thread count draws the same tokens."""
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def _grammars_in_many_states(compiler, demo_checkpoint_dir) -> list:
 
 
 def test_batched_fill_matches_each_matcher_alone_with_any_thread_count(compiler, demo_checkpoint_dir) -> None:
-    """One batched fill (1 to 3 threads, on this thread or on the grammar thread) writes each live row
+    """One step's fill (1 to 3 pool threads, waited by build or by result) writes each live row
     exactly as that row's matcher fills it alone; other rows are left out."""
     grammars = _grammars_in_many_states(compiler, demo_checkpoint_dir)
     live = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
@@ -225,9 +225,9 @@ def _allowed(bitmask: torch.Tensor, row: int, allowed: bool = True) -> int:
 
 
 def test_start_accepts_the_new_tokens_then_fills(compiler, demo_checkpoint_dir) -> None:
-    """start(new tokens, rows): on the grammar thread each matcher takes its token (a forbidden one
+    """start(new tokens, rows): on the pool each matcher takes its token (a forbidden one
     is reported, a stop token terminates the row and leaves it out), then the live rows are
-    filled; the same as accepting and filling each matcher alone, with 1 and 3 fill threads."""
+    filled; the same as accepting and filling each matcher alone, with 1 and 3 pool threads."""
     for num_threads in (1, 3):
         alone, batched = (_grammars_in_many_states(compiler, demo_checkpoint_dir) for _ in range(2))
         before = torch.zeros(len(alone), bitmask_width(VOCAB), dtype=torch.int32)
@@ -256,7 +256,7 @@ def test_start_accepts_the_new_tokens_then_fills(compiler, demo_checkpoint_dir) 
 
 def test_a_fill_that_fails_raises_on_the_step_loops_thread(compiler) -> None:
     """An error inside xgrammar's fill (here: a matcher of another vocabulary size) comes back from
-    result(), and the grammar thread goes on with the next step."""
+    result(), and the pool goes on with the next step."""
     import xgrammar as xgr
 
     compiled = compiler.submit(Spec(regex="[0-9]+")).result(timeout=60)
@@ -306,21 +306,21 @@ def test_terminated_attribute_follows_the_matcher(compiler, stop_tokens) -> None
         assert grammar.terminated
 
 
-def test_grammar_thread_takes_the_fill_and_stops_on_close(compiler) -> None:
-    """start returns once the grammar thread holds the job (its handshake); the step loop may book
-    meanwhile, result gives the same rows as the inline fill; close stops the thread, and a later
-    start brings a new one up."""
+def test_pool_threads_take_their_slices_and_stop_on_close(compiler) -> None:
+    """start returns once every pool thread holds its slice (the handshake); the step loop may book
+    meanwhile, result gives the same rows as the inline fill; close stops the threads, and a later
+    start brings new ones up."""
     compiled = compiler.submit(Spec(regex="[0-9]{3}")).result(timeout=60)
     grammars = [RequestGrammar(compiled, [1]) for _ in range(3)]
     filler = _filler(2)
     expected, rows = (t.clone() for t in filler.build(grammars))
     fill = filler.start([], grammars)
-    assert fill.job is not None and fill.job.taken.is_set()
-    thread = filler._thread._thread
+    assert len(fill.slices) == 2 and all(part.taken.is_set() for part in fill.slices)
+    threads = list(filler._pool)
     bitmask, filled = fill.result()
-    assert torch.equal(bitmask, expected) and torch.equal(filled, rows) and thread.is_alive()
+    assert torch.equal(bitmask, expected) and torch.equal(filled, rows) and all(t.is_alive() for t in threads)
     filler.close()
-    assert not thread.is_alive()
+    assert not any(t.is_alive() for t in threads)
     bitmask, filled = filler.start([], grammars).result()
-    assert torch.equal(bitmask, expected) and filler._thread._thread is not thread
+    assert torch.equal(bitmask, expected) and filler._pool[0] is not threads[0]
     filler.close()

@@ -183,7 +183,7 @@ def test_compile_timeout_and_abort_while_compiling(demo_checkpoint_dir) -> None:
 def test_mixed_batch_same_tokens_with_fill_threads_and_async(demo_checkpoint_dir, sync_llm, threads) -> None:
     """One batch of rows with and without grammars, some finishing early (a complete choice, a
     grammar complete under ignore_eos, max_tokens): async steps whose bitmasks fill on the grammar
-    thread (xgrammar's fill on 2 threads, or 1) beside the step loop give the tokens of synchronous steps."""
+    pool (2 threads, or 1) beside the step loop give the tokens of synchronous steps."""
     threaded = LLM(demo_checkpoint_dir, async_scheduling=True, max_num_batched_tokens=48,
                    structured_outputs_threads=threads)
     assert threaded.engine._bitmasks.num_threads == threads
@@ -199,7 +199,7 @@ def test_mixed_batch_same_tokens_with_fill_threads_and_async(demo_checkpoint_dir
     prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(len(params))]
     runs = [[(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
             for llm in (sync_llm, threaded)]
-    assert threaded.engine._bitmasks._thread is not None  # the async steps filled on the grammar thread
+    assert threaded.engine._bitmasks._pool  # the async steps filled on the grammar pool
     threaded.engine.close()
     assert runs[0] == runs[1]
     reasons = [reason for _, reason in runs[0]]
