@@ -3,7 +3,7 @@
 The KV pool is one block-major tensor (see docs/architecture.md):
     kv_cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
 or, for a model whose layers attend differently (interleaved sliding windows) and an engine that
-neither transfers KV nor has a host tier nor followers, one such tensor per KV layer group
+has neither a host tier nor followers, one such tensor per KV layer group
 (`kv_caches`, in `model.kv_layer_groups()` order) over the same memory, split so the sliding
 groups get only what their windows need (shared/kv/layer_groups.py).
 On CUDA it takes what this engine's share of the device (`gpu_memory_utilization`) leaves after its
@@ -107,7 +107,7 @@ def resolve_model_dir(model: str | None) -> str:
 
 def build_engine_parts(config: EngineConfig, split_kv_by_layer_group: bool = True) -> EngineParts:
     """`split_kv_by_layer_group`: whether the pool may be split per KV layer group (the engine
-    says no when a KV connector needs the one-pool layout)."""
+    says no when the host tier needs the one-pool layout; tensor parallelism keeps one pool too)."""
     mc = config.model
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
