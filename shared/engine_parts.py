@@ -156,8 +156,11 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
     else:
         num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
     groups = model.kv_layer_groups()
-    if split_kv_by_layer_group and len(groups) > 1 and followers.world_size == 1:
+    if len(groups) > 1 and split_kv_by_layer_group and followers.world_size == 1:
         return _build_grouped(config, model, info, device, dtype, num_blocks, max_model_len, groups, model_dir)
+    if len(groups) > 1:  # said once at start-up: this model's sliding layers save no memory here
+        logger.info("KV pool not split by layer group (%s): one pool of every layer's blocks; a P/D peer must "
+                    "keep one pool too", "the host tier" if not split_kv_by_layer_group else "tensor parallelism")
     max_model_len = _cap_max_model_len(max_model_len, num_blocks, cc.block_size)
     kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
                            dtype=dtype, device=device)
