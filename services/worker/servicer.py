@@ -80,7 +80,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if final is None or final.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
             span.set_attribute("splitserve.cached_tokens", final.num_cached_tokens)
-            span.set_attribute("splitserve.kv_held_blocks", len(final.kv_handle.block_ids) if final.kv_handle else 0)
+            span.set_attribute("splitserve.kv_held_blocks", final.kv_handle.num_blocks if final.kv_handle else 0)
             return convert.engine_output_to_prefill_response(final)
 
     async def Generate(self, request: pb.GenerateRequest, context):

@@ -161,13 +161,13 @@ class TransferConnector:
 
     def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int] | list[list[int]]) -> None:
         """Decode side: starts pulling the handle's blocks into `dst_block_ids` (one list per group
-        of a split pool); non-blocking. A handle of another group layout is refused on the
-        connector's loop (by the layout check), not here."""
+        of a split pool); non-blocking. A handle of another layout (groups included) is refused
+        on the connector's loop, naming both sides' layouts, not here."""
         if self._decode is None:
             raise RuntimeError(f"start_load() needs role 'decode' or 'both', this connector is {self.config.role!r}")
         dst_groups = self._checked_groups(dst_block_ids, f"start_load({request_id!r})")
         src_groups = handle.block_lists()
-        if len(src_groups) == len(dst_groups):
+        if handle.layout_hash == self.layout_hash and len(src_groups) == len(dst_groups):
             self._check_load_fits(request_id, handle, src_groups, dst_groups)
         self._call(self._start_load, request_id, handle, dst_groups, time.monotonic())
 

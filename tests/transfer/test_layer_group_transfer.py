@@ -37,7 +37,8 @@ def test_a_split_handle_round_trips_through_a_dict_and_the_proto():
     assert convert.kv_handle_from_proto(convert.kv_handle_to_proto(h)) == h
     assert h.block_lists() == [(3, 4, 5), (7, 8)] and h.num_blocks == 5
     one_pool = _handle(block_ids=(1, 2), groups=())
-    assert one_pool.block_lists() == [(1, 2)] and convert.kv_handle_from_proto(convert.kv_handle_to_proto(one_pool)) == one_pool
+    assert one_pool.block_lists() == [(1, 2)]
+    assert convert.kv_handle_from_proto(convert.kv_handle_to_proto(one_pool)) == one_pool
 
 
 @pytest.mark.parametrize("groups, message", [
