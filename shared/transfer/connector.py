@@ -150,9 +150,10 @@ class TransferConnector:
             raise RuntimeError(f"hold() needs role 'prefill' or 'both', this connector is {self.config.role!r}")
         groups = self._checked_groups(block_ids, f"hold({request_id!r})")
         lengths = [len(ids) for ids in groups]
-        fits = 0 < num_tokens <= max(lengths) * self.block_size
-        if len(groups) > 1:  # every list ends at the prompt's last block, the full group's starts at 0
-            fits = fits and max(lengths) == -(-num_tokens // self.block_size)
+        if len(groups) > 1:  # every list ends at the prompt's last block (a sliding one starts later)
+            fits = num_tokens > 0 and max(lengths) <= -(-num_tokens // self.block_size)
+        else:
+            fits = 0 < num_tokens <= lengths[0] * self.block_size
         if not fits:
             raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit block lists of "
                              f"{lengths} blocks of {self.block_size}")
@@ -189,9 +190,9 @@ class TransferConnector:
             if len(dst) < len(src) or (split and len(dst) != len(src)):
                 raise ValueError(f"start_load({request_id!r}): {len(dst)} dst blocks cannot take the "
                                  f"{len(src)} src blocks of group {g}")
-        if handle.num_tokens > max(map(len, src_groups)) * self.block_size:
+        if not split and handle.num_tokens > len(src_groups[0]) * self.block_size:
             raise ValueError(f"start_load({request_id!r}): handle claims {handle.num_tokens} tokens in "
-                             f"{max(map(len, src_groups))} blocks of {self.block_size}")
+                             f"{len(src_groups[0])} blocks of {self.block_size}")
 
     def poll(self) -> ConnectorEvents:
         """The events since the last poll. With tensor parallelism, each loaded request's whole-head
