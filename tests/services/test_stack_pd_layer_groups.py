@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 BLOCK_SIZE = 4
 MAX_TOKENS = 12
-PROMPTS = ["The quick brown fox jumps over the lazy dog " * 3, "def fibonacci(n):\n    if n < 2:"]
+PROMPTS = ["The quick brown fox jumps over the lazy dog " * 3, "def fibonacci(n):\n    if n < 2:",
+           "The quick brown fox jumps over the lazy dog " * 3]
+"""The third repeats the first: a prefix hit on the prefill side (its sliding group serves the hit
+from the window's blocks only), whose blocks it hands out like computed ones."""
 ARCHS = {"gemma2": (6, 32), "qwen2_window": (5, 16)}
 """arch -> (window, head_dim) of its tiny checkpoint (tests/checkpoints.py): two layers, one full and
 one sliding, two kv heads, fp32 on CPU."""
@@ -84,6 +87,7 @@ def test_split_pools_transfer_per_group_and_serve_the_colocated_tokens(stacks, a
         served.append(r.choices[0].text)
         prompt_tokens.append(r.usage.prompt_tokens)
     assert served == offline
+    assert stack.load("prefill").prefix_hit_rate > 0
     assert max(prompt_tokens) > window + 2 * BLOCK_SIZE  # a sliding group leaves blocks behind
     after = dict(stack.load("decode").counters)
     assert after["transfers_ok"] - before.get("transfers_ok", 0) == len(PROMPTS)
