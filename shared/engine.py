@@ -111,7 +111,8 @@ class EngineCore:
         self.config = config
         # The host tier moves whole one-pool blocks: no layer-group split with it (the P/D transfer
         # moves each group's blocks, shared/transfer/).
-        parts: EngineParts = build_engine_parts(config, split_kv_by_layer_group=not config.cache.kv_offload_gib)
+        cc = config.cache
+        parts: EngineParts = build_engine_parts(config, cc.split_kv_by_layer_group and not cc.kv_offload_gib)
         self.followers = parts.followers
         try:
             self._setup(config, parts, connector_factory)

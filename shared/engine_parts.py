@@ -160,7 +160,8 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
         return _build_grouped(config, model, info, device, dtype, num_blocks, max_model_len, groups, model_dir)
     if len(groups) > 1:  # said once at start-up: this model's sliding layers save no memory here
         logger.info("KV pool not split by layer group (%s): one pool of every layer's blocks; a P/D peer must "
-                    "keep one pool too", "the host tier" if not split_kv_by_layer_group else "tensor parallelism")
+                    "keep one pool too", "tensor parallelism" if split_kv_by_layer_group else
+                    "--no-split-kv-by-layer-group or the host tier")
     max_model_len = _cap_max_model_len(max_model_len, num_blocks, cc.block_size)
     kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
                            dtype=dtype, device=device)
