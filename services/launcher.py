@@ -89,6 +89,8 @@ def _worker_children(args: argparse.Namespace, model_argv: list[str]) -> tuple[l
             address = f"{args.host}:{port}"
             extra = [*transfer_argv, *nccl.get(role, [])] if role != "worker" else []
             extra += ["--tensor-parallel-size", str(sizes[role])]  # after model_argv's: the last one counts
+            if role != "worker" and max(sizes["prefill"], sizes["decode"]) > 1:
+                extra.append("--no-split-kv-by-layer-group")  # a TP side keeps one KV pool: so must its peer
             device = ["--device", devices[port - args.worker_base_port]] if devices else []
             argv = _cli(role, "--host", args.host, "--port", str(port), "--drain-timeout-s", str(WORKER_DRAIN_TIMEOUT_S),
                         *model_argv, *device, *extra)

@@ -57,6 +57,11 @@ class CacheConfig:
     kv_offload_gib: float = 0.0
     """Host-memory KV tier (CPU RAM, pinned on CUDA) in GiB: blocks the device pool evicts stay
     there and are restored on a later prefix hit instead of recomputed. 0 turns it off."""
+    split_kv_by_layer_group: bool = True
+    """Interleaved sliding-window models (Gemma 2/3, Qwen2/3 with max_window_layers): one KV pool
+    per layer group, so the sliding layers keep only their window's blocks. Off (and always with
+    kv_offload_gib or tensor parallelism): one pool of every block. A P/D pair must agree;
+    `splitserve up` turns it off on both roles when either has tensor parallelism."""
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

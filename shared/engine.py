@@ -109,9 +109,10 @@ class EngineCore:
         config.validate()
         check_parallel_support(config)
         self.config = config
-        # A connector (KV transfer) or a host tier move whole one-pool blocks: no layer-group split then.
-        parts: EngineParts = build_engine_parts(
-            config, split_kv_by_layer_group=connector_factory is None and not config.cache.kv_offload_gib)
+        # The host tier moves whole one-pool blocks: no layer-group split with it (the P/D transfer
+        # moves each group's blocks, shared/transfer/).
+        cc = config.cache
+        parts: EngineParts = build_engine_parts(config, cc.split_kv_by_layer_group and not cc.kv_offload_gib)
         self.followers = parts.followers
         try:
             self._setup(config, parts, connector_factory)
@@ -402,8 +403,10 @@ class EngineCore:
 
     def _release_out_of_window(self, req: Request, num_computed: int) -> None:
         """Sliding-window models: free the blocks no later query can see, except while the KV is to
-        be held for another engine (it must receive, and may cache, real blocks only)."""
-        if self._window_kv is not None and not (req.kv_transfer is not None and req.kv_transfer.hold):
+        be held for another engine that takes every block of it (it must receive, and may cache,
+        real blocks only); a pool split by layer group hands out only what the windows still see."""
+        held = req.kv_transfer is not None and req.kv_transfer.hold
+        if self._window_kv is not None and not (held and not self.kv.sends_window_blocks_only):
             self._window_kv.release_out_of_window(req.request_id, num_computed)
 
     def _needs_exact_history(self) -> bool:
@@ -422,6 +425,7 @@ class EngineCore:
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
             kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate, num_preemptions=s.num_preemptions,
             kv_group_blocks=self._kv_group_blocks,
+            kv_group_free_blocks=dict(zip(self._kv_group_blocks, self.kv.group_free_blocks())),
         )
 
     def close(self) -> None:

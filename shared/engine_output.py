@@ -54,3 +54,5 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_preemptions: int
     kv_group_blocks: dict[str, int] = {}
     """Blocks of each KV layer group's pool ("full", "window_<w>") when the pool is split by group."""
+    kv_group_free_blocks: dict[str, int] = {}
+    """Free blocks of each of those pools (a sliding pool's null block is never free)."""

@@ -3,7 +3,7 @@
 The KV pool is one block-major tensor (see docs/architecture.md):
     kv_cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
 or, for a model whose layers attend differently (interleaved sliding windows) and an engine that
-neither transfers KV nor has a host tier nor followers, one such tensor per KV layer group
+has neither a host tier nor followers, one such tensor per KV layer group
 (`kv_caches`, in `model.kv_layer_groups()` order) over the same memory, split so the sliding
 groups get only what their windows need (shared/kv/layer_groups.py).
 On CUDA it takes what this engine's share of the device (`gpu_memory_utilization`) leaves after its
@@ -107,7 +107,7 @@ def resolve_model_dir(model: str | None) -> str:
 
 def build_engine_parts(config: EngineConfig, split_kv_by_layer_group: bool = True) -> EngineParts:
     """`split_kv_by_layer_group`: whether the pool may be split per KV layer group (the engine
-    says no when a KV connector needs the one-pool layout)."""
+    says no when the host tier needs the one-pool layout; tensor parallelism keeps one pool too)."""
     mc = config.model
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
@@ -156,8 +156,12 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
     else:
         num_blocks = max(1, int(cc.cpu_kv_cache_gib * 2**30) // block_bytes)
     groups = model.kv_layer_groups()
-    if split_kv_by_layer_group and len(groups) > 1 and followers.world_size == 1:
+    if len(groups) > 1 and split_kv_by_layer_group and followers.world_size == 1:
         return _build_grouped(config, model, info, device, dtype, num_blocks, max_model_len, groups, model_dir)
+    if len(groups) > 1:  # said once at start-up: this model's sliding layers save no memory here
+        logger.info("KV pool not split by layer group (%s): one pool of every layer's blocks; a P/D peer must "
+                    "keep one pool too", "tensor parallelism" if split_kv_by_layer_group else
+                    "--no-split-kv-by-layer-group or the host tier")
     max_model_len = _cap_max_model_len(max_model_len, num_blocks, cc.block_size)
     kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
                            dtype=dtype, device=device)

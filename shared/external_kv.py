@@ -93,7 +93,7 @@ class ExternalKV:
 
     def hold(self, req: Request):
         """Keep the prompt's KV blocks past the request until the decode side has copied them."""
-        block_ids = self.kv.block_ids(req.request_id)[: -(-req.num_prompt_tokens // self.block_size)]
+        block_ids = self.kv.prompt_block_ids(req.request_id, req.num_prompt_tokens)  # one list per group if split
         self.held[req.request_id] = req
         self.retain_session(req)
         return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)

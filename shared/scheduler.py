@@ -52,9 +52,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
-    kv_loads: list[tuple[Request, object, list[int]]] = field(default_factory=list)
+    kv_loads: list[tuple[Request, object, list[int] | list[list[int]]]] = field(default_factory=list)
     """(request, source, dst block ids): blocks allocated this step whose KV the connector must
-    now load from `source` (a remote KvHandle, or HostBlocks)."""
+    now load from `source` (a remote KvHandle, or HostBlocks); one list per group for a pool split
+    by KV layer group (`allocate_load_slots`)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -108,11 +109,14 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
         else:
-            # Keep the allocated blocks: recompute writes the same slots.
+            # A host-tier restore keeps its blocks: recompute writes the same slots. A remote load
+            # starts over from none (it had computed nothing): a split pool's sliding tables have
+            # null entries where its window had slid, which a recompute from 0 cannot write.
             req.status = RequestStatus.WAITING
             req.num_recomputed_tokens += num_loaded
             if getattr(req.kv_transfer, "handle", None) is not None:
                 req.kv_transfer = None
+                self.kv.free(request_id)
             self.waiting.appendleft(req)
         return req
 
@@ -217,13 +221,13 @@ class Scheduler:
     def _start_kv_load(self, req: Request, out: SchedulerOutput) -> bool:
         """Allocate blocks for the prompt KV a prefill instance will send; no compute budget used."""
         num_kv_tokens = req.num_prompt_tokens
-        block_ids = self.kv.allocate_slots(req.request_id, req.all_token_ids, 0, num_kv_tokens)
+        block_ids = self.kv.allocate_load_slots(req.request_id, req.all_token_ids, num_kv_tokens)
         if block_ids is None:
             return False
         self.waiting.popleft()
         self.loading[req.request_id] = req
         req.num_loading_tokens = num_kv_tokens
-        out.kv_loads.append((req, getattr(req.kv_transfer, "handle", None), list(block_ids)))
+        out.kv_loads.append((req, getattr(req.kv_transfer, "handle", None), block_ids))
         return True
 
     def _start_host_load(self, req: Request, hit_blocks: list[int], num_hit: int, out: SchedulerOutput) -> bool | None:

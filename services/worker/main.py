@@ -53,13 +53,17 @@ def build_connector(args: argparse.Namespace, role: str, secret: bytes | None, p
     ranks = parts.followers.world_size
     layout = KvLayout(parts.model_dir, str(parts.dtype).removeprefix("torch."), parts.block_size,
                       parts.info.num_layers, parts.info.num_kv_heads, parts.info.head_dim,
-                      tensor_parallel_size=ranks, kv_heads_per_rank=parts.kv_cache.shape[4])
+                      tensor_parallel_size=ranks, kv_heads_per_rank=parts.kv_cache.shape[4],
+                      kv_groups=tuple((window, tuple(layers)) for window, layers in parts.kv_groups),
+                      group_num_blocks=tuple(parts.group_num_blocks))
     shards = KvShards(parts.kv_cache, parts.followers, parts.info.num_kv_heads) if ranks > 1 else None
     # CPU KV moves over TCP; on GPUs UCX picks cuda_ipc / rc itself unless told otherwise.
     tls = args.transfer_ucx_tls or ("tcp" if parts.device.type == "cpu" else None)
     config = dataclass_from_args(TransferConfig, args, prefix="transfer_", role=role, model_id=parts.model_dir,
                                  ucx_tls=tls)
-    return TransferConnector(parts.kv_cache, config, secret=secret, layout=layout, shards=shards)
+    # A pool split by KV layer group transfers each group's blocks from and into its own tensor.
+    pools = parts.kv_caches if parts.kv_groups else parts.kv_cache
+    return TransferConnector(pools, config, secret=secret, layout=layout, shards=shards)
 
 
 def session_config_from_args(args: argparse.Namespace) -> SessionConfig:

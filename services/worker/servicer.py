@@ -80,7 +80,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if final is None or final.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
             span.set_attribute("splitserve.cached_tokens", final.num_cached_tokens)
-            span.set_attribute("splitserve.kv_held_blocks", len(final.kv_handle.block_ids) if final.kv_handle else 0)
+            span.set_attribute("splitserve.kv_held_blocks", final.kv_handle.num_blocks if final.kv_handle else 0)
             return convert.engine_output_to_prefill_response(final)
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -174,7 +174,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 def worker_load(engine: AsyncEngine, draining: bool = False) -> convert.WorkerLoad:
     s = engine.load()
     counters = {"num_preemptions": s.num_preemptions, **engine.counters,
-                **{f"kv_blocks_{group}": n for group, n in s.kv_group_blocks.items()}}  # the layer-group split
+                **{f"kv_blocks_{group}": n for group, n in s.kv_group_blocks.items()},  # the layer-group split
+                **{f"kv_free_blocks_{group}": n for group, n in s.kv_group_free_blocks.items()}}
     return convert.WorkerLoad(
         instance_id=engine.instance_id, role=engine.role, model_name=engine.model_name,
         max_model_len=engine.max_model_len, block_size=engine.block_size, num_running=s.num_running,

@@ -154,6 +154,23 @@ class KVCacheManager:
         self._block_hashes.setdefault(request_id, []).extend(hit_hashes)
         return list(table)
 
+    def allocate_load_slots(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> list[int] | None:
+        """The blocks a load of the first `num_tokens` tokens' KV from elsewhere fills (another
+        engine's or the host tier's), allocated; None when the pool is short (nothing changed)."""
+        return self.allocate_slots(request_id, token_ids, 0, num_tokens)
+
+    def prompt_block_ids(self, request_id: str, num_tokens: int) -> list[int]:
+        """The blocks holding the first `num_tokens` tokens' KV, to hand to another engine."""
+        return self.block_ids(request_id)[: -(-num_tokens // self.block_size)]
+
+    sends_window_blocks_only = False
+    """Whether a held prompt hands out only the blocks its windows still see (a pool split by
+    layer group), so the window may release the rest as usual; else every block is kept."""
+
+    def group_free_blocks(self) -> list[int]:
+        """Free blocks of each KV layer group's pool (one pool: one entry)."""
+        return [self.num_free_blocks]
+
     def has_room(self, request_id: str, num_total_tokens: int, new_computed_blocks: Sequence[int] = ()) -> bool:
         """Whether `allocate_slots` can cover `num_total_tokens` slots (adopting these hit blocks)."""
         num_new_blocks = max(0, self.num_blocks_needed(request_id, num_total_tokens) - len(new_computed_blocks))

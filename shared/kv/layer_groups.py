@@ -19,6 +19,12 @@ own hash map. A prefix hit of `n` blocks (L = n * block_size tokens) needs the f
 [0, L) and each sliding group's blocks of the last `window` tokens before L (the keys a query at
 L can still see); a sliding group's table head before them is null entries, adopted as already
 released. The longest such L is taken (`get_computed_blocks`).
+
+P/D transfer of a prompt of P tokens (shared/transfer/): the prefill side hands out the full
+group's blocks [0, ceil(P / block_size)) and each sliding group's from the first block a query at
+P can still see (`prompt_block_ids`); the decode side allocates the same spans, a sliding table's
+head before them null entries adopted as released, as for a prefix hit (`allocate_load_slots`).
+A sliding group then moves and holds its window's blocks only, however long the prompt.
 """
 
 from __future__ import annotations
@@ -66,8 +72,9 @@ class GroupedKVCacheManager:
     Group 0 is the primary: its tables, hashes and free blocks are what callers that think in one
     table (abort bookkeeping, session hashes, load reports) see."""
 
-    track_newly_cached = False  # no host tier or transfer with groups (engine.py says why)
+    track_newly_cached = False  # no host tier with groups (engine.py says why)
     num_pinned_blocks = 0
+    sends_window_blocks_only = True
 
     def __init__(self, windows: Sequence[int | None], num_blocks: Sequence[int], block_size: int,
                  enable_prefix_caching: bool = True):
@@ -157,6 +164,33 @@ class GroupedKVCacheManager:
         tables = [g.allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, head)
                   for g, head in zip(self.groups, heads)]
         return tables[0]
+
+    def allocate_load_slots(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> list[list[int]] | None:
+        """Every group's blocks a load of the first `num_tokens` tokens fills, one list per group
+        (a sliding group's from its window's first block: the head is null entries); None when a
+        group is short (then nothing changed)."""
+        heads = [self._dead_head(g, num_tokens) for g in self.groups]
+        if not all(g.has_room(request_id, num_tokens, head) for g, head in zip(self.groups, heads)):
+            return None
+        return [g.allocate_slots(request_id, token_ids, len(head) * self.block_size,
+                                 num_tokens - len(head) * self.block_size, head)[len(head):]
+                for g, head in zip(self.groups, heads)]
+
+    def prompt_block_ids(self, request_id: str, num_tokens: int) -> list[list[int]]:
+        """Every group's blocks a query after `num_tokens` tokens can still read, one list per
+        group, each ending at the prompt's last block: what a decode engine needs of the prompt."""
+        end = -(-num_tokens // self.block_size)
+        return [g.block_ids(request_id)[len(self._dead_head(g, num_tokens)):end] for g in self.groups]
+
+    @staticmethod
+    def _dead_head(group: KVCacheManager, num_tokens: int) -> list[int]:
+        """Null entries for a sliding group's blocks no query after `num_tokens` tokens sees."""
+        if not isinstance(group, SlidingWindowKVCacheManager):
+            return []
+        return [group.null_block] * group.num_dead_blocks(num_tokens)
+
+    def group_free_blocks(self) -> list[int]:
+        return [g.num_free_blocks for g in self.groups]
 
     def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         for g in self.groups:

@@ -10,8 +10,9 @@ K/V is still exact for its prefix). Table positions do not shift, so slot arithm
 attention reads of a null entry only happen inside the kernels' tile rounding before the window
 and are masked.
 
-The engine releases only for requests whose KV is not being held for a transfer to another
-engine, so what a decode instance receives, and registers in its prefix cache, is always real.
+With one pool the engine releases only for requests whose KV is not being held for a transfer
+to another engine, so what a decode instance receives, and registers in its prefix cache, is
+always real (a split pool hands out only the blocks the window still sees, layer_groups.py).
 Interleaved models (some layers global) give their sliding layers a pool and a manager of this
 kind of their own (layer_groups.py), where a prefix hit needs only the blocks its window can see:
 `hit_blocks` returns null entries for the rest, and `allocate_slots` adopts them as released.

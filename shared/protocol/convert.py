@@ -80,7 +80,7 @@ def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutput
 
 # ---- KV handle ----------------------------------------------------------------------------
 
-_KV_HANDLE_FIELDS = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash",
+_KV_HANDLE_FIELDS = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "groups",
                      "control_address")
 
 
@@ -90,6 +90,7 @@ def kv_handle_to_proto(handle: Any) -> pb.KvHandle:
         version=handle.version, instance_id=handle.instance_id, request_id=handle.request_id,
         block_ids=list(handle.block_ids), num_tokens=handle.num_tokens, layout_hash=str(handle.layout_hash),
         control_address=handle.control_address,
+        groups=[pb.KvGroupBlocks(block_ids=list(ids)) for ids in handle.groups],
     )
 
 
@@ -100,7 +101,7 @@ def kv_handle_from_proto(msg: pb.KvHandle) -> Any:
     return KvHandle.from_dict({
         "version": msg.version, "instance_id": msg.instance_id, "request_id": msg.request_id,
         "block_ids": list(msg.block_ids), "num_tokens": msg.num_tokens, "layout_hash": msg.layout_hash,
-        "control_address": msg.control_address})
+        "control_address": msg.control_address, "groups": [list(g.block_ids) for g in msg.groups]})
 
 
 # ---- tokens -------------------------------------------------------------------------------

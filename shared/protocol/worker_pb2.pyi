@@ -122,7 +122,7 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "control_address")
+    __slots__ = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "control_address", "groups")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class KvHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     version: int
     instance_id: str
     request_id: str
@@ -137,7 +138,14 @@ class KvHandle(_message.Message):
     num_tokens: int
     layout_hash: str
     control_address: str
-    def __init__(self, version: _Optional[int] = ..., instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., control_address: _Optional[str] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[KvGroupBlocks]
+    def __init__(self, version: _Optional[int] = ..., instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., control_address: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[KvGroupBlocks, _Mapping]]] = ...) -> None: ...
+
+class KvGroupBlocks(_message.Message):
+    __slots__ = ("block_ids",)
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionHint(_message.Message):
     __slots__ = ("key", "retention_s")

@@ -6,6 +6,10 @@ src blocks [3,4,5,9,20] into dst blocks [10,11,40,41,42] therefore needs only th
 *both* ids step by one together: (3->10, 2), (5->40, 1), (9->41, 1), (20->42, 1). One message
 per run instead of one per block (or, worse, one per layer) is what keeps small transfers near
 link speed.
+
+A pool split by KV layer group is one such tensor per group: a transfer coalesces each group's
+blocks on their own (`group_runs`) and sends the runs group after group, so both sides list the
+same regions in the same order.
 """
 
 from __future__ import annotations
@@ -35,6 +39,27 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
         else:
             runs.append(BlockRun(src, dst, 1))
     return runs
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    group: int
+    """The pool (KV layer group) the run's blocks live in on both sides."""
+    run: BlockRun
+
+
+def group_runs(src_groups: Sequence[Sequence[int]], dst_groups: Sequence[Sequence[int]]) -> list[GroupRun]:
+    """Each group's src -> dst blocks coalesced, groups in order (one pool: one group)."""
+    if len(src_groups) != len(dst_groups):
+        raise ValueError(f"{len(src_groups)} src block groups but {len(dst_groups)} dst block groups")
+    return [GroupRun(g, run) for g, (src, dst) in enumerate(zip(src_groups, dst_groups))
+            for run in coalesce_runs(src, dst)]
+
+
+def group_regions(pools: Sequence[torch.Tensor], runs: Sequence[GroupRun], side: str) -> list[torch.Tensor]:
+    """The contiguous view of each run on `side` ('src' or 'dst') in its group's pool."""
+    return [run_region(pools[r.group], r.run.src_start if side == "src" else r.run.dst_start, r.run.num_blocks)
+            for r in runs]
 
 
 def run_starts(runs: Sequence[BlockRun]) -> list[int]:

@@ -15,6 +15,12 @@ Engine contract:
   Prefill side: the hold shows up in `released` (after any send still reading it has ended).
 - on CUDA, hold() must be called after the prefill step's kernels finished writing the blocks
   (the engine has synchronized to read the sampled token anyway).
+
+Block lists: with one pool, hold() and start_load() take a flat list of block ids. With a pool
+split by KV layer group (one tensor per group, `kv_cache` a list of them) they take one list per
+group, in group order, each ending at the prompt's last block: a sliding group's holds only the
+blocks its window can still see there (shared/kv/layer_groups.py says which), so fewer bytes move.
+The handle then carries the lists in `KvHandle.groups`.
 """
 
 from __future__ import annotations
@@ -47,29 +53,37 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 class TransferConnector:
-    def __init__(self, kv_cache: torch.Tensor, config: TransferConfig, secret: bytes | None = None,
-                 layout: KvLayout | None = None, shards: KvShards | None = None):
-        """`secret`: the stack's shared secret (shared/auth.py); control messages are signed with
+    def __init__(self, kv_cache: torch.Tensor | list[torch.Tensor], config: TransferConfig,
+                 secret: bytes | None = None, layout: KvLayout | None = None, shards: KvShards | None = None):
+        """`kv_cache`: the pool, or one pool per KV layer group (then `layout` names the groups).
+        `secret`: the stack's shared secret (shared/auth.py); control messages are signed with
         a key derived from it and messages not signed with it are dropped. `layout`: what this
         engine's pool holds (default: one rank, read off kv_cache). `shards`: with tensor
         parallelism, rank 0's access to its ranks' head shards (kv_cache is then rank 0's shard):
         blocks cross the wire with whole heads, gathered at hold() and scattered at poll()."""
         config.validate()
-        if kv_cache.dim() != 6 or not kv_cache.is_contiguous():
-            raise ValueError(f"kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
-                             f"Hkv, D] tensor, got shape {tuple(kv_cache.shape)}")
+        pools = list(kv_cache) if isinstance(kv_cache, (list, tuple)) else [kv_cache]
+        for pool in pools:
+            if pool.dim() != 6 or not pool.is_contiguous():
+                raise ValueError(f"kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
+                                 f"Hkv, D] tensor, got shape {tuple(pool.shape)}")
         self.config = config
         self.instance_id = str(uuid.uuid4())
-        self.block_size = kv_cache.shape[3]
-        self.layout = layout or _one_rank_layout(kv_cache, config.model_id)
+        self.block_size = pools[0].shape[3]
+        self.layout = layout or _one_rank_layout(pools[0], config.model_id)
+        if len(pools) != max(1, len(self.layout.kv_groups)):
+            raise ValueError(f"{len(pools)} KV pools but the layout names {len(self.layout.kv_groups)} layer groups")
         if (self.layout.tensor_parallel_size > 1) != (shards is not None and shards.world_size > 1):
             raise ValueError(f"layout says {self.layout.tensor_parallel_size} tensor-parallel ranks, but "
                              f"{'no' if shards is None else shards.world_size} shards were given")
+        if len(pools) > 1 and shards is not None:
+            raise ValueError("a pool split by KV layer group has no tensor-parallel shards")
         self.layout_hash = config.layout_hash or self.layout.wire_hash()
         self._shards = shards if self.layout.tensor_parallel_size > 1 else None
         self._staged: dict[str, tuple[torch.Tensor, list[int]]] = {}
         self._staged_lock = threading.Lock()
-        self._kv_cache = kv_cache
+        self._pools = pools
+        self._kv_cache = pools[0]
         self._control_key = control_key(secret)
         self._events = EventQueue()
         self._prefill: PrefillSide | None = None
@@ -105,7 +119,7 @@ class TransferConnector:
         self._server = self._client = None
         if cfg.role in ("prefill", "both"):
             self._server = ControlServer(self._zctx, cfg.host, cfg.control_port, self._control_key)
-            self._prefill = PrefillSide(self._kv_cache, self.instance_id, self.layout,
+            self._prefill = PrefillSide(self._pools, self.instance_id, self.layout,
                                         self.layout_hash, self._data_plane, self._server, self._events,
                                         cfg.timeout_s, cfg.lease_s)
             tick_s = min(0.5, cfg.lease_s / 4)
@@ -115,7 +129,7 @@ class TransferConnector:
                         self._server.address, self._server.bound)
         if cfg.role in ("decode", "both"):
             self._client = ControlClient(self._zctx, self._control_key)
-            self._decode = DecodeSide(self._kv_cache, self.instance_id, self.layout, self.layout_hash,
+            self._decode = DecodeSide(self._pools, self.instance_id, self.layout, self.layout_hash,
                                       self._data_plane, self._client, self._events, cfg.timeout_s,
                                       cfg.trusted_prefills, self._shards, self._stage)
         logger.info("KV connector %s: role %s, backend %s, layout %s (%s)", self.instance_id, cfg.role,
@@ -129,31 +143,56 @@ class TransferConnector:
             raise RuntimeError("control_address exists on the prefill side only")
         return self._server.address
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> KvHandle:
-        """Prefill side: keeps `block_ids` for a decode side to load; starts the lease."""
+    def hold(self, request_id: str, block_ids: list[int] | list[list[int]], num_tokens: int) -> KvHandle:
+        """Prefill side: keeps `block_ids` (one list per group of a split pool) for a decode side
+        to load; starts the lease."""
         if self._prefill is None:
             raise RuntimeError(f"hold() needs role 'prefill' or 'both', this connector is {self.config.role!r}")
-        from .block_runs import check_block_ids
-        check_block_ids(block_ids, self._kv_cache.shape[0], f"hold({request_id!r})")
-        if not 0 < num_tokens <= len(block_ids) * self.block_size:
-            raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit "
-                             f"{len(block_ids)} blocks of {self.block_size}")
-        staging = self._shards.gather(list(block_ids)) if self._shards else None
-        return self._prefill.hold(request_id, list(block_ids), num_tokens, staging)
+        groups = self._checked_groups(block_ids, f"hold({request_id!r})")
+        lengths = [len(ids) for ids in groups]
+        if len(groups) > 1:  # every list ends at the prompt's last block (a sliding one starts later)
+            fits = num_tokens > 0 and max(lengths) <= -(-num_tokens // self.block_size)
+        else:
+            fits = 0 < num_tokens <= lengths[0] * self.block_size
+        if not fits:
+            raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit block lists of "
+                             f"{lengths} blocks of {self.block_size}")
+        staging = self._shards.gather(groups[0]) if self._shards else None
+        return self._prefill.hold(request_id, groups, num_tokens, staging)
 
-    def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int]) -> None:
-        """Decode side: starts pulling the handle's blocks into `dst_block_ids`; non-blocking."""
+    def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int] | list[list[int]]) -> None:
+        """Decode side: starts pulling the handle's blocks into `dst_block_ids` (one list per group
+        of a split pool); non-blocking. A handle of another layout (groups included) is refused
+        on the connector's loop, naming both sides' layouts, not here."""
         if self._decode is None:
             raise RuntimeError(f"start_load() needs role 'decode' or 'both', this connector is {self.config.role!r}")
+        dst_groups = self._checked_groups(dst_block_ids, f"start_load({request_id!r})")
+        src_groups = handle.block_lists()
+        if handle.layout_hash == self.layout_hash and len(src_groups) == len(dst_groups):
+            self._check_load_fits(request_id, handle, src_groups, dst_groups)
+        self._call(self._start_load, request_id, handle, dst_groups, time.monotonic())
+
+    def _checked_groups(self, block_ids, what: str) -> list[list[int]]:
+        """One block list per pool, each checked against its pool (one pool: the flat list)."""
         from .block_runs import check_block_ids
-        check_block_ids(list(dst_block_ids), self._kv_cache.shape[0], f"start_load({request_id!r})")
-        if len(dst_block_ids) < len(handle.block_ids):
-            raise ValueError(f"start_load({request_id!r}): {len(dst_block_ids)} dst blocks cannot hold "
-                             f"{len(handle.block_ids)} src blocks")
-        if handle.num_tokens > len(handle.block_ids) * self.block_size:
+        groups = [list(ids) for ids in block_ids] if len(self._pools) > 1 else [list(block_ids)]
+        if len(groups) != len(self._pools):
+            raise ValueError(f"{what}: {len(groups)} block lists for {len(self._pools)} KV layer groups")
+        for g, (ids, pool) in enumerate(zip(groups, self._pools)):
+            check_block_ids(ids, pool.shape[0], what if len(groups) == 1 else f"{what} group {g}")
+        return groups
+
+    def _check_load_fits(self, request_id: str, handle: KvHandle, src_groups, dst_groups) -> None:
+        # One pool: the dst table may run past the prompt. A split pool's sliding lists end at the
+        # prompt's last block on both sides, so they must be equally long to line up.
+        split = len(src_groups) > 1
+        for g, (src, dst) in enumerate(zip(src_groups, dst_groups)):
+            if len(dst) < len(src) or (split and len(dst) != len(src)):
+                raise ValueError(f"start_load({request_id!r}): {len(dst)} dst blocks cannot take the "
+                                 f"{len(src)} src blocks of group {g}")
+        if not split and handle.num_tokens > len(src_groups[0]) * self.block_size:
             raise ValueError(f"start_load({request_id!r}): handle claims {handle.num_tokens} tokens in "
-                             f"{len(handle.block_ids)} blocks of {self.block_size}")
-        self._call(self._start_load, request_id, handle, list(dst_block_ids), time.monotonic())
+                             f"{len(src_groups[0])} blocks of {self.block_size}")
 
     def poll(self) -> ConnectorEvents:
         """The events since the last poll. With tensor parallelism, each loaded request's whole-head
@@ -249,11 +288,11 @@ class TransferConnector:
             raise RuntimeError("KV connector is closed")
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int], started: float) -> None:
+    def _start_load(self, request_id: str, handle: KvHandle, dst_groups: list[list[int]], started: float) -> None:
         if self._decode.has(request_id):
             self._events.load_failed(request_id, "duplicate start_load for a request already loading")
             return
-        self._decode.start(request_id, handle, dst_block_ids, started)
+        self._decode.start(request_id, handle, dst_groups, started)
 
     def _abort(self, request_id: str) -> None:
         if self._decode is not None and self._decode.abort(request_id):

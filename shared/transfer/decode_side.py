@@ -25,6 +25,10 @@ asks the prefill for its `KvLayout` (`describe`) to name both sides' values. Eve
 our `KvLayout`, which the prefill checks too. With tensor parallelism (`shards`), the whole-head
 blocks land in a staging tensor that the engine thread scatters to the ranks at its next poll().
 
+Groups: a pool split by KV layer group receives each of the handle's block lists into the dst
+list of the same group (`dst_groups`), each group's runs landing in that group's pool; the load
+message flattens both sides' lists group after group.
+
 Trust: a handle's control address is dialled only if it is among `trusted_prefills` (when that
 list is set); the gRPC plane already admits handles from authenticated callers only. The data
 plane connects only to the address the prefill's authenticated `accepted` names.
@@ -43,7 +47,7 @@ import torch
 
 from splitserve.shared.parallel.kv_shards import KvShards
 
-from .block_runs import coalesce_runs, run_region, run_starts
+from .block_runs import group_regions, group_runs, run_starts
 from .control import ControlClient
 from .data_plane import DataPlane, TransferError, remaining_s
 from .events import EventQueue
@@ -59,7 +63,8 @@ DESCRIBE_TIMEOUT_S = 2.0
 class Load:
     request_id: str
     handle: KvHandle
-    dst_block_ids: tuple[int, ...]
+    dst_groups: tuple[tuple[int, ...], ...]
+    """Where each of the handle's block lists lands, one list per pool (one pool: one list)."""
     deadline: float
     started: float = field(default_factory=time.monotonic)
     transfer_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -71,14 +76,18 @@ class Load:
     notify_prefill: bool = True  # False once the prefill side is known not to need our outcome
     staging: torch.Tensor | None = None  # tensor parallelism: the whole-head blocks land here
 
+    @property
+    def num_blocks(self) -> int:
+        return sum(map(len, self.dst_groups))
+
 
 class DecodeSide:
-    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout: KvLayout, layout_hash: str,
+    def __init__(self, pools: list[torch.Tensor], instance_id: str, layout: KvLayout, layout_hash: str,
                  data_plane: DataPlane, client: ControlClient, events: EventQueue, timeout_s: float,
                  trusted_prefills: tuple[str, ...] = (), shards: KvShards | None = None, stage=None):
         """`shards` / `stage(request_id, blocks, dst_block_ids)`: with tensor parallelism, loads land
         in a whole-head staging tensor from `shards`, handed to `stage` before the loaded event."""
-        self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._pools, self._instance_id, self._layout_hash = pools, instance_id, layout_hash
         self._layout, self._shards, self._stage = layout, shards, stage
         self._data_plane, self._client, self._events = data_plane, client, events
         self._timeout_s = timeout_s
@@ -88,9 +97,12 @@ class DecodeSide:
         self._serial = asyncio.Lock() if data_plane.name == "nccl" else None
         self._closing = False
 
-    def start(self, request_id: str, handle: KvHandle, dst_block_ids: list[int], started: float) -> None:
-        load = Load(request_id, handle, tuple(dst_block_ids[:len(handle.block_ids)]),
-                    deadline=started + self._timeout_s, started=started)
+    def start(self, request_id: str, handle: KvHandle, dst_groups: list[list[int]], started: float) -> None:
+        src_groups = handle.block_lists()
+        if len(dst_groups) == len(src_groups):  # (else the layout check refuses it before any block moves)
+            dst_groups = [d[:len(src)] for d, src in zip(dst_groups, src_groups)]
+        dst = tuple(map(tuple, dst_groups))
+        load = Load(request_id, handle, dst, deadline=started + self._timeout_s, started=started)
         self._loads[request_id] = load
         load.task = asyncio.ensure_future(self._run(load))
 
@@ -158,9 +170,9 @@ class DecodeSide:
             self._client.send(h.control_address, outcome)
         if reason is None:
             if load.staging is not None:
-                self._stage(load.request_id, load.staging, list(load.dst_block_ids))
+                self._stage(load.request_id, load.staging, list(load.dst_groups[0]))
             seconds = time.monotonic() - load.started
-            self._events.loaded(load.request_id, nbytes, num_runs, len(load.dst_block_ids), seconds)
+            self._events.loaded(load.request_id, nbytes, num_runs, load.num_blocks, seconds)
         else:
             logger.info("load of %s failed: %s", load.request_id, reason)
             self._events.load_failed(load.request_id, reason)
@@ -174,6 +186,9 @@ class DecodeSide:
                                 f"among the trusted prefill addresses {sorted(self._trusted)}")
         if h.layout_hash != self._layout_hash:
             raise await self._layout_refusal(load)
+        if len(h.block_lists()) != len(self._pools):
+            raise TransferError(f"the handle has {len(h.block_lists())} block lists, this decode engine's pool "
+                                f"{len(self._pools)} KV layer groups")
         inbox = self._client.open_inbox(load.transfer_id)
         self._client.send(h.control_address, self._load_message(load))
         reply = await self._next_reply(load, inbox)
@@ -182,7 +197,7 @@ class DecodeSide:
             raise TransferError(f"prefill rejected the load: {reply.get('reason')}")
         if reply["type"] != "accepted":
             raise TransferError(f"unexpected control reply {reply['type']!r}")
-        runs = coalesce_runs(h.block_ids, load.dst_block_ids)
+        runs = group_runs(h.block_lists(), load.dst_groups)
         regions = self._regions(load, runs)
         stop = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch_send_failed(inbox, stop))
@@ -202,9 +217,9 @@ class DecodeSide:
             reply = await asyncio.wait_for(inbox.get(), remaining_s(load.deadline))
             if reply["type"] != "accepted":
                 return
-            runs = coalesce_runs(load.handle.block_ids, load.dst_block_ids)
-            scratch = [self._shards.staging(r.num_blocks) if self._shards else
-                       torch.empty_like(run_region(self._kv_cache, r.dst_start, r.num_blocks)) for r in runs]
+            runs = group_runs(load.handle.block_lists(), load.dst_groups)
+            scratch = [self._shards.staging(r.run.num_blocks) if self._shards else torch.empty_like(region)
+                       for r, region in zip(runs, group_regions(self._pools, runs, "dst"))]
             await self._data_plane.recv(load.handle.instance_id, reply["data_address"], load.tag,
                                         scratch, load.deadline, asyncio.Event())
         except (asyncio.TimeoutError, TransferError) as exc:
@@ -216,9 +231,10 @@ class DecodeSide:
         """Where each run lands: straight in the pool, or (tensor parallelism) in a whole-head
         staging tensor in dst order, scattered to the ranks when the engine polls."""
         if self._shards is None:
-            return [run_region(self._kv_cache, r.dst_start, r.num_blocks) for r in runs]
-        load.staging = self._shards.staging(len(load.dst_block_ids))
-        return [load.staging[start:start + r.num_blocks] for r, start in zip(runs, run_starts(runs))]
+            return group_regions(self._pools, runs, "dst")
+        load.staging = self._shards.staging(load.num_blocks)  # one pool
+        block_runs = [r.run for r in runs]
+        return [load.staging[start:start + r.num_blocks] for r, start in zip(block_runs, run_starts(block_runs))]
 
     async def _layout_refusal(self, load: Load) -> TransferError:
         """The handle's layout hash is not ours: ask the prefill for its `KvLayout` (bounded) so the
@@ -255,8 +271,8 @@ class DecodeSide:
         h = load.handle
         return {"type": "load", "transfer_id": load.transfer_id, "request_id": h.request_id,
                 "prefill_instance_id": h.instance_id, "decode_instance_id": self._instance_id,
-                "layout_hash": self._layout_hash, "src_block_ids": list(h.block_ids),
-                "dst_block_ids": list(load.dst_block_ids), "tag": load.tag,
+                "layout_hash": self._layout_hash, "src_block_ids": [b for ids in h.block_lists() for b in ids],
+                "dst_block_ids": [b for ids in load.dst_groups for b in ids], "tag": load.tag,
                 "data_address": self._data_plane.address(), "layout": self._layout.to_dict()}
 
 

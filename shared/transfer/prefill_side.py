@@ -8,6 +8,9 @@ Lifecycle of a hold (one per request):
     SENT      every run was sent (or the send failed and the decode side was told so)
     RELEASED  reported in ConnectorEvents.released; the engine frees the blocks
 
+A pool split by KV layer group holds one block list per group; a load names them all in one flat
+list (group after group) and each group's runs are read from that group's pool.
+
 With tensor parallelism the hold keeps whole-head copies of its blocks (gathered from the ranks at
 hold time, see shared/parallel/kv_shards.py) and sends from them; the copies go with the hold.
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_runs import coalesce_runs, run_region, run_starts
+from .block_runs import group_regions, group_runs, run_starts
 from .control import ControlServer
 from .data_plane import DataPlane, TransferError
 from .events import EventQueue
@@ -40,7 +43,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Hold:
     request_id: str
-    block_ids: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    """The held blocks, one list per pool (one pool: one list)."""
     num_tokens: int
     expires_at: float
     transfer_id: str | None = None
@@ -51,12 +55,25 @@ class Hold:
     """Tensor parallelism: whole-head copies of the blocks (gathered from the ranks at hold time);
     the send reads these instead of the pool."""
 
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        """Every group's blocks, group after group: what a load's src_block_ids must be."""
+        return tuple(b for ids in self.groups for b in ids)
+
+    def split(self, flat: list[int]) -> list[list[int]]:
+        """A flat dst list cut into this hold's group lengths."""
+        out, start = [], 0
+        for ids in self.groups:
+            out.append(list(flat[start:start + len(ids)]))
+            start += len(ids)
+        return out
+
 
 class PrefillSide:
-    def __init__(self, kv_cache: torch.Tensor, instance_id: str, layout: KvLayout, layout_hash: str,
+    def __init__(self, pools: list[torch.Tensor], instance_id: str, layout: KvLayout, layout_hash: str,
                  data_plane: DataPlane, server: ControlServer, events: EventQueue,
                  timeout_s: float, lease_s: float):
-        self._kv_cache, self._instance_id, self._layout_hash = kv_cache, instance_id, layout_hash
+        self._pools, self._instance_id, self._layout_hash = pools, instance_id, layout_hash
         self._layout = layout
         self._data_plane, self._server, self._events = data_plane, server, events
         self._timeout_s, self._lease_s = timeout_s, lease_s
@@ -65,15 +82,17 @@ class PrefillSide:
 
     # ---- engine thread ---------------------------------------------------------------------
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int,
+    def hold(self, request_id: str, groups: list[list[int]], num_tokens: int,
              staging: torch.Tensor | None = None) -> KvHandle:
+        groups = tuple(tuple(ids) for ids in groups)
         with self._lock:
             if request_id in self._holds:
                 raise ValueError(f"request {request_id!r} is already held")
-            self._holds[request_id] = Hold(request_id, tuple(block_ids), num_tokens,
+            self._holds[request_id] = Hold(request_id, groups, num_tokens,
                                            time.monotonic() + self._lease_s, staging=staging)
-        return KvHandle(KV_HANDLE_VERSION, self._instance_id, request_id, tuple(block_ids),
-                        num_tokens, self._layout_hash, self._server.address)
+        split = len(groups) > 1
+        return KvHandle(KV_HANDLE_VERSION, self._instance_id, request_id, () if split else groups[0],
+                        num_tokens, self._layout_hash, self._server.address, groups=groups if split else ())
 
     def num_held(self) -> int:
         with self._lock:
@@ -171,16 +190,17 @@ class PrefillSide:
             return
         hold.transfer_id, hold.sending = msg["transfer_id"], True
         hold.expires_at = time.monotonic() + self._timeout_s + self._lease_s
-        runs = coalesce_runs(hold.block_ids, msg["dst_block_ids"])
+        runs = group_runs(hold.groups, hold.split(msg["dst_block_ids"]))
         self._server.reply(peer, {"type": "accepted", "transfer_id": hold.transfer_id,
                                   "num_runs": len(runs), "data_address": self._data_plane.address()})
         asyncio.ensure_future(self._send(peer, hold, msg, runs))
 
     async def _send(self, peer: bytes, hold: Hold, msg: dict, runs) -> None:
         if hold.staging is None:
-            regions = [run_region(self._kv_cache, r.src_start, r.num_blocks) for r in runs]
-        else:  # the staging holds the blocks in hold order
-            regions = [hold.staging[start:start + r.num_blocks] for r, start in zip(runs, run_starts(runs))]
+            regions = group_regions(self._pools, runs, "src")
+        else:  # one pool; the staging holds the blocks in hold order
+            block_runs = [r.run for r in runs]
+            regions = [hold.staging[start:start + r.num_blocks] for r, start in zip(block_runs, run_starts(block_runs))]
         nbytes = sum(r.numel() * r.element_size() for r in regions)
         try:
             await self._data_plane.send(msg["decode_instance_id"], msg["data_address"], msg["tag"],

@@ -136,6 +136,13 @@ def test_interleaved_models_split_the_pool_others_keep_one(checkpoint_factory):
         engine.kv.check_integrity()
     finally:
         engine.close()
+    # Asked for (a P/D peer with tensor parallelism keeps one pool): one pool as well.
+    engine = EngineCore(EngineConfig(model=ModelConfig(model=checkpoint_factory("gemma2"), device="cpu"),
+                                     cache=CacheConfig(block_size=4, num_blocks=64, split_kv_by_layer_group=False)))
+    try:
+        assert type(engine.kv).__name__ == "KVCacheManager" and engine.stats().kv_group_blocks == {}
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "qwen2_window"])

@@ -145,3 +145,32 @@ def test_prefix_hit_is_counted_once_even_when_admission_is_retried():
     # hog's and b's lookups each counted exactly once, whatever the number of retries
     assert s.kv.prefix_queries_tokens - queries_before == 15 + 12
     assert_empty(s)
+
+
+def test_a_failed_remote_load_of_a_split_pool_recomputes_from_fresh_blocks():
+    """A pool split by layer group loads a sliding group's window only (null entries before it); a
+    failed load frees every group's table, so the recompute writes real blocks from position 0."""
+    from types import SimpleNamespace
+
+    from splitserve.shared.kv.layer_groups import GroupedKVCacheManager
+
+    kv = GroupedKVCacheManager([None, 6], [32, 12], block_size=4)
+    s = Scheduler(SchedulerConfig(), kv)
+    req = request("remote", 20)
+    req.kv_transfer = SimpleNamespace(handle=object(), hold=False)
+    req.status = RequestStatus.WAITING_FOR_KV
+    req.append_output(11)
+    s.add(req)
+    (_, _, dst), = s.schedule().kv_loads
+    sliding = kv.groups[1]
+    assert [len(ids) for ids in dst] == [5, 2] and sliding.block_table("remote")[:3] == [sliding.null_block] * 3
+    assert s.finish_kv_load("remote", ok=False) is req and not kv.block_table("remote")
+    kv.check_integrity()
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("remote", 21)]
+    assert sliding.null_block not in sliding.block_table("remote")
+    fake_step(s, out)
+    run_to_completion(s)
+    assert s.num_unfinished == 0
+    kv.check_integrity()
+    assert kv.group_free_blocks() == [32, 11]

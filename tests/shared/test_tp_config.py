@@ -66,6 +66,10 @@ def test_up_sizes_prefill_and_decode_workers_apart(monkeypatch):
     assert sizes == ["2", "1", "1"] and not colocated
     devices = [c.argv[c.argv.index("--device") + 1] for c in prefill + decode]
     assert devices == ["cuda:0", "cuda:2", "cuda:3"]
+    # Interleaved sliding-window models: the TP prefill keeps one KV pool, so the decode side does too.
+    assert all("--no-split-kv-by-layer-group" in c.argv for c in prefill + decode)
+    prefill, decode, _ = _worker_children(build_parser().parse_args(["up"]), [])
+    assert not any("--no-split-kv-by-layer-group" in c.argv for c in prefill + decode)
 
 
 def test_up_refuses_per_role_sizes_for_colocated_workers():

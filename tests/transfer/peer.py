@@ -4,7 +4,9 @@ The test process sends commands; the child runs them on its own TransferConnecto
 answer is awaited with a timeout, so a hung child fails the test instead of hanging it.
 
 The child's kv_cache is filled deterministically from `seed`
-(torch.randn(generator=manual_seed(seed))), so the test can rebuild the expected contents.
+(torch.randn(generator=manual_seed(seed))), so the test can rebuild the expected contents. With
+`split=True` it is a pool split by KV layer group (`GROUP_SHAPES`: a full-attention layer and a
+sliding layer of window `WINDOW`, each its own tensor), and block lists are one list per group.
 """
 
 from __future__ import annotations
@@ -16,11 +18,28 @@ import traceback
 
 KV_SHAPE = (64, 2, 2, 16, 2, 8)  # [num_blocks, num_layers, 2, block_size, Hkv, D]
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 4
+WINDOW = 20
+GROUP_SHAPES = ((64, 1, 2, 16, 2, 8), (24, 1, 2, 16, 2, 8))  # full group, sliding group
+LAYER_BLOCK_BYTES = 2 * 16 * 2 * 8 * 4
 
 
-def make_cache(seed: int):
+def make_cache(seed: int, split: bool = False):
+    """The pool (or, split, one pool per group) a peer of `seed` starts with."""
     import torch
-    return torch.randn(KV_SHAPE, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if split:
+        return [torch.randn(shape, generator=generator) for shape in GROUP_SHAPES]
+    return torch.randn(KV_SHAPE, generator=generator)
+
+
+def _split_layout(model_id: str):
+    from splitserve.shared.transfer import KvLayout
+    return KvLayout(model_id, "float32", 16, 2, 2, 8, tensor_parallel_size=1, kv_heads_per_rank=2,
+                    kv_groups=((None, (1,)), (WINDOW, (0,))), group_num_blocks=tuple(s[0] for s in GROUP_SHAPES))
+
+
+def _clone(kv_cache):
+    return [pool.clone() for pool in kv_cache] if isinstance(kv_cache, list) else kv_cache.clone()
 
 
 def _child(conn, config_kwargs: dict, seed: int) -> None:
@@ -33,10 +52,12 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
     from splitserve.shared.transfer.connector import TransferConnector
 
     torch.set_num_threads(1)
-    kv_cache = make_cache(seed)
+    split = config_kwargs.pop("split", False)
+    kv_cache = make_cache(seed, split)
     try:
         secret = config_kwargs.pop("secret", None)
-        connector = TransferConnector(kv_cache, TransferConfig(**config_kwargs), secret=secret)
+        layout = _split_layout(config_kwargs["model_id"]) if split else None
+        connector = TransferConnector(kv_cache, TransferConfig(**config_kwargs), secret=secret, layout=layout)
         conn.send(("ok", {"instance_id": connector.instance_id, "layout_hash": connector.layout_hash,
                           "control_address": getattr(connector, "_server", None)
                           and connector.control_address}))
@@ -70,6 +91,7 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
             elif cmd == "start_then_abort":  # one loop callback: the abort lands before the load's task begins
                 rid, handle, dst = args
                 loaded = KvHandle.from_dict(handle)
+                dst = dst if split else [dst]  # one list per pool
                 connector._call(lambda: (connector._start_load(rid, loaded, dst, time.monotonic()),
                                          connector._abort(rid)))
                 result = None
@@ -88,7 +110,7 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
             elif cmd == "blocks":
                 result = kv_cache[list(args[0])].clone()
             elif cmd == "cache":
-                result = kv_cache.clone()
+                result = _clone(kv_cache)
             elif cmd == "wait_events":  # until every id in `ids` appears in `kind`, or timeout
                 kind, ids, timeout_s = args
                 deadline = time.monotonic() + timeout_s
