@@ -72,7 +72,8 @@ def kill_mid_restore(stack: LocalStack, hold_dir: str, role: str, send) -> Excep
     os.rename(os.path.join(hold_dir, held[0]), os.path.join(hold_dir, f"done-{engine_pid}"))
     worker_pid = stack.worker_pid(role)
     assert _parent(engine_pid) == worker_pid, f"the held restore is not on the {role} worker"
-    assert stack.load(role).counters["host_blocks_pinned"] > 0  # its host slots are read right now
+    wait_until(lambda: stack.load(role).counters["host_blocks_pinned"] > 0, 60,  # (the stats the engine last sent)
+               message="the held restore's host slots pinned")
     os.kill(worker_pid, signal.SIGKILL)
     thread.join(120)
     assert not thread.is_alive(), "the request hangs after its worker died"
