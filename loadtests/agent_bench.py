@@ -11,6 +11,11 @@ stack (`splitserve up`), runs the same workload, and one table prints them side 
     tier+retention      + prompt_cache_key on every request
     disagg              prefill + decode (tier + keys), every turn split (no next-turn design)
     disagg+next-turn    prefill + decode, a mostly-cached turn runs on the decode holding it
+    retained-vs-fresh   the probe (the tier+retention stack, its own device pool --probe-num-blocks):
+                        one session alone, one request at a time, alternating its next keyed turn
+                        (history retained on the device) with a fresh unkeyed prompt of exactly the
+                        tokens that turn computed; their TTFT p50s, the ratio, and the new-token
+                        prefill roofline say what a retained turn costs beyond its new tokens
 
 Per mode: TTFT p50/p99 by turn, cached_tokens / prompt tokens, recomputed prompt tokens (prompt -
 cached), output throughput, task time (a session's arrival to its last token), the worker's
@@ -40,11 +45,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
-from metrics import percentile  # noqa: E402
+from agent_report import plot, print_table, summarize  # noqa: E402,F401 (summarize: the tests use it here)
 from stack import LocalStack, metric_total  # noqa: E402
 from workload import add_model_arg, add_shape_arg, add_start_together_arg, started_in_turn  # noqa: E402
 
-MODES = ("no-tier", "tier", "tier+retention", "disagg", "disagg+next-turn")
+MODES = ("no-tier", "tier", "tier+retention", "disagg", "disagg+next-turn", "retained-vs-fresh")
+PROBE = "retained-vs-fresh"
 
 
 @dataclass
@@ -57,6 +63,8 @@ class TurnResult:
     ttft_s: float = 0.0
     end_s: float = 0.0
     error: str | None = None
+    kind: str = "turn"
+    """'turn' (a session's), or in the probe: 'warm' (its first turn), 'retained', 'fresh'."""
 
 
 @dataclass
@@ -71,13 +79,17 @@ class ModeResult:
 def mode_args(mode: str, args: argparse.Namespace) -> list[str]:
     """The `splitserve up` flags of a mode."""
     tier = [] if mode == "no-tier" else ["--kv-offload-gib", str(args.kv_offload_gib)]
+    num_blocks = args.probe_num_blocks if mode == PROBE and args.probe_num_blocks else args.num_blocks
     if mode.startswith("disagg"):
         topology = ["--prefill", "1", "--decode", "1"]
         if mode == "disagg":
             topology += ["--decode-prefill-max-new-tokens", "0"]
     else:
         topology = ["--colocated"]
-    return [*topology, *tier, "--num-blocks", str(args.num_blocks), "--block-size", str(args.block_size),
+    pool = ["--num-blocks", str(num_blocks)] if num_blocks else []
+    if args.gpu_memory_utilization is not None:
+        pool += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return [*topology, *tier, *pool, "--block-size", str(args.block_size),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
 
 
@@ -110,26 +122,54 @@ async def stream_turn(http, url: str, body: dict, result: TurnResult, started: f
     return ids
 
 
+def turn_body(model: str, prompt: list[int], max_tokens: int, key: str | None) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    if key is not None:
+        body["prompt_cache_key"] = key
+    return body
+
+
+async def timed_turn(http, url: str, body: dict, result: TurnResult, out: ModeResult, progress, t0: float) -> list[int]:
+    ids = await stream_turn(http, url, body, result, time.perf_counter())
+    result.end_s = time.perf_counter() - t0
+    out.turns.append(result)
+    progress.update(1)
+    return ids
+
+
 async def run_session(http, url: str, model: str, k: int, args, prompt: list[int], keyed: bool,
                       rng: random.Random, out: ModeResult, progress, t0: float) -> None:
     await asyncio.sleep(k * args.arrival_s)
     out.session_start_s[k] = time.perf_counter() - t0
     for turn in range(args.turns):
-        body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                "return_token_ids": True}
-        if keyed:
-            body["prompt_cache_key"] = f"session-{k}"
+        body = turn_body(model, prompt, args.output_len, f"session-{k}" if keyed else None)
         result = TurnResult(k, turn, len(prompt))
-        started = time.perf_counter()
-        ids = await stream_turn(http, url, body, result, started)
-        result.end_s = time.perf_counter() - t0
-        out.turns.append(result)
-        progress.update(1)
+        ids = await timed_turn(http, url, body, result, out, progress, t0)
         if result.error:
             return
         think = rng.expovariate(1 / args.think_s) if args.random_think and args.think_s else args.think_s
         await asyncio.sleep(think)
+        prompt = prompt + ids + [rng.randrange(10, 1000) for _ in range(args.tool_len)]
+
+
+async def run_probe(http, url: str, model: str, args, prompt: list[int], rng: random.Random, vocab: int,
+                    out: ModeResult, progress, t0: float) -> None:
+    """One keyed session alone: a first turn, then --probe-pairs times its next turn (history
+    retained on the device) followed by a fresh unkeyed prompt of the tokens that turn computed
+    (prompt - cached), random so that nothing of it is cached. One request at a time."""
+    out.session_start_s[0] = 0.0
+    kind = "warm"
+    for pair in range(args.probe_pairs + 1):
+        keyed = TurnResult(0, pair, len(prompt), kind=kind)
+        ids = await timed_turn(http, url, turn_body(model, prompt, args.output_len, "probe"), keyed, out, progress, t0)
+        if keyed.error:
+            return
+        if kind == "retained":
+            fresh_prompt = [rng.randrange(10, vocab) for _ in range(keyed.prompt_tokens - keyed.cached_tokens)]
+            fresh = TurnResult(1, pair, len(fresh_prompt), kind="fresh")
+            await timed_turn(http, url, turn_body(model, fresh_prompt, 1, None), fresh, out, progress, t0)
+        kind = "retained"
         prompt = prompt + ids + [rng.randrange(10, 1000) for _ in range(args.tool_len)]
 
 
@@ -143,12 +183,18 @@ async def run_workload(base_url: str, mode: str, args: argparse.Namespace, vocab
     async with aiohttp.ClientSession(timeout=timeout) as http:
         async with http.get(f"{base_url}/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
-        progress = tqdm(total=args.sessions * args.turns, desc=mode, disable=args.disable_tqdm)
+        url = f"{base_url}/v1/completions"
+        total = 2 * args.probe_pairs + 1 if mode == PROBE else args.sessions * args.turns
+        progress = tqdm(total=total, desc=mode, disable=args.disable_tqdm)
         t0 = time.perf_counter()
         keyed = mode not in ("no-tier", "tier")
-        await asyncio.gather(*(run_session(http, f"{base_url}/v1/completions", model, k, args, system + firsts[k],
-                                           keyed, random.Random(rng.random()), out, progress, t0)
-                               for k in range(args.sessions)))
+        if mode == PROBE:
+            await run_probe(http, url, model, args, system + firsts[0], random.Random(rng.random()), vocab,
+                            out, progress, t0)
+        else:
+            await asyncio.gather(*(run_session(http, url, model, k, args, system + firsts[k], keyed,
+                                               random.Random(rng.random()), out, progress, t0)
+                                   for k in range(args.sessions)))
         out.wall_s = time.perf_counter() - t0
         progress.close()
     return out
@@ -176,70 +222,6 @@ def run_mode(mode: str, args: argparse.Namespace, vocab: int, stack: LocalStack)
     return result
 
 
-def summarize(result: ModeResult, block_size: int) -> dict:
-    ok = [t for t in result.turns if t.error is None]
-    by_turn = {}
-    for turn in sorted({t.turn for t in ok}):
-        ttfts = [t.ttft_s * 1e3 for t in ok if t.turn == turn]
-        by_turn[turn] = {"ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99)}
-    prompt = sum(t.prompt_tokens for t in ok)
-    cached = sum(t.cached_tokens for t in ok)
-    ends = {}
-    for t in ok:
-        ends[t.session] = max(ends.get(t.session, 0.0), t.end_s)
-    tasks = [ends[k] - result.session_start_s.get(k, 0.0) for k in ends]
-    later = [t.ttft_s * 1e3 for t in ok if t.turn > 0]
-    worker = result.counters.get("worker") or result.counters.get("decode") or {}
-    restore_gbps = (worker.get("restore_bytes", 0) / (worker["restore_us_total"] * 1e-6) / 1e9
-                    if worker.get("restore_us_total") else 0.0)
-    return {
-        "mode": result.mode, "turns_ok": len(ok), "turns_failed": len(result.turns) - len(ok),
-        "ttft_p50_ms": percentile([t.ttft_s * 1e3 for t in ok], 50), "ttft_p99_ms": percentile([t.ttft_s * 1e3 for t in ok], 99),
-        "later_turns_ttft_p50_ms": percentile(later, 50) if later else 0.0,
-        "cached_fraction": cached / prompt if prompt else 0.0, "recomputed_prompt_tokens": prompt - cached,
-        "output_tok_s": sum(t.output_tokens for t in ok) / result.wall_s if result.wall_s else 0.0,
-        "task_time_p50_s": percentile(tasks, 50) if tasks else 0.0, "restore_gbps": restore_gbps,
-        "by_turn": by_turn, "counters": result.counters,
-    }
-
-
-def print_table(summaries: list[dict]) -> None:
-    rows = [("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"),
-            ("later turns TTFT p50 ms", "later_turns_ttft_p50_ms", "{:.1f}"),
-            ("cached / prompt tokens", "cached_fraction", "{:.2f}"),
-            ("recomputed prompt tokens", "recomputed_prompt_tokens", "{:d}"),
-            ("output tok/s", "output_tok_s", "{:.1f}"), ("task time p50 s", "task_time_p50_s", "{:.2f}"),
-            ("host restore GB/s", "restore_gbps", "{:.2f}"), ("failed turns", "turns_failed", "{:d}")]
-    width = max(18, *(len(s["mode"]) + 2 for s in summaries))
-    print("".ljust(26) + "".join(s["mode"].rjust(width) for s in summaries))
-    for label, key, fmt in rows:
-        print(label.ljust(26) + "".join(fmt.format(s[key]).rjust(width) for s in summaries))
-    turns = sorted({t for s in summaries for t in s["by_turn"]})
-    for turn in turns:
-        cells = [s["by_turn"].get(turn, {}).get("ttft_p50_ms") for s in summaries]
-        print(f"turn {turn} TTFT p50 ms".ljust(26) + "".join(("-" if c is None else f"{c:.1f}").rjust(width) for c in cells))
-
-
-def plot(summaries: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for s in summaries:
-        turns = sorted(s["by_turn"])
-        ax.plot(turns, [s["by_turn"][t]["ttft_p50_ms"] for t in turns], marker="o", label=s["mode"])
-    ax.set_xlabel("turn")
-    ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title("Agent sessions: time to first token by turn")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from roofline import model_argv_and_vocab, print_roofline
@@ -260,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
           f"tool {args.tool_len}, output {args.output_len} tokens), pool {args.num_blocks} x {args.block_size}-token "
           f"blocks, host tier {args.kv_offload_gib} GiB; model {args.model or args.shape}, device {args.device}")
     print_table(summaries)
-    print_roofline(args, summaries)
+    roofline = print_roofline(args, summaries)
     with open(os.path.join(out_dir, "agent_bench.json"), "w") as f:
-        json.dump({"args": vars(args), "modes": summaries}, f, indent=1)
+        json.dump({"args": vars(args), "modes": summaries, "roofline": roofline}, f, indent=1)
     plot(summaries, os.path.join(out_dir, "agent_ttft_by_turn.png"))
     print(f"results: {out_dir}/agent_bench.json, {out_dir}/agent_ttft_by_turn.png")
     return 1 if any(s["turns_failed"] for s in summaries) else 0
@@ -283,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think-s", type=float, default=1.0, help="tool time between turns")
     p.add_argument("--random-think", action="store_true", help="exponential think times of mean --think-s")
     p.add_argument("--arrival-s", type=float, default=0.5, help="a new session every this many seconds")
-    p.add_argument("--num-blocks", type=int, default=4096, help="device KV pool per worker, in blocks")
+    p.add_argument("--num-blocks", type=int, default=4096,
+                   help="device KV pool per worker, in blocks (0: sized by the engine from --gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="passed to every stack (default: the engine's); with two workers on one GPU, each one's share")
+    p.add_argument("--probe-pairs", type=int, default=16, help="retained-vs-fresh: retained turns, each with its fresh twin")
+    p.add_argument("--probe-num-blocks", type=int, default=0,
+                   help="retained-vs-fresh: its stack's device pool (default --num-blocks); it must hold the probe's session")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-offload-gib", type=float, default=64.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)

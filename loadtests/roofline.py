@@ -45,14 +45,15 @@ def measure_h2d_and_matmul() -> tuple[float, float] | None:
     return bandwidth, 2 * 8192**3 / (ms * 1e-3)
 
 
-def print_roofline(args: argparse.Namespace, summaries: list[dict]) -> None:
+def print_roofline(args: argparse.Namespace, summaries: list[dict]) -> dict | None:
+    """Prints the bounds; returns them (for the JSON), or None where they cannot be measured."""
     ceilings = measure_h2d_and_matmul()
     if ceilings is None or args.model:
         print("roofline: needs CUDA and a --shape model (skipped)")
-        return
+        return None
     bandwidth, flops = ceilings
     new_tokens = args.tool_len + args.output_len
-    retained_s = 2 * param_count(args.shape) * new_tokens / flops
+    retained_s = prefill_s(args.shape, new_tokens, flops)
     mid_turn = args.turns // 2
     history = args.system_len + args.first_len + mid_turn * (args.output_len + args.tool_len)
     restore_s = history * kv_bytes_per_token(args.shape) / bandwidth
@@ -64,3 +65,25 @@ def print_roofline(args: argparse.Namespace, summaries: list[dict]) -> None:
         if s["restore_gbps"]:
             print(f"  {s['mode']}: restores ran at {s['restore_gbps']:.1f} GB/s = "
                   f"{s['restore_gbps'] * 1e9 / bandwidth:.0%} of the measured copy bandwidth")
+    bounds = {"h2d_gbps": bandwidth / 1e9, "matmul_tflops": flops / 1e12, "retained_turn_ms": retained_s * 1e3,
+              "restored_turn": mid_turn, "restored_turn_kv_ms": restore_s * 1e3}
+    for s in summaries:
+        if s["probe"]:
+            bounds["probe_prefill_ms"] = print_probe_roofline(s["probe"], args.shape, flops)
+    return bounds
+
+
+def prefill_s(shape: str, num_tokens: float, flops: float) -> float:
+    """A prefill of `num_tokens` at the matmul peak: 2 x parameters FLOPs a token (attention over
+    the history left out: at a few thousand tokens of context it adds a few percent on this shape)."""
+    return 2 * param_count(shape) * num_tokens / flops
+
+
+def print_probe_roofline(probe: dict, shape: str, flops: float) -> float:
+    bound_ms = prefill_s(shape, probe["new_tokens_mean"], flops) * 1e3
+    print(f"  retained-vs-fresh: a prefill of its {probe['new_tokens_mean']:.0f} new tokens >= {bound_ms:.2f} ms; "
+          f"retained turn p50 {probe['retained_ttft_p50_ms']:.1f} ms ({probe['retained_ttft_p50_ms'] / bound_ms:.1f}x), "
+          f"fresh prompt of those tokens p50 {probe['fresh_ttft_p50_ms']:.1f} ms "
+          f"({probe['fresh_ttft_p50_ms'] / bound_ms:.1f}x); retained / fresh {probe['retained_over_fresh']:.2f} "
+          f"(target <= 1.5)")
+    return bound_ms
