@@ -6,12 +6,14 @@ the rest), detokenizes incrementally and applies stop strings.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.shared.engine import EngineCore
 from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.engine_parts import apply_cpu_threads
+from splitserve.shared.engine_process import GIL_SWITCH_INTERVAL_S
 from splitserve.shared.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
@@ -48,6 +50,11 @@ class LLM:
     def _setup(self, config: EngineConfig, skip_tokenizer_init: bool) -> None:
         apply_cpu_threads(config, beside_server=False)
         self.engine = EngineCore(config)
+        if self.engine.runner.device.type == "cuda":
+            # The engine's helper threads (the grammar pool, KV connectors) need the interpreter
+            # lock between their calls while this thread runs the step loop: as in the engine
+            # process, the short switch interval bounds each such wait (docs/benchmarks.md, 16).
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Without a tokenizer (benchmarks on config-only checkpoints) prompts must be token ids
         # and outputs carry token ids only, as with vLLM's skip_tokenizer_init.
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.engine.model_dir)
