@@ -4,6 +4,9 @@
    architectures, logprobs within 1e-3, batched with chunked prefill.
 2. bf16: decode through captured CUDA graphs gives the same tokens as eager decode (Llama, and
    Gemma 2, whose KV pool is split by layer group: one block table per group in the graphs).
+3. bf16, structured outputs: async scheduling (grammar rows sampled a step late, under bitmasks
+   filled on the grammar pool, beside penalised and min_tokens rows) gives the same tokens as
+   synchronous steps, and every regex output matches.
 
     python loadtests/gpu_engine_check.py [ARCH ...]   (all architectures by default; exits non-zero on any mismatch)
 """
@@ -87,12 +90,43 @@ def check_graphs_and_async_match_eager(arch: str = "llama") -> list[str]:
     return problems
 
 
+def check_structured_async_matches_sync(arch: str = "llama") -> list[str]:
+    from splitserve.shared.structured_outputs import StructuredOutputsParams
+
+    model_dir = build_checkpoint(tempfile.mkdtemp(prefix=f"gpu-structured-{arch}-"), arch)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(4, 60))] for _ in range(32)]
+    regex = "[a-e]{3,8}-[0-9]{2,5}"
+    kinds = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, structured_outputs=StructuredOutputsParams(regex=regex)),
+             SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, repetition_penalty=1.3),
+             SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, min_tokens=8,
+                            structured_outputs=StructuredOutputsParams(json_object=True)),
+             SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    outputs = {}
+    for mode in ("sync", "async"):
+        llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=512, block_size=16,
+                  async_scheduling=mode == "async", max_num_seqs=64)
+        outputs[mode] = [r.outputs[0] for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+        llm.close()
+        del llm
+    problems = [f"structured {arch}: request {i} differs between sync and async"
+                for i, (a, b) in enumerate(zip(outputs["sync"], outputs["async"])) if a.token_ids != b.token_ids]
+    import re
+    problems += [f"structured {arch}: request {i} does not match its regex: {o.text!r}"
+                 for i, o in enumerate(outputs["async"]) if i % len(kinds) == 0 and o.finish_reason == "stop"
+                 and not re.fullmatch(regex, o.text)]
+    print(f"structured async vs sync {arch}: {'OK' if not problems else problems}", flush=True)
+    return problems
+
+
 def main(archs: list[str]) -> int:
     problems = []
     for arch in archs or ARCHITECTURES:
         problems += check_fp32_parity(arch)
     problems += check_graphs_and_async_match_eager("llama")
     problems += check_graphs_and_async_match_eager("gemma2")  # pool split by KV layer group
+    problems += check_structured_async_matches_sync("llama")
     print("GPU ENGINE CHECK:", "PASS" if not problems else f"FAIL {problems}", flush=True)
     return 1 if problems else 0
 
