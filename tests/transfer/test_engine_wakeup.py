@@ -1,30 +1,34 @@
-"""The engine process with only KV in flight sleeps until its connector reports, instead of stepping
-on a timer: a decode engine's load that nobody answers, counted in its step trace."""
+"""The engine process's step loop with only KV in flight sleeps until its connector wakes it,
+instead of stepping on a timer. The loop runs in a thread here, over real ZeroMQ sockets, with a
+real decode connector (UCX over TCP) whose load nobody answers, and an idle poll of ten minutes:
+only the connector's wake-up can end its wait within the test's bounds."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import functools
-import glob
+import os
 import socket
+import threading
 
 import pytest
+import zmq
 
-from splitserve.shared.async_engine import AsyncEngine
+from splitserve.shared import engine_process
 from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from splitserve.shared.engine_process import IDLE_POLL_MS
+from splitserve.shared.engine import EngineCore
+from splitserve.shared.engine_process import EngineLoop, Wakeup
+from splitserve.shared.engine_protocol import AddRequest, EngineStep, Shutdown, encoder, event_decoder
 from splitserve.shared.runner import SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.transfer.handle import KV_HANDLE_VERSION, KvHandle
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 LOAD_TIMEOUT_S = 1.0
 
 
 def decode_connector(parts):
-    """The engine process's connector: a real decode side (UCX over TCP), its loads bounded."""
+    """A real decode side (UCX over TCP), its loads bounded at LOAD_TIMEOUT_S."""
     from splitserve.shared.transfer.connector import TransferConfig, TransferConnector
 
     return TransferConnector(parts.kv_cache, TransferConfig(role="decode", ucx_tls="tcp", model_id="wakeup",
@@ -38,36 +42,60 @@ def _unanswered_address() -> str:
         return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def test_a_load_in_flight_is_slept_through_until_it_fails_then_recomputed(checkpoint_factory, tmp_path):
-    config = EngineConfig(model=ModelConfig(model=checkpoint_factory("llama"), device="cpu"),
-                          cache=CacheConfig(num_blocks=64, block_size=4),
-                          scheduler=SchedulerConfig(step_trace=str(tmp_path / "steps-{pid}.csv")))
-    engine = AsyncEngine(config, "decode", functools.partial(decode_connector))
+def _outputs_until_finished(events: zmq.Socket, request_id: str, timeout_s: float) -> list[int]:
+    tokens = []
+    while events.poll(timeout_s * 1000):
+        event = event_decoder.decode(events.recv())
+        for out in event.outputs if isinstance(event, EngineStep) else ():
+            if out.request_id == request_id:
+                tokens += out.new_token_ids
+                if out.finished:
+                    return tokens
+    raise AssertionError(f"no output for {timeout_s} s: the loop slept through the connector's event")
+
+
+@pytest.fixture
+def loop_sockets():
+    context = zmq.Context()
+    sockets = [context.socket(kind) for kind in (zmq.PUSH, zmq.PULL, zmq.PUSH, zmq.PULL)]
+    sockets[0].bind("inproc://commands"), sockets[1].connect("inproc://commands")
+    sockets[3].bind("inproc://events"), sockets[2].connect("inproc://events")
+    yield sockets
+    for sock in sockets:
+        sock.close(linger=0)
+    context.term()
+
+
+def test_a_load_in_flight_is_slept_through_until_its_failure_wakes_the_loop(checkpoint_factory, tmp_path,
+                                                                          monkeypatch, loop_sockets):
+    monkeypatch.setattr(engine_process, "IDLE_POLL_MS", 600_000)
+    trace = tmp_path / "steps.csv"
+    core = EngineCore(EngineConfig(model=ModelConfig(model=checkpoint_factory("llama"), device="cpu"),
+                                   cache=CacheConfig(num_blocks=64, block_size=4),
+                                   scheduler=SchedulerConfig(step_trace=str(trace))), decode_connector)
+    send_commands, commands, events, receive_events = loop_sockets
+    wakeup = Wakeup()
+    exit_codes = []
+    thread = threading.Thread(target=lambda: exit_codes.append(
+        EngineLoop(core, commands, events, os.getppid(), wakeup).run()), daemon=True)
+    thread.start()
     prompt = list(range(10, 22))
-    handle = KvHandle(KV_HANDLE_VERSION, "gone-prefill", "r", (0, 1, 2), len(prompt), "another-layout",
+    handle = KvHandle(KV_HANDLE_VERSION, "gone-prefill", "r", (0, 1, 2), len(prompt), core.connector.transfer.layout_hash,
                       _unanswered_address())
-
-    async def run() -> list[int]:
-        tokens = []
-        async for out in engine.generate("r", prompt, SamplingParams(max_tokens=4, temperature=0), kv_handle=handle,
-                                         first_token=SampledToken(5, 0.0, 1, ())):
-            tokens += out.new_token_ids
-        return tokens
-
     try:
-        tokens = asyncio.run(asyncio.wait_for(run(), 120))
+        send_commands.send(encoder.encode(AddRequest("r", prompt, SamplingParams(max_tokens=4, temperature=0),
+                                                     kv_handle=handle, first_token=SampledToken(5, 0.0, 1, ()))))
+        tokens = _outputs_until_finished(receive_events, "r", timeout_s=60)
+        send_commands.send(encoder.encode(Shutdown()))
+        thread.join(60)
     finally:
-        engine.shutdown(timeout_s=120)
-    assert len(tokens) == 3 and engine.process.exitcode == 0  # the first token came with the handle
+        core.close()
+        wakeup.close()
+    assert exit_codes == [0] and len(tokens) == 3  # the first token came with the handle
 
-    [trace] = glob.glob(str(tmp_path / "steps-*.csv"))
     steps = list(csv.DictReader(open(trace)))
-    # One step started the load (nothing to compute yet), the failure's wake-up ran the recompute.
-    recompute = next(i for i, s in enumerate(steps) if int(s["tokens"]) > 1)
-    started = next(i for i, s in enumerate(steps) if int(s["requests"]) == 0)
-    in_flight_s = float(steps[recompute]["start_s"]) - float(steps[started]["start_s"])
-    idle_steps = recompute - started - 1
-    # Only the idle poll's timeout may step while the load is in flight (a timer-driven loop
-    # stepped every 0.5 ms: thousands of steps in this window).
-    assert in_flight_s >= LOAD_TIMEOUT_S * 0.9, steps[:recompute + 1]
-    assert idle_steps <= in_flight_s / (IDLE_POLL_MS / 1e3) + 1, (idle_steps, in_flight_s)
+    # One step started the load (nothing to compute yet); the next one, woken by the failure,
+    # recomputed the prompt here; no step ran in between.
+    assert [int(s["tokens"]) for s in steps[:2]] == [0, len(prompt) + 1], steps
+    in_flight_s = float(steps[1]["start_s"]) - float(steps[0]["start_s"])
+    assert in_flight_s >= LOAD_TIMEOUT_S * 0.9, steps
