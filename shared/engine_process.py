@@ -108,13 +108,6 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(1)
 
 
-def waits_on_connector_only(core: EngineCore) -> bool:
-    """Nothing to step until the connector reports: every live request is loading KV (or none is
-    live, and only holds, aborted loads or saves still in flight remain)."""
-    s = core.scheduler
-    return not s.running and not s.waiting and not core.grammars and core._inflight is None
-
-
 class Wakeup:
     """A pipe that wakes the loop's poll from another thread (the connector's): `set` writes a
     byte, `clear` drains them. Level-triggered, so a wake-up set between clear and the next poll
@@ -179,7 +172,7 @@ class EngineLoop:
         connector's wake-up, or the poll's timeout. No sleep while a step has work. False once the
         serving process is gone (checked at each timeout)."""
         core = self.core
-        if core.has_unfinished_requests() and not waits_on_connector_only(core):
+        if core.has_unfinished_requests() and not core.waits_on_connector_only():
             return True
         ready = dict(self.poller.poll(IDLE_POLL_MS))
         if self.wakeup.fd in ready:
