@@ -27,8 +27,10 @@ under Poisson load).
 (as an engine process's step loop does between its torch calls, while its KV connector threads
 wake on I/O): another process writes a timestamp to a pipe every 5 ms, a thread's asyncio loop
 reads it, and the delay is printed at CPython's default switch interval and at the engine
-process's (shared/engine_process.py). A main thread that gives the lock up often (every torch
-call does) lets the hop through sooner; the switch interval bounds the stretches that do not.
+process's (shared/engine_process.py), and, for comparison, with the main thread asleep in a poll
+(the engine process's loop while only KV is in flight). A main thread that gives the lock up often
+(every torch call does) lets the hop through sooner; the switch interval bounds the stretches that
+do not.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import select
 import statistics
 import struct
 import sys
@@ -163,9 +166,10 @@ def _write_times(fd: int, count: int) -> None:
         time.sleep(0.005)
 
 
-def gil_wakeup_ms(switch_interval_s: float, count: int = 300) -> list[float]:
+def gil_wakeup_ms(switch_interval_s: float, count: int = 300, busy: bool = True) -> list[float]:
     """Delays (ms, sorted) from another process's write to this process's loop thread reading it,
-    while the main thread runs pure Python (see the module docstring)."""
+    while the main thread runs pure Python (`busy`), or sleeps in a poll as the engine process's
+    step loop does while only KV is in flight (see the module docstring)."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(switch_interval_s)
     read_fd, write_fd = os.pipe()
@@ -177,8 +181,11 @@ def gil_wakeup_ms(switch_interval_s: float, count: int = 300) -> list[float]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     x, deadline = 0, time.monotonic() + 0.2 + count * 0.005 + 10
-    while len(delays) < count and time.monotonic() < deadline:  # no call here gives up the lock
-        x += 1
+    while len(delays) < count and time.monotonic() < deadline:  # busy: no call here gives up the lock
+        if busy:
+            x += 1
+        else:
+            select.select([], [], [], 0.05)  # the lock is free while it waits
     writer.join()
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
@@ -192,10 +199,11 @@ def gil_wakeup_ms(switch_interval_s: float, count: int = 300) -> list[float]:
 def print_gil_table() -> None:
     from splitserve.shared.engine_process import GIL_SWITCH_INTERVAL_S
 
-    print(f"{'switch interval':>16s} {'hop p50 ms':>11s} {'hop p90 ms':>11s}")
-    for interval_s in (0.005, GIL_SWITCH_INTERVAL_S):
-        delays = gil_wakeup_ms(interval_s)
-        print(f"{interval_s * 1e3:13.1f} ms {statistics.median(delays):11.2f} {delays[int(0.9 * len(delays))]:11.2f}")
+    print(f"{'main thread':>12s} {'switch interval':>16s} {'hop p50 ms':>11s} {'hop p90 ms':>11s}")
+    for busy, interval_s in ((True, 0.005), (True, GIL_SWITCH_INTERVAL_S), (False, GIL_SWITCH_INTERVAL_S)):
+        delays = gil_wakeup_ms(interval_s, busy=busy)
+        print(f"{'Python' if busy else 'in a poll':>12s} {interval_s * 1e3:13.1f} ms {statistics.median(delays):11.2f} "
+              f"{delays[int(0.9 * len(delays))]:11.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,6 +238,12 @@ class EngineCore:
         return (bool(self.requests) or bool(self._external.held) or bool(self._external.aborting)
                 or self._inflight is not None or self.kv.num_pinned_blocks > 0)
 
+    def waits_on_connector_only(self) -> bool:
+        """Nothing to step until the connector reports: every live request is loading KV (or none
+        is live, and only holds, aborted loads or host-tier copies remain)."""
+        s = self.scheduler
+        return not s.running and not s.waiting and not self.grammars and self._inflight is None
+
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:

@@ -13,6 +13,8 @@ Lifecycle:
     spawned by AsyncEngine ─▶ EngineCore built (model, KV pool, connector) ─▶ EngineReady
                          └─(it raised)─▶ EngineStartFailed, exit 1
     loop: drain commands ─▶ step while there is work ─▶ EngineStep ─▶ ...
+          nothing to step ─▶ sleep in one poll on the command socket and the connector's wake-up
+                             pipe (KV in flight: a load landed, a hold was released)
           Shutdown ─▶ connector closed, exit 0
           a step raised ─▶ EngineFailed, exit 1 (the serving process fails its streams and exits)
           the parent died ─▶ exit (PR_SET_PDEATHSIG kills it at once; the parent pid is also
@@ -29,7 +31,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import uuid
 
 import torch
@@ -45,9 +46,8 @@ from splitserve.shared.request import KvTransferParams
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50
-"""How long an idle loop waits for a command before it checks its parent and its stats again."""
-KV_POLL_S = 0.0005
-"""With only remote KV in flight there is nothing to step: poll the connector again this soon."""
+"""How long an idle loop waits for a command (or, with only KV in flight, for its connector's
+wake-up) before it checks its parent and its stats again."""
 GIL_SWITCH_INTERVAL_S = 0.0005
 """The KV connector's threads (ZMQ control, UCX completions) wake on I/O and then need the
 interpreter lock, which the step loop holds while it runs Python. With CPython's default 5 ms
@@ -86,13 +86,15 @@ def _serve(config, role, connector_factory, commands, events, parent_pid) -> int
         logger.exception("engine start-up failed")
         events.send(encoder.encode(EngineStartFailed(f"{type(exc).__name__}: {exc}")))
         return 1
+    wakeup = Wakeup()
     try:
         instance_id = getattr(core.connector, "instance_id", None) or f"{role}-{uuid.uuid4().hex[:12]}"
         events.send(encoder.encode(EngineReady(instance_id, core.max_model_len, core.block_size, core.stats(),
                                                torch.get_num_threads())))
-        return EngineLoop(core, commands, events, parent_pid).run()
+        return EngineLoop(core, commands, events, parent_pid, wakeup).run()
     finally:
         core.close()
+        wakeup.close()  # after the connector's threads stopped: none writes to it any more
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -106,10 +108,39 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(1)
 
 
+class Wakeup:
+    """A pipe that wakes the loop's poll from another thread (the connector's): `set` writes a
+    byte, `clear` drains them. Level-triggered, so a wake-up set between clear and the next poll
+    is not lost."""
+
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe()
+        for fd in (self.fd, self._write_fd):
+            os.set_blocking(fd, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write_fd, b"w")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending already; closed: the loop is gone
+            pass
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.fd, self._write_fd):
+            os.close(fd)
+
+
 class EngineLoop:
     """Drain commands, step, send one EngineStep per step; only this thread touches the core."""
 
-    def __init__(self, core: EngineCore, commands: zmq.Socket, events: zmq.Socket, parent_pid: int) -> None:
+    def __init__(self, core: EngineCore, commands: zmq.Socket, events: zmq.Socket, parent_pid: int,
+                 wakeup: Wakeup) -> None:
         self.core, self.commands, self.events, self.parent_pid = core, commands, events, parent_pid
         self.pending: list[EngineOutput] = []
         """Outputs made by commands (an abort's final output) that go out with the next message."""
@@ -117,16 +148,17 @@ class EngineLoop:
         self.last_report = None
         self.poller = zmq.Poller()
         self.poller.register(commands, zmq.POLLIN)
+        self.wakeup = wakeup
+        self.poller.register(self.wakeup.fd, zmq.POLLIN)
+        if core.connector is not None:
+            core.connector.set_wakeup(self.wakeup.set)
 
     def run(self) -> int:
         try:
             while True:
-                if not self.core.has_unfinished_requests() and not self.poller.poll(IDLE_POLL_MS):
-                    if os.getppid() != self.parent_pid:
-                        logger.error("the serving process is gone; the engine process exits")
-                        return 1
-                    self._send_step([])  # connector counters may have moved on their own threads
-                    continue
+                if not self._wait_for_work():
+                    logger.error("the serving process is gone; the engine process exits")
+                    return 1
                 if not self._drain_commands():
                     return 0
                 self._step()
@@ -135,15 +167,24 @@ class EngineLoop:
             self.events.send(encoder.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
             return 1
 
+    def _wait_for_work(self) -> bool:
+        """Sleeps while there is nothing to step: until a command comes, or (KV in flight) the
+        connector's wake-up, or the poll's timeout. No sleep while a step has work. False once the
+        serving process is gone (checked at each timeout)."""
+        core = self.core
+        if core.has_unfinished_requests() and not core.waits_on_connector_only():
+            return True
+        ready = dict(self.poller.poll(IDLE_POLL_MS))
+        if self.wakeup.fd in ready:
+            self.wakeup.clear()  # before the step's poll(): an event queued after it wakes the next wait
+        return bool(ready) or os.getppid() == self.parent_pid
+
     def _step(self) -> None:
         core = self.core
         if not core.has_unfinished_requests():
-            self._send_step([])
+            self._send_step([])  # connector counters may have moved on their own threads
             return
-        outputs = core.step()
-        self._send_step(outputs)
-        if not outputs and not core.scheduler.running and not core.scheduler.waiting:
-            time.sleep(KV_POLL_S)  # only remote KV in flight
+        self._send_step(core.step())
 
     def _send_step(self, outputs: list[EngineOutput]) -> None:
         """One message with every request's outputs of this step, plus the stats after it; nothing

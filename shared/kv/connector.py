@@ -14,6 +14,9 @@ another engine) and the host-memory tier (`shared/host_tier/`: blocks copied to 
     retain(key, hashes, until)  a keyed session's latest blocks: keep them before anonymous ones
     poll()                      at the top of every step: loaded / load_failed / released / saved
     abort(rid)                  a request ended early: its load or hold is cancelled
+    set_wakeup(wake)            once, at start: `wake()` is called (any thread) after each event
+                                is queued, so an engine with nothing to step but KV in flight
+                                sleeps until then instead of polling on a timer
     stats(), close()
 
 No call blocks on I/O. Each event is reported exactly once. A load that fails leaves its dst blocks
@@ -81,6 +84,8 @@ class KVConnector(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def set_wakeup(self, wake) -> None: ...
+
     def stats(self) -> dict: ...
 
     def close(self) -> None: ...
@@ -131,6 +136,10 @@ class CompositeConnector:
         part = self.tier if request_id in self._tier_loads else self.transfer
         if part is not None:
             part.abort(request_id)
+
+    def set_wakeup(self, wake) -> None:
+        for part in self._parts:
+            part.set_wakeup(wake)
 
     def failure(self) -> str | None:
         """Why the transfer can no longer serve, or None (the worker's Health). A host tier whose

@@ -50,6 +50,8 @@ class BlockCopier:
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self.on_done = _nothing
+        """Called on the copier's thread after each job is queued for take_done()."""
         self._thread = threading.Thread(target=self._run, name="kv-host-copier", daemon=True)
         self._thread.start()
 
@@ -87,6 +89,7 @@ class BlockCopier:
                     job.error = repr(exc)
                 job.seconds = time.perf_counter() - started
             self._done.put(job)
+            self.on_done()
 
     def _copy(self, job: CopyJob) -> None:
         if not self._cuda:
@@ -98,3 +101,7 @@ class BlockCopier:
             for src, dst in job.runs:
                 dst.copy_(src, non_blocking=True)
         self._stream.synchronize()
+
+
+def _nothing() -> None:
+    """No one waits for a finished job (the engine polls every step)."""

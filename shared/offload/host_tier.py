@@ -100,6 +100,7 @@ class HostTier:
         if request_id in self._loads or None in slots or len(dst_block_ids) < len(slots) or not self._copier.alive:
             self._stats["restores_failed"] += 1
             self._events.load_failed.append((request_id, "host blocks gone, copier stopped, or request already loading"))
+            self._copier.on_done()  # the engine may wait for this load's event next
             return
         pairs = list(zip(dst_block_ids, slots))
         job = CopyJob("restore", self._runs(pairs, to_host=False), request_id, [b for b, _ in pairs], slots)
@@ -124,6 +125,11 @@ class HostTier:
                 self._finish(job)
         events, self._events = self._events, KVConnectorEvents()
         return events
+
+    def set_wakeup(self, wake) -> None:
+        """Every finished copy wakes the engine; a copier that died is noticed at the engine's
+        next poll (its idle tick)."""
+        self._copier.on_done = wake
 
     def abort(self, request_id: str) -> None:
         """The load ends as load_failed 'aborted' once no copy writes into its dst blocks."""

@@ -9,7 +9,8 @@ thread for blocking torch.distributed calls).
 Engine contract:
 - call poll() at the start of every step: free the blocks of `released` requests (prefill),
   admit `loaded` requests at that very step, free the dst blocks of `load_failed` requests and
-  recompute them (decode). Each event is reported exactly once.
+  recompute them (decode). Each event is reported exactly once. An engine with nothing to step
+  but KV in flight sleeps until the wake-up it gave `set_wakeup` is called (every event calls it).
 - on a request abort, call abort(request_id). Decode side: keep the dst blocks allocated until
   the request appears in load_failed (reason 'aborted'); from then on nothing writes into them.
   Prefill side: the hold shows up in `released` (after any send still reading it has ended).
@@ -211,6 +212,11 @@ class TransferConnector:
         reports the request loaded, so the staging is registered first)."""
         with self._staged_lock:
             self._staged[request_id] = (blocks, dst_block_ids)
+
+    def set_wakeup(self, wake) -> None:
+        """`wake()` is called (on the connector's thread) whenever poll() has something new, so
+        an engine waiting only on this connector can sleep until then."""
+        self._events.set_wakeup(wake)
 
     # The host tier's side of the interface: a transfer connector keeps no blocks of its own.
     def lookup(self, block_hashes) -> int:

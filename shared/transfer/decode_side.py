@@ -4,7 +4,8 @@ Lifecycle of a load (one per request):
 
     ASKING     `load` sent to the prefill's control address; waiting for accepted/rejected
     RECEIVING  accepted; the data plane's receives are posted straight into the dst blocks
-    LOADED     every run landed -> ConnectorEvents.loaded, `done` sent to the prefill
+    LOADED     every run landed -> ConnectorEvents.loaded (the engine is woken), then `done`
+               sent to the prefill
     FAILED     rejected, timed out, peer gone or aborted -> ConnectorEvents.load_failed,
                `failed` sent to the prefill (so it frees its blocks now, not at lease end)
 
@@ -162,12 +163,8 @@ class DecodeSide:
         self._finish(load, reason, nbytes, num_runs)
 
     def _finish(self, load: Load, reason: str | None, nbytes: int, num_runs: int) -> None:
-        h = load.handle
-        if load.notify_prefill:
-            outcome = {"type": "done" if reason is None else "failed", "request_id": h.request_id,
-                       "transfer_id": load.transfer_id, "prefill_instance_id": h.instance_id,
-                       "reason": reason}
-            self._client.send(h.control_address, outcome)
+        """The engine is told first (its wake-up is on the hand-off's critical path), the prefill
+        after (it only frees its blocks)."""
         if reason is None:
             if load.staging is not None:
                 self._stage(load.request_id, load.staging, list(load.dst_groups[0]))
@@ -176,6 +173,12 @@ class DecodeSide:
         else:
             logger.info("load of %s failed: %s", load.request_id, reason)
             self._events.load_failed(load.request_id, reason)
+        h = load.handle
+        if load.notify_prefill:
+            outcome = {"type": "done" if reason is None else "failed", "request_id": h.request_id,
+                       "transfer_id": load.transfer_id, "prefill_instance_id": h.instance_id,
+                       "reason": reason}
+            self._client.send(h.control_address, outcome)
 
     async def _transfer(self, load: Load) -> tuple[int, int]:
         h = load.handle

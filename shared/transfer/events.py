@@ -1,7 +1,9 @@
 """What the connector reports to the engine (`ConnectorEvents`) and its counters.
 
 Written by the connector's loop thread, drained by the engine thread through `poll()`; one lock
-guards both sides, and `take()` hands each event out exactly once.
+guards both sides, and `take()` hands each event out exactly once. Every event calls the wake-up
+the engine set (`set_wakeup`) once it is queued, so an engine with nothing else to do sleeps until
+then instead of polling on a timer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class EventQueue:
                        "transfers_failed": 0, "sends_ok": 0, "sends_failed": 0,
                        "runs_received": 0, "blocks_received": 0, "runs_sent": 0, "blocks_sent": 0,
                        "last_gbps": 0.0}
+        self._wake = _no_wakeup
+
+    def set_wakeup(self, wake) -> None:
+        """`wake()` runs on the thread that queued an event, after it is queued (never under the lock)."""
+        self._wake = wake
 
     def loaded(self, request_id: str, nbytes: int, num_runs: int, num_blocks: int, seconds: float) -> None:
         with self._lock:
@@ -35,11 +42,13 @@ class EventQueue:
             s["runs_received"] += num_runs
             s["blocks_received"] += num_blocks
             s["last_gbps"] = nbytes / max(seconds, 1e-9) / 1e9
+        self._wake()
 
     def load_failed(self, request_id: str, reason: str) -> None:
         with self._lock:
             self._events.load_failed.append((request_id, reason))
             self._stats["transfers_failed"] += 1
+        self._wake()
 
     def retract_loaded(self, request_id: str) -> bool:
         """An abort that arrives after the load completed but before the engine polled it: the
@@ -52,7 +61,8 @@ class EventQueue:
             self._stats["transfers_ok"] -= 1
             self._stats["transfers_failed"] += 1
             self._events.load_failed.append((request_id, "aborted"))
-            return True
+        self._wake()
+        return True
 
     def sent(self, nbytes: int, num_runs: int, num_blocks: int, ok: bool) -> None:
         with self._lock:
@@ -67,6 +77,7 @@ class EventQueue:
         with self._lock:
             self._events.released.append(request_id)
             self._events.sent_bytes[request_id] = sent_bytes
+        self._wake()
 
     def take(self) -> ConnectorEvents:
         with self._lock:
@@ -76,3 +87,7 @@ class EventQueue:
     def stats(self) -> dict:
         with self._lock:
             return dict(self._stats)
+
+
+def _no_wakeup() -> None:
+    """No engine waits on a wake-up (it polls every step)."""

@@ -74,6 +74,8 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
         seen["loaded_bytes"].update(ev.loaded_bytes)
         seen["sent_bytes"].update(ev.sent_bytes)
 
+    record = _Recorder(connector)
+
     while True:
         cmd, args = conn.recv()
         try:
@@ -95,6 +97,8 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
                 connector._call(lambda: (connector._start_load(rid, loaded, dst, time.monotonic()),
                                          connector._abort(rid)))
                 result = None
+            elif cmd == "record":  # what this side's loop did so far, in order (and forget it)
+                result, record.entries = record.entries, []
             elif cmd == "stats":
                 result = connector.stats()
             elif cmd == "failure":
@@ -129,6 +133,29 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
             conn.send(("ok", result))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
+
+
+class _Recorder:
+    """Logs, on the connector's loop thread and in order, each control message this side sends,
+    each event it queues for the engine (type, request or transfer id) and each engine wake-up."""
+
+    def __init__(self, connector) -> None:
+        self.entries: list[tuple] = []
+        connector.set_wakeup(lambda: self.entries.append(("wake",)))
+        self._wrap(connector._events, "loaded", lambda request_id, *_: request_id)
+        self._wrap(connector._events, "released", lambda request_id, *_: request_id)
+        for name, method in (("_client", "send"), ("_server", "reply")):
+            if getattr(connector, name, None) is not None:
+                self._wrap(getattr(connector, name), method,
+                           lambda to, msg: msg.get("request_id") or msg.get("transfer_id"), by_type=True)
+
+    def _wrap(self, owner, method: str, key, by_type: bool = False) -> None:
+        real = getattr(owner, method)
+
+        def recorded(*args):
+            self.entries.append((args[1]["type"] if by_type else method, key(*args)))
+            return real(*args)
+        setattr(owner, method, recorded)
 
 
 class Peer:

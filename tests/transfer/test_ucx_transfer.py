@@ -184,3 +184,23 @@ def test_bad_engine_calls_raise_specific_errors(ucx_pair):
     with pytest.raises(RuntimeError, match="needs role 'prefill'"):
         decode.call("hold", "bad3", [1], 1)
     prefill.call("abort", "bad")
+
+
+def test_one_load_wakes_the_decode_engine_before_done_and_the_prefill_engine_at_release(ucx_pair):
+    """The hand-off's sequence on each side's loop: decode sends `load`; prefill answers `accepted`;
+    decode queues `loaded` and wakes its engine, and only then sends `done`; prefill queues
+    `released` and wakes its engine."""
+    prefill, decode = ucx_pair
+    prefill.call("record"), decode.call("record")
+    handle = prefill.call("hold", "sequence", [6, 7], 20)
+    decode.call("start_load", "sequence", handle, [30, 50])
+    assert "sequence" in decode.wait_events("loaded", ["sequence"], timeout_s=10)["loaded"]
+    assert "sequence" in prefill.wait_events("released", ["sequence"], timeout_s=10)["released"]
+
+    on_decode, on_prefill = decode.call("record"), prefill.call("record")
+    ours = [e for e in on_decode if e[1:] == ("sequence",)]
+    assert ours == [("load", "sequence"), ("loaded", "sequence"), ("done", "sequence")], on_decode
+    assert on_decode[on_decode.index(("loaded", "sequence")) + 1] == ("wake",), on_decode
+    released = on_prefill.index(("released", "sequence"))
+    assert on_prefill[released + 1] == ("wake",), on_prefill
+    assert [e[0] for e in on_prefill[:released] if e[0] == "accepted"] == ["accepted"], on_prefill
