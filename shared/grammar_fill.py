@@ -179,7 +179,7 @@ class BitmaskFiller:
         new_tokens, grammars = list(new_tokens), list(grammars)
         self._reserve(len(grammars))
         slices, filled = plan_slices(new_tokens, grammars, self.num_threads, self.host_bitmask(len(grammars)))
-        for thread, part in zip(self._running_pool(), slices):
+        for thread, part in zip(self._running_pool() if slices else [], slices):
             thread.jobs.put(part)
         for part in slices:  # the handshake: each thread runs before the step loop goes on
             _wait(part.taken, "take its slice")

@@ -145,7 +145,8 @@ def test_empty_steps(compiled) -> None:
     fill = filler.start([], [])
     assert fill.wait_accepted() == [] and fill.result() is None and fill.slices == []
     fill = filler.start([], [None, None])
-    assert fill.result() is None
+    assert fill.result() is None and filler.build([None]) is None
+    assert filler._pool == []  # no thread started for steps without a grammar
     grammar = RequestGrammar(compiled[2], [EOS], _alpha_tokens(compiled[2]))
     fill = filler.start([(grammar, EOS)], [grammar, None])
     assert fill.wait_accepted() == [True] and grammar.terminated and fill.result() is None
