@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from splitserve.services.gateway.config import API_KEY_ENV, AgentApiConfig, RequestLimits, api_key_from_args
 from splitserve.shared.config_flags import dataclass_flags_to_argv, engine_flags_to_argv
+from splitserve.shared.lifetime import launched_env
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Child:
     """Set while the child is down: when the supervisor starts it again."""
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)
+        self.process = subprocess.Popen(self.argv, env=launched_env())  # it dies with the launcher
         self.started_at, self.restart_at = time.monotonic(), None
 
     def alive(self) -> bool:

@@ -26,7 +26,6 @@ the engine itself, after its gRPC server.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -41,6 +40,7 @@ from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.engine_parts import apply_cpu_threads
 from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
                                                EngineStartFailed, EngineStep, Shutdown, command_decoder, encoder)
+from splitserve.shared.lifetime import die_with_parent
 from splitserve.shared.request import KvTransferParams
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ interpreter lock, which the step loop holds while it runs Python. With CPython's
 switch interval each such wake-up waited ~5 ms (p50) behind a loop running pure Python, about six
 times per KV load; at 0.5 ms it waits ~0.7 ms (`loadtests/handoff_probe.py --gil`, docs/benchmarks.md
 section 6). The shorter interval costs nothing while no other thread wants the lock."""
-_PR_SET_PDEATHSIG = 1
 
 
 def run_engine_process(config, role: str, connector_factory, command_address: str, event_address: str,
@@ -62,7 +61,7 @@ def run_engine_process(config, role: str, connector_factory, command_address: st
     """The process's target (multiprocessing, spawn). Exits 0 after Shutdown, 1 on failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s engine-{role} %(name)s: %(message)s")
     context = zmq.Context()
@@ -95,17 +94,6 @@ def _serve(config, role, connector_factory, commands, events, parent_pid) -> int
     finally:
         core.close()
         wakeup.close()  # after the connector's threads stopped: none writes to it any more
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent goes (no orphaned engine holding a GPU)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the idle parent-pid check still ends the loop
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        raise SystemExit(1)
 
 
 class Wakeup:

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return _run_generate(args)
+    from splitserve.shared.lifetime import die_with_launcher
+
+    die_with_launcher()
     return args.run(args) or 0
 
 

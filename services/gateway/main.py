@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from splitserve.services.launcher import stop_processes
 from splitserve.shared.auth import secret_from_args, warn_if_open
 from splitserve.shared.config_flags import add_dataclass_flags, dataclass_flags_to_argv, dataclass_from_args
 from splitserve.shared.grpc_security import add_grpc_security_args, grpc_security_argv, grpc_security_from_args
+from splitserve.shared.lifetime import launched_env
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _run_processes(args: argparse.Namespace, config: GatewayConfig) -> int:
     """Run `args.processes` single gateways on the port and supervise them: a signal here stops them
     all; one that exits stops the others, and its exit code is ours."""
     metrics_dir = store_dir = None
-    env = dict(os.environ)
+    env = launched_env()  # they die with this supervisor
     api_key = api_key_from_args(args)
     if api_key:
         env[API_KEY_ENV] = api_key  # in the environment, not on command lines that `ps` shows

@@ -11,7 +11,6 @@ request.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from splitserve.shared.lifetime import die_with_parent
 from splitserve.shared.parallel import state
 from splitserve.shared.parallel.messages import (BindKV, CaptureGraphs, FakeStep, Forward, GatherKV, Logits, ScatterKV,
                                                  StepArrays, Stop, unseal)
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000
 """How long an idle follower waits for a call before it checks that rank 0 still lives."""
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def run_follower(spec: FollowerSpec, rank: int, control_address: str, key: bytes
     """The process's target (multiprocessing, spawn). Exits 0 after Stop, 1 on failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; rank 0 stops us
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by rank 0 around start
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s tp-rank-{rank} %(name)s: %(message)s")
     context = zmq.Context()
     calls = context.socket(zmq.PULL)
@@ -79,16 +78,6 @@ def _serve(spec: FollowerSpec, rank: int, calls: zmq.Socket, key: bytes, parent_
     except Exception:  # a collective that failed or timed out, a bad shard: the worker is done
         logger.exception("tensor-parallel rank %d failed", rank)
         return 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when rank 0 goes (no orphan holding a device)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the idle parent-pid check still ends the loop
-        pass
-    if os.getppid() != parent_pid:
-        raise SystemExit(1)
 
 
 class FollowerRuntime:
