@@ -33,13 +33,10 @@ from collections.abc import AsyncIterator
 import zmq
 
 from splitserve.shared.config import EngineConfig
-from splitserve.shared.engine import RequestError
-from splitserve.shared.engine_output import EngineOutput, EngineStats
-from splitserve.shared.engine_process import run_engine_process
+from splitserve.shared.engine_output import EngineOutput, EngineStats, RequestError, SampledToken
 from splitserve.shared.engine_protocol import (AbortRequest, AbortResult, AddRequest, EngineFailed, EngineReady,
                                                EngineStartFailed, EngineStep, Shutdown, encoder, event_decoder)
 from splitserve.shared.request import SessionHint
-from splitserve.shared.runner import SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -189,6 +186,8 @@ class AsyncEngine:
         # spawn, not fork: CUDA cannot be used in a forked child, and a fresh interpreter holds
         # none of this process's threads or locks.
         context = multiprocessing.get_context("spawn")
+        from splitserve.shared.engine_process import run_engine_process  # torch: the engine process's
+
         process = context.Process(target=run_engine_process, name=f"splitserve-engine-{self.role}", args=(
             config, self.role, connector_factory, f"ipc://{self._socket_dir}/commands",
             f"ipc://{self._socket_dir}/events", os.getpid(), logging.getLogger().getEffectiveLevel()))

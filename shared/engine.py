@@ -45,7 +45,7 @@ import torch
 from splitserve.shared.config import EngineConfig
 from splitserve.shared.cuda_graphs import DecodeGraphs
 from splitserve.shared.emit import Emitter
-from splitserve.shared.engine_output import EngineOutput, EngineStats
+from splitserve.shared.engine_output import EngineOutput, EngineStats, RequestError
 from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.external_kv import ExternalKV, build_host_tier
 from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
@@ -70,10 +70,6 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS = 3
 """Consecutive failing steps after which the engine itself is taken to be broken."""
-
-
-class RequestError(ValueError):
-    """A request cannot be served as given (too long, bad tokens, duplicate id); the message says why."""
 
 
 @dataclass

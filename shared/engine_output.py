@@ -1,4 +1,5 @@
 """What the engine hands back: one `EngineOutput` per request per step, and `EngineStats` (its load).
+Torch-free, like everything the serving process imports (it relays; the engine process computes).
 
 Both are msgspec structs: they cross from the engine process to the serving process as msgpack
 (shared/engine_protocol.py).
@@ -7,11 +8,24 @@ Both are msgspec structs: they cross from the engine process to the serving proc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgspec
 
-from splitserve.shared.runner import SampledToken
 from splitserve.shared.transfer.handle import KvHandle
+
+
+class RequestError(ValueError):
+    """A request cannot be served as given (too long, bad tokens, duplicate id); the message says why."""
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float
+    rank: int
+    top_logprobs: Sequence[tuple[int, float]]
+    """The top alternatives asked for; an empty tuple when none were."""
 
 
 class EngineOutput(msgspec.Struct, array_like=True, gc=False):

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
-from splitserve.shared.engine_output import EngineOutput, EngineStats
+from splitserve.shared.engine_output import EngineOutput, EngineStats, SampledToken
 from splitserve.shared.request import SessionHint
-from splitserve.shared.runner import SampledToken
 from splitserve.shared.sampling_params import SamplingParams
 from splitserve.shared.transfer.handle import KvHandle
 

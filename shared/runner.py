@@ -33,17 +33,9 @@ from splitserve.shared.parallel.driver import NO_FOLLOWERS, NoFollowers
 from splitserve.shared.parallel.messages import StepArrays
 from splitserve.shared.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from splitserve.shared.request import Request
+from splitserve.shared.engine_output import SampledToken
 from splitserve.shared.sampler import Bitmask, DeviceSample, Sampler, SamplerOutput, SamplingInput, as_of_now, unpack
 from splitserve.shared.scheduler import SchedulerOutput
-
-
-@dataclass(slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float
-    rank: int
-    top_logprobs: Sequence[tuple[int, float]]
-    """The top alternatives asked for; an empty tuple when none were."""
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 Workers convert at their gRPC edge (`SamplingParams`, `KvHandle`, the first token, engine
 outputs -> chunks, load stats -> `LoadReport`); the gateway converts chunks and load reports into
-the torch-free `TokenChunk` and `WorkerLoad`. Engine-side types that live in torch-importing
-modules (`SampledToken`) are imported inside the function that builds them, so importing this
-module stays torch-free for the gateway.
+the torch-free `TokenChunk` and `WorkerLoad`. Engine-side types (`SampledToken`) are imported
+inside the functions that build them, so the gateway never imports the engine's modules.
 """
 
 from __future__ import annotations
@@ -129,8 +128,8 @@ def first_token_to_proto(token_id: int, logprob: float, rank: int, top_logprobs:
 
 
 def first_token_from_proto(msg: pb.FirstToken) -> Any:
-    """The engine's `SampledToken` (worker side only: the runner module imports torch)."""
-    from splitserve.shared.runner import SampledToken
+    """The engine's `SampledToken` (worker side only)."""
+    from splitserve.shared.engine_output import SampledToken
 
     return SampledToken(msg.token_id, msg.logprob, msg.rank, _top_from_proto(msg.top_logprobs))
 
