@@ -4,6 +4,7 @@ instead of recomputing, and the comparison is written out."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "loadtests"))
+
+import serve_compare  # noqa: E402
 
 
 @pytest.mark.slow
@@ -19,7 +23,7 @@ def test_serve_compare_runs_both_topologies_on_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "loadtests" / "serve_compare.py"), "--model", "demo", "--device", "cpu",
          "--rates", "8,inf", "--num-prompts", "8", "--input-len", "48", "--output-len", "8", "--max-num-seqs", "16",
-         "--max-num-batched-tokens", "512", "--ucx-tls", "tcp", "--colocated-workers", "2", "--goodput", "tpot:5000", "--start-stacks-together",
+         "--max-num-batched-tokens", "512", "--ucx-tls", "tcp", "--goodput", "tpot:5000", "--start-stacks-together",
          "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=280,
     )
@@ -37,6 +41,17 @@ def test_serve_compare_runs_both_topologies_on_cpu(tmp_path):
     assert compare["disaggregated"][0]["kv_bytes"] > 0
     assert compare["disaggregated"][0]["recomputed_tokens"] == 0
     assert "disaggregated" in out.stdout and "TTFT p99" in out.stdout
+
+
+def test_colocated_workers_become_up_workers_that_up_accepts():
+    """`--colocated-workers 2` (the two-GPU baseline) is `splitserve up --workers 2`. The CPU run above
+    keeps one colocated worker: a second costs a worker start-up, and test_stack_failures.py serves
+    from two colocated workers."""
+    from splitserve.cli import build_parser
+
+    flags = serve_compare.topology_args("colocated", argparse.Namespace(colocated_workers=2))
+    assert flags == ["--colocated", "--workers", "2"]
+    assert build_parser().parse_args(["up", *flags]).workers == 2
 
 
 def test_gpu_suite_script_parses_and_rejects_unknown_steps(tmp_path):

@@ -38,3 +38,26 @@ def agent_api_stack(agent_api_traces, tmp_path_factory):
             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
     with LocalStack(args, str(tmp_path_factory.mktemp("agent-api-cache")), env=otlp_env(agent_api_traces.port)) as stack:
         yield stack
+
+
+TWO_GATEWAY_ARGS = ["--colocated", "--gateway-processes", "2", "--session-window", "0", "--enable-auto-tool-choice",
+                    "--tool-call-parser", "hermes"]
+
+
+@pytest.fixture(scope="session")
+def two_gateway_stack(tmp_path_factory):
+    """`two_gateway_stack()`: one real colocated `splitserve up` with two gateway processes (the
+    session credit off, the hermes tool parser on), for test_responses_store.py's conversation
+    across processes and test_stack_e2e.py's shared port and summed metrics. A stack start costs
+    seconds of both cores, so they share one; the e2e test stops it to check that every gateway
+    process stops, so a call after that (another test order) gets a fresh stack."""
+    started: list[LocalStack] = []
+
+    def running() -> LocalStack:
+        if not started or started[-1].process.poll() is not None:
+            started.append(LocalStack(TWO_GATEWAY_ARGS, str(tmp_path_factory.mktemp("two-gateway-cache"))).__enter__())
+        return started[-1]
+
+    yield running
+    for stack in started:
+        stack.stop()

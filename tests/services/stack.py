@@ -82,7 +82,10 @@ class LocalStack:
                 "--worker-base-port", str(self.worker_base_port), "--device", device,
                 "--secret-file", self.secret_file, *args]
         self.env = dict(os.environ, SPLITSERVE_CACHE=cache_dir, PYTHONUNBUFFERED="1", **(env or {}))
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        # A process group of its own, so that a stop that times out can end the whole stack: killing
+        # the launcher alone left its workers running, orphaned, on a loaded machine's cores.
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+                                        start_new_session=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -111,8 +114,8 @@ class LocalStack:
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            except subprocess.TimeoutExpired:  # every process the stack started, not the launcher alone
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
 
     # ---- helpers ------------------------------------------------------------------------

@@ -220,13 +220,12 @@ def test_chat_tool_definitions_refuse_unknown_keys(stack):
 # ---- the real stack: two gateway processes, one store ------------------------------------------
 
 @pytest.mark.slow
-def test_a_conversation_continues_on_either_gateway_process(tmp_path):
+def test_a_conversation_continues_on_either_gateway_process(two_gateway_stack):
     """Each request on a new connection, so the kernel spreads them over both processes (their
     pids, from /health, show both serve); with a store per process about half the next turns,
     retrievals and deletions would miss. The second turn reuses the first's KV (cached_tokens).
-    (The random demo model will not open a call, so the strict tool only shows the worker runs it.)"""
-    from stack import LocalStack
-
+    (The random demo model will not open a call, so the strict tool only shows the worker runs it.)
+    The stack is shared with test_stack_e2e.py (conftest.two_gateway_stack)."""
     clients = []
 
     def fresh():  # a client of its own: a new connection
@@ -234,25 +233,24 @@ def test_a_conversation_continues_on_either_gateway_process(tmp_path):
         return clients[-1]
 
     question = "Tell me about the weather in Paris today, and what I should wear for a long walk outside."
-    args = ["--colocated", "--gateway-processes", "2", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    with LocalStack(args, str(tmp_path)) as stack:
-        assert len({httpx.get(f"{stack.url}/health").json()["pid"] for _ in range(40)}) == 2
-        # A strict tool under tool_choice auto: the worker compiles and runs its structural tag.
-        strict = fresh().responses.create(model="splitserve-demo", input=question, max_output_tokens=8, temperature=0,
-                                          tools=[{**TOOLS[0], "strict": True}])
-        assert strict.status in ("completed", "incomplete")
-        for turn in range(8):
-            first = fresh().responses.create(model="splitserve-demo", input=f"{turn}: {question}",
-                                             max_output_tokens=4, temperature=0)
-            second = fresh().responses.create(model="splitserve-demo", input="And tomorrow?", max_output_tokens=4,
-                                              temperature=0, previous_response_id=first.id)
-            assert second.previous_response_id == first.id
-            assert second.usage.input_tokens > first.usage.input_tokens
-            assert second.usage.input_tokens_details.cached_tokens > 0
-            assert fresh().responses.retrieve(second.id).output_text == second.output_text
-            assert [i.content[0].text for i in fresh().responses.input_items.list(second.id)] == ["And tomorrow?"]
-            fresh().responses.delete(first.id)
-            with pytest.raises(openai.NotFoundError):
-                fresh().responses.retrieve(first.id)
-            while clients:
-                clients.pop().close()
+    stack = two_gateway_stack()
+    assert len({httpx.get(f"{stack.url}/health").json()["pid"] for _ in range(40)}) == 2
+    # A strict tool under tool_choice auto: the worker compiles and runs its structural tag.
+    strict = fresh().responses.create(model="splitserve-demo", input=question, max_output_tokens=8, temperature=0,
+                                      tools=[{**TOOLS[0], "strict": True}])
+    assert strict.status in ("completed", "incomplete")
+    for turn in range(8):
+        first = fresh().responses.create(model="splitserve-demo", input=f"{turn}: {question}",
+                                         max_output_tokens=4, temperature=0)
+        second = fresh().responses.create(model="splitserve-demo", input="And tomorrow?", max_output_tokens=4,
+                                          temperature=0, previous_response_id=first.id)
+        assert second.previous_response_id == first.id
+        assert second.usage.input_tokens > first.usage.input_tokens
+        assert second.usage.input_tokens_details.cached_tokens > 0
+        assert fresh().responses.retrieve(second.id).output_text == second.output_text
+        assert [i.content[0].text for i in fresh().responses.input_items.list(second.id)] == ["And tomorrow?"]
+        fresh().responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            fresh().responses.retrieve(first.id)
+        while clients:
+            clients.pop().close()

@@ -30,15 +30,15 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def stacks(cache_dir):
-    """(disaggregated, colocated, NCCL-paired, two gateway processes), started at once so that
-    their start-ups overlap. The colocated one schedules asynchronously, so the identity test below
-    also holds it against the synchronous paths. The last two serve only their own test each."""
+    """(disaggregated, colocated, NCCL-paired), started at once so that their start-ups overlap.
+    The colocated one schedules asynchronously, so the identity test below also holds it against
+    the synchronous paths. The last one serves only its own test. (The two-gateway stack is
+    conftest.two_gateway_stack, shared with test_responses_store.py.)"""
     with all_up(LocalStack(["--prefill", "1", "--decode", "1"], cache_dir),
                 LocalStack(["--colocated", "--async-scheduling"], cache_dir),
                 LocalStack(["--prefill", "1", "--decode", "1", "--transfer-backend", "nccl",
-                            "--worker-devices", "cpu,cpu"], cache_dir),
-                LocalStack(["--colocated", "--gateway-processes", "2", "--session-window", "0"], cache_dir)) as four:
-        yield four
+                            "--worker-devices", "cpu,cpu"], cache_dir)) as three:
+        yield three
 
 
 @pytest.fixture(scope="module")
@@ -214,16 +214,19 @@ def test_nccl_backend_needs_one_prefill_and_one_decode(cache_dir):
 
 
 
-def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, stacks):
+def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(colocated, two_gateway_stack):
     """`splitserve up --gateway-processes 2 --session-window 0`: both processes answer on the one
     port (the kernel spreads new connections), the tokens are the single gateway's, and /metrics,
-    whichever process answers it, counts the tokens that both served (nothing else uses this
-    stack). The session credit is off here (window 0), so that path serves real traffic too.
+    whichever process answers it, counts the tokens that both served (from the total before this
+    test's requests: test_responses_store.py may have used the stack first, nothing runs on it
+    meanwhile). The session credit is off here (window 0), so that path serves real traffic too.
     Stopping the stack stops every gateway process."""
-    multi = stacks[3]
+    multi = two_gateway_stack()
     with multi:  # stops it at the end (the fixture's stop then finds it stopped)
         pids = {httpx.get(f"{multi.url}/health").json()["pid"] for _ in range(40)}  # a new connection each
         assert len(pids) == 2
+        before = _generated_tokens_seen_by_each(multi)
+        assert len(before) == 1, before
         for pid in pids:
             with open(f"/proc/{pid}/cmdline") as f:
                 argv = f.read().split("\0")
@@ -240,8 +243,12 @@ def test_several_gateway_processes_share_the_port_and_add_up_their_metrics(coloc
             return await asyncio.gather(*(one_stream(p) for p in PROMPTS * 3))
 
         assert all(n > 0 for n in asyncio.run(streams()))
-        expected = MAX_TOKENS * len(PROMPTS) * 4  # the greedy requests above and the streams
-        totals = {metric_total(httpx.get(f"{multi.url}/metrics").text, "splitserve_gateway_generation_tokens_total")
-                  for _ in range(10)}
-        assert totals == {expected}
+        expected = before.pop() + MAX_TOKENS * len(PROMPTS) * 4  # the greedy requests above and the streams
+        assert _generated_tokens_seen_by_each(multi) == {expected}
     assert not any(process_running(pid) for pid in pids)
+
+
+def _generated_tokens_seen_by_each(stack) -> set[float]:
+    """The generation token totals /metrics reports over ten new connections (both processes answer some)."""
+    return {metric_total(httpx.get(f"{stack.url}/metrics").text, "splitserve_gateway_generation_tokens_total")
+            for _ in range(10)}

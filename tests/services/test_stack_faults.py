@@ -5,7 +5,10 @@
 - a SIGSTOPped prefill is detected by the gateway's polls: requests in flight on it fail over to
   the other prefill and complete; a SIGSTOPped decode ends its streams with an error, not a hang;
   both serve again after SIGCONT, with every KV block back in the pool;
-- a gateway killed with SIGKILL is restarted by `splitserve up` and serves again.
+- a gateway killed with SIGKILL is restarted by `splitserve up` and serves again;
+- last, Ctrl-C (SIGINT) to `splitserve up` stops every process it started, the restarted gateway
+  included, and the launcher exits 0 (the stack is this module's: a stack of its own would cost a
+  whole start-up to check its stop).
 
 No timed assertions: every wait is on a condition, with generous bounds (a loaded 2-core box).
 """
@@ -21,7 +24,7 @@ import grpc
 import pytest
 
 from splitserve.shared.listening import listening_sockets
-from stack import LocalStack, wait_until
+from stack import LocalStack, process_running, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BOUND_S = 90.0  # stall detection (3 polls) + a failover + a loaded box
@@ -152,6 +155,15 @@ def test_a_killed_gateway_is_restarted(stack):
     wait_until(lambda: _all_healthy(stack), BOUND_S, interval_s=0.5, message="the gateway sees every worker")
     assert any("gateway exited" in line and "restarting it" in line for line in stack.lines)
     wait_until(lambda: _pools_full(stack), BOUND_S, interval_s=1.0, message="every pool full")
+
+
+def test_ctrl_c_stops_everything(stack):
+    pids = _stack_pids(stack)
+    assert all(process_running(pid) for pid in pids.values())
+    stack.stop()  # SIGINT, as Ctrl-C sends (the fixture's stop then finds it stopped)
+    assert stack.process.returncode == 0
+    wait_until(lambda: not any(process_running(pid) for pid in pids.values()), 10, message="every process gone")
+    assert any("stopping" in line or "Shutting down" in line for line in stack.lines)
 
 
 def _gateway_other_than(stack, old: int) -> bool:

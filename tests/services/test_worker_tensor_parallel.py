@@ -55,6 +55,8 @@ def test_a_killed_follower_fails_the_stream_and_the_worker_exits_1_leaving_no_ra
 
 
 def test_no_rank_outlives_a_killed_worker(tp_workers):
+    """Rank 0 is the worker's engine process, so this is also the check that an engine does not
+    outlive its killed worker (test_worker_process.py has no separate one)."""
     with tp_workers.pop() as worker:
         ranks = [worker.engine_pid, *_followers(worker.engine_pid)]
         assert len(ranks) == 2
