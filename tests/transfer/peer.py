@@ -11,6 +11,7 @@ sliding layer of window `WINDOW`, each its own tensor), and block lists are one 
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing as mp
 import os
 import time
@@ -98,7 +99,7 @@ def _child(conn, config_kwargs: dict, seed: int) -> None:
                                          connector._abort(rid)))
                 result = None
             elif cmd == "record":  # what this side's loop did so far, in order (and forget it)
-                result, record.entries = record.entries, []
+                result = record.take()
             elif cmd == "stats":
                 result = connector.stats()
             elif cmd == "failure":
@@ -141,6 +142,7 @@ class _Recorder:
 
     def __init__(self, connector) -> None:
         self.entries: list[tuple] = []
+        self._connector = connector
         connector.set_wakeup(lambda: self.entries.append(("wake",)))
         self._wrap(connector._events, "loaded", lambda request_id, *_: request_id)
         self._wrap(connector._events, "released", lambda request_id, *_: request_id)
@@ -148,6 +150,17 @@ class _Recorder:
             if getattr(connector, name, None) is not None:
                 self._wrap(getattr(connector, name), method,
                            lambda to, msg: msg.get("request_id") or msg.get("transfer_id"), by_type=True)
+
+    def take(self) -> list[tuple]:
+        """The entries so far, read on the loop after the callback running now has ended (an event
+        and the wake-up and messages that follow it run in one callback), and forgotten."""
+        taken = concurrent.futures.Future()
+
+        def swap() -> None:
+            entries, self.entries = self.entries, []
+            taken.set_result(entries)
+        self._connector._loop.call_soon_threadsafe(swap)
+        return taken.result(timeout=30)
 
     def _wrap(self, owner, method: str, key, by_type: bool = False) -> None:
         real = getattr(owner, method)
