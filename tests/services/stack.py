@@ -82,7 +82,9 @@ class LocalStack:
                 "--worker-base-port", str(self.worker_base_port), "--device", device,
                 "--secret-file", self.secret_file, *args]
         self.env = dict(os.environ, SPLITSERVE_CACHE=cache_dir, PYTHONUNBUFFERED="1", **(env or {}))
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        # A session (process group) of its own: if `up` has to be killed, its workers go with it.
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+                                        start_new_session=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -112,7 +114,7 @@ class LocalStack:
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # `up` and every process it started
                 self.process.wait(10)
 
     # ---- helpers ------------------------------------------------------------------------
