@@ -96,16 +96,12 @@ def _pools_full(stack) -> bool:
     return all(load.num_free_blocks == load.num_total_blocks for load in loads)
 
 
-def _freeze_during(stack, pid: int, n: int, max_tokens: int, freeze_first: bool) -> list:
-    """Run n requests with `pid` SIGSTOPped: from before they start (they are routed to it before the
-    gateway's polls notice), or from half a second in (they are mid-stream)."""
+def _freeze_during(stack, pid: int, n: int, max_tokens: int) -> list:
+    """Run n requests and SIGSTOP `pid` half a second in (they are mid-stream), until they end."""
     async def run():
-        if freeze_first:
-            os.kill(pid, signal.SIGSTOP)
         task = asyncio.ensure_future(_requests(stack, n, max_tokens))
-        if not freeze_first:
-            await asyncio.sleep(0.5)
-            os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
         try:
             return await task
         finally:
@@ -114,14 +110,21 @@ def _freeze_during(stack, pid: int, n: int, max_tokens: int, freeze_first: bool)
 
 
 def test_a_frozen_prefill_fails_over_and_a_frozen_decode_ends_with_errors(stack):
-    results = _freeze_during(stack, stack.worker_pid("prefill", 0), n=8, max_tokens=4, freeze_first=True)
+    frozen = stack.worker_pid("prefill", 0)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        results = asyncio.run(_requests(stack, 8, 4))
+        # Still frozen: its missed load polls must be noticed, whether or not a request was routed
+        # to it before they were (requests that finish on the other prefill end the run sooner).
+        wait_until(lambda: any("abandoning its open calls" in line for line in stack.lines), BOUND_S,
+                   message="the frozen prefill detected as stalled")
+    finally:
+        os.kill(frozen, signal.SIGCONT)
     failed = [r for r in results if isinstance(r, Exception)]
     # Each ended, and completed: on the other prefill, routed there or failed over to it (whether
     # any reached the frozen one first depends on timing; test_worker_stall.py pins that path).
     assert not failed, failed
-    wait_until(lambda: any("abandoning its open calls" in line for line in stack.lines), BOUND_S,
-               message="the frozen prefill detected as stalled")
-    results = _freeze_during(stack, stack.worker_pid("decode"), n=4, max_tokens=200, freeze_first=False)
+    results = _freeze_during(stack, stack.worker_pid("decode"), n=4, max_tokens=200)
     assert all(isinstance(r, (str, Exception)) for r in results)  # every request ended
     wait_until(lambda: _pools_full(stack), BOUND_S, interval_s=1.0, message="every pool full after SIGCONT")
     wait_until(lambda: _all_healthy(stack), BOUND_S, interval_s=0.5, message="the gateway sees every worker")
