@@ -2,7 +2,8 @@
 (`splitserve up`, the `openai` client), once on each side:
 
 - the decode worker, restoring a keyed session's history for a next turn it runs whole
-  (route 'session-on-decode');
+  (route 'session-on-decode'; when the gateway splits that turn instead, the prefill worker
+  restoring its prefix is the one killed);
 - the prefill worker, restoring an anonymous prompt's prefix for a split request.
 
 The restore is held in flight by the fault hook in fault_hooks/sitecustomize.py (the copy waits
@@ -59,9 +60,9 @@ def evict_everything(client, seed: int) -> None:
     assert complete(client, tokens(seed, 15 * BLOCK - 8)).usage.completion_tokens == 8
 
 
-def kill_mid_restore(stack: LocalStack, hold_dir: str, role: str, send) -> Exception:
-    """Arm the hook, `send()` a request in a thread, wait until a restore is held in `role`'s
-    engine process, SIGKILL that worker; returns what `send()` raised."""
+def kill_mid_restore(stack: LocalStack, hold_dir: str, send) -> tuple[str, Exception]:
+    """Arm the hook, `send()` a request in a thread, wait until a restore is held in an engine
+    process, SIGKILL that engine's worker; returns its role and what `send()` raised."""
     open(os.path.join(hold_dir, "armed"), "w").close()
     raised: list[Exception] = []
     thread = threading.Thread(target=lambda: _catch(send, raised), daemon=True)
@@ -70,8 +71,10 @@ def kill_mid_restore(stack: LocalStack, hold_dir: str, role: str, send) -> Excep
                       message="a restore held in flight")
     engine_pid = int(held[0].split("-", 1)[1])
     os.rename(os.path.join(hold_dir, held[0]), os.path.join(hold_dir, f"done-{engine_pid}"))
+    roles = {stack.worker_pid(role): role for role in ("prefill", "decode")}
+    role = roles.get(_parent(engine_pid))
+    assert role is not None, "the held restore is in no worker's engine process"
     worker_pid = stack.worker_pid(role)
-    assert _parent(engine_pid) == worker_pid, f"the held restore is not on the {role} worker"
     wait_until(lambda: stack.load(role).counters["host_blocks_pinned"] > 0, 60,  # (the stats the engine last sent)
                message="the held restore's host slots pinned")
     os.kill(worker_pid, signal.SIGKILL)
@@ -79,7 +82,7 @@ def kill_mid_restore(stack: LocalStack, hold_dir: str, role: str, send) -> Excep
     assert not thread.is_alive(), "the request hangs after its worker died"
     wait_until(lambda: not process_running(engine_pid), 60, message="the engine process gone with its worker")
     assert len(raised) == 1, "the request succeeded although its worker was killed mid-restore"
-    return raised[0]
+    return role, raised[0]
 
 
 def assert_openai_error(exc: Exception, role: str) -> None:
@@ -120,11 +123,15 @@ def test_decode_killed_while_restoring_a_session_turn(stack, hold_dir):
     turn1 = complete(client, first, key="agent-a")
     evict_everything(client, 2)
     turn2 = first + turn1.choices[0].token_ids + tokens(3, 12)
-    decode_pid = stack.worker_pid("decode")
-    exc = kill_mid_restore(stack, hold_dir, "decode", lambda: complete(client, turn2, key="agent-a"))
-    assert_openai_error(exc, "decode")
-    wait_served_again(stack, "decode", decode_pid)
-    assert_pools_whole(stack, "prefill")  # the survivor: also after the gateway's retry, if any
+    pids = {role: stack.worker_pid(role) for role in ("prefill", "decode")}
+    # The gateway runs this turn whole on the decode worker that holds the session (the restore is
+    # there), unless it judged that worker too loaded and split it (the prefill restores the
+    # prefix): either way a worker dies mid-restore, and the other must come out whole.
+    role, exc = kill_mid_restore(stack, hold_dir, lambda: complete(client, turn2, key="agent-a"))
+    survivor = "prefill" if role == "decode" else "decode"
+    assert_openai_error(exc, role)
+    wait_served_again(stack, role, pids[role])
+    assert_pools_whole(stack, survivor)  # also after the gateway's retry, if any
     retried = complete(client, turn2, key="agent-a")  # the session goes on, on the new decode
     assert retried.usage.completion_tokens == 8
     assert_pools_whole(stack, "decode")
@@ -137,7 +144,8 @@ def test_prefill_killed_while_restoring_a_prefix(stack, hold_dir):
     assert complete(client, prompt, max_tokens=2).usage.completion_tokens == 2
     evict_everything(client, 5)
     prefill_pid = stack.worker_pid("prefill")
-    exc = kill_mid_restore(stack, hold_dir, "prefill", lambda: complete(client, prompt + tokens(6, 20)))
+    role, exc = kill_mid_restore(stack, hold_dir, lambda: complete(client, prompt + tokens(6, 20)))
+    assert role == "prefill", "an anonymous split request's prefix is restored on the prefill worker"
     assert_openai_error(exc, "prefill")
     wait_served_again(stack, "prefill", prefill_pid)
     assert_pools_whole(stack, "decode")
