@@ -219,5 +219,20 @@ def greedy_completions(client, prompts: list[str], max_tokens: int, model: str |
     return served
 
 
+def offline_greedy_texts(model_dir: str, prompts: list[str], max_tokens: int, num_blocks: int,
+                         block_size: int) -> list[str]:
+    """The in-process engine's greedy texts for `prompts` (EOS ignored): what a served stack of
+    the same checkpoint must return (`greedy_completions`)."""
+    from splitserve.shared.llm import LLM
+    from splitserve.shared.sampling_params import SamplingParams
+
+    llm = LLM(model_dir, device="cpu", num_blocks=num_blocks, block_size=block_size)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    finally:
+        llm.close()
+    return [o.outputs[0].text for o in outs]
+
+
 def _flag(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from stack import LocalStack, all_up, wait_until
+from stack import LocalStack, all_up, offline_greedy_texts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +45,7 @@ def stacks(checkpoint_factory, tmp_path_factory):
 
 
 def _offline(model_dir: str) -> list[str]:
-    from splitserve.shared.llm import LLM
-    from splitserve.shared.sampling_params import SamplingParams
-
-    llm = LLM(model_dir, device="cpu", num_blocks=256, block_size=BLOCK_SIZE)
-    try:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    finally:
-        llm.close()
-    return [o.outputs[0].text for o in outs]
+    return offline_greedy_texts(model_dir, PROMPTS, MAX_TOKENS, num_blocks=256, block_size=BLOCK_SIZE)
 
 
 def _moved_bytes(arch: str, prompt_tokens: int) -> tuple[int, int]:

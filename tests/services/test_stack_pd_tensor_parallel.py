@@ -15,7 +15,7 @@ import contextlib
 import httpx
 import pytest
 
-from stack import LocalStack, all_up, greedy_completions, metric_total
+from stack import LocalStack, all_up, greedy_completions, metric_total, offline_greedy_texts
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +47,7 @@ def stacks(tmp_path_factory, one_kv_head, demo_checkpoint_dir):
 
 
 def _offline(model_dir: str) -> list[str]:
-    from splitserve.shared.llm import LLM
-    from splitserve.shared.sampling_params import SamplingParams
-
-    llm = LLM(model_dir, device="cpu", num_blocks=128, block_size=BLOCK_SIZE)
-    try:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    finally:
-        llm.close()
-    return [o.outputs[0].text for o in outs]
+    return offline_greedy_texts(model_dir, PROMPTS, MAX_TOKENS, num_blocks=128, block_size=BLOCK_SIZE)
 
 
 def _whole_head_block_bytes(model_dir: str) -> int:
