@@ -96,10 +96,6 @@ def _is_device_fault(exc: BaseException) -> bool:
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA" in str(exc)
 
 
-def _penalised(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, connector_factory=None) -> None:
         config.validate()
@@ -190,7 +186,7 @@ class EngineCore:
         elif kv_transfer is not None and kv_transfer.hold and not self.has_transfer:
             raise RequestError("this engine has no KV connector, so it cannot hold KV for transfer")
         self.requests[request_id] = req
-        if _penalised(params):
+        if params.penalised:
             self._penalised.add(request_id)
         if params.structured_outputs is None:
             self.scheduler.add(req)

@@ -56,14 +56,12 @@ class SamplingInput:
 
     def __post_init__(self) -> None:
         p = self.params
-        self.plain_greedy = (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
-                             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 and not p.logit_bias)
+        self.plain_greedy = p.greedy and p.logprobs is None and not p.penalised and not p.logit_bias
 
     @property
     def reads_outputs(self) -> bool:
         """Its sampling reads its output tokens (penalties, min_tokens)."""
-        p = self.params
-        return bool(p.min_tokens) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        return bool(self.params.min_tokens) or self.params.penalised
 
 
 def as_of_now(rows: list[SamplingInput]) -> list[SamplingInput]:
@@ -190,8 +188,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
     frequency: logit - p * count_in_output.  presence: logit - p * (count_in_output > 0).
     """
     params = [row.params for row in rows]
-    if all(p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-           for p in params):
+    if not any(p.penalised for p in params):
         return logits
     num_rows, vocab_size = logits.shape
     device = logits.device

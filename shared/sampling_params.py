@@ -104,6 +104,11 @@ class SamplingParams:
         self.validate()
 
     @property
+    def penalised(self) -> bool:
+        """Repetition, frequency or presence penalties: sampling reads the previous tokens."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
