@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_engine_args(parser, max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
     parser.add_argument("--structured-outputs-threads", type=int, default=None,
                         help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
+    parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=("xgrammar", "guidance"),
+                        help="the grammar engine (the engine's flag)")
     parser.add_argument("--device", default="auto")
     add_result_json_arg(parser)
     args = parser.parse_args(argv)
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(model_dir, load_format="dummy", device=args.device, skip_tokenizer_init=True,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
-              structured_outputs_threads=args.structured_outputs_threads)
+              structured_outputs_threads=args.structured_outputs_threads,
+              structured_outputs_backend=args.structured_outputs_backend)
     steps = _time_steps(llm.engine)
     rows = [run(llm, steps, prompts, args.output_len, structured) for structured in (False, True)]
     loss = 1.0 - rows[1]["output_tok_s"] / rows[0]["output_tok_s"]
     step_overhead = rows[1]["median_decode_step_ms"] / max(rows[0]["median_decode_step_ms"], 1e-9) - 1.0
     print(f"\n{args.shape}, {args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), greedy, "
           f"async scheduling {'on' if llm.engine.async_scheduling else 'off'}, "
-          f"{args.structured_outputs_threads or default_threads()} bitmask fill threads")
+          f"{args.structured_outputs_backend}, {args.structured_outputs_threads or default_threads()} bitmask fill threads")
     print(f"{'workload':16s} {'time_s':>8s} {'out tok/s':>10s} {'median decode step ms':>22s} {'mean step ms':>13s}")
     for r in rows:
         print(f"{r['workload']:16s} {r['time_s']:8.3f} {r['output_tok_s']:10.0f} {r['median_decode_step_ms']:22.2f} "

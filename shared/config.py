@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "guidance")
+"""The grammar engines a worker can run (`--structured-outputs-backend`; shared/grammar.py)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -100,6 +103,10 @@ class SchedulerConfig:
     calls, GIL released), beside the step loop, which books the previous step's outputs
     meanwhile (shared/grammar_fill.py). Unset: half the cores, at most 16 (the step loop and the
     device's host work keep the rest)."""
+    structured_outputs_backend: str = "xgrammar"
+    """The grammar engine of structured outputs (vLLM's names): `xgrammar`, or `guidance`
+    (llguidance: masks computed in its own threads, faster per row on large vocabularies;
+    xgrammar's structural tags only as the triggered tags the gateway builds for tool calls)."""
     step_trace: str | None = None
     """Write one CSV line per engine step (start, duration, requests, tokens, outputs) to this
     file: a diagnostic for where a run's time goes (shared/step_trace.py)."""
@@ -113,6 +120,9 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.grammar_compile_timeout_s <= 0:
             raise ConfigError(f"grammar_compile_timeout_s must be positive, got {self.grammar_compile_timeout_s}")
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ConfigError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                              f"got {self.structured_outputs_backend!r}")
         if self.structured_outputs_threads is not None and self.structured_outputs_threads < 1:
             raise ConfigError(f"structured_outputs_threads must be at least 1, got {self.structured_outputs_threads}")
 

@@ -50,7 +50,7 @@ from splitserve.shared.engine_parts import EngineParts, build_engine_parts
 from splitserve.shared.external_kv import ExternalKV, build_host_tier
 from splitserve.shared.grammar import GrammarCompiler, GrammarWaitlist
 from splitserve.shared.grammar_booking import accept_sampled, admit_compiled, rejected_ids, start_fill, step_bitmask
-from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
+from splitserve.shared.grammar_fill import StepFill, make_filler
 from splitserve.shared.heap import freeze_startup_heap
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.connector import CompositeConnector
@@ -158,9 +158,12 @@ class EngineCore:
         self._failed_steps = 0
         if parts.device.type == "cuda":  # on CPU tests build many engines in one process: no freezing
             freeze_startup_heap()
-        self.grammars = GrammarWaitlist(GrammarCompiler(parts.model_dir, parts.info.vocab_size),
-                                        config.scheduler.grammar_compile_timeout_s)
-        self._bitmasks = BitmaskFiller(parts.info.vocab_size, parts.device, config.scheduler.structured_outputs_threads)
+        backend = config.scheduler.structured_outputs_backend
+        compiler = GrammarCompiler(parts.model_dir, parts.info.vocab_size, backend=backend,
+                                   eos_token_ids=sorted(self.model_info.eos_token_ids))
+        self.grammars = GrammarWaitlist(compiler, config.scheduler.grammar_compile_timeout_s)
+        self._bitmasks = make_filler(backend, parts.info.vocab_size, parts.device,
+                                     config.scheduler.structured_outputs_threads)
         self._trace = StepTrace(config.scheduler.step_trace) if config.scheduler.step_trace else None
 
     # ---- requests ---------------------------------------------------------------------
@@ -376,7 +379,7 @@ class EngineCore:
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: dict[str, EngineOutput]) -> None:
         sampled = result.sampled
-        rejected = accept_sampled(sched, sampled)
+        rejected = accept_sampled(self._bitmasks, sched, sampled)
         row = 0
         for s in sched.scheduled:
             req = s.request

@@ -1,12 +1,19 @@
-"""Constrained decoding with xgrammar: compile a request's spec, track it token by token, mask.
+"""Constrained decoding: compile a request's spec, track it token by token, mask.
 
-    GrammarCompiler.submit(spec) ─▶ Future[CompiledGrammar]   (worker thread, cached per spec)
-    RequestGrammar(compiled, stop tokens, tokens so far)       (one matcher per request)
+    GrammarCompiler.submit(spec) ─▶ Future[compiled]           (worker thread, cached per spec)
+    compiler.request_grammar(compiled, stop tokens, tokens so far) ─▶ RequestGrammar (one a request)
         .fill(bitmask, row)   the tokens allowed next, as one row of a [N, ceil(V/32)] int32 bitmask
         .accept(token)        advance; False if the grammar forbids the token
         .terminated           the grammar is complete (the request ends with finish_reason stop)
 
 A step's bitmask, all rows at once and off the step loop's thread, is grammar_fill.py's.
+
+Two grammar engines (`--structured-outputs-backend`, vLLM's names): `xgrammar` (this module,
+the default) and `guidance`, llguidance (shared/grammar_guidance.py). A backend compiles a spec,
+makes a request's grammar from what it compiled (the same interface as RequestGrammar: `handle`,
+`accept`, `note_accepted`, `fill`, `terminated`, `stop_token_ids`) and names the filler of its
+steps' bitmasks. The bitmask format is the same for both (bit t of a row: token t allowed), so the
+sampler's mask kernel is one.
 
 The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the
 compile thread) and to the model's vocabulary size, which can exceed the tokenizer's: ids past
@@ -49,10 +56,12 @@ def bitmask_width(vocab_size: int) -> int:
 class GrammarCompiler:
     """Compiles specs for one tokenizer on a worker thread; results are cached per spec."""
 
-    def __init__(self, model_dir: str, vocab_size: int, num_threads: int = 1) -> None:
-        self.model_dir, self.vocab_size = model_dir, vocab_size
+    def __init__(self, model_dir: str, vocab_size: int, num_threads: int = 1, backend: str = "xgrammar",
+                 eos_token_ids: Sequence[int] = ()) -> None:
+        self.model_dir, self.vocab_size, self.eos_token_ids = model_dir, vocab_size, tuple(eos_token_ids)
+        self.backend_name = backend
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="grammar")
-        self._compiler: xgr.GrammarCompiler | None = None
+        self._backend = None  # built from the tokenizer on the compile thread, on first use
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
 
@@ -71,24 +80,52 @@ class GrammarCompiler:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        compiler = self._xgrammar_compiler()
+    def request_grammar(self, compiled, stop_token_ids: Sequence[int], token_ids: Sequence[int] = ()):
+        """The grammar of one request from what `submit` compiled (after its future is done)."""
+        return self._backend.request_grammar(compiled, stop_token_ids, token_ids)
+
+    def _compile(self, spec: StructuredOutputsParams):
+        backend = self._built_backend()
         try:
-            return _compile_spec(compiler, spec)
+            return backend.compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GrammarError(f"invalid structured_outputs.{spec.kind}: {_clean(exc)}") from None
 
-    def _xgrammar_compiler(self) -> xgr.GrammarCompiler:
-        if self._compiler is None:  # only the compile thread gets here
+    def _built_backend(self):
+        if self._backend is None:  # only the compile thread gets here
             from splitserve.shared.tokenizer import load_tokenizer
 
             try:
                 tokenizer = load_tokenizer(self.model_dir)
             except Exception as exc:  # a config-only checkpoint (benchmarks) has no tokenizer
                 raise GrammarError(f"structured outputs need the model's tokenizer: {exc}") from None
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        return self._compiler
+            self._backend = backend_class(self.backend_name)(tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._backend
+
+
+def backend_class(name: str):
+    """The backend class of `--structured-outputs-backend NAME` (llguidance is imported only if named)."""
+    if name == "guidance":
+        from splitserve.shared.grammar_guidance import GuidanceBackend
+
+        return GuidanceBackend
+    return XGrammarBackend
+
+
+class XGrammarBackend:
+    """xgrammar: compiled grammars are xgr.CompiledGrammar, bitmasks fill on grammar_fill's pool."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        return _compile_spec(self._compiler, spec)
+
+    @staticmethod
+    def request_grammar(compiled: xgr.CompiledGrammar, stop_token_ids: Sequence[int],
+                        token_ids: Sequence[int] = ()) -> RequestGrammar:
+        return RequestGrammar(compiled, stop_token_ids, token_ids)
 
 
 def _compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
@@ -139,6 +176,8 @@ class RequestGrammar:
         # No stop token (ignore_eos): the request ends when the grammar is complete.
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None,
                                           terminate_without_stop_token=not stop_token_ids)
+        self.handle = self.matcher._handle
+        """What the batched calls take (grammar_fill.py calls xgrammar below its Python wrapper)."""
         self.stop_token_ids = frozenset(stop_token_ids)
         """The tokens that end the grammar once accepted (none: it ends when complete)."""
         self.terminated = self.matcher.is_terminated()
@@ -205,7 +244,8 @@ class GrammarWaitlist:
                 continue
             del self._waiting[request_id]
             try:  # the decode side's outputs already hold the first token: the matcher accepts it
-                req.grammar = RequestGrammar(future.result(), sorted(req.eos_token_ids), req.output_token_ids)
+                req.grammar = self.compiler.request_grammar(future.result(), sorted(req.eos_token_ids),
+                                                            req.output_token_ids)
             except GrammarError as exc:
                 failed.append((req, str(exc)))
                 continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 from splitserve.shared.emit import Emitter
 from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.grammar import GrammarWaitlist
-from splitserve.shared.grammar_fill import BitmaskFiller, StepFill, accept_tokens
+from splitserve.shared.grammar_fill import BitmaskFiller, StepFill
 from splitserve.shared.request import Request
 from splitserve.shared.sampler import SamplerOutput
 from splitserve.shared.scheduler import Scheduler, SchedulerOutput
@@ -35,12 +35,12 @@ def step_bitmask(bitmasks: BitmaskFiller, sched: SchedulerOutput):
     return bitmasks.build([s.request.grammar for s in sched.scheduled if s.samples])
 
 
-def accept_sampled(sched: SchedulerOutput, sampled: SamplerOutput) -> set[str]:
+def accept_sampled(bitmasks: BitmaskFiller, sched: SchedulerOutput, sampled: SamplerOutput) -> set[str]:
     """Synchronous steps: advance each grammar's matcher by its request's new token, before any
     output is built; the requests whose grammar rejects it. (Async steps: start_fill.)"""
     samplers = [s.request for s in sched.scheduled if s.samples]  # row i of `sampled`
     new_tokens = [(req, token_id) for req, token_id in zip(samplers, sampled.token_ids) if req.grammar is not None]
-    accepted = accept_tokens([(req.grammar, token_id) for req, token_id in new_tokens])
+    accepted = bitmasks.accept([(req.grammar, token_id) for req, token_id in new_tokens])
     return {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}
 
 

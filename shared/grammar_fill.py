@@ -97,12 +97,12 @@ def plan_slices(new_tokens: Sequence[tuple[RequestGrammar, int]], grammars: Sequ
     for n, row in enumerate(rows):
         grammar = grammars[row]
         part = slices[owner.setdefault(id(grammar), n * num_slices // len(rows))]
-        part.fill_handles.append(grammar.matcher._handle)
+        part.fill_handles.append(grammar.handle)
         part.fill_rows.append(row)
     for n, (grammar, token_id) in enumerate(new_tokens):
         part = slices[owner.get(id(grammar), n % num_slices)]
         part.token_positions.append(n)
-        part.accept_handles.append(grammar.matcher._handle)
+        part.accept_handles.append(grammar.handle)
         part.tokens.append(token_id)
         part.ends_unseen |= not grammar.stop_token_ids and id(grammar) in owner
     return [s for s in slices if s.tokens or s.fill_rows], set(rows)
@@ -160,6 +160,8 @@ class BitmaskFiller:
         self.width, self.device = bitmask_width(vocab_size), device
         self.num_threads = default_threads() if num_threads is None else num_threads
         """The pool's threads, each filling one slice of a step's rows."""
+        self.num_slices = self.num_threads
+        """The slices a step's rows are cut into (one a pool thread)."""
         self._inline = xgr.BatchGrammarMatcher(1)  # the step loop's own fills (result's refused stop tokens)
         self._host = self._device_buf = torch.empty(0, dtype=torch.int32)
         self._copied: torch.cuda.Event | None = None
@@ -178,7 +180,7 @@ class BitmaskFiller:
         self.wait()
         new_tokens, grammars = list(new_tokens), list(grammars)
         self._reserve(len(grammars))
-        slices, filled = plan_slices(new_tokens, grammars, self.num_threads, self.host_bitmask(len(grammars)))
+        slices, filled = plan_slices(new_tokens, grammars, self.num_slices, self.host_bitmask(len(grammars)))
         for thread, part in zip(self._running_pool() if slices else [], slices):
             thread.jobs.put(part)
         for part in slices:  # the handshake: each thread runs before the step loop goes on
@@ -198,6 +200,10 @@ class BitmaskFiller:
             thread.jobs.put(None)
         for thread in pool:
             thread.join()
+
+    def accept(self, new_tokens: Sequence[tuple[RequestGrammar, int]]) -> list[bool]:
+        """Synchronous steps: advance each grammar by its token on this thread; whether each took it."""
+        return accept_tokens(new_tokens)
 
     def fill_inline(self, grammars: Sequence[RequestGrammar | None], rows: list[int]) -> None:
         self._inline.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows],
@@ -234,6 +240,15 @@ class BitmaskFiller:
         self._host = torch.empty(numel, dtype=torch.int32, pin_memory=pinned)
         if pinned:
             self._device_buf = torch.empty(numel, dtype=torch.int32, device=self.device)
+
+
+def make_filler(backend: str, vocab_size: int, device: torch.device, num_threads: int | None = None) -> BitmaskFiller:
+    """The bitmask filler of `--structured-outputs-backend` (grammar.BACKENDS)."""
+    if backend == "guidance":
+        from splitserve.shared.grammar_guidance import GuidanceFiller
+
+        return GuidanceFiller(vocab_size, device, num_threads)
+    return BitmaskFiller(vocab_size, device, num_threads)
 
 
 def live_rows(grammars: Sequence[RequestGrammar | None]) -> list[int]:
