@@ -259,16 +259,17 @@ async def _served(url: str, history: list[int], rng: random.Random, args, vocab:
 
     ttfts = defaultdict(list)
     async with httpx.AsyncClient(timeout=600) as http:
-        await _stream_ttft(http, url, history, KEY)
+        model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
+        await _stream_ttft(http, url, model, history, KEY)
         for _ in range(args.pairs):
             new = [rng.randrange(10, vocab) for _ in range(args.new_len)]
-            ttfts["retained"].append(await _stream_ttft(http, url, history + new, KEY))
-            ttfts["fresh"].append(await _stream_ttft(http, url, [rng.randrange(10, vocab) for _ in new], None))
+            ttfts["retained"].append(await _stream_ttft(http, url, model, history + new, KEY))
+            ttfts["fresh"].append(await _stream_ttft(http, url, model, [rng.randrange(10, vocab) for _ in new], None))
     return {kind: {"ttft": median_ms(v)} for kind, v in ttfts.items()}
 
 
-async def _stream_ttft(http, url: str, prompt: list[int], key: str | None) -> float:
-    body = dict(_body(prompt, key), max_tokens=1)
+async def _stream_ttft(http, url: str, model: str, prompt: list[int], key: str | None) -> float:
+    body = dict(_body(prompt, key), model=model, max_tokens=1)
     start = time.perf_counter()
     async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
