@@ -250,8 +250,27 @@ def served_pairs(model_dir: str, history: list[int], rng: random.Random, args, v
         flags += ["--num-blocks", str(args.num_blocks)]
     if args.gpu_memory_utilization:
         flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    trace_dir = tempfile.mkdtemp(prefix="trace-", dir=out_dir)
+    flags += ["--step-trace", os.path.join(trace_dir, "steps-{pid}.csv")]
     with LocalStack(flags, os.path.join(out_dir, "cache"), device=args.device) as stack:
-        return asyncio.run(_served(stack.url, history, rng, args, vocab))
+        served = asyncio.run(_served(stack.url, history, rng, args, vocab))
+    _add_engine_steps(served, trace_dir)
+    return served
+
+
+def _add_engine_steps(served: dict, trace_dir: str) -> None:
+    """The served engine's own step time for each request (its one prefill step: max_tokens 1),
+    from its --step-trace: after the warm-up's step they alternate retained, fresh."""
+    import csv
+
+    steps = []
+    for name in os.listdir(trace_dir):
+        with open(os.path.join(trace_dir, name)) as f:
+            steps += [row for row in csv.DictReader(f) if int(row["tokens"]) > 0]
+    steps.sort(key=lambda row: float(row["start_s"]))
+    step_ms = [float(row["step_ms"]) / 1e3 for row in steps[1:]]
+    served["retained"]["engine_step"] = median_ms(step_ms[0::2])
+    served["fresh"]["engine_step"] = median_ms(step_ms[1::2])
 
 
 async def _served(url: str, history: list[int], rng: random.Random, args, vocab: int) -> dict:
@@ -326,7 +345,7 @@ def print_table(rows: list[dict], args) -> None:
     for row in rows:
         print(f"\nH = {row['history_len']} tokens (attention over the history: {row['attention_gflop']:.1f} GFLOP)")
         print(f"  {'part':28s} {'retained':>9s} {'fresh':>9s} {'extra':>9s}")
-        for group, parts in (("gateway", GATEWAY_PARTS), ("engine", ("ttft", *ENGINE_PARTS)), ("served", ("ttft",))):
+        for group, parts in (("gateway", GATEWAY_PARTS), ("engine", ("ttft", *ENGINE_PARTS)), ("served", ("ttft", "engine_step"))):
             if group not in row:
                 continue
             for part in parts:
@@ -336,11 +355,21 @@ def print_table(rows: list[dict], args) -> None:
             print(f"  engine cached tokens (retained): {row['engine']['retained']['cached_tokens']:.0f}")
         if "engine" in row and "served" in row:
             print(f"  served path adds (c - a - b): retained {_adds(row, 'retained'):.2f}, fresh {_adds(row, 'fresh'):.2f}")
+        if "served" in row:
+            print(f"  served path beyond its engine's step (c - a - served step): retained "
+                  f"{_adds_beyond_step(row, 'retained'):.2f}, fresh {_adds_beyond_step(row, 'fresh'):.2f}")
 
 
 def _adds(row: dict, kind: str) -> float:
     gateway = sum(row["gateway"][kind].get(p, 0.0) for p in ("parse", "prepare", "route", "proto"))
     return row["served"][kind]["ttft"] - gateway - row["engine"][kind]["ttft"]
+
+
+def _adds_beyond_step(row: dict, kind: str) -> float:
+    """The same with the served engine's own step in place of the engine alone's TTFT (on CPU
+    the served engine has fewer threads than the engine alone, so its forward is slower)."""
+    gateway = sum(row["gateway"][kind].get(p, 0.0) for p in ("parse", "prepare", "route", "proto"))
+    return row["served"][kind]["ttft"] - gateway - row["served"][kind]["engine_step"]
 
 
 def build_parser() -> argparse.ArgumentParser:
