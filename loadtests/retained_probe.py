@@ -181,8 +181,9 @@ def gateway_parts(model_dir: str, history: list[int], new: list[int], args) -> d
             _timed(times, "proto", lambda: _to_proto(prep))
             text = " ".join(f"w{t}" for t in prompt)
             _timed(times, "chat_render", lambda: _render_and_tokenize(tokenizer, text))
-            turn = prompt + [1] * args.output_len
-            _timed(times, "remember", lambda: router.remember_session(KEY, router.instances[0], turn) if key else None)
+            if key:  # after the turn: the session directory records where its blocks are
+                turn = prompt + [1] * args.output_len
+                _timed(times, "remember", lambda: router.remember_session(KEY, router.instances[0], turn))
         out[kind] = {name: median_ms(v) for name, v in times.items()}
     return out
 
