@@ -242,7 +242,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {
 
 # ---- (c) the served stack ------------------------------------------------------------------
 
-def served_pairs(model_dir: str, history: list[int], rng: random.Random, args, vocab: int, out_dir: str) -> dict:
+def served_rows(model_dir: str, histories: dict[int, list[int]], rng: random.Random, args, vocab: int,
+                out_dir: str) -> dict[int, dict]:
+    """One colocated stack; each history (a session of its own key) is warmed, then its pairs run."""
     from stack import LocalStack
 
     flags = ["--colocated", "--kv-offload-gib", str(args.kv_offload_gib), "--block-size", str(args.block_size),
@@ -254,38 +256,45 @@ def served_pairs(model_dir: str, history: list[int], rng: random.Random, args, v
     trace_dir = tempfile.mkdtemp(prefix="trace-", dir=out_dir)
     flags += ["--step-trace", os.path.join(trace_dir, "steps-{pid}.csv")]
     with LocalStack(flags, os.path.join(out_dir, "cache"), device=args.device) as stack:
-        served = asyncio.run(_served(stack.url, history, rng, args, vocab))
-    _add_engine_steps(served, trace_dir)
+        served = asyncio.run(_served(stack.url, histories, rng, args, vocab))
+    _add_engine_steps(served, trace_dir, args)
     return served
 
 
-def _add_engine_steps(served: dict, trace_dir: str) -> None:
+def _add_engine_steps(served: dict[int, dict], trace_dir: str, args) -> None:
     """The served engine's own step time for each request (its one prefill step: max_tokens 1),
-    from its --step-trace: after the warm-up's step they alternate retained, fresh."""
+    from its --step-trace: the steps of exactly --new-len tokens alternate retained, fresh, in
+    the order the histories ran (a warm-up's steps are longer)."""
     import csv
 
     steps = []
     for name in os.listdir(trace_dir):
         with open(os.path.join(trace_dir, name)) as f:
-            steps += [row for row in csv.DictReader(f) if int(row["tokens"]) > 0]
+            steps += [row for row in csv.DictReader(f) if int(row["tokens"]) == args.new_len]
     steps.sort(key=lambda row: float(row["start_s"]))
-    step_ms = [float(row["step_ms"]) / 1e3 for row in steps[1:]]
-    served["retained"]["engine_step"] = median_ms(step_ms[0::2])
-    served["fresh"]["engine_step"] = median_ms(step_ms[1::2])
+    step_s = [float(row["step_ms"]) / 1e3 for row in steps]
+    for i, history_len in enumerate(served):
+        mine = step_s[2 * args.pairs * i: 2 * args.pairs * (i + 1)]
+        served[history_len]["retained"]["engine_step"] = median_ms(mine[0::2])
+        served[history_len]["fresh"]["engine_step"] = median_ms(mine[1::2])
 
 
-async def _served(url: str, history: list[int], rng: random.Random, args, vocab: int) -> dict:
+async def _served(url: str, histories: dict[int, list[int]], rng: random.Random, args, vocab: int) -> dict:
     import httpx
 
-    ttfts = defaultdict(list)
+    served = {}
     async with httpx.AsyncClient(timeout=600) as http:
         model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
-        await _stream_ttft(http, url, model, history, KEY)
-        for _ in range(args.pairs):
-            new = [rng.randrange(10, vocab) for _ in range(args.new_len)]
-            ttfts["retained"].append(await _stream_ttft(http, url, model, history + new, KEY))
-            ttfts["fresh"].append(await _stream_ttft(http, url, model, [rng.randrange(10, vocab) for _ in new], None))
-    return {kind: {"ttft": median_ms(v)} for kind, v in ttfts.items()}
+        for history_len, history in histories.items():
+            key = f"{KEY}-{history_len}"
+            ttfts = defaultdict(list)
+            await _stream_ttft(http, url, model, history, key)
+            for _ in range(args.pairs):
+                new = [rng.randrange(10, vocab) for _ in range(args.new_len)]
+                ttfts["retained"].append(await _stream_ttft(http, url, model, history + new, key))
+                ttfts["fresh"].append(await _stream_ttft(http, url, model, [rng.randrange(10, vocab) for _ in new], None))
+            served[history_len] = {kind: {"ttft": median_ms(v)} for kind, v in ttfts.items()}
+    return served
 
 
 async def _stream_ttft(http, url: str, model: str, prompt: list[int], key: str | None) -> float:
@@ -332,12 +341,23 @@ def run(args: argparse.Namespace) -> list[dict]:
         for row in rows:
             row["engine"] = engine_pairs(engine, timer, histories[row["history_len"]], rng, args, vocab)
         engine.close()
-        del engine
+        del engine, timer
+        _free_device_memory()  # the served stack's worker sizes its pool from what is free
     if "served" in args.parts:
-        out_dir = tempfile.mkdtemp(prefix="retained-probe-")
-        for row in rows:  # one stack per length: each history is the session's only one
-            row["served"] = served_pairs(model_dir, histories[row["history_len"]], rng, args, vocab, out_dir)
+        served = served_rows(model_dir, histories, rng, args, vocab, tempfile.mkdtemp(prefix="retained-probe-"))
+        for row in rows:
+            row["served"] = served[row["history_len"]]
     return rows
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def print_table(rows: list[dict], args) -> None:
