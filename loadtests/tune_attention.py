@@ -30,6 +30,8 @@ SHAPES = [
     ("decode 8B b256", [1] * 256, [1024] * 256, 32, 8, 128),
     ("prefill 1B", [512] * 32, [512] * 32, 32, 8, 64),
     ("prefill 8B", [512] * 32, [512] * 32, 32, 8, 128),
+    # A retained agent turn: 528 new tokens over a 5k-token cached history (136 programs alone)
+    ("retained turn 8B", [528], [5632], 32, 8, 128),
 ]
 
 
@@ -82,7 +84,17 @@ def main() -> int:
             tag = " (default)" if config == default else ""
             ratio = f"{base[0] / us:.2f}x" if base else "-"
             print(f"{(config.block_m, config.block_n, config.num_warps, config.num_stages)!s:44s} {us:8.1f} {rate:>14s} {ratio:>10s}{tag}")
+        print_splits(inp, scale, hints, ref, flops)
     return 0
+
+
+def print_splits(inp, scale: float, hints: dict, ref: torch.Tensor, flops: int) -> None:
+    """The default tiles with the key range split as `_choose_num_splits` picks, and unsplit."""
+    for label, splits in (("no split", 1), ("default split", None)):
+        run = lambda n=splits: paged_attention(*inp.args(), scale, num_splits=n, **hints)  # noqa: E731
+        err = _rel_err(run(), ref)
+        us = triton.testing.do_bench_cudagraph(run, rep=30, return_mode="median") * 1e3
+        print(f"  default tiles, {label:13s}: {us:8.1f} us {flops / (us * 1e-6) / 1e12:6.1f} TFLOP/s (rel err {err:.1e})")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 from splitserve.shared.config import SchedulerConfig
 from splitserve.shared.kv import KVCacheManager
-from splitserve.shared.kv.block_hash import hash_prompt_blocks
 from splitserve.shared.kv.connector import HostBlocks
 from splitserve.shared.request import Request, RequestStatus
 
@@ -190,12 +189,15 @@ class Scheduler:
             # Prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
             looked_up = (not self.kv.block_table(req.request_id) and req.num_computed_tokens == 0
                          and req.sampling_params.prompt_logprobs is None)
+            # One hash pass over the prompt serves the device lookup, the host tier's and the
+            # hit's check in allocate_slots (a retained turn's history is thousands of tokens).
+            hashes = self.kv.lookup_hashes(req.all_token_ids) if looked_up else None
             if looked_up:  # counted in the hit rate only once the request is admitted below
-                hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, record_stats=False)
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, False, hashes)
             else:
                 hit_blocks, num_hit = [], 0
             if looked_up and self.external_lookup is not None:
-                started = self._start_host_load(req, hit_blocks, num_hit, out)
+                started = self._start_host_load(req, hit_blocks, num_hit, hashes, out)
                 if started is not None:
                     if not started:
                         return
@@ -206,7 +208,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     return
                 num_new = budget
-            if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_computed, num_new, hit_blocks) is None:
+            if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_computed, num_new, hit_blocks, hashes) is None:
                 return
             self.waiting.popleft()
             if looked_up:
@@ -230,16 +232,19 @@ class Scheduler:
         out.kv_loads.append((req, getattr(req.kv_transfer, "handle", None), block_ids))
         return True
 
-    def _start_host_load(self, req: Request, hit_blocks: list[int], num_hit: int, out: SchedulerOutput) -> bool | None:
+    def _start_host_load(self, req: Request, hit_blocks: list[int], num_hit: int, prompt_hashes: list,
+                         out: SchedulerOutput) -> bool | None:
         """None: the connector holds none of the blocks after the device hits (compute them);
-        else whether the blocks for the ones it holds were allocated and their load started."""
+        else whether the blocks for the ones it holds were allocated and their load started.
+        `prompt_hashes`: the prompt's `lookup_hashes`."""
         bs = self.kv.block_size
-        hashes = hash_prompt_blocks(req.all_token_ids[: (req.num_tokens - 1) // bs * bs], bs)[len(hit_blocks):]
+        hashes = prompt_hashes[len(hit_blocks):]
         num_external = self.external_lookup(hashes) if hashes else 0
         if not num_external:
             return None
         num_load_tokens = num_external * bs
-        table = self.kv.allocate_slots(req.request_id, req.all_token_ids, num_hit, num_load_tokens, hit_blocks)
+        table = self.kv.allocate_slots(req.request_id, req.all_token_ids, num_hit, num_load_tokens, hit_blocks,
+                                       prompt_hashes)
         if table is None:
             return False
         self.waiting.popleft()

@@ -213,14 +213,13 @@ class Router:
         """Colocated workers when configured, else a prefill + decode pair; raises NoHealthyWorker."""
         colocated = "colocated" in self.configured_roles and self.healthy("colocated")
         if colocated or "prefill" not in self.configured_roles:
-            held = self._session_instance("colocated", session_key, prompt_token_ids)
+            held, _ = self._session_instance("colocated", session_key, prompt_token_ids)
             if isinstance(held, Instance):
                 return Route(worker=held, reason="session")
             worker = self.pick_prompt_instance("colocated", prompt_token_ids)  # raises NoHealthyWorker
             return Route(worker=worker, reason=held or self._prompt_reason(prompt_token_ids))
-        held = self._session_instance("decode", session_key, prompt_token_ids)
+        held, num_held = self._session_instance("decode", session_key, prompt_token_ids)
         if isinstance(held, Instance):
-            _, num_held = self.sessions.held_tokens(session_key, prompt_token_ids, self.block_size())
             if 0 < len(prompt_token_ids) - num_held <= self.decode_prefill_max_new_tokens:
                 return Route(worker=held, reason="session-on-decode")
             return Route(prefill=self.pick_prompt_instance("prefill", prompt_token_ids), decode=held, reason="session")
@@ -231,23 +230,25 @@ class Router:
     def remember_session(self, key: str, instance: Instance, turn_token_ids: Sequence[int]) -> None:
         self.sessions.remember(key, instance.url, turn_token_ids, self.block_size())
 
-    def _session_instance(self, role: str, key: str | None, prompt_token_ids: Sequence[int]) -> Instance | str | None:
+    def _session_instance(self, role: str, key: str | None,
+                          prompt_token_ids: Sequence[int]) -> tuple[Instance | str | None, int]:
         """The healthy, not overloaded `role` instance holding the session's blocks, or why not
-        (None: no session, or this prompt does not extend its latest turn)."""
+        (None: no session, or this prompt does not extend its latest turn); and how many of the
+        prompt's tokens it holds."""
         if key is None:
-            return None
+            return None, 0
         url, num_held = self.sessions.held_tokens(key, prompt_token_ids, self.block_size())
         if url is None or not num_held:
-            return None
+            return None, 0
         candidates = [i for i in self.healthy(role)]
         held = next((i for i in candidates if i.url == url), None)
         if held is None:
-            return "session-moved"
+            return "session-moved", num_held
         least = min(i.queued_tokens() for i in candidates)
         num_blocks = -(-(len(prompt_token_ids) - num_held) // self.block_size())
         if held.queued_tokens() > least + self.overload_margin_tokens or held.lacks_blocks(num_blocks):
-            return "session-overloaded"
-        return held
+            return "session-overloaded", num_held
+        return held, num_held
 
     def _prompt_reason(self, prompt_token_ids: Sequence[int]) -> str:
         return "prefix-affinity" if self.affinity_key(prompt_token_ids) is not None else "load"

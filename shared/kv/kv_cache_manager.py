@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from splitserve.shared.kv.block_hash import BlockHash, hash_block_tokens
+from splitserve.shared.kv.block_hash import BlockHash, hash_block_tokens, hash_prompt_blocks
 from splitserve.shared.kv.block_pool import BlockPool, _require
 from splitserve.shared.kv.retention import SessionRetention
 
@@ -90,20 +90,20 @@ class KVCacheManager:
         num_held = len(self._tables.get(request_id, ()))
         return max(0, -(-num_total_tokens // self.block_size) - num_held)
 
-    def get_computed_blocks(self, token_ids: Sequence[int], record_stats: bool = True) -> tuple[list[int], int]:
+    def get_computed_blocks(self, token_ids: Sequence[int], record_stats: bool = True,
+                            block_hashes: Sequence[BlockHash] | None = None) -> tuple[list[int], int]:
         """Leading full blocks of `token_ids` already in the prefix cache: (block_ids, num_tokens).
 
         Takes no references. Leaves at least one token to compute, since the model must run on
         the last prompt token to produce logits. Counts toward the hit-rate stats on every call.
+        `block_hashes`: the chained hashes of token_ids' full blocks (`lookup_hashes`), when the
+        caller has them, so that a long cached prefix is not hashed again here.
         """
         if not self.enable_prefix_caching:
             return [], 0
-        max_hit_blocks = max(0, len(token_ids) - 1) // self.block_size
         hit_blocks: list[int] = []
-        parent: BlockHash | None = None
-        for i in range(max_hit_blocks):
-            parent = hash_block_tokens(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block_id = self.pool.lookup(parent)
+        for block_hash in self.lookup_hashes(token_ids) if block_hashes is None else block_hashes:
+            block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
             hit_blocks.append(block_id)
@@ -111,6 +111,12 @@ class KVCacheManager:
         if record_stats:
             self.record_prefix_query(len(token_ids), num_hit_tokens)
         return hit_blocks, num_hit_tokens
+
+    def lookup_hashes(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        """Chained hashes of the blocks a prefix hit of `token_ids` may cover (every full block
+        but one that holds the last token, which must be computed for its logits)."""
+        bs = self.block_size
+        return hash_prompt_blocks(token_ids[: max(0, len(token_ids) - 1) // bs * bs], bs)
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one prefix-cache lookup in the hit-rate stats (callers that may retry a lookup
@@ -125,12 +131,14 @@ class KVCacheManager:
         num_computed_tokens: int,
         num_new_tokens: int,
         new_computed_blocks: Sequence[int] = (),
+        block_hashes: Sequence[BlockHash] | None = None,
     ) -> list[int] | None:
         """Grow the request's table to cover `num_computed_tokens + num_new_tokens` slots.
 
         `num_computed_tokens` includes the prefix-hit tokens of `new_computed_blocks`, which are
         adopted as the table's head and are only accepted while the table is empty. Returns a copy
         of the whole table, or None when the pool is short, in which case nothing changed.
+        `block_hashes`: token_ids' chained block hashes (at least the hit's), as the lookup had them.
         """
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(f"token counts must be >= 0: {num_computed_tokens} computed, {num_new_tokens} new")
@@ -139,7 +147,7 @@ class KVCacheManager:
         table = self._tables.get(request_id, [])
         hit_hashes: list[BlockHash] = []
         if new_computed_blocks:
-            hit_hashes = self._verify_hit(request_id, token_ids, num_computed_tokens, new_computed_blocks)
+            hit_hashes = self._verify_hit(request_id, token_ids, num_computed_tokens, new_computed_blocks, block_hashes)
         if not self.has_room(request_id, num_computed_tokens + num_new_tokens, new_computed_blocks):
             return None
         num_new_blocks = self.num_blocks_needed(request_id, num_computed_tokens + num_new_tokens)
@@ -303,12 +311,14 @@ class KVCacheManager:
                 _require(cached in (None, block_hash), f"{request_id!r}: block {block_id} holds another hash")
 
     def _verify_hit(
-        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, hit_blocks: Sequence[int]
+        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, hit_blocks: Sequence[int],
+        block_hashes: Sequence[BlockHash] | None = None,
     ) -> list[BlockHash]:
         """Check that `hit_blocks` still hold this request's leading blocks; return their hashes.
 
         Guards against a stale hit (a block evicted and reused between `get_computed_blocks` and
-        this call), which would otherwise silently serve another prompt's KV.
+        this call), which would otherwise silently serve another prompt's KV. With the lookup's
+        `block_hashes` the blocks are checked against them instead of hashing the prefix again.
         """
         if self._tables.get(request_id):
             raise ValueError(f"request {request_id!r} already holds blocks; hits are adopted on first allocation only")
@@ -316,10 +326,12 @@ class KVCacheManager:
             raise ValueError(
                 f"{len(hit_blocks)} hit blocks cover more than the {num_computed_tokens} computed tokens"
             )
-        hashes: list[BlockHash] = []
         bs = self.block_size
+        if block_hashes is not None and len(block_hashes) < len(hit_blocks):
+            raise ValueError(f"{len(block_hashes)} block hashes for a hit of {len(hit_blocks)} blocks")
+        hashes = (list(block_hashes[: len(hit_blocks)]) if block_hashes is not None
+                  else hash_prompt_blocks(token_ids[: len(hit_blocks) * bs], bs))
         for i, block_id in enumerate(hit_blocks):
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
-            if not self._is_placeholder(block_id) and self.pool.cached_hash(block_id) != hashes[-1]:
+            if not self._is_placeholder(block_id) and self.pool.cached_hash(block_id) != hashes[i]:
                 raise ValueError(f"stale prefix hit: block {block_id} no longer holds block {i} of {request_id!r}")
         return hashes

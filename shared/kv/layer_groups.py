@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from splitserve.shared.kv.block_hash import BlockHash, hash_prompt_blocks
+from splitserve.shared.kv.block_hash import BlockHash
 from splitserve.shared.kv.block_pool import _require
 from splitserve.shared.kv.kv_cache_manager import KVCacheManager
 from splitserve.shared.kv.retention import SessionRetention
@@ -121,13 +121,18 @@ class GroupedKVCacheManager:
     def num_blocks_needed(self, request_id: str, num_total_tokens: int) -> int:
         return max(g.num_blocks_needed(request_id, num_total_tokens) for g in self.groups)
 
-    def get_computed_blocks(self, token_ids: Sequence[int], record_stats: bool = True):
+    def lookup_hashes(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        return self.groups[0].lookup_hashes(token_ids)
+
+    def get_computed_blocks(self, token_ids: Sequence[int], record_stats: bool = True,
+                            block_hashes: Sequence[BlockHash] | None = None):
         """(one hit head per group, num_tokens) for the longest prefix every group can serve;
-        ((), 0) when none. Takes no references; leaves at least one token to compute."""
+        ((), 0) when none. Takes no references; leaves at least one token to compute.
+        `block_hashes`: `lookup_hashes(token_ids)`, when the caller has them."""
         hit, num_hit_tokens = (), 0
         if self.enable_prefix_caching:
             bs = self.block_size
-            hashes = hash_prompt_blocks(token_ids[: max(0, len(token_ids) - 1) // bs * bs], bs)
+            hashes = self.lookup_hashes(token_ids) if block_hashes is None else block_hashes
             for num_blocks in range(min(g.hit_bound(hashes) for g in self.groups), 0, -1):
                 heads = self._hit_heads(hashes, num_blocks)
                 if heads is not None:
@@ -154,14 +159,15 @@ class GroupedKVCacheManager:
         self.prefix_hits_tokens += num_hit_tokens
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
-                       num_new_tokens: int, new_computed_blocks: Sequence[Sequence[int]] = ()) -> list[int] | None:
+                       num_new_tokens: int, new_computed_blocks: Sequence[Sequence[int]] = (),
+                       block_hashes: Sequence[BlockHash] | None = None) -> list[int] | None:
         """Grow every group's table, or none when one group is short (then nothing changed);
         `new_computed_blocks` is a hit from `get_computed_blocks`. Returns group 0's table."""
         heads = new_computed_blocks or [()] * len(self.groups)
         total = num_computed_tokens + num_new_tokens
         if not all(g.has_room(request_id, total, head) for g, head in zip(self.groups, heads)):
             return None
-        tables = [g.allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, head)
+        tables = [g.allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, head, block_hashes)
                   for g, head in zip(self.groups, heads)]
         return tables[0]
 

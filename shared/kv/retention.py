@@ -24,10 +24,18 @@ class SessionRetention:
         return len(self._sessions)
 
     def retain(self, key: str, block_hashes: Sequence[BlockHash], until_s: float) -> None:
-        """Retain `block_hashes` for `key` until `until_s` (time.monotonic), in place of its previous turn."""
-        self._on_change(list(block_hashes), True)  # before the release, so shared hashes never drop out
-        self.release(key)
-        self._sessions[key] = (list(block_hashes), until_s)
+        """Retain `block_hashes` for `key` until `until_s` (time.monotonic), in place of its previous turn.
+
+        Only the difference is passed on: a next turn extends the previous one, so the owner
+        hears of its new blocks (and of a dropped tail), not of the whole history again."""
+        previous, _ = self._sessions.pop(key, ((), 0.0))
+        hashes = list(block_hashes)
+        num_shared = shared_prefix_len(previous, hashes)
+        if hashes[num_shared:]:  # before the release, so hashes the turns share never drop out
+            self._on_change(hashes[num_shared:], True)
+        if previous[num_shared:]:
+            self._on_change(previous[num_shared:], False)
+        self._sessions[key] = (hashes, until_s)
         self._next_expiry_s = min(self._next_expiry_s, until_s)
 
     def release(self, key: str) -> None:
@@ -41,3 +49,16 @@ class SessionRetention:
         for key in [k for k, (_, until) in self._sessions.items() if until <= now_s]:
             self.release(key)
         self._next_expiry_s = min((until for _, until in self._sessions.values()), default=float("inf"))
+
+
+def shared_prefix_len(a: Sequence[BlockHash], b: Sequence[BlockHash]) -> int:
+    """How many leading hashes two chained-hash lists share. A chained hash stands for its whole
+    prefix, so equality at i implies equality before i: a binary search finds the end."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            low = mid
+        else:
+            high = mid - 1
+    return low

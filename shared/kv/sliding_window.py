@@ -55,14 +55,16 @@ class SlidingWindowKVCacheManager(KVCacheManager):
         live = [self.pool.lookup(h) for h in block_hashes[num_dead:num_blocks]]
         return None if None in live else [self.null_block] * num_dead + live
 
-    def allocate_slots(self, request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks=()):
+    def allocate_slots(self, request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks=(),
+                       block_hashes=None):
         """The parent's, except that a hit's head may be null entries (`hit_blocks`): they count
         as released blocks of the request."""
         num_null = next((i for i, b in enumerate(new_computed_blocks) if b != self.null_block),
                         len(new_computed_blocks))
         if self.null_block in new_computed_blocks[num_null:]:
             raise ValueError(f"request {request_id!r}: null entries only lead a hit, got {list(new_computed_blocks)}")
-        table = super().allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks)
+        table = super().allocate_slots(request_id, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks,
+                                       block_hashes)
         if table is not None and num_null:
             self._num_released[request_id] = num_null
         return table

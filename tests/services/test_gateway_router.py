@@ -222,3 +222,18 @@ def test_retired_instances_take_no_requests_and_go_once_idle():
         assert {router.route([i] * (3 * BLOCK)).prefill.url for i in range(20)} == {"p1:1"}
         assert router.idle_retired() == []
     assert router.idle_retired() == [p0]
+
+
+def test_the_session_directory_holds_a_turn_s_full_blocks_and_tells_a_changed_history_apart():
+    from splitserve.services.gateway.sessions import SessionDirectory
+
+    sessions = SessionDirectory()
+    turn = list(range(300, 300 + 3 * BLOCK + 1))  # the last token sampled has no KV yet
+    sessions.remember("agent", "w0:1", turn, BLOCK)
+    assert sessions.held_tokens("agent", turn + [1, 2], BLOCK) == ("w0:1", 3 * BLOCK)
+    edited = list(turn)
+    edited[-3] += 1  # one token of the held history differs: nothing is held
+    assert sessions.held_tokens("agent", edited + [1, 2], BLOCK) == ("w0:1", 0)
+    assert sessions.held_tokens("agent", turn[: 2 * BLOCK], BLOCK) == (None, 0)  # shorter than the held turn
+    sessions.remember("agent", "w0:1", turn[:BLOCK], BLOCK)  # no full block before its last token
+    assert sessions.held_tokens("agent", turn, BLOCK) == (None, 0)

@@ -238,3 +238,19 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
 
 KVCacheManagerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_kv_cache_manager_state_machine = KVCacheManagerMachine.TestCase
+
+
+def test_a_stale_hit_is_refused_also_when_the_lookup_hashes_are_passed():
+    kv = KVCacheManager(4, 2)
+    tokens = [1, 2, 3, 4, 5]
+    hashes = kv.lookup_hashes(tokens)
+    kv.allocate_slots("a", tokens, 0, 5)
+    kv.cache_computed_blocks("a", tokens, 4)
+    hit, num_hit = kv.get_computed_blocks(tokens, block_hashes=hashes)
+    assert num_hit == 4 and hit == kv.block_ids("a")[:2]
+    kv.free("a")
+    kv.allocate_slots("hog", [9] * 8, 0, 8)  # evicts and reuses every block of a
+    with pytest.raises(ValueError, match="stale prefix hit"):
+        kv.allocate_slots("b", tokens, num_hit, 1, hit, hashes)
+    kv.free("hog")
+    kv.check_integrity()

@@ -174,3 +174,25 @@ def test_a_failed_remote_load_of_a_split_pool_recomputes_from_fresh_blocks():
     assert s.num_unfinished == 0
     kv.check_integrity()
     assert kv.group_free_blocks() == [32, 11]
+
+
+def test_a_cached_prefix_is_hashed_once_when_its_next_turn_is_admitted(monkeypatch):
+    """The device lookup, the host tier's lookup and the hit's check in allocate_slots share one
+    pass over the prompt's blocks (a retained turn's history is thousands of tokens)."""
+    import splitserve.shared.kv.block_hash as block_hash
+
+    asked = []
+    s = Scheduler(SchedulerConfig(), KVCacheManager(64, 4), external_lookup=lambda hashes: asked.append(hashes) or 0)
+    s.add(request("turn-1", 40, max_tokens=1))
+    run_to_completion(s)  # its 10 full blocks stay cached
+    hashed = []
+    real = block_hash.hash_block_tokens
+    monkeypatch.setattr(block_hash, "hash_block_tokens", lambda parent, ids: hashed.append(1) or real(parent, ids))
+    turn_2 = request("turn-2", 40 + 12, max_tokens=1)  # the same 40 tokens, then 12 new ones
+    s.add(turn_2)
+    out = s.schedule()
+    assert [x.num_new_tokens for x in out.scheduled] == [12] and turn_2.num_cached_tokens == 40
+    assert len(hashed) == (52 - 1) // 4  # every full block before the last token, once
+    assert len(asked[-1]) == 2  # the tier is asked only for the blocks past the device's hits
+    fake_step(s, out)
+    assert_empty(s)
