@@ -294,29 +294,20 @@ def _num_sms(device_index: int) -> int:
 
 
 def _choose_num_splits(q: torch.Tensor, num_programs: int, max_query_len: int | None, max_seq_len: int | None) -> int:
-    """Split the key range only when few programs would each walk a long context.
+    """Split the key range only when few programs would each walk a long context (decode, small batch).
 
-    Splits when there are fewer than two (query tile, kv head) programs per SM, aiming for about
-    four, each split keeping at least 256 keys of cached context so the merge stays negligible.
-    Decode, measured on H100 (bf16, Hkv=8): batch 1 x 4096 context 100 -> 12 us with 16 splits;
-    batch 32 x 4096 (256 programs) 200 -> 190 us with 3 splits; batch 64 x 2048 (512 programs) got
-    slower split in two (103 -> 119 us), hence the 2-per-SM threshold. A short prefill over a long
-    cached history is the same case (a retained agent turn, 528 new tokens over 5k: 17 query
-    tiles x 8 kv heads = 136 programs on 132 SMs, each walking 5k keys alone); a prefill without
-    such a history has under 512 keys of context and is never split.
+    Splits when there are fewer than two (request, kv head) programs per SM, aiming for about four,
+    each split keeping at least 256 keys so the merge stays negligible. Measured on H100 (bf16,
+    Hkv=8): batch 1 x 4096 context 100 -> 12 us with 16 splits; batch 32 x 4096 (256 programs)
+    200 -> 190 us with 3 splits; batch 64 x 2048 (512 programs) got slower split in two (103 -> 119 us),
+    hence the 2-per-SM threshold.
     """
-    if not q.is_cuda or max_query_len is None or max_seq_len is None:
+    if not q.is_cuda or max_query_len is None or max_seq_len is None or max_query_len > 1:
         return 1
     num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    return num_splits_for(num_sms, num_programs, max_query_len, max_seq_len)
-
-
-def num_splits_for(num_sms: int, num_programs: int, max_query_len: int, max_seq_len: int) -> int:
-    """`_choose_num_splits` on a device of `num_sms` SMs."""
-    context_len = max_seq_len - max_query_len + 1  # keys before the first query (decode: all of them)
-    if num_programs >= 2 * num_sms or context_len < 512:
+    if num_programs >= 2 * num_sms or max_seq_len < 512:
         return 1
-    return max(1, min(triton.cdiv(4 * num_sms, num_programs), context_len // 256, 32))
+    return max(1, min(triton.cdiv(4 * num_sms, num_programs), max_seq_len // 256, 32))
 
 
 @dataclass(frozen=True)
@@ -382,8 +373,7 @@ def paged_attention(
     block_q = block_m // group_pad
     num_tiles = num_tokens // block_q + num_reqs
     if num_splits is None:
-        num_programs = (num_reqs if decode_only else num_tiles) * num_kv_heads  # a decode request is one tile
-        num_splits = _choose_num_splits(q, num_programs, max_query_len, max_seq_len)
+        num_splits = _choose_num_splits(q, num_reqs * num_kv_heads, max_query_len, max_seq_len)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
 

@@ -100,14 +100,3 @@ def test_rejects_wrong_metadata_dtype():
     batch.seq_lens = batch.seq_lens.long()
     with pytest.raises(TypeError, match="seq_lens"):
         paged_attention(*batch.args())
-
-
-def test_the_key_range_is_split_for_few_programs_over_a_long_context_only():
-    from splitserve.kernels.paged_attention import num_splits_for
-
-    # decode, as before: batch 1 over 4096 keys splits 16 ways; 512 programs do not split
-    assert num_splits_for(132, 8, 1, 4096) == 16 and num_splits_for(132, 512, 1, 2048) == 1
-    # a retained turn: 528 new tokens over a 5k history, 17 tiles x 8 kv heads on 132 SMs
-    assert num_splits_for(132, 136, 528, 5632) == 4
-    # a fresh prompt of the same length has no cached context to split, nor does a long one
-    assert num_splits_for(132, 136, 528, 528) == 1 and num_splits_for(132, 2056, 8192, 8192) == 1
