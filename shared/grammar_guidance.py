@@ -45,8 +45,9 @@ class GuidanceBackend:
     """llguidance for one tokenizer: compiled grammars are validated grammar texts."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                      eos_token=list(eos_token_ids) or None)
+        # EOS ids past the tokenizer (a padded embedding) are never sampled under a grammar
+        eos = [t for t in eos_token_ids if t < len(tokenizer)]
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos or None)
         self.special_texts = frozenset(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         """The texts of special tokens: a tool-call trigger that is one is matched as that token."""
 
