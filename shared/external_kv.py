@@ -61,7 +61,7 @@ class ExternalKV:
         for request_id in events.loaded:
             req = self.scheduler.finish_kv_load(request_id, ok=True)
             if req is not None:
-                self.kv.cache_computed_blocks(request_id, req.all_token_ids, req.num_computed_tokens)
+                self._register_loaded(req)
                 if request_id in self.kv_windows:  # remote KV (a host-tier restore moved no KV between engines)
                     self.kv_bytes[request_id] = events.loaded_bytes.get(request_id, 0)
                 self._end_window(request_id, ok=True)
@@ -69,6 +69,14 @@ class ExternalKV:
             if self.scheduler.finish_kv_load(request_id, ok=False) is not None:
                 self._end_window(request_id, ok=False)
                 logger.warning("KV load for %s failed (%s); recomputing it here", request_id, reason)
+
+    def _register_loaded(self, req: Request) -> None:
+        """The loaded blocks join the prefix cache: under the hashes the prefill sent with its
+        handle when they check out, else (an older peer, or a refusal) hashed here."""
+        hashes = getattr(getattr(req.kv_transfer, "handle", None), "block_hashes", ())
+        if hashes and not self.kv.adopt_block_hashes(req.request_id, req.all_token_ids, req.num_computed_tokens, hashes):
+            logger.warning("the handle's block hashes for %s do not match its prompt; hashing it here", req.request_id)
+        self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def _end_window(self, request_id: str, ok: bool) -> None:
         if request_id in self.kv_windows:
@@ -96,7 +104,8 @@ class ExternalKV:
         block_ids = self.kv.prompt_block_ids(req.request_id, req.num_prompt_tokens)  # one list per group if split
         self.held[req.request_id] = req
         self.retain_session(req)
-        return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens)
+        hashes = self.kv.block_hashes(req.request_id)[: req.num_prompt_tokens // self.block_size]
+        return self.connector.hold(req.request_id, block_ids, req.num_prompt_tokens, hashes)
 
     def retain_session(self, req: Request) -> None:
         """A keyed request's blocks (prompt + output) outlive it at a higher priority, on both tiers."""

@@ -76,7 +76,8 @@ class KVConnector(Protocol):
 
     def save_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> list[int]: ...
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> object: ...
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int,
+             block_hashes: Sequence[BlockHash] = ()) -> object: ...
 
     def retain(self, key: str, block_hashes: Sequence[BlockHash], until_s: float) -> None: ...
 
@@ -115,10 +116,11 @@ class CompositeConnector:
     def save_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> list[int]:
         return self.tier.save_blocks(block_ids, block_hashes) if self.tier is not None else []
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> object:
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int,
+             block_hashes: Sequence[BlockHash] = ()) -> object:
         if self.transfer is None:
             raise RuntimeError("holding KV for another engine needs the transfer connector")
-        return self.transfer.hold(request_id, block_ids, num_tokens)
+        return self.transfer.hold(request_id, block_ids, num_tokens, block_hashes)
 
     def retain(self, key: str, block_hashes: Sequence[BlockHash], until_s: float) -> None:
         if self.tier is not None:

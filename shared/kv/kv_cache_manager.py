@@ -222,10 +222,40 @@ class KVCacheManager:
             )
         bs = self.block_size
         for i in range(len(hashes), num_computed_tokens // bs):
-            block_hash = hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
-            if self.pool.cache_block(table[i], block_hash) and self.track_newly_cached:
-                self._newly_cached.append((table[i], block_hash))
-            hashes.append(block_hash)
+            self._register(table, hashes, hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+
+    def adopt_block_hashes(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                           block_hashes: Sequence[BlockHash]) -> bool:
+        """Register a loaded request's full blocks under the chained hashes its sender computed
+        over the same tokens (a P/D hand-off: the prompt is not hashed twice). Refused (False:
+        `cache_computed_blocks` then hashes them) unless there is one hash per full block of the
+        computed tokens, none registered yet, and the first and last hashes match the tokens here
+        (two blocks hashed, not the prompt), so a handle paired with another prompt is caught."""
+        if not self.enable_prefix_caching:
+            return True
+        table, hashes = self._tables.get(request_id), self._block_hashes.get(request_id)
+        n = len(block_hashes)
+        if table is None or hashes or n == 0 or n != num_computed_tokens // self.block_size or n > len(table):
+            return False
+        if not self._ends_match(token_ids, block_hashes):
+            return False
+        for block_hash in block_hashes:
+            self._register(table, hashes, block_hash)
+        return True
+
+    def _ends_match(self, token_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> bool:
+        bs, n = self.block_size, len(block_hashes)
+        if hash_block_tokens(None, token_ids[:bs]) != block_hashes[0]:
+            return False
+        parent = block_hashes[-2] if n > 1 else None
+        return hash_block_tokens(parent, token_ids[(n - 1) * bs : n * bs]) == block_hashes[-1]
+
+    def _register(self, table: list[int], hashes: list[BlockHash], block_hash: BlockHash) -> None:
+        """Block len(hashes) of `table` is full and holds the KV `block_hash` names."""
+        block_id = table[len(hashes)]
+        if self.pool.cache_block(block_id, block_hash) and self.track_newly_cached:
+            self._newly_cached.append((block_id, block_hash))
+        hashes.append(block_hash)
 
     def block_hashes(self, request_id: str) -> list[BlockHash]:
         """Chained hashes of the request's full computed blocks registered so far."""

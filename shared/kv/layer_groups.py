@@ -202,6 +202,11 @@ class GroupedKVCacheManager:
         for g in self.groups:
             g.cache_computed_blocks(request_id, token_ids, num_computed_tokens)
 
+    def adopt_block_hashes(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                           block_hashes: Sequence[BlockHash]) -> bool:
+        return all([g.adopt_block_hashes(request_id, token_ids, num_computed_tokens, block_hashes)
+                    for g in self.groups])
+
     def release_out_of_window(self, request_id: str, num_computed_tokens: int) -> int:
         """Free the sliding groups' blocks their windows slid past; how many, over all groups."""
         return sum(g.release_out_of_window(request_id, num_computed_tokens)

@@ -110,7 +110,8 @@ class HostTier:
         self._loads[request_id] = job
         self._submit(job)
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> object:
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int,
+             block_hashes: Sequence[BlockHash] = ()) -> object:
         raise RuntimeError("the host tier holds no KV for another engine")
 
     def retain(self, key: str, block_hashes: Sequence[BlockHash], until_s: float) -> None:

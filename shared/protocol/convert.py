@@ -80,7 +80,7 @@ def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutput
 # ---- KV handle ----------------------------------------------------------------------------
 
 _KV_HANDLE_FIELDS = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "groups",
-                     "control_address")
+                     "control_address", "block_hashes")
 
 
 def kv_handle_to_proto(handle: Any) -> pb.KvHandle:
@@ -90,6 +90,7 @@ def kv_handle_to_proto(handle: Any) -> pb.KvHandle:
         block_ids=list(handle.block_ids), num_tokens=handle.num_tokens, layout_hash=str(handle.layout_hash),
         control_address=handle.control_address,
         groups=[pb.KvGroupBlocks(block_ids=list(ids)) for ids in handle.groups],
+        block_hashes=list(handle.block_hashes),
     )
 
 
@@ -100,7 +101,8 @@ def kv_handle_from_proto(msg: pb.KvHandle) -> Any:
     return KvHandle.from_dict({
         "version": msg.version, "instance_id": msg.instance_id, "request_id": msg.request_id,
         "block_ids": list(msg.block_ids), "num_tokens": msg.num_tokens, "layout_hash": msg.layout_hash,
-        "control_address": msg.control_address, "groups": [list(g.block_ids) for g in msg.groups]})
+        "control_address": msg.control_address, "groups": [list(g.block_ids) for g in msg.groups],
+        "block_hashes": list(msg.block_hashes)})
 
 
 # ---- tokens -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\"\xaf\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12<\n\x12structured_outputs\x18\x0f \x01(\x0b\x32 .splitserve.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xad\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"q\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"n\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\xc7\x01\n\x08KvHandle\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\x12,\n\x06groups\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.KvGroupBlocks\"\"\n\rKvGroupBlocks\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\"/\n\x0bSessionHint\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bretention_s\x18\x02 \x01(\x01\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12+\n\x07session\x18\x05 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\"\xca\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\tkv_handle\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.PromptLogprobB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"\x90\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\tkv_handle\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12.\n\x0b\x66irst_token\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12G\n\rtrace_context\x18\x07 \x03(\x0b\x32\x30.splitserve.v1.GenerateRequest.TraceContextEntry\x12+\n\x07session\x18\x08 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\rGenerateStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x03\x12\x1d\n\x15num_recomputed_tokens\x18\x04 \x01(\x05\"\xf5\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobs\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.splitserve.v1.GenerateStats\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12*\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.splitserve.v1.RequestError\x12\x35\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1c.splitserve.v1.PromptLogprobB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0eSessionCommand\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.splitserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.AbortRequestH\x00\x12\x10\n\x06\x63redit\x18\x03 \x01(\rH\x00\x42\t\n\x07\x63ommand\"=\n\rSessionOutput\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.GenerateChunk\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\xab\x03\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1a\n\x12num_waiting_tokens\x18\x07 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\t \x01(\x05\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fprefix_hit_rate\x18\x0b \x01(\x01\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x39\n\x08\x63ounters\x18\r \x03(\x0b\x32\'.splitserve.v1.LoadReport.CountersEntry\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb7\x03\n\x06Worker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12J\n\x07Session\x12\x1d.splitserve.v1.SessionCommand\x1a\x1c.splitserve.v1.SessionOutput(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.LoadReport\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\"\xaf\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12<\n\x12structured_outputs\x18\x0f \x01(\x0b\x32 .splitserve.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xad\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"q\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"n\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\xdd\x01\n\x08KvHandle\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\x12,\n\x06groups\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.KvGroupBlocks\x12\x14\n\x0c\x62lock_hashes\x18\t \x03(\x0c\"\"\n\rKvGroupBlocks\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\"/\n\x0bSessionHint\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bretention_s\x18\x02 \x01(\x01\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12+\n\x07session\x18\x05 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\"\xca\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\tkv_handle\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.PromptLogprobB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"\x90\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\tkv_handle\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12.\n\x0b\x66irst_token\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.FirstToken\x12G\n\rtrace_context\x18\x07 \x03(\x0b\x32\x30.splitserve.v1.GenerateRequest.TraceContextEntry\x12+\n\x07session\x18\x08 \x01(\x0b\x32\x1a.splitserve.v1.SessionHint\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\rGenerateStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x03\x12\x1d\n\x15num_recomputed_tokens\x18\x04 \x01(\x05\"\xf5\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobs\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.splitserve.v1.GenerateStats\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12*\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.splitserve.v1.RequestError\x12\x35\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1c.splitserve.v1.PromptLogprobB\x10\n\x0e_finish_reasonB\x10\n\x0e_stop_token_id\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0eSessionCommand\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.splitserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.AbortRequestH\x00\x12\x10\n\x06\x63redit\x18\x03 \x01(\rH\x00\x42\t\n\x07\x63ommand\"=\n\rSessionOutput\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.GenerateChunk\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\xab\x03\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1a\n\x12num_waiting_tokens\x18\x07 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\t \x01(\x05\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fprefix_hit_rate\x18\x0b \x01(\x01\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x39\n\x08\x63ounters\x18\r \x03(\x0b\x32\'.splitserve.v1.LoadReport.CountersEntry\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb7\x03\n\x06Worker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12J\n\x07Session\x12\x1d.splitserve.v1.SessionCommand\x1a\x1c.splitserve.v1.SessionOutput(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.LoadReport\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_LOADREPORT_COUNTERSENTRY']._loaded_options = None
   _globals['_LOADREPORT_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=3718
-  _globals['_WORKERROLE']._serialized_end=3835
+  _globals['_WORKERROLE']._serialized_start=3740
+  _globals['_WORKERROLE']._serialized_end=3857
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=605
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=500
@@ -56,43 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIRSTTOKEN']._serialized_start=1037
   _globals['_FIRSTTOKEN']._serialized_end=1147
   _globals['_KVHANDLE']._serialized_start=1150
-  _globals['_KVHANDLE']._serialized_end=1349
-  _globals['_KVGROUPBLOCKS']._serialized_start=1351
-  _globals['_KVGROUPBLOCKS']._serialized_end=1385
-  _globals['_SESSIONHINT']._serialized_start=1387
-  _globals['_SESSIONHINT']._serialized_end=1434
-  _globals['_PREFILLREQUEST']._serialized_start=1437
-  _globals['_PREFILLREQUEST']._serialized_end=1618
-  _globals['_PREFILLRESPONSE']._serialized_start=1621
-  _globals['_PREFILLRESPONSE']._serialized_end=1951
-  _globals['_GENERATEREQUEST']._serialized_start=1954
-  _globals['_GENERATEREQUEST']._serialized_end=2354
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=2303
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=2354
-  _globals['_GENERATESTATS']._serialized_start=2356
-  _globals['_GENERATESTATS']._serialized_end=2483
-  _globals['_GENERATECHUNK']._serialized_start=2486
-  _globals['_GENERATECHUNK']._serialized_end=2859
-  _globals['_REQUESTERROR']._serialized_start=2861
-  _globals['_REQUESTERROR']._serialized_end=2906
-  _globals['_SESSIONCOMMAND']._serialized_start=2909
-  _globals['_SESSIONCOMMAND']._serialized_end=3052
-  _globals['_SESSIONOUTPUT']._serialized_start=3054
-  _globals['_SESSIONOUTPUT']._serialized_end=3115
-  _globals['_ABORTREQUEST']._serialized_start=3117
-  _globals['_ABORTREQUEST']._serialized_end=3151
-  _globals['_ABORTRESPONSE']._serialized_start=3153
-  _globals['_ABORTRESPONSE']._serialized_end=3183
-  _globals['_LOADREQUEST']._serialized_start=3185
-  _globals['_LOADREQUEST']._serialized_end=3198
-  _globals['_LOADREPORT']._serialized_start=3201
-  _globals['_LOADREPORT']._serialized_end=3628
-  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_start=3581
-  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_end=3628
-  _globals['_HEALTHREQUEST']._serialized_start=3630
-  _globals['_HEALTHREQUEST']._serialized_end=3645
-  _globals['_HEALTHRESPONSE']._serialized_start=3647
-  _globals['_HEALTHRESPONSE']._serialized_end=3716
-  _globals['_WORKER']._serialized_start=3838
-  _globals['_WORKER']._serialized_end=4277
+  _globals['_KVHANDLE']._serialized_end=1371
+  _globals['_KVGROUPBLOCKS']._serialized_start=1373
+  _globals['_KVGROUPBLOCKS']._serialized_end=1407
+  _globals['_SESSIONHINT']._serialized_start=1409
+  _globals['_SESSIONHINT']._serialized_end=1456
+  _globals['_PREFILLREQUEST']._serialized_start=1459
+  _globals['_PREFILLREQUEST']._serialized_end=1640
+  _globals['_PREFILLRESPONSE']._serialized_start=1643
+  _globals['_PREFILLRESPONSE']._serialized_end=1973
+  _globals['_GENERATEREQUEST']._serialized_start=1976
+  _globals['_GENERATEREQUEST']._serialized_end=2376
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=2325
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=2376
+  _globals['_GENERATESTATS']._serialized_start=2378
+  _globals['_GENERATESTATS']._serialized_end=2505
+  _globals['_GENERATECHUNK']._serialized_start=2508
+  _globals['_GENERATECHUNK']._serialized_end=2881
+  _globals['_REQUESTERROR']._serialized_start=2883
+  _globals['_REQUESTERROR']._serialized_end=2928
+  _globals['_SESSIONCOMMAND']._serialized_start=2931
+  _globals['_SESSIONCOMMAND']._serialized_end=3074
+  _globals['_SESSIONOUTPUT']._serialized_start=3076
+  _globals['_SESSIONOUTPUT']._serialized_end=3137
+  _globals['_ABORTREQUEST']._serialized_start=3139
+  _globals['_ABORTREQUEST']._serialized_end=3173
+  _globals['_ABORTRESPONSE']._serialized_start=3175
+  _globals['_ABORTRESPONSE']._serialized_end=3205
+  _globals['_LOADREQUEST']._serialized_start=3207
+  _globals['_LOADREQUEST']._serialized_end=3220
+  _globals['_LOADREPORT']._serialized_start=3223
+  _globals['_LOADREPORT']._serialized_end=3650
+  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_start=3603
+  _globals['_LOADREPORT_COUNTERSENTRY']._serialized_end=3650
+  _globals['_HEALTHREQUEST']._serialized_start=3652
+  _globals['_HEALTHREQUEST']._serialized_end=3667
+  _globals['_HEALTHRESPONSE']._serialized_start=3669
+  _globals['_HEALTHRESPONSE']._serialized_end=3738
+  _globals['_WORKER']._serialized_start=3860
+  _globals['_WORKER']._serialized_end=4299
 # @@protoc_insertion_point(module_scope)

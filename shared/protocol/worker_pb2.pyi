@@ -122,7 +122,7 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "control_address", "groups")
+    __slots__ = ("version", "instance_id", "request_id", "block_ids", "num_tokens", "layout_hash", "control_address", "groups", "block_hashes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class KvHandle(_message.Message):
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     version: int
     instance_id: str
     request_id: str
@@ -139,7 +140,8 @@ class KvHandle(_message.Message):
     layout_hash: str
     control_address: str
     groups: _containers.RepeatedCompositeFieldContainer[KvGroupBlocks]
-    def __init__(self, version: _Optional[int] = ..., instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., control_address: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[KvGroupBlocks, _Mapping]]] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, version: _Optional[int] = ..., instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., control_address: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[KvGroupBlocks, _Mapping]]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class KvGroupBlocks(_message.Message):
     __slots__ = ("block_ids",)

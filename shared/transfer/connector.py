@@ -144,9 +144,11 @@ class TransferConnector:
             raise RuntimeError("control_address exists on the prefill side only")
         return self._server.address
 
-    def hold(self, request_id: str, block_ids: list[int] | list[list[int]], num_tokens: int) -> KvHandle:
+    def hold(self, request_id: str, block_ids: list[int] | list[list[int]], num_tokens: int,
+             block_hashes=()) -> KvHandle:
         """Prefill side: keeps `block_ids` (one list per group of a split pool) for a decode side
-        to load; starts the lease."""
+        to load; starts the lease. `block_hashes` (the prompt's full blocks' chained hashes, if
+        known) travel in the handle."""
         if self._prefill is None:
             raise RuntimeError(f"hold() needs role 'prefill' or 'both', this connector is {self.config.role!r}")
         groups = self._checked_groups(block_ids, f"hold({request_id!r})")
@@ -159,7 +161,7 @@ class TransferConnector:
             raise ValueError(f"hold({request_id!r}): {num_tokens} tokens do not fit block lists of "
                              f"{lengths} blocks of {self.block_size}")
         staging = self._shards.gather(groups[0]) if self._shards else None
-        return self._prefill.hold(request_id, groups, num_tokens, staging)
+        return self._prefill.hold(request_id, groups, num_tokens, staging, tuple(block_hashes))
 
     def start_load(self, request_id: str, handle: KvHandle, dst_block_ids: list[int] | list[list[int]]) -> None:
         """Decode side: starts pulling the handle's blocks into `dst_block_ids` (one list per group

@@ -59,6 +59,9 @@ class KvHandle:
     groups: tuple[tuple[int, ...], ...] = ()
     """A pool split by KV layer group: each group's blocks, in group order, each list ending at the
     prompt's last block (a sliding group's starts where its window begins); `block_ids` is empty."""
+    block_hashes: tuple[bytes, ...] = ()
+    """Chained hashes of the prompt's full blocks (shared/kv/block_hash.py), so the decode side
+    registers the loaded blocks without hashing the prompt; () when the prefill had none."""
 
     def block_lists(self) -> list[tuple[int, ...]]:
         """One block list per pool: the split pool's groups, or the one pool's `block_ids`."""
@@ -72,6 +75,7 @@ class KvHandle:
         d = asdict(self)
         d["block_ids"] = list(self.block_ids)
         d["groups"] = [list(ids) for ids in self.groups]
+        d["block_hashes"] = list(self.block_hashes)
         return d
 
     @classmethod
@@ -93,10 +97,13 @@ class KvHandle:
             raise KvHandleError("KvHandle sets both 'block_ids' (one pool) and 'groups' (a split pool)")
         if d["num_tokens"] < 0:
             raise KvHandleError(f"KvHandle field 'num_tokens' is negative: {d['num_tokens']}")
+        hashes = d.get("block_hashes", ())
+        if not isinstance(hashes, (list, tuple)) or not all(isinstance(h, bytes) and h for h in hashes):
+            raise KvHandleError("KvHandle field 'block_hashes' must hold non-empty bytes")
         return cls(version=d["version"], instance_id=d["instance_id"], request_id=d["request_id"],
                    block_ids=tuple(d["block_ids"]), num_tokens=d["num_tokens"],
                    layout_hash=d["layout_hash"], control_address=d["control_address"],
-                   groups=tuple(tuple(ids) for ids in groups))
+                   groups=tuple(tuple(ids) for ids in groups), block_hashes=tuple(hashes))
 
 
 def _check_ids(ids, name: str) -> None:

@@ -83,7 +83,7 @@ class PrefillSide:
     # ---- engine thread ---------------------------------------------------------------------
 
     def hold(self, request_id: str, groups: list[list[int]], num_tokens: int,
-             staging: torch.Tensor | None = None) -> KvHandle:
+             staging: torch.Tensor | None = None, block_hashes: tuple[bytes, ...] = ()) -> KvHandle:
         groups = tuple(tuple(ids) for ids in groups)
         with self._lock:
             if request_id in self._holds:
@@ -92,7 +92,8 @@ class PrefillSide:
                                            time.monotonic() + self._lease_s, staging=staging)
         split = len(groups) > 1
         return KvHandle(KV_HANDLE_VERSION, self._instance_id, request_id, () if split else groups[0],
-                        num_tokens, self._layout_hash, self._server.address, groups=groups if split else ())
+                        num_tokens, self._layout_hash, self._server.address, groups=groups if split else (),
+                        block_hashes=block_hashes)
 
     def num_held(self) -> int:
         with self._lock:

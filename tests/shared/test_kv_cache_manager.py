@@ -254,3 +254,54 @@ def test_a_stale_hit_is_refused_also_when_the_lookup_hashes_are_passed():
         kv.allocate_slots("b", tokens, num_hit, 1, hit, hashes)
     kv.free("hog")
     kv.check_integrity()
+
+
+def _count_hashing(monkeypatch) -> list[int]:
+    """Counts the block hashes the manager computes itself."""
+    from splitserve.shared.kv import kv_cache_manager
+
+    calls, real = [], kv_cache_manager.hash_block_tokens
+    monkeypatch.setattr(kv_cache_manager, "hash_block_tokens", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_a_loaded_prompt_adopts_the_senders_hashes_and_hashes_only_the_two_it_checks(monkeypatch):
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    prompt = list(range(14))  # three full blocks and a partial one
+    table = kv.allocate_load_slots("d", prompt, len(prompt))
+    calls = _count_hashing(monkeypatch)
+    assert kv.adopt_block_hashes("d", prompt, len(prompt), hash_prompt_blocks(prompt, BS))
+    kv.cache_computed_blocks("d", prompt, len(prompt))  # nothing left to hash
+    assert len(calls) == 2  # the first block and the last, not the prompt
+    assert kv.block_hashes("d") == hash_prompt_blocks(prompt, BS)
+    assert kv.get_computed_blocks(prompt + [7]) == (table[:3], 12)
+    kv.check_integrity()
+
+
+def _tampered_last(hashes):
+    return hashes[:-1] + [bytes(16)]
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda hashes: hashes[:2],  # one hash short of the full blocks
+    lambda hashes: hash_prompt_blocks(list(range(100, 114)), BS),  # another prompt's
+    _tampered_last,
+    lambda hashes: [],
+], ids=["short", "another-prompt", "tampered-last", "none"])
+def test_hashes_that_do_not_fit_the_loaded_prompt_are_refused_and_it_is_hashed_here(wrong):
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    prompt = list(range(14))
+    kv.allocate_load_slots("d", prompt, len(prompt))
+    assert not kv.adopt_block_hashes("d", prompt, len(prompt), wrong(hash_prompt_blocks(prompt, BS)))
+    assert kv.block_hashes("d") == []  # nothing registered under a refused hash
+    kv.cache_computed_blocks("d", prompt, len(prompt))
+    assert kv.block_hashes("d") == hash_prompt_blocks(prompt, BS)
+    kv.check_integrity()
+
+
+def test_without_prefix_caching_adopting_registers_nothing():
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    prompt = list(range(8))
+    kv.allocate_load_slots("d", prompt, len(prompt))
+    assert kv.adopt_block_hashes("d", prompt, len(prompt), hash_prompt_blocks(prompt, BS))
+    assert kv.block_hashes("d") == [] and kv.get_computed_blocks(prompt + [1]) == ([], 0)

@@ -65,3 +65,27 @@ def test_runs_merge_only_where_both_sides_are_adjacent():
 def test_config_validation_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TransferConfig(**kwargs).validate()
+
+
+def test_the_prompts_block_hashes_round_trip_through_a_dict_and_the_proto():
+    from splitserve.shared.protocol import convert
+
+    h = _handle(block_hashes=(b"\x01" * 16, b"\x02" * 16))
+    assert KvHandle.from_dict(h.to_dict()) == h
+    assert convert.kv_handle_from_proto(convert.kv_handle_to_proto(h)) == h
+
+
+def test_a_handle_from_a_peer_without_block_hashes_has_none():
+    from splitserve.shared.protocol import convert
+
+    old_peer = convert.pb.KvHandle(version=1, instance_id="i", request_id="r", block_ids=[3, 4], num_tokens=20,
+                                   layout_hash="h", control_address="tcp://127.0.0.1:1")
+    assert convert.kv_handle_from_proto(old_peer).block_hashes == ()
+
+
+@pytest.mark.parametrize("value", [["ab"], [b""], "ab", [b"\x01", 3]])
+def test_block_hashes_that_are_not_bytes_are_refused_by_name(value):
+    d = _handle().to_dict()
+    d["block_hashes"] = value
+    with pytest.raises(KvHandleError, match="block_hashes"):
+        KvHandle.from_dict(d)
