@@ -86,6 +86,7 @@ class LocalStack:
         # the launcher alone left its workers running, orphaned, on a loaded machine's cores.
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
                                         start_new_session=True)
+        self._stop_sent = False
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -109,9 +110,15 @@ class LocalStack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def begin_stop(self) -> None:
+        """Send the SIGINT that stops the stack, once, without waiting (`stop` waits)."""
+        if self.process.poll() is None and not self._stop_sent:
+            self._stop_sent = True
+            self.process.send_signal(signal.SIGINT)
+
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.begin_stop()
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:  # every process the stack started, not the launcher alone
@@ -175,9 +182,16 @@ def all_up(*servers):
     with contextlib.ExitStack() as started:
         for server in servers:
             started.push(server.__exit__)  # pushed before waiting: a failure further on still stops it
+        started.callback(_begin_stops, servers)  # runs first: every stack's shutdown overlaps the others'
         for server in servers:
             server.__enter__()
         yield servers
+
+
+def _begin_stops(servers) -> None:
+    for server in servers:
+        if hasattr(server, "begin_stop"):
+            server.begin_stop()
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, message: str = "condition"):

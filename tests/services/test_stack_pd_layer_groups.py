@@ -3,7 +3,10 @@ through `splitserve up`: both workers split their KV pool by layer group, the de
 each group's blocks into its own pools, and a sliding group moves only the blocks its window still
 sees at the prompt's end. Greedy output must be the colocated engine's (which the parity tests hold
 to transformers), the bytes moved exactly the per-group figure and fewer than one pool's, nothing
-recomputed, and every group's pool back to full on both workers once the requests ended."""
+recomputed, and every group's pool back to full on both workers once the requests ended.
+
+A colocated Gemma 2 stack, started with the two, splits its one worker's pool the same way (its
+load counters) and serves the same greedy tokens for prompts longer than the window."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import contextlib
 
 import pytest
 
-from stack import LocalStack, all_up, offline_greedy_texts, wait_until
+from stack import LocalStack, all_up, greedy_completions, offline_greedy_texts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +30,25 @@ one sliding, two kv heads, fp32 on CPU."""
 LAYER_BLOCK_BYTES = {arch: 2 * BLOCK_SIZE * 2 * head_dim * 4 for arch, (_, head_dim) in ARCHS.items()}
 
 
+POOL = ["--num-blocks", "64", "--block-size", str(BLOCK_SIZE), "--max-num-seqs", "4", "--max-num-batched-tokens", "64"]
+
+
 @pytest.fixture(scope="module")
 def stacks(checkpoint_factory, tmp_path_factory):
-    """arch -> (its P/D stack, the colocated engine's greedy texts). Both stacks start at once so
-    their start-ups overlap; the offline references run meanwhile."""
+    """arch -> (its P/D stack, the colocated engine's greedy texts), and "colocated" -> (a colocated
+    Gemma 2 stack, Gemma 2's texts). All three start at once so their start-ups overlap; the
+    offline references run meanwhile."""
     cache = str(tmp_path_factory.mktemp("pd-groups-cache"))
     dirs = {arch: checkpoint_factory(arch) for arch in ARCHS}
-    starting = [LocalStack(["--model", dirs[arch], "--prefill", "1", "--decode", "1", "--num-blocks", "64",
-                            "--block-size", str(BLOCK_SIZE), "--max-num-seqs", "4", "--max-num-batched-tokens", "64"],
-                           cache) for arch in ARCHS]
+    starting = [LocalStack(["--model", dirs[arch], "--prefill", "1", "--decode", "1", *POOL], cache) for arch in ARCHS]
+    starting.append(LocalStack(["--model", dirs["gemma2"], "--colocated", *POOL], cache))
     with contextlib.ExitStack() as cleanup:
         for stack in starting:
             cleanup.push(stack.__exit__)  # stopped even if an offline run fails
         references = [_offline(dirs[arch]) for arch in ARCHS]
         with all_up(*starting):
-            yield {arch: (stack, texts) for arch, stack, texts in zip(ARCHS, starting, references)}
+            served = {arch: (stack, texts) for arch, stack, texts in zip(ARCHS, starting, references)}
+            yield dict(served, colocated=(starting[-1], references[0]))
 
 
 def _offline(model_dir: str) -> list[str]:
@@ -89,3 +96,13 @@ def test_split_pools_transfer_per_group_and_serve_the_colocated_tokens(stacks, a
     assert received == split < one_pool
     for role in ("prefill", "decode"):
         wait_until(lambda: _pools_full(stack, role, window), timeout_s=30, message=f"{role}'s pools back to full")
+
+
+def test_colocated_gemma2_splits_its_pool_and_equals_offline(stacks):
+    stack, offline = stacks["colocated"]
+    served = greedy_completions(stack.openai(), PROMPTS, MAX_TOKENS)
+    assert all(prompt_tokens > ARCHS["gemma2"][0] for _, prompt_tokens in served)
+    assert [text for text, _ in served] == offline
+    load = stack.load("worker")
+    counters = dict(load.counters)
+    assert counters["kv_blocks_window_6"] < counters["kv_blocks_full"] == load.num_total_blocks, counters
