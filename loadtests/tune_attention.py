@@ -32,6 +32,9 @@ SHAPES = [
     ("prefill 8B", [512] * 32, [512] * 32, 32, 8, 128),
     # A retained agent turn: 528 new tokens over a 5k-token cached history (136 programs alone)
     ("retained turn 8B", [528], [5632], 32, 8, 128),
+    # A later chunk of a long chunked prefill: 2048 tokens over 8k of context
+    ("retained long chunk 8B", [2048], [8192], 32, 8, 128),
+    ("retained turn 1B", [528], [5632], 32, 8, 64),
 ]
 
 

@@ -66,6 +66,21 @@ def test_decode_tiles(poison_outputs, num_splits):
     _check(batch, max_query_len=1, max_seq_len=200, num_splits=num_splits)
 
 
+def test_small_grid_rule_and_its_tiles(poison_outputs):
+    """A short prefill over a long history on an under-filled GPU takes the small-grid tiles;
+    a long chunk or a large batch does not; the small-grid tiles give the reference's output."""
+    from splitserve.kernels.paged_attention import LaunchConfig, is_small_grid, launch_config
+
+    block_q = 128 // 4  # 128-row tiles, 4 query heads per kv head (8B)
+    assert is_small_grid(528, 1, 8, block_q, 132)  # the retained 8B turn: 136 programs on 132 SMs
+    assert not is_small_grid(2048, 1, 8, block_q, 132) and not is_small_grid(32 * 512, 32, 8, block_q, 132)
+    small = launch_config(128, decode_only=False, small_grid=True)
+    assert small == LaunchConfig(64, 64, 4, 3) and launch_config(128, True, small_grid=True).block_m == 16
+    poison_outputs(attention_module)
+    batch = make_paged_batch([40, 1], [300, 90], 4, 2, 64, seed=9)
+    _check(batch, config=small, num_splits=1)
+
+
 def test_head_dim_128_block_size_8():
     batch = make_paged_batch([2, 1], [20, 33], 4, 2, 128, block_size=8, seed=4)
     _check(batch, num_splits=2)
