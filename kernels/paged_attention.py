@@ -343,9 +343,16 @@ def launch_config(head_dim: int, decode_only: bool, small_grid: bool = False) ->
     return LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
-def is_small_grid(num_tokens: int, num_reqs: int, num_kv_heads: int, block_q: int, num_sms: int) -> bool:
-    """Fewer than two (query tile, kv head) programs per SM with tiles of `block_q` tokens."""
-    return (num_tokens // block_q + num_reqs) * num_kv_heads < 2 * num_sms
+def query_tiles(num_tokens: int, num_reqs: int, config: LaunchConfig, group_pad: int) -> tuple[int, int]:
+    """(tokens a query tile, query tiles of the grid) under `config`: a tile holds `block_m` rows of
+    (token, group head), and each request may leave one tile part-filled."""
+    block_q = max(config.block_m, group_pad) // group_pad
+    return block_q, num_tokens // block_q + num_reqs
+
+
+def is_small_grid(num_tiles: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Fewer than two (query tile, kv head) programs per SM."""
+    return num_tiles * num_kv_heads < 2 * num_sms
 
 
 def _default_config(q: torch.Tensor, head_dim: int, decode_only: bool, num_reqs: int, num_kv_heads: int,
@@ -353,8 +360,8 @@ def _default_config(q: torch.Tensor, head_dim: int, decode_only: bool, num_reqs:
     config = launch_config(head_dim, decode_only)
     if decode_only or not q.is_cuda:
         return config
-    block_q = max(config.block_m, group_pad) // group_pad
-    small = is_small_grid(q.shape[0], num_reqs, num_kv_heads, block_q, _num_sms(q.device.index))
+    _, num_tiles = query_tiles(q.shape[0], num_reqs, config, group_pad)
+    small = is_small_grid(num_tiles, num_kv_heads, _num_sms(q.device.index))
     return launch_config(head_dim, decode_only, small_grid=True) if small else config
 
 
@@ -389,9 +396,7 @@ def paged_attention(
     group_pad = triton.next_power_of_2(group)
     decode_only = max_query_len is not None and max_query_len <= 1
     config = config or _default_config(q, head_dim, decode_only, num_reqs, num_kv_heads, group_pad)
-    block_m = max(config.block_m, group_pad)
-    block_q = block_m // group_pad
-    num_tiles = num_tokens // block_q + num_reqs
+    block_q, num_tiles = query_tiles(num_tokens, num_reqs, config, group_pad)
     if num_splits is None:
         num_splits = _choose_num_splits(q, num_reqs * num_kv_heads, max_query_len, max_seq_len)
     if num_splits < 1:

@@ -9,10 +9,10 @@
 A step's bitmask, all rows at once and off the step loop's thread, is grammar_fill.py's.
 
 Two grammar engines (`--structured-outputs-backend`, vLLM's names): `xgrammar` (this module,
-the default) and `guidance`, llguidance (shared/grammar_guidance.py). A backend compiles a spec,
-makes a request's grammar from what it compiled (the same interface as RequestGrammar: `handle`,
-`accept`, `note_accepted`, `fill`, `terminated`, `stop_token_ids`) and names the filler of its
-steps' bitmasks. The bitmask format is the same for both (bit t of a row: token t allowed), so the
+the default) and `guidance`, llguidance (shared/grammar_guidance.py). A backend compiles a spec
+and makes a request's grammar from what it compiled (the same interface as RequestGrammar:
+`handle`, `accept`, `note_accepted`, `fill`, `terminated`, `stop_token_ids`);
+`grammar_fill.make_filler` picks the filler of its steps' bitmasks. The bitmask format is the same for both (bit t of a row: token t allowed), so the
 sampler's mask kernel is one.
 
 The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the

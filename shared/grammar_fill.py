@@ -243,7 +243,7 @@ class BitmaskFiller:
 
 
 def make_filler(backend: str, vocab_size: int, device: torch.device, num_threads: int | None = None) -> BitmaskFiller:
-    """The bitmask filler of `--structured-outputs-backend` (grammar.BACKENDS)."""
+    """The bitmask filler of `--structured-outputs-backend` (config.STRUCTURED_OUTPUTS_BACKENDS)."""
     if backend == "guidance":
         from splitserve.shared.grammar_guidance import GuidanceFiller
 

@@ -42,7 +42,7 @@ _JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flex
 
 
 class GuidanceBackend:
-    """llguidance for one tokenizer: compiled grammars are validated grammar texts."""
+    """llguidance for one tokenizer: a compiled grammar is a fresh matcher, copied per request."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> None:
         # EOS ids past the tokenizer (a padded embedding) are never sampled under a grammar
@@ -119,10 +119,7 @@ class GuidanceGrammar:
         self.terminated = False
         if token_ids and not self.matcher.consume_tokens(list(token_ids)):
             raise GrammarError(f"tokens {list(token_ids)[:8]} do not match the grammar")
-        if token_ids:
-            self.note_accepted(token_ids[-1], True)
-        elif not self.stop_token_ids:
-            self.note_accepted(-1, True)
+        self.note_accepted(token_ids[-1] if token_ids else -1, True)  # -1: no token, none a stop token
 
     def accept(self, token_id: int) -> bool:
         accepted = self.matcher.consume_token(token_id)

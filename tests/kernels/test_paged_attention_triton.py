@@ -69,11 +69,13 @@ def test_decode_tiles(poison_outputs, num_splits):
 def test_small_grid_rule_and_its_tiles(poison_outputs):
     """A short prefill over a long history on an under-filled GPU takes the small-grid tiles;
     a long chunk or a large batch does not; the small-grid tiles give the reference's output."""
-    from splitserve.kernels.paged_attention import LaunchConfig, is_small_grid, launch_config
+    from splitserve.kernels.paged_attention import LaunchConfig, is_small_grid, launch_config, query_tiles
 
-    block_q = 128 // 4  # 128-row tiles, 4 query heads per kv head (8B)
-    assert is_small_grid(528, 1, 8, block_q, 132)  # the retained 8B turn: 136 programs on 132 SMs
-    assert not is_small_grid(2048, 1, 8, block_q, 132) and not is_small_grid(32 * 512, 32, 8, block_q, 132)
+    default = launch_config(128, decode_only=False)  # 128-row tiles, 4 query heads per kv head (8B)
+    assert query_tiles(528, 1, default, 4) == (32, 17)
+    assert is_small_grid(query_tiles(528, 1, default, 4)[1], 8, 132)  # the retained 8B turn: 136 programs on 132 SMs
+    assert not is_small_grid(query_tiles(2048, 1, default, 4)[1], 8, 132)
+    assert not is_small_grid(query_tiles(32 * 512, 32, default, 4)[1], 8, 132)
     small = launch_config(128, decode_only=False, small_grid=True)
     assert small == LaunchConfig(64, 64, 4, 3) and launch_config(128, True, small_grid=True).block_m == 16
     poison_outputs(attention_module)
