@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_offline import _time_steps  # noqa: E402
+from phase_probe import PhaseProbe  # noqa: E402
 from results import add_result_json_arg, write_result_json  # noqa: E402
 from shapes import SHAPES, write_shape  # noqa: E402
 from workload import add_engine_args, add_shape_arg, add_workload_args, random_prompts  # noqa: E402
@@ -103,8 +104,8 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def run(llm, steps: list, prompts: list[list[int]], output_len: int, structured: bool) -> dict:
-    """A cold pass (compiles, allocator growth), then the timed one."""
+def run(llm, steps: list, prompts: list[list[int]], output_len: int, structured: bool, probe=None) -> dict:
+    """A cold pass (compiles, allocator growth), then the timed one (`probe`: its phases printed)."""
     from splitserve.shared.sampling_params import SamplingParams
     from splitserve.shared.structured_outputs import StructuredOutputsParams
 
@@ -112,11 +113,15 @@ def run(llm, steps: list, prompts: list[list[int]], output_len: int, structured:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, structured_outputs=spec)
     for _ in ("cold", "timed"):
         steps.clear()
+        if probe is not None:
+            probe.reset()
         _synchronize()
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         _synchronize()
         elapsed = time.perf_counter() - start
+    if probe is not None:
+        print(f"phases, {'json schema' if structured else 'unconstrained'}: {probe.table()}", flush=True)
     lengths = {len(o.outputs[0].token_ids) for o in outs}
     assert lengths == {output_len}, f"output lengths {lengths}, expected {output_len} for every request"
     decode = sorted(t for n, tokens, t in steps if tokens == n)
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=("xgrammar", "guidance"),
                         help="the grammar engine (the engine's flag)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--phases", action="store_true",
+                        help="print each run's median host and device time per decode step by phase (phase_probe.py)")
     add_result_json_arg(parser)
     args = parser.parse_args(argv)
 
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
               structured_outputs_threads=args.structured_outputs_threads,
               structured_outputs_backend=args.structured_outputs_backend)
     steps = _time_steps(llm.engine)
-    rows = [run(llm, steps, prompts, args.output_len, structured) for structured in (False, True)]
+    probe = PhaseProbe(llm.engine) if args.phases else None
+    rows = [run(llm, steps, prompts, args.output_len, structured, probe) for structured in (False, True)]
     loss = 1.0 - rows[1]["output_tok_s"] / rows[0]["output_tok_s"]
     step_overhead = rows[1]["median_decode_step_ms"] / max(rows[0]["median_decode_step_ms"], 1e-9) - 1.0
     print(f"\n{args.shape}, {args.num_prompts} requests x ({args.input_len} in -> {args.output_len} out), greedy, "
