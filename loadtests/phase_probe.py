@@ -17,6 +17,7 @@ bench_offline.py (`--phases`); a diagnosis tool, not part of the engine.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import defaultdict
 from statistics import median
@@ -27,6 +28,10 @@ HOST_PHASES = (("_external", "poll", "poll"), ("scheduler", "schedule", "schedul
                ("", "_advance", "advance"), ("", "_resolve", "resolve"),
                ("_external", "save_new_blocks", "save"))
 """(attribute of the engine holding the method, '' for the engine itself; method; phase name)."""
+MODULE_PHASES = (("splitserve.shared.engine", "start_fill", "start_fill"),
+                 ("splitserve.shared.engine", "rejected_ids", "rejected"),
+                 ("splitserve.shared.grammar_fill", "plan_slices", "plan_slices"))
+"""Functions the step calls by their module's name (wrapped there, restored by close)."""
 
 
 class PhaseProbe:
@@ -41,16 +46,18 @@ class PhaseProbe:
         self._events: list[tuple] = []
         self._cuda = engine.runner.device.type == "cuda"
         self._restore: list[tuple[object, str, object]] = []
-        for holder, method, name in HOST_PHASES:
+        for holder, method, name in HOST_PHASES + (("_emitter", "emit_sampled", "emit"), ("", "_book_computed", "book")):
             owner = getattr(engine, holder) if holder else engine
             if owner is not None:
                 self._wrap(owner, method, name)
+        for module, function, name in MODULE_PHASES:
+            self._wrap(importlib.import_module(module), function, name, restore=True)
         for cls, method, name in ((StepFill, "result", "fill_wait"), (StepFill, "wait_accepted", "accept_wait"),
                                   (PendingStep, "sampled", "tokens_wait")):
-            self._wrap(cls, method, name, on_class=True)
+            self._wrap(cls, method, name, restore=True)
         self._wrap_step()
 
-    def _wrap(self, owner, method: str, name: str, on_class: bool = False) -> None:
+    def _wrap(self, owner, method: str, name: str, restore: bool = False) -> None:
         inner = getattr(owner, method)
         current = self._current
         marks = self._device_marks(name)
@@ -63,7 +70,7 @@ class PhaseProbe:
             finally:
                 current[name] += time.perf_counter() - t0
 
-        if on_class:
+        if restore:  # class attributes and module functions outlive this engine
             self._restore.append((owner, method, inner))
         setattr(owner, method, timed)
 
@@ -142,7 +149,7 @@ class PhaseProbe:
         if not steps:
             return "(no steps)"
         names = [n for n in (["step", "between"] + [p for *_, p in HOST_PHASES] +
-                             ["fill_wait", "tokens_wait", "accept_wait", "device_sample", "device_forward",
+                             ["emit", "book", "start_fill", "plan_slices", "rejected", "fill_wait", "tokens_wait", "accept_wait", "device_sample", "device_forward",
                               "device_idle"]) if any(n in s for s in steps)]
         lines = [f"{len(steps)} steps, median batch {median(s['requests'] for s in steps):.0f}"]
         lines += [f"  {n:16s} {median(s.get(n, 0.0) for s in steps) * (1 if n.startswith('device') else 1e3):8.3f} ms"

@@ -29,7 +29,9 @@ def test_an_async_structured_run_reports_every_phase(tmp_path) -> None:
     assert len(decode) >= 5 and all(s["step"] > 0 for s in decode)
     assert all(s["resolve"] >= s["tokens_wait"] for s in decode if "resolve" in s)
     table = probe.table()
-    for phase in ("schedule", "stage", "sample_deferred", "fill_wait", "launch", "resolve", "accept_wait", "between"):
+    for phase in ("schedule", "stage", "sample_deferred", "fill_wait", "launch", "resolve", "accept_wait", "between",
+                  "emit", "start_fill", "plan_slices", "rejected"):
         assert f" {phase} " in table, table
     probe.close()
-    assert StepFill.result is original
+    import splitserve.shared.engine as engine_module
+    assert StepFill.result is original and engine_module.start_fill.__name__ == "start_fill"
