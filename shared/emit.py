@@ -38,14 +38,15 @@ class Emitter:
     def emit_sampled(self, req: Request, sampled: SamplerOutput, row: int, num_outputs: int,
                      outputs: dict[str, EngineOutput], grammar_rejected: bool = False) -> None:
         """Report row `row` of a step's sampled tokens, `req`'s `num_outputs`-th output. Runs for
-        every request every step, so the common token (one that cannot end the request, of a
-        request with no grammar, no KV hold and no prompt logprobs to send) is one test and one
-        EngineOutput; everything else goes through `emit`. (max_tokens is already capped by the
-        context length at add_request, so it alone bounds the length here.)"""
+        every request every step, so the common token (one that cannot end the request: no
+        grammar, or one its token left unfinished; no KV hold, no prompt logprobs to send) is one
+        test and one EngineOutput; everything else goes through `emit`. (max_tokens is already
+        capped by the context length at add_request, so it alone bounds the length here.)"""
         token_id = sampled.token_ids[row]
         top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else ()
-        if (num_outputs < req.max_tokens and token_id not in req.stop_token_candidates and req.grammar is None
-                and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
+        grammar = req.grammar
+        if (num_outputs < req.max_tokens and token_id not in req.stop_token_candidates
+                and (grammar is None or not (grammar_rejected or grammar.terminated)) and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
             outputs[req.request_id] = EngineOutput(req.request_id, [token_id], [sampled.logprobs[row]], [top],
                                                    [sampled.ranks[row]])
             return

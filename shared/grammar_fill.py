@@ -40,6 +40,7 @@ grammar may appear once a step (one row a request).
 
 from __future__ import annotations
 
+import operator
 import os
 import queue
 import threading
@@ -108,13 +109,49 @@ def plan_slices(new_tokens: Sequence[tuple[RequestGrammar, int]], grammars: Sequ
     return [s for s in slices if s.tokens or s.fill_rows], set(rows)
 
 
+class StepPlan:
+    """A step's slices, reused while the steps repeat: the same grammars accepting (in order), the
+    same grammars filling, each as live, and no stop token among the new tokens. A steady decode
+    batch repeats every step, so its per-row planning (a few µs a row on the step loop, which the
+    device waits for) is done once; a step is then its tokens, gathered per slice in one call each.
+    A step that misses builds a new plan."""
+
+    def __init__(self, accepting: list, grammars: list, live: tuple[bool, ...], slices: list[_Slice],
+                 rows: set[int]) -> None:
+        self.accepting, self.grammars, self.live, self.templates = accepting, grammars, live, slices
+        self.rows = sorted(rows)
+        self.rows_set = rows
+        self.rows_tensor = torch.tensor(self.rows, dtype=torch.int32)
+        self.stop_token_ids = frozenset().union(*{id(g): g.stop_token_ids for g in accepting}.values())
+        self.ends_unseen = any(part.ends_unseen for part in slices)
+
+    def fits(self, accepting: list, grammars: list, live: tuple[bool, ...], tokens: Sequence[int]) -> bool:
+        """This step repeats the plan's (identity, not equality: a grammar is its matcher)."""
+        return (len(accepting) == len(self.accepting) and len(grammars) == len(self.grammars)
+                and live == self.live and all(map(operator.is_, accepting, self.accepting))
+                and all(map(operator.is_, grammars, self.grammars)) and self.stop_token_ids.isdisjoint(tokens))
+
+    def slices(self, tokens: Sequence[int], bitmask: torch.Tensor) -> list[_Slice]:
+        """Fresh slices of the plan holding this step's tokens."""
+        parts = []
+        for template in self.templates:
+            part = _Slice(bitmask)
+            part.token_positions, part.accept_handles = template.token_positions, template.accept_handles
+            part.fill_handles, part.fill_rows = template.fill_handles, template.fill_rows
+            part.ends_unseen = template.ends_unseen
+            part.tokens = list(map(tokens.__getitem__, part.token_positions))
+            parts.append(part)
+        return parts
+
+
 class StepFill:
-    """One step's accept and fill on the pool."""
+    """One step's accept and fill on the pool (`plan`: a step of a StepPlan, holding no stop token)."""
 
     def __init__(self, filler: BitmaskFiller, new_tokens: Sequence[tuple[RequestGrammar, int]],
-                 grammars: Sequence[RequestGrammar | None], slices: list[_Slice], filled: set[int]) -> None:
+                 grammars: Sequence[RequestGrammar | None], slices: list[_Slice], filled: set[int],
+                 plan: StepPlan | None = None) -> None:
         self.filler, self.new_tokens, self.grammars = filler, new_tokens, grammars
-        self.slices, self.filled = slices, filled
+        self.slices, self.filled, self.plan = slices, filled, plan
         self._accepted: list[bool] | None = None
 
     def wait_accepted(self) -> list[bool]:
@@ -135,6 +172,9 @@ class StepFill:
             _wait(part.done, "fill")
             if part.error is not None:
                 raise part.error
+        plan = self.plan
+        if plan is not None and not plan.ends_unseen:  # no stop token, no completion: as planned
+            return self.filler.to_device(len(self.grammars), plan.rows, plan.rows_tensor) if plan.rows else None
         rows = live_rows(self.grammars)
         missed = [i for i in rows if i not in self.filled]  # a refused stop token: still live
         if missed:
@@ -142,10 +182,15 @@ class StepFill:
         return self.filler.to_device(len(self.grammars), rows) if rows else None
 
     def _note_accepted(self) -> list[bool]:
-        accepted = [False] * len(self.new_tokens)
+        """Each grammar's `terminated` after its token; whether each token was taken. A planned
+        slice whose tokens were all taken changes no `terminated` (no stop token, none ends
+        unseen): nothing to read there, row by row."""
+        accepted = [True] * len(self.new_tokens)
         for part in self.slices:
             if part.ends_unseen:  # is_terminated() must not race the fill of the same matcher
                 _wait(part.done, "fill")
+            elif self.plan is not None and 0 not in part.accepted:
+                continue
             for position, ok in zip(part.token_positions, part.accepted):
                 grammar, token_id = self.new_tokens[position]
                 accepted[position] = ok = bool(ok)
@@ -167,6 +212,7 @@ class BitmaskFiller:
         self._copied: torch.cuda.Event | None = None
         self._pool: list[_PoolThread] = []
         self._last: list[_Slice] = []
+        self._plan: StepPlan | None = None
 
     def build(self, grammars: Sequence[RequestGrammar | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Fill on the pool and wait (synchronous steps); None when no row has a live grammar."""
@@ -180,13 +226,22 @@ class BitmaskFiller:
         self.wait()
         new_tokens, grammars = list(new_tokens), list(grammars)
         self._reserve(len(grammars))
-        slices, filled = plan_slices(new_tokens, grammars, self.num_slices, self.host_bitmask(len(grammars)))
+        bitmask = self.host_bitmask(len(grammars))
+        accepting, tokens = (list(column) for column in zip(*new_tokens)) if new_tokens else ([], [])
+        live = tuple([g is not None and not g.terminated for g in grammars])
+        plan = self._plan
+        if plan is not None and plan.fits(accepting, grammars, live, tokens):
+            slices, filled = plan.slices(tokens, bitmask), plan.rows_set
+        else:
+            slices, filled = plan_slices(new_tokens, grammars, self.num_slices, bitmask)
+            plan = StepPlan(accepting, grammars, live, slices, filled)
+            plan = self._plan = plan if plan.stop_token_ids.isdisjoint(tokens) else None
         for thread, part in zip(self._running_pool() if slices else [], slices):
             thread.jobs.put(part)
         for part in slices:  # the handshake: each thread runs before the step loop goes on
             _wait(part.taken, "take its slice")
         self._last = slices
-        return StepFill(self, new_tokens, grammars, slices, filled)
+        return StepFill(self, new_tokens, grammars, slices, filled, plan)
 
     def wait(self) -> None:
         """Wait for the last started step's slices to end (a failed step may have left them running)."""
@@ -217,10 +272,12 @@ class BitmaskFiller:
     def host_bitmask(self, num_rows: int) -> torch.Tensor:
         return self._host[: num_rows * self.width].view(num_rows, self.width)
 
-    def to_device(self, num_rows: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bitmask [N, W] and rows [k], the rows after the mask in one buffer: one host -> device copy."""
+    def to_device(self, num_rows: int, rows: list[int], rows_tensor: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bitmask [N, W] and rows [k] (`rows_tensor`: the same as int32, if at hand), the rows after
+        the mask in one buffer: one host -> device copy."""
         size = num_rows * self.width
-        self._host[size: size + len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        self._host[size: size + len(rows)] = torch.tensor(rows, dtype=torch.int32) if rows_tensor is None else rows_tensor
         flat = self._host[: size + len(rows)]
         if self.device.type == "cuda":
             flat = self._device_buf[: flat.numel()].copy_(flat, non_blocking=True)

@@ -194,3 +194,71 @@ def test_a_failing_slice_raises_on_the_step_loop_and_the_pool_goes_on(compiled) 
     apply_bitmask(logits, bitmask, rows)
     assert all(grammars[i].accept(int(logits[i].argmax())) for i in range(5))
     filler.close()
+
+
+def _repeat_step(filler, pool_side, inline_side, tokens: dict[int, int]):
+    """One step on both sides, compared: accepts, `terminated` flags, rows and bitmask."""
+    expected_accepted, expected_rows, expected = _inline_step(inline_side, tokens, len(inline_side))
+    fill = filler.start([(pool_side[i], t) for i, t in tokens.items()], pool_side)
+    assert fill.wait_accepted() == expected_accepted
+    assert [g.terminated for g in pool_side] == [g.terminated for g in inline_side]
+    result = fill.result()
+    if not expected_rows:
+        assert result is None
+        return fill
+    bitmask, rows = result
+    assert rows.tolist() == expected_rows
+    assert torch.equal(bitmask[expected_rows], expected[expected_rows])
+    return fill
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_a_repeating_batch_reuses_its_plan_and_still_gives_the_inline_results(compiled, num_threads) -> None:
+    """Steady decode: the same grammars step after step reuse one StepPlan; a step holding a stop
+    token, a refused token, a grammar that ends unseen (no stop tokens) or a changed batch is still
+    exactly the inline path, and only a repeat of the plan's batch without stop tokens reuses it."""
+    rng = random.Random(num_threads)
+    kinds = [rng.randrange(len(compiled)) for _ in range(11)]
+    stops = [[] if i == 4 else [EOS] for i in range(11)]  # row 4 ends unseen when complete
+    pool_side = [RequestGrammar(compiled[k], s) for k, s in zip(kinds, stops)]
+    inline_side = [RequestGrammar(compiled[k], s) for k, s in zip(kinds, stops)]
+    filler = BitmaskFiller(VOCAB, torch.device("cpu"), num_threads)
+    reused = planless = 0
+    previous = None
+    for step in range(12):
+        live = [i for i, g in enumerate(inline_side) if not g.terminated]
+        tokens = {i: _allowed(inline_side[i], rng) for i in live}
+        if step == 5:
+            tokens[live[0]] = _allowed(inline_side[live[0]], rng, allowed=False)  # refused: no stop token
+        fill = _repeat_step(filler, pool_side, inline_side, tokens)
+        stopped = any(t == EOS for t in tokens.values())
+        if stopped:
+            assert fill.plan is None
+            planless += 1
+        elif previous is not None and previous is fill.plan:
+            reused += 1
+        previous = fill.plan
+    assert reused >= 3 and filler._plan is not None
+    swapped = list(pool_side)
+    swapped[0] = RequestGrammar(compiled[kinds[0]], [EOS])  # a new matcher in the same row: a new plan
+    inline_side[0] = RequestGrammar(compiled[kinds[0]], [EOS])
+    before = filler._plan
+    fill = _repeat_step(filler, swapped, inline_side, {0: _allowed(inline_side[0], rng)})
+    assert fill.plan is not before
+    filler.close()
+
+
+def test_synchronous_steps_replan_when_a_grammar_ends_unseen(compiled) -> None:
+    """Synchronous steps accept on the step loop and then build the bitmask of the same grammars: a
+    grammar without stop tokens that completes between two builds (its request goes on, ignore_eos)
+    must leave the rows though the batch is the same, so the plan is keyed on liveness too."""
+    choice = compiled[2]
+    grammars = [RequestGrammar(choice, []), RequestGrammar(compiled[0], [EOS])]
+    filler = BitmaskFiller(VOCAB, torch.device("cpu"), 1)
+    assert filler.build(grammars)[1].tolist() == [0, 1]
+    alpha = _alpha_tokens(choice)
+    for token in alpha:  # the choice grammar completes: terminated, no stop token needed
+        assert filler.accept([(grammars[0], token)]) == [True]
+    assert grammars[0].terminated
+    assert filler.build(grammars)[1].tolist() == [1]
+    filler.close()
