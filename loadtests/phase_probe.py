@@ -30,7 +30,8 @@ HOST_PHASES = (("_external", "poll", "poll"), ("scheduler", "schedule", "schedul
 """(attribute of the engine holding the method, '' for the engine itself; method; phase name)."""
 MODULE_PHASES = (("splitserve.shared.engine", "start_fill", "start_fill"),
                  ("splitserve.shared.engine", "rejected_ids", "rejected"),
-                 ("splitserve.shared.grammar_fill", "plan_slices", "plan_slices"))
+                 ("splitserve.shared.grammar_fill", "plan_slices", "plan_slices"),
+                 ("splitserve.shared.sampler", "apply_bitmask", "apply_mask"))
 """Functions the step calls by their module's name (wrapped there, restored by close)."""
 
 
@@ -149,7 +150,7 @@ class PhaseProbe:
         if not steps:
             return "(no steps)"
         names = [n for n in (["step", "between"] + [p for *_, p in HOST_PHASES] +
-                             ["emit", "book", "start_fill", "plan_slices", "rejected", "fill_wait", "tokens_wait", "accept_wait", "device_sample", "device_forward",
+                             ["emit", "book", "start_fill", "plan_slices", "rejected", "apply_mask", "fill_wait", "tokens_wait", "accept_wait", "device_sample", "device_forward",
                               "device_idle"]) if any(n in s for s in steps)]
         lines = [f"{len(steps)} steps, median batch {median(s['requests'] for s in steps):.0f}"]
         lines += [f"  {n:16s} {median(s.get(n, 0.0) for s in steps) * (1 if n.startswith('device') else 1e3):8.3f} ms"
