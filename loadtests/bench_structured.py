@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
     parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=("xgrammar", "guidance"),
                         help="the grammar engine (the engine's flag)")
-    parser.add_argument("--structured-outputs-pin-threads", action=argparse.BooleanOptionalAction, default=True,
-                        help="the grammar pool's cores apart from the step loop's (the engine's flag)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--phases", action="store_true",
                         help="print each run's median host and device time per decode step by phase (phase_probe.py)")
@@ -164,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
               structured_outputs_threads=args.structured_outputs_threads,
-              structured_outputs_backend=args.structured_outputs_backend,
-              structured_outputs_pin_threads=args.structured_outputs_pin_threads)
+              structured_outputs_backend=args.structured_outputs_backend)
     steps = _time_steps(llm.engine)
     probe = PhaseProbe(llm.engine) if args.phases else None
     rows = [run(llm, steps, prompts, args.output_len, structured, probe) for structured in (False, True)]

@@ -103,10 +103,6 @@ class SchedulerConfig:
     calls, GIL released), beside the step loop, which books the previous step's outputs
     meanwhile (shared/grammar_fill.py). Unset: half the cores, at most 16 (the step loop and the
     device's host work keep the rest)."""
-    structured_outputs_pin_threads: bool = True
-    """Give the grammar pool's threads cores of their own, apart from the step loop's, where the
-    process has at least two cores more than the pool has threads (grammar_fill.split_cores): a
-    pool thread placed on the step loop's core slows every structured step. The xgrammar pool only."""
     structured_outputs_backend: str = "xgrammar"
     """The grammar engine of structured outputs (vLLM's names): `xgrammar`, or `guidance`
     (llguidance: masks computed in its own threads, faster per row on large vocabularies;

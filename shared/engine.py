@@ -163,8 +163,7 @@ class EngineCore:
                                    eos_token_ids=sorted(self.model_info.eos_token_ids))
         self.grammars = GrammarWaitlist(compiler, config.scheduler.grammar_compile_timeout_s)
         self._bitmasks = make_filler(backend, parts.info.vocab_size, parts.device,
-                                     config.scheduler.structured_outputs_threads,
-                                     config.scheduler.structured_outputs_pin_threads)
+                                     config.scheduler.structured_outputs_threads)
         self._trace = StepTrace(config.scheduler.step_trace) if config.scheduler.step_trace else None
 
     # ---- requests ---------------------------------------------------------------------

@@ -67,21 +67,6 @@ def default_threads() -> int:
     return max(1, min(16, cores // 2))
 
 
-def split_cores(num_threads: int) -> tuple[set[int], set[int]] | None:
-    """(the step loop's cores, the pool's cores) from this process's: the pool takes `num_threads`
-    cores of its own and the step loop (and every thread it starts later) the others. Linux places
-    a woken thread near the thread that woke it, so a pool thread the step loop wakes can land on
-    the step loop's core and halve its speed for the length of a fill, every step, for a whole run
-    (docs/benchmarks.md, section 18: runs of one command came out 8 % or 30 % slower than plain
-    decoding). None where the step loop would keep fewer than two cores, or without affinity."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < num_threads + 2:
-        return None
-    return set(cores[:-num_threads]), set(cores[-num_threads:])
-
-
 class _Slice:
     """One pool thread's part of a step: accept `tokens` into `accept_handles`, then fill `fill_rows`
     of `bitmask` from `fill_handles`. Built by the step loop; the thread only reads it and sets
@@ -216,14 +201,10 @@ class StepFill:
 class BitmaskFiller:
     """Fills steps' bitmasks for one engine over a pool of `num_threads` threads of its own."""
 
-    def __init__(self, vocab_size: int, device: torch.device, num_threads: int | None = None,
-                 pin_threads: bool = False) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, num_threads: int | None = None) -> None:
         self.width, self.device = bitmask_width(vocab_size), device
         self.num_threads = default_threads() if num_threads is None else num_threads
         """The pool's threads, each filling one slice of a step's rows."""
-        self.pin_threads = pin_threads
-        """Give the pool cores of its own, apart from the step loop's (split_cores), when it starts."""
-        self._unpinned: set[int] | None = None  # the step loop's cores before the pool took its own
         self.num_slices = self.num_threads
         """The slices a step's rows are cut into (one a pool thread)."""
         self._inline = xgr.BatchGrammarMatcher(1)  # the step loop's own fills (result's refused stop tokens)
@@ -270,9 +251,6 @@ class BitmaskFiller:
     def close(self) -> None:
         """Stop the pool (each thread ends the slice it holds first); a later start starts a new one."""
         pool, self._pool = self._pool, []
-        if self._unpinned is not None:  # the step loop's thread gets its cores back
-            os.sched_setaffinity(0, self._unpinned)
-            self._unpinned = None
         for thread in pool:
             thread.jobs.put(None)
         for thread in pool:
@@ -287,13 +265,8 @@ class BitmaskFiller:
                                                    self.host_bitmask(len(grammars)), rows)
 
     def _running_pool(self) -> list[_PoolThread]:
-        """The pool, started on the step loop's thread (its first structured step)."""
         if not self._pool:
-            split = split_cores(self.num_threads) if self.pin_threads else None
-            if split is not None:
-                self._unpinned = os.sched_getaffinity(0)
-                os.sched_setaffinity(0, split[0])  # this thread: the step loop
-            self._pool = [_PoolThread(i, split[1] if split else None) for i in range(self.num_threads)]
+            self._pool = [_PoolThread(i) for i in range(self.num_threads)]
         return self._pool
 
     def host_bitmask(self, num_rows: int) -> torch.Tensor:
@@ -326,15 +299,13 @@ class BitmaskFiller:
             self._device_buf = torch.empty(numel, dtype=torch.int32, device=self.device)
 
 
-def make_filler(backend: str, vocab_size: int, device: torch.device, num_threads: int | None = None,
-                pin_threads: bool = False) -> BitmaskFiller:
-    """The bitmask filler of `--structured-outputs-backend` (config.STRUCTURED_OUTPUTS_BACKENDS);
-    `pin_threads` for our own pool (llguidance's executor threads are its own: not pinned)."""
+def make_filler(backend: str, vocab_size: int, device: torch.device, num_threads: int | None = None) -> BitmaskFiller:
+    """The bitmask filler of `--structured-outputs-backend` (config.STRUCTURED_OUTPUTS_BACKENDS)."""
     if backend == "guidance":
         from splitserve.shared.grammar_guidance import GuidanceFiller
 
         return GuidanceFiller(vocab_size, device, num_threads)
-    return BitmaskFiller(vocab_size, device, num_threads, pin_threads)
+    return BitmaskFiller(vocab_size, device, num_threads)
 
 
 def live_rows(grammars: Sequence[RequestGrammar | None]) -> list[int]:
@@ -379,10 +350,9 @@ def fill_slice(part: _Slice, fill) -> None:
 class _PoolThread:
     """One thread of the pool: takes a slice, accepts its tokens, fills its rows."""
 
-    def __init__(self, index: int, cores: set[int] | None = None) -> None:
+    def __init__(self, index: int) -> None:
         self.jobs: queue.SimpleQueue[_Slice | None] = queue.SimpleQueue()
         self._batch = xgr.BatchGrammarMatcher(1)
-        self._cores = cores
         self._thread = threading.Thread(target=self._serve, name=f"grammar-fill-{index}", daemon=True)
         self._thread.start()
 
@@ -393,8 +363,6 @@ class _PoolThread:
         return self._thread.is_alive()
 
     def _serve(self) -> None:
-        if self._cores is not None:
-            os.sched_setaffinity(0, self._cores)  # this thread only (Linux: affinity is per thread)
         fill = self._batch._handle.batch_fill_next_token_bitmask  # below the wrapper, as _ACCEPT
         while (part := self.jobs.get()) is not None:
             part.taken.set()

@@ -30,7 +30,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, structured_outputs_threads: int | None = None,
-                 structured_outputs_backend: str = "xgrammar", structured_outputs_pin_threads: bool = True,
+                 structured_outputs_backend: str = "xgrammar",
                  step_trace: str | None = None, tensor_parallel_size: int = 1, cpu_threads: int | None = None) -> None:
         config = EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, load_format, seed, enforce_eager),
@@ -38,7 +38,6 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy,
                                       async_scheduling, structured_outputs_threads=structured_outputs_threads,
                                       structured_outputs_backend=structured_outputs_backend,
-                                      structured_outputs_pin_threads=structured_outputs_pin_threads,
                                       step_trace=step_trace),
             parallel=ParallelConfig(tensor_parallel_size, cpu_threads),
         )

@@ -262,32 +262,3 @@ def test_synchronous_steps_replan_when_a_grammar_ends_unseen(compiled) -> None:
     assert grammars[0].terminated
     assert filler.build(grammars)[1].tolist() == [1]
     filler.close()
-
-
-def test_split_cores_gives_the_pool_cores_of_its_own_only_where_two_stay_for_the_step_loop(monkeypatch) -> None:
-    import os
-
-    from splitserve.shared import grammar_fill
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4, 20)))
-    assert grammar_fill.split_cores(8) == (set(range(4, 12)), set(range(12, 20)))
-    assert grammar_fill.split_cores(14) == ({4, 5}, set(range(6, 20)))
-    assert grammar_fill.split_cores(15) is None  # the step loop would keep one core
-
-
-def test_a_pinned_pool_restores_the_step_loops_cores_when_closed(compiled) -> None:
-    """On this machine's cores: where split_cores allows it, the step loop runs on its own cores while
-    the pool lives and gets its mask back when the pool closes; elsewhere nothing is pinned."""
-    import os
-
-    from splitserve.shared.grammar_fill import split_cores
-
-    before = os.sched_getaffinity(0)
-    num_threads = max(1, len(before) - 2)
-    split = split_cores(num_threads)
-    filler = BitmaskFiller(VOCAB, torch.device("cpu"), num_threads, pin_threads=True)
-    grammars = [RequestGrammar(compiled[0], [EOS])]
-    assert filler.build(grammars)[1].tolist() == [0]
-    assert os.sched_getaffinity(0) == (split[0] if split else before)
-    filler.close()
-    assert os.sched_getaffinity(0) == before
