@@ -248,8 +248,7 @@ def stop_processes(processes: list[tuple[str, subprocess.Popen]]) -> None:
 
 
 def run_stack(args: argparse.Namespace) -> int:
-    from splitserve.shared.demo import served_model_name
-    from splitserve.shared.engine_parts import resolve_model_dir
+    from splitserve.shared.demo import resolve_model_dir, served_model_name
 
     from splitserve.shared.grpc_security import grpc_security_argv, grpc_security_from_args
 
