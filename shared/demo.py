@@ -85,6 +85,11 @@ def default_cache_root() -> str:
     return os.environ.get("SPLITSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "splitserve")
 
 
+def resolve_model_dir(model: str | None) -> str:
+    """`model` as given, or the demo checkpoint (built first if needed) when none is named."""
+    return ensure_demo_checkpoint() if model is None else model
+
+
 def ensure_demo_checkpoint(cache_dir: str | None = None) -> str:
     """Return the demo checkpoint directory under `cache_dir` (default: `default_cache_root()`),
     creating it first if needed."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.shared.config import ConfigError, EngineConfig
+from splitserve.shared.demo import resolve_model_dir
 from splitserve.shared.kv.layer_groups import LayerGroup, split_layer_blocks
 from splitserve.shared.model.loader import ModelInfo, load_hf_config, load_model, model_info
 from splitserve.shared.model.layers import num_kv_heads_of
@@ -95,14 +96,6 @@ def apply_cpu_threads(config: EngineConfig, beside_server: bool) -> None:
     threads = resolve_cpu_threads(config, beside_server)
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-def resolve_model_dir(model: str | None) -> str:
-    if model is None:
-        from splitserve.shared.demo import ensure_demo_checkpoint
-
-        return ensure_demo_checkpoint()
-    return model
 
 
 def build_engine_parts(config: EngineConfig, split_kv_by_layer_group: bool = True) -> EngineParts:

@@ -1,6 +1,6 @@
 """A worker and its engine process, as real processes (`splitserve worker` on CPU).
 
-SIGTERM stops both (exit 0). The engine dying ends the worker with exit code 1 after its open
+SIGTERM stops both (exit 0); only the engine process loads torch. The engine dying ends the worker with exit code 1 after its open
 streams got an error, whether its process is killed (SIGKILL) or a step raises. (An engine whose
 worker is killed does not outlive it: test_worker_tensor_parallel.py's killed `-tp 2` worker checks
 that its engine process, rank 0, goes with it, by the same PR_SET_PDEATHSIG as at TP=1, beside its
@@ -36,9 +36,20 @@ def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
         with channel:
             assert sum(len(chunk.token_ids) for chunk in generate) == 5
         engine = worker.engine_pid
+        # The gRPC process never loads torch (only its engine process does): it made each worker's
+        # start-up and exit seconds of CPU slower, and every test stack pays for two workers.
+        assert not loaded_libraries(worker.proc.pid, "libtorch"), "the worker's gRPC process loaded torch"
+        assert loaded_libraries(engine, "libtorch")  # what the check above looks for does show torch
         worker.terminate()
         assert worker.wait(60) == 0, worker.output()
         wait_until(lambda: not process_running(engine), 30, message="engine process gone")
+
+
+def loaded_libraries(pid: int, name: str) -> set[str]:
+    """The paths of the shared libraries mapped into process `pid` whose file name contains `name`."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    return {path for path in paths if name in os.path.basename(path)}
 
 
 def test_engine_process_killed_fails_the_open_stream_and_the_worker_exits_1(plain_workers):
