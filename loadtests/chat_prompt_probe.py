@@ -1,0 +1,123 @@
+"""Where a keyed chat turn's gateway milliseconds go: the chat template's render, the tokenization
+of the rendered text, and the same turn through the session's chat prompt cache (CPU only).
+
+    python loadtests/chat_prompt_probe.py                        # 1k/3k/5k tokens of history
+    python loadtests/chat_prompt_probe.py --history-lens 1000 5000 --repeats 20
+
+For each tokenizer (the demo checkpoint's; a byte-level BPE with a Qwen-style ChatML template and
+tools, tests/services/chat_tokenizers.py) and each history length, a conversation of alternating
+user and assistant turns (a tool call and its result every fourth turn) is grown to that many
+tokens, and the next turn (one new user message, ~60 tokens) is timed as the gateway runs it:
+
+    render    apply_chat_template(..., tokenize=False) of the whole conversation
+    tokenize  tokenizer.encode(text) of the whole rendered text (the full path)
+    cached    ChatPromptCache.encode of the same text after the previous turn was cached
+              (the common prefix found, only the tail tokenized); its ids are checked equal
+
+Medians over --repeats; a table prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
+
+from chat_tokenizers import demo_tokenizer, qwen_style_tokenizer  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file of the repository.",
+                                           "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
+
+
+def words(rng: random.Random, n: int) -> str:
+    vocab = ("the", "request", "worker", "cache", "token", "session", "prefill", "decode", "block", "returns",
+             "a", "of", "to", "in", "is", "and", "42", "(x)", "def", "self.", "value,", "error:", "\n")
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def next_messages(rng: random.Random, turn: int) -> list[dict]:
+    """One exchange: a user message and the assistant's answer (every fourth: a tool call and its result)."""
+    user = {"role": "user", "content": words(rng, 40)}
+    if turn % 4 == 3:
+        call = {"id": f"call_{turn}", "type": "function",
+                "function": {"name": "read_file", "arguments": '{"path": "src/%d.py"}' % turn}}
+        return [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"call_{turn}", "content": words(rng, 80)},
+                {"role": "assistant", "content": words(rng, 30)}]
+    return [user, {"role": "assistant", "content": words(rng, 60)}]
+
+
+def conversation(tokenizer, num_tokens: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    messages = [{"role": "system", "content": "You are a coding agent."}]
+    turn = 0
+    while len(render_ids(tokenizer, messages)) < num_tokens:
+        messages += next_messages(rng, turn)
+        turn += 1
+    return messages
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+def render_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.encode(render(tokenizer, messages), add_special_tokens=False)
+
+
+def timed_ms(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, result
+
+
+def probe(tokenizer, history_len: int, repeats: int) -> dict:
+    from splitserve.services.gateway.chat_prompt_cache import ChatPromptCache
+
+    history = conversation(tokenizer, history_len, seed=history_len)
+    turn = history + [{"role": "user", "content": words(random.Random(1), 40)}]
+    render_ms, text = timed_ms(lambda: render(tokenizer, turn), repeats)
+    tokenize_ms, full_ids = timed_ms(lambda: tokenizer.encode(text, add_special_tokens=False), repeats)
+    cache = ChatPromptCache.for_tokenizer(tokenizer)
+    previous = render(tokenizer, history)
+
+    def cached_turn():
+        cache.encode("probe", previous)  # the previous turn, as it was cached
+        start = time.perf_counter()
+        ids = cache.encode("probe", text)
+        return time.perf_counter() - start, ids
+
+    results = [cached_turn() for _ in range(repeats)]
+    assert all(ids == full_ids for _, ids in results), "the cached path's token ids differ from the full path's"
+    cached_ms = statistics.median(t for t, _ in results) * 1e3
+    return {"tokens": len(full_ids), "chars": len(text), "render": render_ms, "tokenize": tokenize_ms,
+            "cached": cached_ms, "enabled": cache.enabled}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--history-lens", type=int, nargs="+", default=[1000, 3000, 5000])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    print(f"{'tokenizer':<12} {'tokens':>7} {'chars':>7} {'render ms':>10} {'tokenize ms':>12} "
+          f"{'full ms':>8} {'cached tok ms':>14} {'turn ms':>8}")
+    for name, build in (("demo", demo_tokenizer), ("qwen-style", qwen_style_tokenizer)):
+        tokenizer = build()
+        for history_len in args.history_lens:
+            r = probe(tokenizer, history_len, args.repeats)
+            print(f"{name:<12} {r['tokens']:>7} {r['chars']:>7} {r['render']:>10.2f} {r['tokenize']:>12.2f} "
+                  f"{r['render'] + r['tokenize']:>8.2f} {r['cached']:>14.2f} {r['render'] + r['cached']:>8.2f}"
+                  + ("" if r["enabled"] else "  (cache off: split rule fails)"))
+
+
+if __name__ == "__main__":
+    main()
