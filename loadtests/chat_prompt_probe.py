@@ -27,6 +27,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "services"))
 
 from chat_tokenizers import demo_tokenizer, qwen_style_tokenizer  # noqa: E402
