@@ -44,6 +44,12 @@ def _exchange(draw, turn: int) -> list[dict]:
     return messages + [{"role": "assistant", "content": draw(_text)}]
 
 
+def _edited(content: str):
+    """Another text, of the same length (the split tokens after it stay where they were) or not."""
+    same_length = "".join("b" if c == "a" else "a" for c in content)
+    return st.sampled_from([same_length or "a", "!" + content, content[1:]]).filter(lambda t: t != content)
+
+
 @st.composite
 def _session(draw) -> list[tuple[list[dict], list | None, bool]]:
     """Turns of one session: (messages, tools, add_generation_prompt); each turn usually extends the
@@ -55,7 +61,7 @@ def _session(draw) -> list[tuple[list[dict], list | None, bool]]:
         messages = messages + draw(_exchange(turn))
         if draw(st.integers(0, 4)) == 0:  # an edit of an earlier message: the cache must not reuse past it
             index = draw(st.integers(0, len(messages) - 1))
-            messages[index] = {**messages[index], "content": draw(_text) + "!"}
+            messages[index] = {**messages[index], "content": draw(_edited(messages[index]["content"]))}
         if draw(st.integers(0, 5)) == 0:
             tools = None if tools else [TOOL]
         turns.append((messages[:-1], tools, draw(st.booleans())))
