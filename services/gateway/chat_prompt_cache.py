@@ -70,7 +70,10 @@ class ChatPromptCache:
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, max_bytes: int = 256 << 20, max_sessions: int = 10_000) -> ChatPromptCache:
         """The cache for `tokenizer`, off (every prompt tokenized whole) unless the split rule holds."""
-        failure = split_rule_failure(tokenizer)
+        try:
+            failure = split_rule_failure(tokenizer)
+        except Exception as exc:  # a tokenizer the check cannot even drive: tokenize every prompt whole
+            failure = f"the check failed: {exc!r}"
         if failure is not None:
             logger.info("chat prompt cache off for this tokenizer: %s", failure)
             return cls(tokenizer, frozenset(), 0, 0)
@@ -100,8 +103,8 @@ class ChatPromptCache:
 
     def _encode_all(self, text: str, start: int = 0) -> tuple[list[int], list[tuple[int, int, int]]]:
         encoding = self.tokenizer.backend_tokenizer.encode(text[start:], add_special_tokens=False)
-        ids, offsets = encoding.ids, encoding.offsets
-        return ids, [(i, start + offsets[i][0], start + offsets[i][1]) for i, t in enumerate(ids) if t in self._split_ids]
+        ids, chars = encoding.ids, encoding.token_to_chars  # chars of the split tokens only, not all offsets
+        return ids, [(i, start + chars(i)[0], start + chars(i)[1]) for i, t in enumerate(ids) if t in self._split_ids]
 
     def _extend(self, entry: _Entry, text: str) -> tuple[list[int], list[tuple[int, int, int]], int]:
         k = _last_shared_anchor(entry, text)
