@@ -13,8 +13,10 @@ tokens, and the next turn (one new user message, ~60 tokens) is timed as the gat
     tokenize  tokenizer.encode(text) of the whole rendered text (the full path)
     cached    ChatPromptCache.encode of the same text after the previous turn was cached
               (the common prefix found, only the tail tokenized); its ids are checked equal
+    miss      ChatPromptCache.encode of the same text under a key it has not seen (a session's
+              first turn: the full tokenization plus noting the split tokens and keeping the entry)
 
-Medians over --repeats; a table prints.
+The parts are interleaved within each repeat; medians over --repeats; a table prints.
 """
 
 from __future__ import annotations
@@ -72,36 +74,32 @@ def render_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(render(tokenizer, messages), add_special_tokens=False)
 
 
-def timed_ms(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, result
+def elapsed_s(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def probe(tokenizer, history_len: int, repeats: int) -> dict:
+    """The parts, interleaved within each repeat (the machine's noise falls on all alike); medians in ms."""
     from splitserve.services.gateway.chat_prompt_cache import ChatPromptCache
 
     history = conversation(tokenizer, history_len, seed=history_len)
     turn = history + [{"role": "user", "content": words(random.Random(1), 40)}]
-    render_ms, text = timed_ms(lambda: render(tokenizer, turn), repeats)
-    tokenize_ms, full_ids = timed_ms(lambda: tokenizer.encode(text, add_special_tokens=False), repeats)
+    previous, text = render(tokenizer, history), render(tokenizer, turn)
+    full_ids = tokenizer.encode(text, add_special_tokens=False)
     cache = ChatPromptCache.for_tokenizer(tokenizer)
-    previous = render(tokenizer, history)
-
-    def cached_turn():
+    times = {"render": [], "tokenize": [], "cached": [], "miss": []}
+    for repeat in range(repeats):
+        times["render"].append(elapsed_s(lambda: render(tokenizer, turn))[0])
+        times["tokenize"].append(elapsed_s(lambda: tokenizer.encode(text, add_special_tokens=False))[0])
+        times["miss"].append(elapsed_s(lambda: cache.encode(f"first-{repeat}", text))[0])
         cache.encode("probe", previous)  # the previous turn, as it was cached
-        start = time.perf_counter()
-        ids = cache.encode("probe", text)
-        return time.perf_counter() - start, ids
-
-    results = [cached_turn() for _ in range(repeats)]
-    assert all(ids == full_ids for _, ids in results), "the cached path's token ids differ from the full path's"
-    cached_ms = statistics.median(t for t, _ in results) * 1e3
-    return {"tokens": len(full_ids), "chars": len(text), "render": render_ms, "tokenize": tokenize_ms,
-            "cached": cached_ms, "enabled": cache.enabled}
+        seconds, ids = elapsed_s(lambda: cache.encode("probe", text))
+        assert ids == full_ids, "the cached path's token ids differ from the full path's"
+        times["cached"].append(seconds)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {"tokens": len(full_ids), "chars": len(text), **medians, "enabled": cache.enabled}
 
 
 def main() -> None:
@@ -110,13 +108,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     print(f"{'tokenizer':<12} {'tokens':>7} {'chars':>7} {'render ms':>10} {'tokenize ms':>12} "
-          f"{'full ms':>8} {'cached tok ms':>14} {'turn ms':>8}")
+          f"{'full ms':>8} {'cached tok ms':>14} {'turn ms':>8} {'miss ms':>8}")
     for name, build in (("demo", demo_tokenizer), ("qwen-style", qwen_style_tokenizer)):
         tokenizer = build()
         for history_len in args.history_lens:
             r = probe(tokenizer, history_len, args.repeats)
             print(f"{name:<12} {r['tokens']:>7} {r['chars']:>7} {r['render']:>10.2f} {r['tokenize']:>12.2f} "
-                  f"{r['render'] + r['tokenize']:>8.2f} {r['cached']:>14.2f} {r['render'] + r['cached']:>8.2f}"
+                  f"{r['render'] + r['tokenize']:>8.2f} {r['cached']:>14.2f} {r['render'] + r['cached']:>8.2f} {r['miss']:>8.2f}"
                   + ("" if r["enabled"] else "  (cache off: split rule fails)"))
 
 
