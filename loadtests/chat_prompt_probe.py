@@ -102,11 +102,11 @@ def probe(tokenizer, history_len: int, repeats: int) -> dict:
     return {"tokens": len(full_ids), "chars": len(text), **medians, "enabled": cache.enabled}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--history-lens", type=int, nargs="+", default=[1000, 3000, 5000])
     parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"{'tokenizer':<12} {'tokens':>7} {'chars':>7} {'render ms':>10} {'tokenize ms':>12} "
           f"{'full ms':>8} {'cached tok ms':>14} {'turn ms':>8} {'miss ms':>8}")
     for name, build in (("demo", demo_tokenizer), ("qwen-style", qwen_style_tokenizer)):
@@ -116,7 +116,8 @@ def main() -> None:
             print(f"{name:<12} {r['tokens']:>7} {r['chars']:>7} {r['render']:>10.2f} {r['tokenize']:>12.2f} "
                   f"{r['render'] + r['tokenize']:>8.2f} {r['cached']:>14.2f} {r['render'] + r['cached']:>8.2f} {r['miss']:>8.2f}"
                   + ("" if r["enabled"] else "  (cache off: split rule fails)"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

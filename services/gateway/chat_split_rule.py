@@ -50,7 +50,7 @@ def _structure_failure(tokenizer: Any) -> str | None:
         return "no Rust tokenizer behind it"
     if not _encodes_as_base(type(tokenizer)):
         return f"{type(tokenizer).__name__} overrides encode"
-    if getattr(tokenizer, "split_special_tokens", False):
+    if getattr(tokenizer, "split_special_tokens", False) or getattr(backend, "encode_special_tokens", False):
         return "split_special_tokens is set: special tokens are tokenized as text"
     if backend.truncation is not None or backend.padding is not None:
         return "the backend truncates or pads"
