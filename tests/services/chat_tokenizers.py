@@ -6,6 +6,8 @@
                            and a Hermes-style tools block in the system turn
     metaspace_tokenizer()  SentencePiece-style: a Metaspace pre-tokenizer with prepend_scheme "first"
                            (only the text's first segment gets a leading "▁")
+    prepend_normalizer_tokenizer()  Llama-2 style: a Prepend("▁") normalizer, no pre-tokenizer
+    stripping_tokenizer()  the Qwen-style one with <|im_end|> lstrip + rstrip
 
 Each of the others is trained in well under a second on the standard library's .py files.
 """
@@ -99,3 +101,38 @@ def metaspace_tokenizer():
                "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
                                    additional_special_tokens=["<|user|>", "<|assistant|>"], chat_template=template)
+
+
+@functools.cache
+def prepend_normalizer_tokenizer():
+    """Llama-2 style without a pre-tokenizer: the normalizer prepends "\u2581" and turns spaces into it
+    (normalizers run on each segment between split tokens, so every segment starts with one)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=["<s>", "</s>", "[INST]", "[/INST]"],
+                                  show_progress=False, max_token_length=16)
+    sp.train_from_iterator([line for text in _texts()[:2] for line in text.splitlines()], trainer)  # lines: no pre-tokenizer splits them
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}</s>"
+                "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}")
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["[INST]", "[/INST]"], chat_template=template)
+
+
+@functools.cache
+def stripping_tokenizer():
+    """The Qwen-style tokenizer with <|im_end|> stripping the whitespace on both its sides (lstrip, rstrip)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads(qwen_style_tokenizer().backend_tokenizer.to_str())
+    for token in config["added_tokens"]:
+        if token["content"] == "<|im_end|>":
+            token.update(lstrip=True, rstrip=True)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(config)), eos_token="<|im_end|>",
+                                   chat_template=QWEN_STYLE_TEMPLATE, clean_up_tokenization_spaces=False)

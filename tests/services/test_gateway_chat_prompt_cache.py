@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from chat_tokenizers import demo_tokenizer, metaspace_tokenizer, qwen_style_tokenizer
+from chat_tokenizers import (
+    demo_tokenizer, metaspace_tokenizer, prepend_normalizer_tokenizer, qwen_style_tokenizer, stripping_tokenizer)
 from scripted_tools import ASK, MODEL, TOOLS, client as _client
 from splitserve.services.gateway.chat_prompt_cache import ChatPromptCache
 from splitserve.services.gateway.chat_split_rule import split_rule_failure, split_token_ids
@@ -23,7 +24,8 @@ from splitserve.services.gateway.config import RequestLimits
 from splitserve.services.gateway.prepare import PrepareContext, prepare_chat
 from splitserve.services.gateway.request_models import ChatCompletionRequest
 
-TOKENIZERS = {"demo": demo_tokenizer, "qwen-style": qwen_style_tokenizer, "metaspace": metaspace_tokenizer}
+TOKENIZERS = {"demo": demo_tokenizer, "qwen-style": qwen_style_tokenizer, "metaspace": metaspace_tokenizer,
+              "prepend-normalizer": prepend_normalizer_tokenizer, "stripping": stripping_tokenizer}
 TOOL = {"type": "function", "function": {"name": "run", "description": "Run a shell command.",
                                          "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}}
 
