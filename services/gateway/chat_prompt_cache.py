@@ -53,7 +53,8 @@ class _Entry:
 
     @property
     def num_bytes(self) -> int:
-        return sys.getsizeof(self.text) + self.token_ids.itemsize * len(self.token_ids) + _ANCHOR_BYTES * len(self.anchors)
+        ids_bytes = self.token_ids.itemsize * len(self.token_ids)
+        return sys.getsizeof(self.text) + ids_bytes + _ANCHOR_BYTES * len(self.anchors)
 
 
 class ChatPromptCache:

@@ -115,7 +115,8 @@ def prepend_normalizer_tokenizer():
     sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=["<s>", "</s>", "[INST]", "[/INST]"],
                                   show_progress=False, max_token_length=16)
-    sp.train_from_iterator([line for text in _texts()[:2] for line in text.splitlines()], trainer)  # lines: no pre-tokenizer splits them
+    lines = [line for text in _texts()[:2] for line in text.splitlines()]  # no pre-tokenizer splits the texts
+    sp.train_from_iterator(lines, trainer)
     template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}</s>"
                 "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}")
     return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
