@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.services.gateway.admission import AdmissionQueue
+from splitserve.services.gateway.chat_prompt_cache import ChatPromptCache
 from splitserve.services.gateway.completion import choice_streams, merge_streams
 from splitserve.services.gateway.config import GatewayConfig
 from splitserve.services.gateway.discovery import Discovery
@@ -75,6 +76,8 @@ class GatewayState:
     """Requests with more than LONG_TEXT_CHARS of text queue here instead, so that a few huge prompts
     (seconds each) never hold up the short ones (the Rust tokenizer releases the GIL)."""
     max_token_chars: int = 1
+    chat_prompts: ChatPromptCache | None = None
+    """Keyed chat sessions' last prompts (chat_prompt_cache.py); None with --chat-prompt-cache-mib 0."""
     response_store: ResponseStore | None = None  # /v1/responses kept (response_store.py)
 
     def resolve_model(self, model: str | None) -> str:
@@ -92,7 +95,7 @@ class GatewayState:
 
     def prepare_context(self) -> PrepareContext:
         return PrepareContext(self.tokenizer, self.max_model_len(), self.config.limits, self.max_token_chars,
-                              self.config.agent_api)
+                              self.config.agent_api, self.chat_prompts)
 
 
 def build_app(config: GatewayConfig, *, tokenizer: Any = None,
@@ -111,6 +114,8 @@ def build_app(config: GatewayConfig, *, tokenizer: Any = None,
                        config.retry_after_s),
         GatewayMetrics())
     state.max_token_chars = longest_token_chars(state.tokenizer)
+    if config.chat_prompt_cache_mib:
+        state.chat_prompts = ChatPromptCache.for_tokenizer(state.tokenizer, config.chat_prompt_cache_mib << 20)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

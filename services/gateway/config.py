@@ -134,6 +134,9 @@ class GatewayConfig:
     control only), which a one-run A/B on an H100 found 14% slower at full load."""
     agent_api: AgentApiConfig = field(default_factory=AgentApiConfig)
     """Tools, reasoning, Responses API (its own flags: see AgentApiConfig)."""
+    chat_prompt_cache_mib: int = 256
+    """Memory for keyed chat sessions' last prompts (text + token ids), so a next turn tokenizes only
+    its new tail (chat_prompt_cache.py); 0 turns it off."""
 
     def validate(self) -> None:
         self.agent_api.validate()
@@ -147,7 +150,7 @@ class GatewayConfig:
                      "stalled_after_polls"):
             if getattr(self, name) < 1:
                 raise GatewayConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queued_requests", "session_window", "decode_prefill_max_new_tokens"):
+        for name in ("max_queued_requests", "session_window", "decode_prefill_max_new_tokens", "chat_prompt_cache_mib"):
             if getattr(self, name) < 0:
                 raise GatewayConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitserve.services.gateway.chat_output import OutputSpec
+from splitserve.services.gateway.chat_prompt_cache import ChatPromptCache
 from splitserve.services.gateway.chat_tools import (
     ToolUse, check_template_renders_tools, constrained, resolve_tool_use, template_messages)
 from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
@@ -49,6 +50,8 @@ class PrepareContext:
     """The longest vocabulary entry, in characters (`longest_token_chars`)."""
     agent_api: AgentApiConfig = field(default_factory=AgentApiConfig)
     """Tool and reasoning parsers."""
+    chat_prompts: ChatPromptCache | None = None
+    """Keyed sessions' last chat prompts (None: every chat prompt is tokenized whole)."""
 
     @property
     def vocab_size(self) -> int:
@@ -164,7 +167,7 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
         prompt_text = render_chat_prompt(ctx.tokenizer, messages, body.add_generation_prompt, use.tools)
     except Exception as exc:  # jinja errors of a template that rejects these messages
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-    prompt = list(ctx.tokenizer.encode(prompt_text, add_special_tokens=False))
+    prompt = _chat_prompt_ids(prompt_text, body.prompt_cache_key, ctx)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling_params(body, max_tokens, logprobs)
@@ -175,6 +178,12 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     prep.output = output
     prep.response_role = "assistant" if body.add_generation_prompt else body.messages[-1].role
     return prep
+
+
+def _chat_prompt_ids(prompt_text: str, key: str | None, ctx: PrepareContext) -> list[int]:
+    if ctx.chat_prompts is None:
+        return list(ctx.tokenizer.encode(prompt_text, add_special_tokens=False))
+    return ctx.chat_prompts.encode(key, prompt_text)
 
 
 def _output_spec(use: ToolUse, config: AgentApiConfig, prompt_text: str) -> OutputSpec:
