@@ -66,3 +66,35 @@ async def _stalled_calls_end_when_polls_fail():
 
 def test_calls_on_a_stalled_worker_end_with_unavailable():
     asyncio.run(_stalled_calls_end_when_polls_fail())
+
+
+async def _three_missed_polls(router: Router, client: WorkerClient) -> None:
+    for _ in range(3):
+        await poll_once(router, {i.url: client for i in router.instances}, timeout_s=0.2, stalled_after_polls=3)
+
+
+def test_a_worker_that_never_answered_is_not_warned_about(caplog) -> None:
+    """The launcher starts the gateway beside its workers, so at start-up a worker misses polls while
+    it comes up: logged at INFO; one that had answered and then stops is a WARNING."""
+    import logging
+
+    from splitserve.shared.protocol.convert import WorkerLoad
+
+    async def run() -> list[int]:
+        client = WorkerClient("127.0.0.1:1")  # nothing listens there
+        router = Router(prefill_urls=["127.0.0.1:1"], decode_urls=["127.0.0.1:2"])
+        levels = []
+        try:
+            for answered in (False, True):
+                for instance in router.instances:
+                    instance.failed_polls = 0
+                    instance.load = WorkerLoad("w", instance.role, "m", 64, 16) if answered else None
+                caplog.clear()
+                await _three_missed_polls(router, client)
+                levels.append(max(r.levelno for r in caplog.records if "missed 3 load polls" in r.getMessage()))
+        finally:
+            await client.close()
+        return levels
+
+    with caplog.at_level(logging.INFO, logger="splitserve.services.gateway.router"):
+        assert asyncio.run(run()) == [logging.INFO, logging.WARNING]
