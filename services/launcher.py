@@ -2,9 +2,8 @@
 workers) and the gateway in front, the same commands docker-compose runs, one per process.
 
 Start order: make sure the checkpoint exists (the demo one is built once, here, not raced by
-three processes), start the workers and the gateway together (the gateway polls workers that are
-not up yet, as under docker-compose), wait until each worker answers Health, then until the
-gateway's /health is 200, which it answers once its own polls reach the workers. A worker or gateway that dies is restarted (a restarted worker is
+three processes), start the workers and wait until each answers Health, then start the gateway
+and wait until /health is 200. A worker or gateway that dies is restarted (a restarted worker is
 a new instance: new instance id, empty KV pool), after a back-off that doubles with every crash in
 a row (RESTART_MIN_S .. RESTART_MAX_S; a process that stayed up STABLE_S starts over at the
 minimum), so a client that crashes a service on purpose cannot keep it restarting in a loop.
@@ -291,11 +290,12 @@ def run_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        for child in [*workers, gateway]:  # the gateway's start-up overlaps the workers'
+        for child in workers:
             child.start()
         for child in workers:
             _wait_worker_ready(child, deadline, security)
-        _wait_gateway_ready(gateway, url, deadline, args.gateway_processes)  # 200: it reaches the workers
+        gateway.start()
+        _wait_gateway_ready(gateway, url, deadline, args.gateway_processes)
         print(f"splitserve is up: {url}/v1  (OpenAI API; model dir {model_dir}; "
               f"{'%d colocated' % len(colocated) if colocated else '%d prefill + %d decode' % (len(prefill), len(decode))}"
               f" workers). Ctrl-C stops it.", flush=True)
