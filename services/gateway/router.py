@@ -311,8 +311,8 @@ async def poll_once(router: Router, clients: dict, timeout_s: float, stalled_aft
             router.mark_failed(instance, str(exc))
             instance.failed_polls += 1
             if instance.failed_polls == stalled_after_polls:
-                # A worker that never answered is most likely still starting (the launcher starts
-                # the gateway beside its workers): not worth a warning, though its calls go too.
+                # A worker that never answered is most likely still starting (under compose or
+                # Kubernetes the gateway may come up first): not worth a warning; its calls go too.
                 level = logging.WARNING if instance.load is not None else logging.INFO
                 logger.log(level, "worker %s missed %d load polls in a row; abandoning its open calls",
                            instance.url, stalled_after_polls)

@@ -74,8 +74,8 @@ async def _three_missed_polls(router: Router, client: WorkerClient) -> None:
 
 
 def test_a_worker_that_never_answered_is_not_warned_about(caplog) -> None:
-    """The launcher starts the gateway beside its workers, so at start-up a worker misses polls while
-    it comes up: logged at INFO; one that had answered and then stops is a WARNING."""
+    """A gateway that comes up before its workers (compose, Kubernetes) sees them miss polls while
+    they start: logged at INFO; one that had answered and then stops is a WARNING."""
     import logging
 
     from splitserve.shared.protocol.convert import WorkerLoad
