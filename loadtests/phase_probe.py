@@ -11,8 +11,8 @@ Host phases are inclusive wall times (`sample_deferred` holds `fill_wait`, `reso
 (the caller's loop: `LLM.generate` building its outputs, or the engine process sending them). The
 device split uses CUDA events on the compute stream: one before the deferred sampling, one before
 the forward is launched and one after, so `device_idle` is the time the stream had nothing of ours
-queued between one step's forward and the next step's sampling. For bench_structured.py and
-bench_offline.py (`--phases`); a diagnosis tool, not part of the engine.
+queued between one step's forward and the next step's sampling. For bench_structured.py
+(`--phases`); a diagnosis tool, not part of the engine.
 """
 
 from __future__ import annotations
@@ -28,18 +28,25 @@ HOST_PHASES = (("_external", "poll", "poll"), ("scheduler", "schedule", "schedul
                ("", "_advance", "advance"), ("", "_resolve", "resolve"),
                ("_external", "save_new_blocks", "save"))
 """(attribute of the engine holding the method, '' for the engine itself; method; phase name)."""
+PER_ROW_PHASES = (("_emitter", "emit_sampled", "emit"), ("", "_book_computed", "book"))
+"""Called once a request a step (summed over the step), inside `resolve`."""
 MODULE_PHASES = (("splitserve.shared.engine", "start_fill", "start_fill"),
                  ("splitserve.shared.engine", "rejected_ids", "rejected"),
                  ("splitserve.shared.grammar_fill", "plan_slices", "plan_slices"),
                  ("splitserve.shared.sampler", "apply_bitmask", "apply_mask"))
 """Functions the step calls by their module's name (wrapped there, restored by close)."""
+CLASS_PHASES = (("grammar_fill", "StepFill", "result", "fill_wait"),
+                ("grammar_fill", "StepFill", "wait_accepted", "accept_wait"),
+                ("runner", "PendingStep", "sampled", "tokens_wait"))
+"""(module of splitserve.shared, class, method, phase name): wrapped on the class, restored by close."""
+DEVICE_PHASES = ("device_sample", "device_forward", "device_idle")
+PHASES = ("step", "between", *(p for *_, p in HOST_PHASES + PER_ROW_PHASES + MODULE_PHASES + CLASS_PHASES),
+          *DEVICE_PHASES)
+"""Every phase, in the order the table prints them."""
 
 
 class PhaseProbe:
     def __init__(self, engine) -> None:
-        from splitserve.shared.grammar_fill import StepFill
-        from splitserve.shared.runner import PendingStep
-
         self.engine = engine
         self.steps: list[dict[str, float]] = []
         self._current: dict[str, float] = defaultdict(float)
@@ -47,15 +54,15 @@ class PhaseProbe:
         self._events: list[tuple] = []
         self._cuda = engine.runner.device.type == "cuda"
         self._restore: list[tuple[object, str, object]] = []
-        for holder, method, name in HOST_PHASES + (("_emitter", "emit_sampled", "emit"), ("", "_book_computed", "book")):
+        for holder, method, name in HOST_PHASES + PER_ROW_PHASES:
             owner = getattr(engine, holder) if holder else engine
             if owner is not None:
                 self._wrap(owner, method, name)
         for module, function, name in MODULE_PHASES:
             self._wrap(importlib.import_module(module), function, name, restore=True)
-        for cls, method, name in ((StepFill, "result", "fill_wait"), (StepFill, "wait_accepted", "accept_wait"),
-                                  (PendingStep, "sampled", "tokens_wait")):
-            self._wrap(cls, method, name, restore=True)
+        for module, cls, method, name in CLASS_PHASES:
+            owner = getattr(importlib.import_module(f"splitserve.shared.{module}"), cls)
+            self._wrap(owner, method, name, restore=True)
         self._wrap_step()
 
     def _wrap(self, owner, method: str, name: str, restore: bool = False) -> None:
@@ -149,11 +156,9 @@ class PhaseProbe:
             steps = [s for s in steps if s["requests"] and s["tokens"] == s["requests"]]
         if not steps:
             return "(no steps)"
-        names = [n for n in (["step", "between"] + [p for *_, p in HOST_PHASES] +
-                             ["emit", "book", "start_fill", "plan_slices", "rejected", "apply_mask", "fill_wait", "tokens_wait", "accept_wait", "device_sample", "device_forward",
-                              "device_idle"]) if any(n in s for s in steps)]
+        names = [n for n in PHASES if any(n in s for s in steps)]
         lines = [f"{len(steps)} steps, median batch {median(s['requests'] for s in steps):.0f}"]
-        lines += [f"  {n:16s} {median(s.get(n, 0.0) for s in steps) * (1 if n.startswith('device') else 1e3):8.3f} ms"
+        lines += [f"  {n:16s} {median(s.get(n, 0.0) for s in steps) * (1 if n in DEVICE_PHASES else 1e3):8.3f} ms"
                   for n in names]
         return "\n".join(lines)
 

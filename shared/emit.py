@@ -46,7 +46,8 @@ class Emitter:
         top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else ()
         grammar = req.grammar
         if (num_outputs < req.max_tokens and token_id not in req.stop_token_candidates
-                and (grammar is None or not (grammar_rejected or grammar.terminated)) and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
+                and (grammar is None or not (grammar_rejected or grammar.terminated))
+                and req.kv_transfer is None and req.prompt_logprobs is None and req.request_id not in outputs):
             outputs[req.request_id] = EngineOutput(req.request_id, [token_id], [sampled.logprobs[row]], [top],
                                                    [sampled.ranks[row]])
             return

@@ -12,8 +12,8 @@ Two grammar engines (`--structured-outputs-backend`, vLLM's names): `xgrammar` (
 the default) and `guidance`, llguidance (shared/grammar_guidance.py). A backend compiles a spec
 and makes a request's grammar from what it compiled (the same interface as RequestGrammar:
 `handle`, `accept`, `note_accepted`, `fill`, `terminated`, `stop_token_ids`);
-`grammar_fill.make_filler` picks the filler of its steps' bitmasks. The bitmask format is the same for both (bit t of a row: token t allowed), so the
-sampler's mask kernel is one.
+`grammar_fill.make_filler` picks the filler of its steps' bitmasks. The bitmask format is the
+same for both (bit t of a row: token t allowed), so the sampler's mask kernel is one.
 
 The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the
 compile thread) and to the model's vocabulary size, which can exceed the tokenizer's: ids past
