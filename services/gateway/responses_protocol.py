@@ -1,7 +1,8 @@
 """Request models of the Responses API (`POST /v1/responses`), beside request_models.py's.
 
-The request itself forbids unknown fields, so anything we do not serve is a 400 naming it; input
-items ignore the extra keys clients echo back from earlier outputs (`id`, `status`, `annotations`).
+The request itself, its tool choice and its `text` settings forbid unknown fields, so anything we
+do not serve is a 400 naming it; input items ignore the extra keys clients echo back from earlier
+outputs (`id`, `status`, `annotations`).
 """
 
 from __future__ import annotations
@@ -75,16 +76,16 @@ class FunctionTool(OpenAIModel):
         return data
 
 
-class NamedFunctionChoice(BaseModel):
+class NamedFunctionChoice(OpenAIModel):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(BaseModel):
+class TextFormat(OpenAIModel):
     type: Literal["text"]
 
 
-class TextConfig(BaseModel):
+class TextConfig(OpenAIModel):
     format: TextFormat | None = None
 
 

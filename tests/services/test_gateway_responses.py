@@ -73,6 +73,8 @@ def test_streamed_events(scripted_stack):
     ({"input": ASK, "include": ["reasoning.encrypted_content"]}, 400, "include"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, 400, None),
     ({"input": ASK, "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
+    ({"input": ASK, "text": {"verbosity": "low"}}, 400, "text.verbosity"),
+    ({"input": ASK, "text": {"format": {"type": "text", "strict": True}}}, 400, "text.format.strict"),
 ])
 def test_bad_requests(scripted_stack, body, status, param):
     gateway, _, _ = scripted_stack
