@@ -26,12 +26,18 @@ def _prompts(vocab_size: int, lengths=PROMPT_LENGTHS, seed: int = 0, prefix: lis
     return [(prefix or []) + [rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
 
 
+# A greedy step whose top two logits are closer than this is a tie: a different (correct)
+# summation order may pick either token, so a prompt that meets one is not used for parity.
+NEAR_TIE = 1e-4
+
+
 @pytest.fixture(scope="module")
 def hf_reference():
-    """(checkpoint dir, prompt tuple) -> (tokens, logprobs of those tokens) from transformers."""
+    """(checkpoint dir, prompt tuple) -> (tokens, logprobs of those tokens) from transformers.
+    `run.min_gap(dir, prompt)`: the smallest top-1 - top-2 logit gap along that greedy path."""
     from transformers import AutoModelForCausalLM
 
-    models, cache = {}, {}
+    models, cache, gaps = {}, {}, {}
 
     def run(model_dir: str, prompt: list[int]) -> tuple[list[int], list[float]]:
         key = (model_dir, tuple(prompt))
@@ -46,19 +52,26 @@ def hf_reference():
             tokens = out.sequences[0, len(prompt):].tolist()
             logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
             cache[key] = (tokens, logprobs)
+            gaps[key] = min((lambda top: (top[0] - top[1]).item())(step[0].float().topk(2).values) for step in out.logits)
         return cache[key]
 
+    def min_gap(model_dir: str, prompt: list[int]) -> float:
+        run(model_dir, prompt)
+        return gaps[(model_dir, tuple(prompt))]
+
+    run.min_gap = min_gap
     return run
 
 
 def _eos_free(hf_run, model_dir, prompts):
     """Keep prompts whose HF greedy continuation never hits EOS (HF's min_new_tokens masks EOS,
-    our ignore_eos does not, so a prompt whose argmax is EOS would differ by definition)."""
+    our ignore_eos does not, so a prompt whose argmax is EOS would differ by definition) and
+    never meets a near-tie (NEAR_TIE: either token would be a correct greedy choice)."""
     from splitserve.shared.tokenizer import load_tokenizer
 
     eos = load_tokenizer(model_dir).eos_token_id
-    kept = [p for p in prompts if eos not in hf_run(model_dir, p)[0]]
-    assert len(kept) >= 2, "too few EOS-free prompts to test with"
+    kept = [p for p in prompts if eos not in hf_run(model_dir, p)[0] and hf_run.min_gap(model_dir, p) >= NEAR_TIE]
+    assert len(kept) >= 2, "too few EOS-free, tie-free prompts to test with"
     return kept
 
 
