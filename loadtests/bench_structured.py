@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_workload_args(parser, num_prompts=256, input_len=512, output_len=128)
     add_engine_args(parser, max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
     parser.add_argument("--structured-outputs-threads", type=int, default=None,
-                        help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 16)")
+                        help="threads of the bitmask fill (the engine's flag; unset: half the cores, at most 4)")
     parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=("xgrammar", "guidance"),
                         help="the grammar engine (the engine's flag)")
     parser.add_argument("--device", default="auto")

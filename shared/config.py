@@ -101,8 +101,8 @@ class SchedulerConfig:
     """Threads of the engine's grammar pool: each takes a slice of a step's structured-output
     rows, advances their matchers by the new tokens and fills their token masks (two xgrammar
     calls, GIL released), beside the step loop, which books the previous step's outputs
-    meanwhile (shared/grammar_fill.py). Unset: half the cores, at most 16 (the step loop and the
-    device's host work keep the rest)."""
+    meanwhile (shared/grammar_fill.py). Unset: half the cores, at most 4 (the step loop and the
+    device's host work keep the rest; 4 lost less than 8 on a 16-core H200 host, benchmarks 19)."""
     structured_outputs_backend: str = "xgrammar"
     """The grammar engine of structured outputs (vLLM's names): `xgrammar`, or `guidance`
     (llguidance: masks computed in its own threads, faster per row on large vocabularies;

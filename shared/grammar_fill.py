@@ -61,10 +61,12 @@ the result array on the pool thread: here the step loop does both (`start`, `wai
 
 
 def default_threads() -> int:
-    """Half the cores this process may run on, at most 16: the step loop and the device's host
-    work keep the rest."""
+    """Half the cores this process may run on, at most 4: the step loop and the device's host
+    work keep the rest. On a 16-core H200 host 4 threads lost 19-21 % of the unconstrained
+    throughput where 8 lost 25-35 % (docs/benchmarks.md section 19): each thread's wake and
+    hand-back is the step loop's work, and 256 rows fill in time on 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(1, min(16, cores // 2))
+    return max(1, min(4, cores // 2))
 
 
 class _Slice:

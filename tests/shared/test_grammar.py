@@ -284,7 +284,7 @@ def test_fill_threads_flag_and_its_bounds() -> None:
     with pytest.raises(ConfigError, match="structured_outputs_threads must be at least 1"):
         SchedulerConfig(structured_outputs_threads=0).validate()
     SchedulerConfig(structured_outputs_threads=1).validate()
-    assert 1 <= default_threads() <= 16 and _filler(None).num_threads == default_threads()
+    assert 1 <= default_threads() <= 4 and _filler(None).num_threads == default_threads()
 
 
 @pytest.mark.parametrize("stop_tokens", [[1], []])
