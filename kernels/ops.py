@@ -15,7 +15,7 @@ import torch
 
 from splitserve.kernels import activation, fused_moe as _moe, kv_cache_write, paged_attention as _attention
 from splitserve.kernels import paged_attention_cpu as _attention_cpu
-from splitserve.kernels import rms_norm as _norm, rotary
+from splitserve.kernels import moe_route as _route, rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.kernels.triton_import import HAS_TRITON
 
@@ -30,6 +30,7 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary_embedding",
+    "route_topk",
     "silu_and_mul",
     "use_triton",
     "write_kv_cache",
@@ -81,7 +82,7 @@ def write_kv_cache(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`x [T, H]` -> `[T, H]`, HF LlamaRMSNorm numerics."""
+    """`x [T, H]` -> `[T, H]`, HF LlamaRMSNorm numerics; `x [T, N, D]` normalises each head over D."""
     return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps)
 
 
@@ -114,6 +115,13 @@ def act_and_mul(x: torch.Tensor, hidden_act: str) -> torch.Tensor:
     if use_triton(x):
         return activation.act_and_mul(x, hidden_act)
     return _ACT_AND_MUL_REFS[hidden_act](x)
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`router_logits [T, E]` -> `(weights [T, k] fp32, ids [T, k] int64)`: softmax, top k,
+    renormalised if asked; see `kernels/moe_route.py`."""
+    fn = _route.route_topk if use_triton(router_logits) else _route.route_topk_ref
+    return fn(router_logits, top_k, renormalize)
 
 
 def fused_moe(

@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from shapes import SHAPES, moe_experts  # noqa: E402
 from splitserve.kernels import activation, fused_moe as moe_kernels, moe_align, ops, rms_norm  # noqa: E402
-from splitserve.shared.model.moe import SparseMoE, route_topk  # noqa: E402
+from splitserve.kernels.ops import route_topk  # noqa: E402
+from splitserve.shared.model.moe import SparseMoE  # noqa: E402
 
 ALIGNMENTS = {"triton": moe_align.align_pairs_by_expert, "torch": moe_align.align_pairs_by_expert_ref}
 

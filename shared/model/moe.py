@@ -20,17 +20,6 @@ from splitserve.shared.model.parallel_layers import even_slice
 from splitserve.shared.parallel import state
 
 
-def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the experts in fp32, then the top k; `renormalize` makes the k weights sum to 1.
-    Returns `(weights [T, k] fp32, ids [T, k] int64)`. The softmax takes the fp32 dtype itself
-    (as transformers' MoE blocks call it): the same values as casting first, one launch fewer."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 class StackedExperts(nn.Module):
     """Every expert's gate/up (w13) and down (w2) matrices. Tensor-parallel experts (vLLM's default
     without expert parallelism): each rank holds every expert's slice of the intermediate channels,
@@ -93,7 +82,7 @@ class SparseMoE(nn.Module):
         self.has_shared_expert = bool(shared_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route_topk(self.gate(x), self.top_k, self.renormalize)  # [T, k]
+        weights, ids = ops.route_topk(self.gate(x), self.top_k, self.renormalize)  # [T, k]
         out = state.all_reduce(self.experts(x, weights, ids))  # [T, H]
         if self.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

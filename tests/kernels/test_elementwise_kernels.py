@@ -74,19 +74,34 @@ def test_write_kv_cache_kernel_skips_negative_slots():
 
 
 @needs_triton
-@pytest.mark.parametrize("hidden", [64, 80])
-def test_rms_norm_kernel(poison_outputs, hidden):
+@pytest.mark.parametrize("rows,hidden", [(5, 64), (5, 80), (37, 128), (3, 2048)])
+def test_rms_norm_kernel(poison_outputs, rows, hidden):
+    """Several rows share a program when they are short (37 rows of 128: 16 a program, the last one
+    partly masked); a 2048-wide row has a program of its own."""
     poison_outputs(rms_norm)
-    x = torch.randn(5, hidden + 16)[:, :hidden] * 2  # rows strided wider than hidden
+    x = torch.randn(rows, hidden + 16)[:, :hidden] * 2  # rows strided wider than hidden
     weight = torch.randn(hidden)
     torch.testing.assert_close(rms_norm.rms_norm(x, weight, 1e-5), rms_norm.rms_norm_ref(x, weight, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_rms_norm_kernel_over_heads_of_a_fused_projection(poison_outputs):
+    """q/k norms read [T, N, D] views of the fused qkv output in place (token stride N*D + more)."""
+    poison_outputs(rms_norm)
+    qkv = torch.randn(19, 6 * 32 + 2 * 32) * 2
+    q = qkv[:, : 6 * 32].view(19, 6, 32)  # strides (256, 32, 1): not a [T*N, D] view
+    weight = torch.randn(32)
+    out = rms_norm.rms_norm(q, weight, 1e-6)
+    assert out.shape == (19, 6, 32) and out.is_contiguous()
+    torch.testing.assert_close(out, rms_norm.rms_norm_ref(q.reshape(-1, 32), weight, 1e-6).view(19, 6, 32),
+                               atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_add_rms_norm_kernel(poison_outputs, dtype, tol):
     poison_outputs(rms_norm)
-    x, residual, weight = torch.randn(4, 128).to(dtype), torch.randn(4, 128).to(dtype), torch.randn(128).to(dtype)
+    x, residual, weight = torch.randn(21, 128).to(dtype), torch.randn(21, 128).to(dtype), torch.randn(128).to(dtype)
     normed, new_residual = rms_norm.fused_add_rms_norm(x, residual, weight, 1e-6)
     normed_ref, residual_ref = rms_norm.fused_add_rms_norm_ref(x, residual, weight, 1e-6)
     # fp32: the sum is exact. bf16: the interpreter truncates fp32 -> bf16 (the GPU rounds to

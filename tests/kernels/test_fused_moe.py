@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from conftest import needs_triton
 from splitserve.kernels import fused_moe as moe_module
-from splitserve.kernels import moe_align
+from splitserve.kernels import moe_align, moe_route
 from splitserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from splitserve.kernels.moe_align import align_pairs_by_expert, align_pairs_by_expert_ref
 from splitserve.kernels.moe_config import MoeLaunchConfig, MoeTile
+from splitserve.kernels.moe_route import route_topk_ref
 
 
 def _problem(num_tokens=9, hidden=64, inter=32, num_experts=4, top_k=2, seed=0, dtype=torch.float32):
@@ -85,3 +86,46 @@ def test_triton_rejects_mismatched_weights():
     x, w13, w2, weights, ids = _problem()
     with pytest.raises(ValueError, match="do not fit"):
         fused_moe(x, w13, w2[:, :, :-1], weights, ids)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_sum_equals_torch_sum_over_slots(poison_outputs, dtype):
+    """Hidden 1500: two column tiles of 1024, the second masked; bf16 summed in fp32 as torch does
+    (the interpreter truncates the fp32 sum to bf16 where the GPU rounds: one bf16 step allowed)."""
+    poison_outputs(moe_module)
+    pair_out = torch.randn(7 * 3, 1500, generator=torch.Generator().manual_seed(5)).to(dtype)
+    want = pair_out.view(7, 3, 1500).sum(dim=1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(moe_module.sum_slots(pair_out, 3), want, atol=tol, rtol=tol)
+
+
+def test_routing_reference_matches_transformers_router():
+    """The reference is the softmax-topk(-renormalise) of transformers' Qwen3-MoE/Mixtral blocks."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(11, 9, generator=gen).to(torch.bfloat16)
+    for renormalize in (False, True):
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        want_w, want_ids = torch.topk(probs, 3, dim=-1)
+        if renormalize:
+            want_w /= want_w.sum(dim=-1, keepdim=True)
+        got_w, got_ids = route_topk_ref(logits, 3, renormalize)
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(37, 128, 8), (5, 60, 4), (3, 6, 1)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_triton_routing_matches_reference(poison_outputs, num_tokens, num_experts, top_k, renormalize):
+    """37 tokens of 128 experts: 8 a program, the last program partly masked; 60 experts: padded
+    to 64 columns that must never be picked. A tied pair picks the lower expert id first."""
+    poison_outputs(moe_route)
+    logits = torch.randn(num_tokens, num_experts + 3, generator=torch.Generator().manual_seed(num_experts))
+    logits = logits[:, :num_experts]  # rows strided wider than the experts
+    logits[0, 2] = logits[0, 1] = logits[0].max() + 1.0
+    weights, ids = moe_route.route_topk(logits, top_k, renormalize)
+    want_w, want_ids = route_topk_ref(logits, top_k, renormalize)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+    if top_k > 1:
+        assert ids[0, :2].tolist() == [1, 2]
