@@ -159,16 +159,21 @@ def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, 
     return elapsed
 
 
-def _print_moe_floors(shape: str, batch: int, bandwidth: float) -> None:
+def _print_moe_floors(shape: str, batch: int, context: int, bandwidth: float) -> None:
+    """A MoE decode step's floors at `batch` requests of `context` tokens: the active parameters
+    alone (no bound once the batch touches most experts), the experts it touches, and those plus
+    the KV reads (what the roofline sums over the steps; compare a measured step with this one)."""
     num_experts, top_k, _ = moe_experts(shape)
     if not num_experts:
         return
     active = 2 * param_count(shape, active_experts=top_k)
     touched = decode_weight_bytes(shape, batch)
+    with_kv = touched + batch * context * kv_bytes_per_token(shape)
     print(f"MoE decode step at batch {batch}: active-parameter bytes {active / 1e9:.2f} GB "
           f"({active / bandwidth * 1e3:.2f} ms), bytes of the {expected_experts_touched(shape, batch):.1f}/{num_experts} "
-          f"experts per layer the batch touches {touched / 1e9:.2f} GB ({touched / bandwidth * 1e3:.2f} ms, "
-          f"the floor used)", flush=True)
+          f"experts per layer the batch touches {touched / 1e9:.2f} GB ({touched / bandwidth * 1e3:.2f} ms), "
+          f"plus the KV of {context} tokens each {with_kv / 1e9:.2f} GB ({with_kv / bandwidth * 1e3:.2f} ms, "
+          f"the step floor the roofline uses at mid-decode)", flush=True)
 
 
 def main() -> int:
@@ -190,7 +195,8 @@ def main() -> int:
     floor = prefill_floor + decode_floor
     print(f"ceilings: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; roofline "
           f"{floor:.3f} s (prefill {prefill_floor:.3f} + decode {decode_floor:.3f})", flush=True)
-    _print_moe_floors(args.shape, min(args.num_prompts, args.max_num_seqs), bandwidth)
+    _print_moe_floors(args.shape, min(args.num_prompts, args.max_num_seqs), args.input_len + args.output_len // 2,
+                      bandwidth)
     rows = [("roofline", floor)]
     for mode in args.scheduling.split(","):
         if mode not in ("async", "sync"):
