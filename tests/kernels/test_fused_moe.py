@@ -101,14 +101,17 @@ def test_slot_sum_equals_torch_sum_over_slots(poison_outputs, dtype):
 
 
 def test_routing_reference_matches_transformers_router():
-    """The reference is the softmax-topk(-renormalise) of transformers' Qwen3-MoE/Mixtral blocks."""
+    """The reference routes as transformers' own Qwen3-MoE router does, renormalised or not."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(11, 9, generator=gen).to(torch.bfloat16)
+    x = torch.randn(11, 16, generator=gen)
     for renormalize in (False, True):
-        probs = F.softmax(logits, dim=-1, dtype=torch.float)
-        want_w, want_ids = torch.topk(probs, 3, dim=-1)
-        if renormalize:
-            want_w /= want_w.sum(dim=-1, keepdim=True)
+        config = Qwen3MoeConfig(hidden_size=16, num_experts=9, num_experts_per_tok=3, norm_topk_prob=renormalize)
+        router = Qwen3MoeTopKRouter(config)
+        router.weight.data = torch.randn(9, 16, generator=gen)
+        logits, want_w, want_ids = router(x)
         got_w, got_ids = route_topk_ref(logits, 3, renormalize)
         assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
 

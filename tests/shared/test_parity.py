@@ -52,7 +52,8 @@ def hf_reference():
             tokens = out.sequences[0, len(prompt):].tolist()
             logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
             cache[key] = (tokens, logprobs)
-            gaps[key] = min((lambda top: (top[0] - top[1]).item())(step[0].float().topk(2).values) for step in out.logits)
+            top2 = torch.stack([step[0].float().topk(2).values for step in out.logits])  # [new tokens, 2]
+            gaps[key] = (top2[:, 0] - top2[:, 1]).min().item()
         return cache[key]
 
     def min_gap(model_dir: str, prompt: list[int]) -> float:
