@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -217,12 +217,16 @@ class GrammarWaitlist:
     def __init__(self, compiler: GrammarCompiler, timeout_s: float) -> None:
         self.compiler, self.timeout_s = compiler, timeout_s
         self._waiting: dict[str, tuple[Request, Future, RequestStatus, float]] = {}
+        """In the order added, which is the order of the deadlines (one timeout for all)."""
+        self._compiled: deque[str] = deque()
+        """Ids whose future finished, appended by the future's callback (a compile thread)."""
 
     def add(self, req: Request) -> None:
         """Start compiling; the request's status is restored once its grammar is ready."""
         future = self.compiler.submit(req.sampling_params.structured_outputs)
         self._waiting[req.request_id] = (req, future, req.status, time.monotonic() + self.timeout_s)
         req.status = RequestStatus.WAITING_FOR_GRAMMAR
+        future.add_done_callback(lambda _, request_id=req.request_id: self._compiled.append(request_id))
 
     def remove(self, request_id: str) -> None:
         self._waiting.pop(request_id, None)
@@ -234,15 +238,18 @@ class GrammarWaitlist:
         return len(self._waiting)
 
     def poll(self) -> tuple[list[Request], list[tuple[Request, str]]]:
-        """(requests whose matcher is now built, (request, why) of those that cannot have one)."""
-        ready, failed, now = [], [], time.monotonic()
-        for request_id, (req, future, status, deadline) in list(self._waiting.items()):
-            if not future.done():
-                if now > deadline:
-                    del self._waiting[request_id]
-                    failed.append((req, f"the structured_outputs grammar did not compile within {self.timeout_s} s"))
+        """(requests whose matcher is now built, (request, why) of those that cannot have one).
+        Runs every step: it visits the requests whose compile finished since the last poll, and
+        the overdue ones at the front, never every waiting request (a profile of the 1B JSON
+        run on the H200 put ~8 % of the step loop's samples in the scan of every waiting future it was)."""
+        ready, failed = [], []
+        while self._compiled:
+            request_id = self._compiled.popleft()
+            entry = self._waiting.get(request_id)
+            if entry is None or not entry[1].done():  # removed, or the id reused by a newer request
                 continue
             del self._waiting[request_id]
+            req, future, status, _ = entry
             try:  # the decode side's outputs already hold the first token: the matcher accepts it
                 req.grammar = self.compiler.request_grammar(future.result(), sorted(req.eos_token_ids),
                                                             req.output_token_ids)
@@ -251,4 +258,15 @@ class GrammarWaitlist:
                 continue
             req.status = status
             ready.append(req)
+        failed.extend(self._overdue())
         return ready, failed
+
+    def _overdue(self) -> list[tuple[Request, str]]:
+        """The requests past their deadline, from the front of the waitlist (the oldest)."""
+        now, overdue = time.monotonic(), []
+        for request_id, (_, _, _, deadline) in self._waiting.items():
+            if now <= deadline:
+                break
+            overdue.append(request_id)
+        message = f"the structured_outputs grammar did not compile within {self.timeout_s} s"
+        return [(self._waiting.pop(request_id)[0], message) for request_id in overdue]
