@@ -7,21 +7,49 @@ Run it from outside the repository (it imports the installed `splitserve`). The 
 docs/benchmarks.md section 21 ran it with the change and without it (`git stash`), alternating.
 """
 
-import sys, time, statistics, random
-import torch
-from splitserve.shared.llm import LLM
-from splitserve.shared.sampling_params import SamplingParams
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-llm = LLM(None, device="cpu", cpu_threads=1, enable_prefix_caching=False, skip_tokenizer_init=True)
-eng = llm.engine
-rng = random.Random(0)
-for r in range(rounds):
-    for i in range(n):
-        eng.add_request(f"{r}-{i}", [rng.randrange(100, 2000) for _ in range(256)],
-                        SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0))
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from workload import random_prompts  # noqa: E402
+
+PROMPT_LEN, OUTPUT_LEN = 256, 64
+PREFILL_STEPS = 3
+"""Steps left out of the decode figures: the round's prompts prefill in the first ones."""
+
+
+def run_round(engine, round_index: int, num_requests: int) -> list[float]:
+    """Add the round's requests, step until they finish; each step's wall time in seconds."""
+    from splitserve.shared.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, temperature=0.0)
+    for i, prompt in enumerate(random_prompts(num_requests, PROMPT_LEN, 2000, low=100, seed=round_index)):
+        engine.add_request(f"{round_index}-{i}", prompt, params)
     times = []
-    while eng.has_unfinished_requests():
-        t = time.perf_counter(); eng.step(); times.append(time.perf_counter() - t)
-    dec = sorted(times[3:])
-    print(f"round {r}: steps {len(times)} first {times[0]*1e3:.1f} ms median {statistics.median(dec)*1e3:.2f} ms p90 {dec[int(.9*len(dec))]*1e3:.2f}", flush=True)
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    from splitserve.shared.llm import LLM
+
+    num_requests = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    llm = LLM(None, device="cpu", cpu_threads=1, enable_prefix_caching=False, skip_tokenizer_init=True)
+    for r in range(rounds):
+        times = run_round(llm.engine, r, num_requests)
+        decode = sorted(times[PREFILL_STEPS:])
+        print(f"round {r}: steps {len(times)} first {times[0] * 1e3:.1f} ms median "
+              f"{statistics.median(decode) * 1e3:.2f} ms p90 {decode[int(0.9 * len(decode))] * 1e3:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
