@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.kernels import paged_decode_cpu
 from splitserve.kernels.paged_attention import check_ragged_lengths, paged_attention_ref, softcap_scores
 
 
@@ -93,7 +94,12 @@ def _chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                       lens: list[int], scale: float, sliding_window: int | None,
                       logit_softcap: float | None) -> torch.Tensor:
-    """R decode rows `q [R, Hq, D]`, each the last position of its context, in one batch."""
+    """R decode rows `q [R, Hq, D]`, each the last position of its context, in one batch: in C
+    (paged_decode_cpu.py) where it takes the rows, else by torch over a gather of their blocks."""
+    if logit_softcap is None:
+        native = paged_decode_cpu.paged_decode(q, k_cache, v_cache, tables, lens, scale, sliding_window)
+        if native is not None:
+            return native
     num_rows, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     ctx = torch.tensor(lens)  # [R]

@@ -3,6 +3,8 @@ preemption resume, session retention, abort and copier death without a leaked bl
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from splitserve.shared.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig
@@ -31,10 +33,13 @@ def run(engine: EngineCore, request_id: str, prompt: list[int], params=GREEDY, s
     return drain(engine)[request_id]
 
 
-def drain(engine: EngineCore, limit: int = 2000) -> dict:
-    """Step until idle (pinned blocks included); {request_id: (tokens, final output)}."""
+def drain(engine: EngineCore, limit_s: float = 120.0) -> dict:
+    """Step until idle (pinned blocks included); {request_id: (tokens, final output)}. Bounded by
+    time, not steps: a request waiting for its restore makes steps that return at once, and a
+    step count ran out while the copier was still busy on a loaded machine."""
     tokens, finals = {}, {}
-    for _ in range(limit):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
         if not engine.has_unfinished_requests():
             return {r: (tokens[r], finals.get(r)) for r in tokens}
         for out in engine.step():

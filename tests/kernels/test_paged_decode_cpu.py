@@ -1,0 +1,94 @@
+"""The C decode attention (`kernels/paged_decode_cpu.c`, compiled here with the machine's C
+compiler) against the float64 dense oracle and against the torch path it replaces, on caches that
+are views into a block-major pool (shuffled, interleaved blocks; a block stride of several layers)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from paged_batch import dense_attention, make_paged_batch
+from splitserve.kernels import paged_decode_cpu
+from splitserve.kernels.paged_attention_cpu import paged_attention_cpu
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler on this machine")
+SEQ_LENS = [1, 2, 15, 16, 17, 33, 64, 5, 40]
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the body with the native kernel switched off (the torch gather path)."""
+    def run(fn):
+        monkeypatch.setenv("SPLITSERVE_CPU_NATIVE", "0")
+        paged_decode_cpu._library.cache_clear()
+        try:
+            return fn()
+        finally:
+            monkeypatch.delenv("SPLITSERVE_CPU_NATIVE")
+            paged_decode_cpu._library.cache_clear()
+    return run
+
+
+def native(batch, sliding_window=None):
+    lens = batch.seq_lens.tolist()
+    return paged_decode_cpu.paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, lens,
+                                         batch.scale, sliding_window)
+
+
+def test_the_kernel_builds_and_loads():
+    assert paged_decode_cpu._library() is not None
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 80])  # 80: the loop without a constant head_dim
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (2, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_matches_dense_fp32(head_dim, num_q_heads, num_kv_heads, block_size):
+    batch = make_paged_batch([1] * len(SEQ_LENS), SEQ_LENS, num_q_heads, num_kv_heads, head_dim,
+                             block_size=block_size, seed=head_dim + num_q_heads)
+    out = native(batch)
+    assert out is not None and out.dtype == torch.float32 and out.shape == batch.q.shape
+    torch.testing.assert_close(out.double(), dense_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [1, 4, 16, 100])
+def test_sliding_window_matches_dense(sliding_window):
+    batch = make_paged_batch([1] * len(SEQ_LENS), SEQ_LENS, 4, 2, 64, block_size=8, seed=sliding_window)
+    out = native(batch, sliding_window)
+    torch.testing.assert_close(out.double(), dense_attention(batch, sliding_window), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_cache_matches_dense_and_the_torch_path(torch_path):
+    batch = make_paged_batch([1] * len(SEQ_LENS), SEQ_LENS, 4, 2, 64, dtype=torch.bfloat16, seed=4)
+    out = native(batch)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), dense_attention(batch), atol=2e-2, rtol=2e-2)
+    torch_out = torch_path(lambda: paged_attention_cpu(*batch.args()))
+    torch.testing.assert_close(out, torch_out, atol=8e-3, rtol=8e-3)  # both round fp32 math to bf16 once
+
+
+def test_the_cpu_attention_uses_it_for_decode_rows_and_agrees_with_the_torch_path(torch_path, monkeypatch):
+    """paged_attention_cpu sends its decode rows here (a prefill chunk in the batch stays on SDPA)."""
+    batch = make_paged_batch([1, 7, 1, 1, 5, 1], [37, 23, 19, 1, 5, 64], 4, 2, 64, seed=8)
+    calls = []
+    real = paged_decode_cpu.paged_decode
+    monkeypatch.setattr(paged_decode_cpu, "paged_decode", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    out = paged_attention_cpu(*batch.args())
+    assert calls == [4]
+    torch.testing.assert_close(out, torch_path(lambda: paged_attention_cpu(*batch.args())), atol=1e-6, rtol=1e-5)
+
+
+def test_caches_it_does_not_take_are_left_to_the_torch_path():
+    batch = make_paged_batch([1, 1], [9, 20], 4, 2, 64, dtype=torch.float16, seed=1)
+    assert native(batch) is None  # fp16: not a layout the kernel reads
+    wide = torch.randn(8, 16, 2, 128)[..., :64]  # head_dim values not contiguous per position
+    q = torch.randn(2, 4, 64)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    assert paged_decode_cpu.paged_decode(q, wide, wide, tables, [9, 20], 0.125, None) is None
+
+
+def test_switched_off_it_returns_none(torch_path):
+    batch = make_paged_batch([1], [9], 4, 2, 64, seed=2)
+    assert torch_path(lambda: native(batch)) is None
