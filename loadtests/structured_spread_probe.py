@@ -62,7 +62,7 @@ class GcTimer:
 def switch_variant(structured_run, handshake: bool, interval_s: float):
     from splitserve.shared import grammar_fill
 
-    wait = grammar_fill._wait
+    wait, interval = grammar_fill._wait, sys.getswitchinterval()
     sys.setswitchinterval(interval_s)
     if not handshake:
         grammar_fill._wait = lambda event, what: None if what == "take its slice" else wait(event, what)
@@ -70,7 +70,7 @@ def switch_variant(structured_run, handshake: bool, interval_s: float):
         return structured_run()
     finally:
         grammar_fill._wait = wait
-        sys.setswitchinterval(0.005)
+        sys.setswitchinterval(interval)
 
 
 def gc_variant(structured_run, collector_on: bool):

@@ -35,8 +35,9 @@ def run(engine: EngineCore, request_id: str, prompt: list[int], params=GREEDY, s
 
 def drain(engine: EngineCore, limit_s: float = 120.0) -> dict:
     """Step until idle (pinned blocks included); {request_id: (tokens, final output)}. Bounded by
-    time, not steps: a request waiting for its restore makes steps that return at once, and a
-    step count ran out while the copier was still busy on a loaded machine."""
+    time, not steps: a 2,000-step bound failed twice in full-suite runs (not alone), presumably
+    because a request waiting for its restore makes steps that return at once while the copier
+    is still busy; a real hang still fails here, after `limit_s`."""
     tokens, finals = {}, {}
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
