@@ -6,27 +6,38 @@
  * fp32, contiguous. tables: [rows, table_stride] int32 block ids; lens: [rows] int32 context
  * lengths (the query is the last position of its context); window > 0 keeps the last `window`
  * positions. Per row: one pass over its K positions (every head's scores from each position's
- * contiguous [num_kv_heads, head_dim] values), the softmax, one pass over V. The `omp simd` loops
- * are vectorised under -fopenmp-simd, which needs no OpenMP runtime. Returns 0, or -1 when no
- * scratch memory could be had. */
+ * contiguous [num_kv_heads, head_dim] values), the softmax, one pass over V. Returns 0, or -1 when
+ * no scratch memory could be had.
+ *
+ * The head_dim loops are written with the compiler's vector types (GCC and clang), LANES floats
+ * wide for the instruction set -march=native gives, with a scalar tail where head_dim is not a
+ * multiple of LANES. Left to the auto-vectoriser, a dot product's final sum was a chain of 16
+ * dependent scalar adds, and fp32 caches took a scalar loop: 2-6x slower (docs/benchmarks.md 23). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* One position's head_dim values as fp32: the cache itself (fp32) or `row` holding them (bf16,
- * the top half of an fp32). */
-static inline const float *load_row(const void *cache, int64_t offset, int bf16, float *row, int n) {
-    if (!bf16) return (const float *)cache + offset;
-    const uint16_t *src = (const uint16_t *)cache + offset;
-#pragma omp simd
-    for (int i = 0; i < n; i++) {
-        uint32_t bits = (uint32_t)src[i] << 16;
-        memcpy(&row[i], &bits, sizeof(float));
-    }
-    return row;
-}
+#if defined(LANES)
+/* set by the build (the tests build every width) */
+#elif defined(__AVX__)
+#define LANES 8 /* also with AVX-512: on this project's Zen 4 hosts 16 lanes were 0-20 % slower (the sums) */
+#else
+#define LANES 4
+#endif
+#define MAX_CHUNKS (256 / LANES) /* the vector registers of one position's head (head_dim <= 256 vectorised) */
+
+typedef float vec __attribute__((vector_size(4 * LANES)));
+typedef int32_t lane_ids __attribute__((vector_size(4 * LANES)));
+typedef uint16_t bf16_vec __attribute__((vector_size(2 * LANES)));
+typedef uint32_t bits_vec __attribute__((vector_size(4 * LANES)));
+
+#if defined(__clang__)
+#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE(v, ...) __builtin_shuffle(v, (lane_ids){__VA_ARGS__})
+#endif
 
 typedef struct {
     const void *k_cache, *v_cache;
@@ -39,21 +50,86 @@ static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* scores[hq][i] = q_hq . k_(first + i) for every query head (`qs`: the row's heads, scaled). */
-INLINE void row_scores(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *row,
-                       float *scores, int dims) {
-    int n = len - first, group = c->num_q_heads / c->num_kv_heads;
-    int width = c->num_kv_heads * dims;
+/* LANES values from `at` as fp32: loaded (fp32) or widened (bf16 is the top half of an fp32). */
+INLINE vec load_vec(const void *cache, int bf16, int64_t at) {
+    vec v;
+    if (bf16) {
+        bf16_vec half;
+        memcpy(&half, (const uint16_t *)cache + at, sizeof half);
+        bits_vec bits = __builtin_convertvector(half, bits_vec) << 16;
+        memcpy(&v, &bits, sizeof v);
+    } else {
+        memcpy(&v, (const float *)cache + at, sizeof v);
+    }
+    return v;
+}
+
+INLINE float load_one(const void *cache, int bf16, int64_t at) {
+    if (!bf16) return ((const float *)cache)[at];
+    uint32_t bits = (uint32_t)((const uint16_t *)cache)[at] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* The sum of a vector's lanes: a tree of log2(LANES) shuffles and adds. */
+INLINE float hsum(vec v) {
+#if LANES == 16
+    v += SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#elif LANES == 8
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+#else
+    v += SHUFFLE(v, 2, 3, 0, 1);
+    v += SHUFFLE(v, 1, 0, 3, 2);
+#endif
+    return v[0];
+}
+
+/* q_h . k over `dims` values (the k position's head starting at `at`). */
+INLINE float dot(const float *q, const vec *k, const void *cache, int bf16, int64_t at, int dims) {
+    int chunks = dims / LANES;
+    vec acc = {0};
+    for (int x = 0; x < chunks; x++) {
+        vec qx;
+        memcpy(&qx, q + x * LANES, sizeof qx);
+        acc += qx * k[x];
+    }
+    float s = hsum(acc);
+    for (int d = chunks * LANES; d < dims; d++) s += q[d] * load_one(cache, bf16, at + d);
+    return s;
+}
+
+/* out += w * v over `dims` values. */
+INLINE void axpy(float *out, float w, const vec *v, const void *cache, int bf16, int64_t at, int dims) {
+    int chunks = dims / LANES;
+    for (int x = 0; x < chunks; x++) {
+        vec o;
+        memcpy(&o, out + x * LANES, sizeof o);
+        o += w * v[x];
+        memcpy(out + x * LANES, &o, sizeof o);
+    }
+    for (int d = chunks * LANES; d < dims; d++) out[d] += w * load_one(cache, bf16, at + d);
+}
+
+/* scores[hq][i] = q_hq . k_(first + i) for every query head (`qs`: the row's heads, scaled); each
+ * kv head's values are loaded once for its group of query heads. */
+INLINE void row_scores(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *scores,
+                       int dims) {
+    int n = len - first, group = c->num_q_heads / c->num_kv_heads, width = c->num_kv_heads * dims;
     for (int b = first / c->block_size; b * c->block_size < len; b++) {
         int64_t block = (int64_t)table[b] * c->block_stride - (int64_t)b * c->block_size * width;
         for (int p = max_int(b * c->block_size, first); p < min_int((b + 1) * c->block_size, len); p++) {
-            const float *k = load_row(c->k_cache, block + (int64_t)p * width, c->bf16, row, width);
-            for (int hq = 0; hq < c->num_q_heads; hq++) {
-                const float *qh = qs + (int64_t)hq * dims, *kh = k + (int64_t)(hq / group) * dims;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int d = 0; d < dims; d++) s += qh[d] * kh[d];
-                scores[(int64_t)hq * n + (p - first)] = s;
+            for (int g = 0, hq = 0; g < c->num_kv_heads; g++) {
+                int64_t at = block + (int64_t)p * width + (int64_t)g * dims;
+                vec k[MAX_CHUNKS];
+                for (int x = 0; x < dims / LANES; x++) k[x] = load_vec(c->k_cache, c->bf16, at + x * LANES);
+                for (int j = 0; j < group; j++, hq++)
+                    scores[(int64_t)hq * n + (p - first)] = dot(qs + (int64_t)hq * dims, k, c->k_cache, c->bf16, at, dims);
             }
         }
     }
@@ -64,7 +140,7 @@ INLINE void row_scores(const Cache *c, const int32_t *table, int first, int len,
  * the result is 0 (fp32 underflow), as for expf's denormals, which a softmax sum does not notice. */
 static inline float exp_nonpositive(float x) {
     float t = (x < -87.0f ? -87.0f : x) * 1.44269504088896341f;
-    float n = __builtin_roundf(t), f = t - n;
+    float n = __builtin_floorf(t + 0.5f), f = t - n;
     float p = 1.53533059e-4f;
     p = p * f + 1.33989095e-3f;
     p = p * f + 9.61813331e-3f;
@@ -82,6 +158,7 @@ static inline float exp_nonpositive(float x) {
 static void softmax_rows(float *scores, int heads, int n, float *inv) {
     for (int hq = 0; hq < heads; hq++) {
         float *sh = scores + (int64_t)hq * n, top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
         for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
@@ -94,19 +171,19 @@ static void softmax_rows(float *scores, int heads, int n, float *inv) {
 
 /* out_hq = inv[hq] * sum_i p_hq[i] v_(first + i), accumulated in `out` itself. */
 INLINE void row_values(const Cache *c, const int32_t *table, int first, int len, const float *scores,
-                       const float *inv, float *row, float *out, int dims) {
-    int n = len - first, group = c->num_q_heads / c->num_kv_heads;
-    int width = c->num_kv_heads * dims;
+                       const float *inv, float *out, int dims) {
+    int n = len - first, group = c->num_q_heads / c->num_kv_heads, width = c->num_kv_heads * dims;
     memset(out, 0, sizeof(float) * (size_t)c->num_q_heads * dims);
     for (int b = first / c->block_size; b * c->block_size < len; b++) {
         int64_t block = (int64_t)table[b] * c->block_stride - (int64_t)b * c->block_size * width;
         for (int p = max_int(b * c->block_size, first); p < min_int((b + 1) * c->block_size, len); p++) {
-            const float *v = load_row(c->v_cache, block + (int64_t)p * width, c->bf16, row, width);
-            for (int hq = 0; hq < c->num_q_heads; hq++) {
-                float w = scores[(int64_t)hq * n + (p - first)], *oh = out + (int64_t)hq * dims;
-                const float *vh = v + (int64_t)(hq / group) * dims;
-#pragma omp simd
-                for (int d = 0; d < dims; d++) oh[d] += w * vh[d];
+            for (int g = 0, hq = 0; g < c->num_kv_heads; g++) {
+                int64_t at = block + (int64_t)p * width + (int64_t)g * dims;
+                vec v[MAX_CHUNKS];
+                for (int x = 0; x < dims / LANES; x++) v[x] = load_vec(c->v_cache, c->bf16, at + x * LANES);
+                for (int j = 0; j < group; j++, hq++)
+                    axpy(out + (int64_t)hq * dims, scores[(int64_t)hq * n + (p - first)], v, c->v_cache, c->bf16, at,
+                         dims);
             }
         }
     }
@@ -115,22 +192,22 @@ INLINE void row_values(const Cache *c, const int32_t *table, int first, int len,
 }
 
 /* One row, with `dims` a constant where the caller names one (the compiler then unrolls the
- * head_dim loops into whole vectors: 2-3x faster than the generic loop). */
-INLINE void attend_row(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *row,
-                       float *scores, float *inv, float *out, int dims) {
-    row_scores(c, table, first, len, qs, row, scores, dims);
+ * head_dim loops into whole vectors). */
+INLINE void attend_row(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *scores,
+                       float *inv, float *out, int dims) {
+    row_scores(c, table, first, len, qs, scores, dims);
     softmax_rows(scores, c->num_q_heads, len - first, inv);
-    row_values(c, table, first, len, scores, inv, row, out, dims);
+    row_values(c, table, first, len, scores, inv, out, dims);
 }
 
-static void attend_row_any(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *row,
-                           float *scores, float *inv, float *out) {
+static void attend_row_any(const Cache *c, const int32_t *table, int first, int len, const float *qs, float *scores,
+                           float *inv, float *out) {
     switch (c->head_dim) {
-    case 32: attend_row(c, table, first, len, qs, row, scores, inv, out, 32); break;
-    case 64: attend_row(c, table, first, len, qs, row, scores, inv, out, 64); break;
-    case 128: attend_row(c, table, first, len, qs, row, scores, inv, out, 128); break;
-    case 256: attend_row(c, table, first, len, qs, row, scores, inv, out, 256); break;
-    default: attend_row(c, table, first, len, qs, row, scores, inv, out, c->head_dim);
+    case 32: attend_row(c, table, first, len, qs, scores, inv, out, 32); break;
+    case 64: attend_row(c, table, first, len, qs, scores, inv, out, 64); break;
+    case 128: attend_row(c, table, first, len, qs, scores, inv, out, 128); break;
+    case 256: attend_row(c, table, first, len, qs, scores, inv, out, 256); break;
+    default: attend_row(c, table, first, len, qs, scores, inv, out, c->head_dim);
     }
 }
 
@@ -141,16 +218,14 @@ int paged_decode(const float *q, const void *k_cache, const void *v_cache, int b
     int max_len = 0;
     for (int r = 0; r < rows; r++) max_len = max_int(max_len, lens[r]);
     size_t row_dims = (size_t)num_q_heads * head_dim;
-    float *scores = malloc(sizeof(float) * ((size_t)num_q_heads * (max_len + 1) + row_dims
-                                            + (size_t)num_kv_heads * head_dim + num_q_heads));
+    float *scores = malloc(sizeof(float) * ((size_t)num_q_heads * (max_len + 1) + row_dims + num_q_heads));
     if (scores == NULL) return -1;
-    float *qs = scores + (size_t)num_q_heads * (max_len + 1), *row = qs + row_dims;
-    float *inv = row + (size_t)num_kv_heads * head_dim;
+    float *qs = scores + (size_t)num_q_heads * (max_len + 1), *inv = qs + row_dims;
     for (int r = 0; r < rows; r++) {
         int len = lens[r], first = (window > 0 && len > window) ? len - window : 0;
         const int32_t *table = tables + (int64_t)r * table_stride;
         for (size_t i = 0; i < row_dims; i++) qs[i] = q[r * row_dims + i] * scale;
-        attend_row_any(&c, table, first, len, qs, row, scores, inv, out + r * row_dims);
+        attend_row_any(&c, table, first, len, qs, scores, inv, out + r * row_dims);
     }
     free(scores);
     return 0;

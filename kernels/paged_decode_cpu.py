@@ -28,7 +28,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=gnu11")
+MAX_HEAD_DIM = 256
+"""The C file's vector registers hold one position's head of at most this many values."""
 COMPILE_TIMEOUT_S = 120.0
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
@@ -65,7 +68,7 @@ def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> boo
     return (q.device.type == k_cache.device.type == "cpu" and k_cache.dtype in _DTYPES
             and v_cache.dtype == k_cache.dtype and v_cache.shape == k_cache.shape
             and k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == inner
-            and q.shape[1] % num_kv_heads == 0 and q.shape[2] == head_dim)
+            and q.shape[1] % num_kv_heads == 0 and q.shape[2] == head_dim <= MAX_HEAD_DIM)
 
 
 @functools.cache
@@ -73,23 +76,29 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("SPLITSERVE_CPU_NATIVE", "1") == "0":
         return None
     try:
-        library = ctypes.CDLL(str(_built()))
+        return load(build())
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("the native CPU decode attention is unavailable (%s): using the torch path", exc)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
     library.paged_decode.argtypes = _ARGTYPES
     library.paged_decode.restype = ctypes.c_int
     return library
 
 
-def _built() -> Path:
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
     """The shared library for this source, flags and CPU, compiled once (atomically: processes
-    that start together may both compile; the last rename wins, each loads a whole file)."""
+    that start together may both compile; the last rename wins, each loads a whole file).
+    `extra_flags` (tests: `-DLANES=4` for another vector width) join the key and the command."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (set CC)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, platform.machine(), _cpu_flags())).encode())
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256(source + " ".join((compiler, *flags, platform.machine(), _cpu_flags())).encode())
     cache = Path(os.environ.get("SPLITSERVE_NATIVE_CACHE", Path.home() / ".cache" / "splitserve" / "native"))
     target = cache / f"paged_decode_{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -97,7 +106,7 @@ def _built() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
                        timeout=COMPILE_TIMEOUT_S)
         os.replace(built, target)
     return target

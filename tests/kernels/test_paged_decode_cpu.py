@@ -80,6 +80,28 @@ def test_the_cpu_attention_uses_it_for_decode_rows_and_agrees_with_the_torch_pat
     torch.testing.assert_close(out, torch_path(lambda: paged_attention_cpu(*batch.args())), atol=1e-6, rtol=1e-5)
 
 
+@pytest.fixture(params=[4, 8, 16], ids=lambda lanes: f"lanes{lanes}")
+def lanes(request, monkeypatch):
+    """The kernel built with another vector width (each width has its own lane-sum code)."""
+    library = paged_decode_cpu.load(paged_decode_cpu.build((f"-DLANES={request.param}",)))
+    monkeypatch.setattr(paged_decode_cpu, "_library", lambda: library)
+    return request.param
+
+
+@pytest.mark.parametrize("head_dim", [32, 36, 80, 128])  # 36, 80: a scalar tail at some widths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_vector_width_matches_dense(lanes, head_dim, dtype):
+    batch = make_paged_batch([1] * len(SEQ_LENS), SEQ_LENS, 6, 2, head_dim, block_size=8, dtype=dtype,
+                             seed=head_dim + lanes)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(native(batch).double(), dense_attention(batch), atol=tolerance, rtol=tolerance)
+
+
+def test_head_dims_beyond_its_registers_are_left_to_the_torch_path():
+    batch = make_paged_batch([1, 1], [9, 20], 2, 1, paged_decode_cpu.MAX_HEAD_DIM + 64, seed=3)
+    assert native(batch) is None
+
+
 def test_caches_it_does_not_take_are_left_to_the_torch_path():
     batch = make_paged_batch([1, 1], [9, 20], 4, 2, 64, dtype=torch.float16, seed=1)
     assert native(batch) is None  # fp16: not a layout the kernel reads
