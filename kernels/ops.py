@@ -1,7 +1,8 @@
 """The one entry point the model calls for every custom op.
 
-Dispatch rule: Triton kernels for CUDA tensors (when Triton imports), plain torch otherwise: the
-`*_ref` references, and for attention `paged_attention_cpu`, which batches decode rows. Tests of
+Dispatch rule: Triton kernels for CUDA tensors (when Triton imports); on CPU the C kernels of
+`elementwise_cpu.py` where they take the tensors, else the plain-torch `*_ref` references, and for
+attention `paged_attention_cpu`, which batches decode rows. Tests of
 the kernels on CPU call the Triton wrappers directly under `TRITON_INTERPRET=1`; setting
 `FORCE_TRITON = True` also routes CPU tensors here through the interpreter (it must be set before
 importing triton, so the flag refuses to work without it).
@@ -13,8 +14,8 @@ import os
 
 import torch
 
-from splitserve.kernels import activation, fused_moe as _moe, kv_cache_write, paged_attention as _attention
-from splitserve.kernels import paged_attention_cpu as _attention_cpu
+from splitserve.kernels import activation, elementwise_cpu as _cpu, fused_moe as _moe, kv_cache_write
+from splitserve.kernels import paged_attention as _attention, paged_attention_cpu as _attention_cpu
 from splitserve.kernels import moe_route as _route, rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
 from splitserve.kernels.triton_import import HAS_TRITON
@@ -77,29 +78,38 @@ def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatter `k, v [T, Hkv, D]` into the cache at `slot_mapping [T]` (negative = skip), in place."""
-    fn = kv_cache_write.write_kv_cache if use_triton(k) else kv_cache_write.write_kv_cache_ref
-    fn(k, v, k_cache, v_cache, slot_mapping)
+    if use_triton(k):
+        kv_cache_write.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    elif not _cpu.write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+        kv_cache_write.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x [T, H]` -> `[T, H]`, HF LlamaRMSNorm numerics; `x [T, N, D]` normalises each head over D."""
-    return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps)
+    if use_triton(x):
+        return _norm.rms_norm(x, weight, eps)
+    native = _cpu.rms_norm(x, None, weight, eps)
+    return _norm.rms_norm_ref(x, weight, eps) if native is None else native[0]
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns `(rms_norm(x + residual), x + residual)` as new tensors."""
-    fn = _norm.fused_add_rms_norm if use_triton(x) else _norm.fused_add_rms_norm_ref
-    return fn(x, residual, weight, eps)
+    if use_triton(x):
+        return _norm.fused_add_rms_norm(x, residual, weight, eps)
+    native = _cpu.rms_norm(x, residual, weight, eps)
+    return _norm.fused_add_rms_norm_ref(x, residual, weight, eps) if native is None else native
 
 
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotary on `q [T, Hq, D]`, `k [T, Hkv, D]`; returns new tensors."""
-    fn = rotary.rotary_embedding if use_triton(q) else rotary.rotary_embedding_ref
-    return fn(positions, q, k, cos_sin_cache)
+    if use_triton(q):
+        return rotary.rotary_embedding(positions, q, k, cos_sin_cache)
+    native = _cpu.rotary_embedding(positions, q, k, cos_sin_cache)
+    return rotary.rotary_embedding_ref(positions, q, k, cos_sin_cache) if native is None else native
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +124,8 @@ def act_and_mul(x: torch.Tensor, hidden_act: str) -> torch.Tensor:
     """`x [T, 2I]` -> `act(x[:, :I]) * x[:, I:]` for `hidden_act` "silu" or "gelu_pytorch_tanh"."""
     if use_triton(x):
         return activation.act_and_mul(x, hidden_act)
-    return _ACT_AND_MUL_REFS[hidden_act](x)
+    native = _cpu.silu_and_mul(x) if hidden_act == "silu" else None
+    return _ACT_AND_MUL_REFS[hidden_act](x) if native is None else native
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,8 @@ def paged_attention_cpu(
     query_lens = [starts[b + 1] - starts[b] for b in range(len(starts) - 1)]
     lens = seq_lens.tolist()
     check_ragged_lengths(query_lens, lens)
+    if all(n == 1 for n in query_lens):  # a decode step: no rows to pick out and put back
+        return _decode_attention(q, k_cache, v_cache, block_tables, lens, scale, sliding_window, logit_softcap)
     out = torch.empty_like(q)
     for b, q_len in enumerate(query_lens):
         if q_len > 1:

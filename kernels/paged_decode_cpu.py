@@ -3,40 +3,28 @@ context read in place from the paged cache, where the torch path first gathers e
 into a copy (index_select) that its attention then reads again. On the demo model the gather and
 torch's fused attention were ~40 % of a decode step (docs/benchmarks.md section 22).
 
-The C file is compiled on first use with the machine's C compiler (`$CC`, else `cc` or `gcc`;
-`-O3 -march=native`) into `~/.cache/splitserve/native/` (`$SPLITSERVE_NATIVE_CACHE`), keyed by
-the source, the flags and the CPU, and loaded with ctypes (which releases the GIL during the call).
-Without a compiler, or with `SPLITSERVE_CPU_NATIVE=0`, `paged_decode` returns None and the caller
-keeps its torch path. fp32 and bf16 caches; a soft cap stays on the torch path.
+Built and loaded by `native_cpu.py` (the torch path without a compiler or with
+`SPLITSERVE_CPU_NATIVE=0`). fp32 and bf16 caches; a soft cap stays on the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from splitserve.kernels import native_cpu
 
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
-         "-std=gnu11")
 MAX_HEAD_DIM = 256
 """The C file's vector registers hold one position's head of at most this many values."""
-COMPILE_TIMEOUT_S = 120.0
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-             ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+SIGNATURES = {"paged_decode": [
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+    ctypes.c_void_p]}
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -73,49 +61,4 @@ def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> boo
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("SPLITSERVE_CPU_NATIVE", "1") == "0":
-        return None
-    try:
-        return load(build())
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("the native CPU decode attention is unavailable (%s): using the torch path", exc)
-        return None
-
-
-def load(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
-    library.paged_decode.argtypes = _ARGTYPES
-    library.paged_decode.restype = ctypes.c_int
-    return library
-
-
-def build(extra_flags: tuple[str, ...] = ()) -> Path:
-    """The shared library for this source, flags and CPU, compiled once (atomically: processes
-    that start together may both compile; the last rename wins, each loads a whole file).
-    `extra_flags` (tests: `-DLANES=4` for another vector width) join the key and the command."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (set CC)")
-    source = SOURCE.read_bytes()
-    flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(source + " ".join((compiler, *flags, platform.machine(), _cpu_flags())).encode())
-    cache = Path(os.environ.get("SPLITSERVE_NATIVE_CACHE", Path.home() / ".cache" / "splitserve" / "native"))
-    target = cache / f"paged_decode_{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
-                       timeout=COMPILE_TIMEOUT_S)
-        os.replace(built, target)
-    return target
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (-march=native code must not run on another CPU sharing the cache)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
+    return native_cpu.open_library(SOURCE, SIGNATURES)

@@ -1,10 +1,11 @@
 """The engine alone on CPU, stepped by hand: N requests of 256 random prompt tokens decoding 64,
 one torch thread, the demo checkpoint; per round the median and p90 of its decode steps.
 
-    python loadtests/cpu_decode_step.py [N=16] [ROUNDS=3]
+    python loadtests/cpu_decode_step.py [N=16] [ROUNDS=3] [DTYPE=auto]
 
 Run it from outside the repository (it imports the installed `splitserve`). The A/B of
-docs/benchmarks.md section 21 ran it with the change and without it (`git stash`), alternating.
+docs/benchmarks.md section 21 ran it with the change and without it (`git stash`), alternating;
+section 23's ran it with PYTHONPATH pointing at an older commit's tree in turn.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main() -> None:
 
     num_requests = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    llm = LLM(None, device="cpu", cpu_threads=1, enable_prefix_caching=False, skip_tokenizer_init=True)
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    llm = LLM(None, device="cpu", cpu_threads=1, enable_prefix_caching=False, skip_tokenizer_init=True, dtype=dtype)
     for r in range(rounds):
         times = run_round(llm.engine, r, num_requests)
         decode = sorted(times[PREFILL_STEPS:])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.shared.config import ConfigError, EngineConfig
+from splitserve.shared import huge_pages
 from splitserve.shared.demo import resolve_model_dir
 from splitserve.shared.kv.layer_groups import LayerGroup, split_layer_blocks
 from splitserve.shared.model.loader import ModelInfo, load_hf_config, load_model, model_info
@@ -156,8 +157,8 @@ def _build_on_rank0(config: EngineConfig, model_dir: str, device: torch.device, 
                     "keep one pool too", "tensor parallelism" if split_kv_by_layer_group else
                     "--no-split-kv-by-layer-group or the host tier")
     max_model_len = _cap_max_model_len(max_model_len, num_blocks, cc.block_size)
-    kv_cache = torch.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
-                           dtype=dtype, device=device)
+    kv_cache = huge_pages.zeros(num_blocks, info.num_layers, 2, cc.block_size, kv_heads, info.head_dim,
+                                dtype=dtype, device=device)
     logger.info("KV pool: %d blocks x %d tokens (%.1f MiB) on %s, %s%s", num_blocks, cc.block_size,
                 num_blocks * block_bytes / 2**20, device, dtype,
                 f", {kv_heads} kv heads on each of {followers.world_size} ranks" if followers.world_size > 1 else "")
@@ -182,8 +183,8 @@ def _build_grouped(config: EngineConfig, model: torch.nn.Module, info: ModelInfo
                                 sc.max_num_batched_tokens)
     # A group left at the one-pool share (or the full group) bounds one sequence, as one pool would.
     max_model_len = _cap_max_model_len(max_model_len, min(c for c in counts if c >= num_blocks), cc.block_size)
-    caches = [torch.zeros(n, len(layers), 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
-                          device=device) for n, (_, layers) in zip(counts, groups)]
+    caches = [huge_pages.zeros(n, len(layers), 2, cc.block_size, info.num_kv_heads, info.head_dim, dtype=dtype,
+                               device=device) for n, (_, layers) in zip(counts, groups)]
     split = ", ".join(f"{'full' if w is None else f'window {w}'} ({len(layers)} layers): {n} blocks"
                       for n, (w, layers) in zip(counts, groups))
     logger.info("KV pool split by layer group on %s, %s (%.1f MiB): %s; group 0 holds %d tokens, one pool of "

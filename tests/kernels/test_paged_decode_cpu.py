@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from paged_batch import dense_attention, make_paged_batch
-from splitserve.kernels import paged_decode_cpu
+from splitserve.kernels import native_cpu, paged_decode_cpu
 from splitserve.kernels.paged_attention_cpu import paged_attention_cpu
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -83,7 +83,8 @@ def test_the_cpu_attention_uses_it_for_decode_rows_and_agrees_with_the_torch_pat
 @pytest.fixture(params=[4, 8, 16], ids=lambda lanes: f"lanes{lanes}")
 def lanes(request, monkeypatch):
     """The kernel built with another vector width (each width has its own lane-sum code)."""
-    library = paged_decode_cpu.load(paged_decode_cpu.build((f"-DLANES={request.param}",)))
+    flags = (f"-DLANES={request.param}",)
+    library = native_cpu.load(native_cpu.build(paged_decode_cpu.SOURCE, flags), paged_decode_cpu.SIGNATURES)
     monkeypatch.setattr(paged_decode_cpu, "_library", lambda: library)
     return request.param
 
