@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from splitserve.kernels import activation, elementwise_cpu as _cpu, fused_moe as _moe, kv_cache_write
+from splitserve.kernels import activation, elementwise_cpu as _cpu, fused_moe as _moe, kv_cache_write, linear_cpu
 from splitserve.kernels import paged_attention as _attention, paged_attention_cpu as _attention_cpu
 from splitserve.kernels import moe_route as _route, rms_norm as _norm, rotary
 from splitserve.kernels.rotary import compute_cos_sin_cache
@@ -28,6 +28,7 @@ __all__ = [
     "compute_cos_sin_cache",
     "fused_add_rms_norm",
     "fused_moe",
+    "linear",
     "paged_attention",
     "rms_norm",
     "rotary_embedding",
@@ -72,6 +73,11 @@ def paged_attention(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
         logit_softcap=logit_softcap, max_query_len=max_query_len, max_seq_len=max_seq_len,
     )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x W^T + b`: torch's on CUDA; on CPU bf16 through a weight reordered once (linear_cpu.py)."""
+    return torch.nn.functional.linear(x, weight, bias) if x.is_cuda else linear_cpu.linear(x, weight, bias)
 
 
 def write_kv_cache(

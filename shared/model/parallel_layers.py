@@ -116,7 +116,7 @@ class MergedColumnParallelLinear(nn.Module):
         _copy_checked(target, tensor.narrow(0, piece.start, piece.size), f"shard {shard!r} of {param_name}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -137,7 +137,7 @@ class RowParallelLinear(nn.Module):
         _copy_checked(getattr(self, param_name).data, tensor, param_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = state.all_reduce(F.linear(x, self.weight))
+        y = state.all_reduce(ops.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -186,7 +186,7 @@ class ParallelLMHead(_VocabRows):
     shares its weight); `forward` returns the full logits on every rank, all-gathered."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = state.all_gather(F.linear(hidden, self.weight), dim=-1)  # [N, ranks * per_rank]
+        logits = state.all_gather(ops.linear(hidden, self.weight), dim=-1)  # [N, ranks * per_rank]
         return logits if logits.shape[-1] == self.rows.full else logits[:, : self.rows.full]
 
 
