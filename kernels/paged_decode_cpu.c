@@ -6,8 +6,8 @@
  * fp32, contiguous. tables: [rows, table_stride] int32 block ids; lens: [rows] int32 context
  * lengths (the query is the last position of its context); window > 0 keeps the last `window`
  * positions. Per row: one pass over its K positions (every head's scores from each position's
- * contiguous [num_kv_heads, head_dim] values), the softmax, one pass over V. Returns 0, or -1 when
- * no scratch memory could be had.
+ * contiguous [num_kv_heads, head_dim] values), the softmax, one pass over V. Returns 0, -1 when
+ * no scratch memory could be had, -2 for a head_dim beyond the vector registers (MAX_CHUNKS).
  *
  * The head_dim loops are written with the compiler's vector types (GCC and clang), LANES floats
  * wide for the instruction set -march=native gives, with a scalar tail where head_dim is not a
@@ -215,6 +215,7 @@ int paged_decode(const float *q, const void *k_cache, const void *v_cache, int b
                  const int32_t *tables, int64_t table_stride, const int32_t *lens, int rows, int num_q_heads,
                  int num_kv_heads, int head_dim, int block_size, float scale, int window, float *out) {
     Cache c = {k_cache, v_cache, block_stride, block_size, num_q_heads, num_kv_heads, head_dim, bf16};
+    if (head_dim > MAX_CHUNKS * LANES) return -2;
     int max_len = 0;
     for (int r = 0; r < rows; r++) max_len = max_int(max_len, lens[r]);
     size_t row_dims = (size_t)num_q_heads * head_dim;

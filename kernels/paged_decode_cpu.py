@@ -44,6 +44,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], k_cache.stride(0),
         tables32.data_ptr(), tables32.stride(0), lens32.data_ptr(), num_rows, num_q_heads, k_cache.shape[2],
         head_dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr())
+    if status == -2:
+        raise ValueError(f"paged_decode: head_dim {head_dim} is beyond the kernel's {MAX_HEAD_DIM}")
     if status != 0:
         raise MemoryError("paged_decode: no scratch memory for the attention scores")
     return out.to(q.dtype)
