@@ -30,7 +30,7 @@ def child(system: str, model_dir: str, prompt_len: int, dtype: str, repeats: int
         from vllm import LLM, SamplingParams
 
         llm = LLM(model_dir, load_format="dummy", dtype=dtype, skip_tokenizer_init=True, max_model_len=prompt_len + 16,
-                  max_num_batched_tokens=prompt_len, enable_prefix_caching=False, gpu_memory_utilization=0.1)
+                  max_num_batched_tokens=prompt_len, enable_prefix_caching=False, gpu_memory_utilization=0.3)
         options = {"use_tqdm": False}
     else:
         from splitserve.shared.llm import LLM
