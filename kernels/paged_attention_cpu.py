@@ -2,7 +2,8 @@
 without its per-request loop for decode or its materialised score matrix for prefill.
 
 Decode rows (one query token each) of a batch go through one batched computation, padded to the
-longest context and masked; each longer query chunk (a prefill) goes through torch's fused
+longest context and masked (in C where it takes them); each longer query chunk (a prefill) goes to
+C for small head dims (paged_decode_cpu.py) and otherwise through torch's fused
 `scaled_dot_product_attention` over its K/V gathered once. The cache layout is the one described in
 `paged_attention.py`.
 """
@@ -46,7 +47,7 @@ def paged_attention_cpu(
         if q_len > 1:
             rows = slice(starts[b], starts[b + 1])
             if logit_softcap is None:
-                out[rows] = _chunk_attention(q[rows], k_cache, v_cache, block_tables[b], lens[b], scale, sliding_window)
+                out[rows] = _prefill(q[rows], k_cache, v_cache, block_tables[b], lens[b], scale, sliding_window)
             else:  # torch's SDPA has no soft cap: the reference for this request
                 out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, torch.tensor([0, q_len]), seq_lens[b : b + 1],
                                                 block_tables[b : b + 1], scale, sliding_window,
@@ -57,6 +58,17 @@ def paged_attention_cpu(
         out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decode], [lens[b] for b in decode],
                                       scale, sliding_window, logit_softcap)
     return out
+
+
+def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
+             scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One request's query chunk: in C (paged_decode_cpu.py) for the head dims where it is the
+    faster, else through torch's fused SDPA."""
+    if q.shape[-1] <= paged_decode_cpu.PREFILL_MAX_HEAD_DIM:
+        native = paged_decode_cpu.paged_prefill(q, k_cache, v_cache, block_ids, seq_len, scale, sliding_window)
+        if native is not None:
+            return native
+    return _chunk_attention(q, k_cache, v_cache, block_ids, seq_len, scale, sliding_window)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -21,10 +21,14 @@ SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 MAX_HEAD_DIM = 256
 """The C file's vector registers hold one position's head of at most this many values."""
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-SIGNATURES = {"paged_decode": [
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-    ctypes.c_void_p]}
+PREFILL_MAX_HEAD_DIM = 32
+"""The prefill chunk runs in C up to this head_dim, where it measured faster than torch's fused
+SDPA (1.2-2.1x at 32; 0.75-1.4x at 64 and 128: docs/benchmarks.md section 23)."""
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "paged_decode": [_P, _P, _P, _I, _L, _P, _L, _P, _I, _I, _I, _I, _I, _F, _I, _P],
+    "paged_prefill": [_P, _P, _P, _I, _L, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P],
+}
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -44,11 +48,34 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], k_cache.stride(0),
         tables32.data_ptr(), tables32.stride(0), lens32.data_ptr(), num_rows, num_q_heads, k_cache.shape[2],
         head_dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr())
-    if status == -2:
-        raise ValueError(f"paged_decode: head_dim {head_dim} is beyond the kernel's {MAX_HEAD_DIM}")
-    if status != 0:
-        raise MemoryError("paged_decode: no scratch memory for the attention scores")
+    _check(status, head_dim)
     return out.to(q.dtype)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, seq_len: int,
+                  scale: float, sliding_window: int | None) -> torch.Tensor | None:
+    """One request's query chunk `q [n, Hq, D]` (the last n positions of its context `seq_len`),
+    causal, over its blocks `table [>= ceil(seq_len / block_size)]`; None when not taken."""
+    library = _library()
+    if library is None or not _takes(q, k_cache, v_cache):
+        return None
+    num_tokens, num_q_heads, head_dim = q.shape
+    query = q.float().contiguous()
+    out = torch.empty_like(query)
+    table32 = table.to(torch.int32).contiguous()
+    status = library.paged_prefill(
+        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], k_cache.stride(0),
+        table32.data_ptr(), seq_len, num_tokens, num_q_heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale,
+        sliding_window or 0, out.data_ptr())
+    _check(status, head_dim)
+    return out.to(q.dtype)
+
+
+def _check(status: int, head_dim: int) -> None:
+    if status == -2:
+        raise ValueError(f"paged attention in C: head_dim {head_dim} is beyond the kernel's {MAX_HEAD_DIM}")
+    if status != 0:
+        raise MemoryError("paged attention in C: no scratch memory")
 
 
 def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

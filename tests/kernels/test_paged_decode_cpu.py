@@ -115,3 +115,35 @@ def test_caches_it_does_not_take_are_left_to_the_torch_path():
 def test_switched_off_it_returns_none(torch_path):
     batch = make_paged_batch([1], [9], 4, 2, 64, seed=2)
     assert torch_path(lambda: native(batch)) is None
+
+
+def prefill(batch, sliding_window=None):
+    """Every request's chunk through the C prefill, concatenated like the batch's rows."""
+    starts = batch.query_start_loc.tolist()
+    return torch.cat([paged_decode_cpu.paged_prefill(batch.q[starts[b]:starts[b + 1]], batch.k_cache, batch.v_cache,
+                                                     batch.block_tables[b], seq_len, batch.scale, sliding_window)
+                      for b, seq_len in enumerate(batch.seq_lens.tolist())])
+
+
+@pytest.mark.parametrize("head_dim", [32, 36, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_prefill_at_every_vector_width_matches_dense(lanes, head_dim, dtype, sliding_window):
+    """Whole prompts and chunks over a cached history (query shorter than context), chunks not a
+    multiple of any lane width, one-token chunks."""
+    batch = make_paged_batch([7, 1, 20, 13, 33], [30, 9, 20, 40, 33], 6, 2, head_dim, block_size=8, dtype=dtype,
+                             seed=head_dim + lanes)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(prefill(batch, sliding_window).double(), dense_attention(batch, sliding_window),
+                               atol=tolerance, rtol=tolerance)
+
+
+def test_the_cpu_attention_sends_small_head_dims_prefill_here(monkeypatch):
+    calls = []
+    real = paged_decode_cpu.paged_prefill
+    monkeypatch.setattr(paged_decode_cpu, "paged_prefill", lambda *a: calls.append(a[0].shape) or real(*a))
+    for head_dim in (paged_decode_cpu.PREFILL_MAX_HEAD_DIM, 64):
+        batch = make_paged_batch([9, 1, 4], [9, 30, 20], 4, 2, head_dim, seed=head_dim)
+        out = paged_attention_cpu(*batch.args())
+        torch.testing.assert_close(out.double(), dense_attention(batch), atol=1e-5, rtol=1e-5)
+    assert [shape[0] for shape in calls] == [9, 4]  # the two chunks of the small head_dim; none at 64
