@@ -303,7 +303,7 @@ INLINE void tile_values(const float *values, const float *scores, int first, int
         vec acc[LANES][CH_MAX];
         for (int t = 0; t < tn; t++)
             for (int x = 0; x < ch; x++) acc[t][x] = (vec){0};
-        float tail[LANES][8];
+        float tail[LANES][LANES]; /* the head_dim values past the last whole vector */
         int rest = dims - ch * LANES;
         for (int t = 0; t < tn; t++)
             for (int d = 0; d < rest; d++) tail[t][d] = 0.0f;

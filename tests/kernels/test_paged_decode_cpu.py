@@ -125,7 +125,7 @@ def prefill(batch, sliding_window=None):
                       for b, seq_len in enumerate(batch.seq_lens.tolist())])
 
 
-@pytest.mark.parametrize("head_dim", [32, 36, 80, 128])
+@pytest.mark.parametrize("head_dim", [32, 36, 47, 80, 128])  # 47: a tail of 15 values at 16 lanes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 5])
 def test_prefill_at_every_vector_width_matches_dense(lanes, head_dim, dtype, sliding_window):
