@@ -8,22 +8,11 @@
  * table); a row's values are contiguous, rows `*_stride` elements apart. bf16 values are widened to
  * fp32 exactly and rounded back to the nearest even, as torch's `.to(torch.bfloat16)` does. */
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "native_cpu.h"
 
-#define INLINE static inline __attribute__((always_inline))
 /* Each exported function calls its INLINE body with `bf16` a constant, so the compiler drops the
  * dtype branches from the loops and vectorises them. */
 #define BY_DTYPE(bf16, call) ((bf16) ? call(1) : call(0))
-
-INLINE float load(const void *p, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
 
 /* fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. */
 INLINE uint16_t to_bf16(float x) {
@@ -60,19 +49,19 @@ INLINE void rms_norm_rows(const void *x, int64_t x_stride, const void *residual,
         if (residual != NULL) {
 #pragma omp simd
             for (int i = 0; i < hidden; i++)
-                store(residual_out, bf16, at + i, load(x, bf16, src_at + i) + load(residual, bf16, r * residual_stride + i));
+                store(residual_out, bf16, at + i, load_one(x, bf16, src_at + i) + load_one(residual, bf16, r * residual_stride + i));
             src = residual_out, src_at = at;
         }
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
         for (int i = 0; i < hidden; i++) {
-            float s = load(src, bf16, src_at + i);
+            float s = load_one(src, bf16, src_at + i);
             squares += s * s;
         }
         float inv = 1.0f / sqrtf(squares / (float)hidden + eps);
 #pragma omp simd
         for (int i = 0; i < hidden; i++)
-            store(out, bf16, at + i, load(weight, bf16, i) * round_to(bf16, load(src, bf16, src_at + i) * inv));
+            store(out, bf16, at + i, load_one(weight, bf16, i) * round_to(bf16, load_one(src, bf16, src_at + i) * inv));
     }
 }
 
@@ -83,30 +72,12 @@ int rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t resi
     return 0;
 }
 
-/* e^x in fp32, vectorisable: 2^n times a degree-6 polynomial of 2^f on f in [-0.5, 0.5]
- * (relative error ~2e-7); 0 below -87.3, +inf above 88.7. */
-INLINE float exp_fast(float x) {
-    float t = (x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x) * 1.44269504088896341f;
-    float n = floorf(t + 0.5f), f = t - n;
-    float p = 1.53533059e-4f;
-    p = p * f + 1.33989095e-3f;
-    p = p * f + 9.61813331e-3f;
-    p = p * f + 5.55041070e-2f;
-    p = p * f + 2.40226504e-1f;
-    p = p * f + 6.93147182e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.3f ? 0.0f : x > 88.7f ? INFINITY : p * scale;
-}
-
 /* out[r][i] = silu(x[r][i]) * x[r][inter + i] in fp32, rounded once; out is contiguous. */
 INLINE void silu_and_mul_rows(const void *x, int64_t x_stride, void *out, int rows, int inter, int bf16) {
     for (int r = 0; r < rows; r++) {
 #pragma omp simd
         for (int i = 0; i < inter; i++) {
-            float gate = load(x, bf16, r * x_stride + i), up = load(x, bf16, r * x_stride + inter + i);
+            float gate = load_one(x, bf16, r * x_stride + i), up = load_one(x, bf16, r * x_stride + inter + i);
             store(out, bf16, (int64_t)r * inter + i, gate / (1.0f + exp_fast(-gate)) * up);
         }
     }
@@ -131,7 +102,7 @@ INLINE void rotary_heads(const int64_t *positions, const void *x, int64_t token_
             int64_t src = t * token_stride + h * head_stride, dst = ((int64_t)t * heads + h) * dim;
 #pragma omp simd
             for (int i = 0; i < half; i++) {
-                float x1 = load(x, bf16, src + i), x2 = load(x, bf16, src + half + i);
+                float x1 = load_one(x, bf16, src + i), x2 = load_one(x, bf16, src + half + i);
                 float a = x1 * cos[i], b = x2 * sin[i], c = x2 * cos[i], d = x1 * sin[i];
                 store(out, bf16, dst + i, a - b);
                 store(out, bf16, dst + half + i, c + d);

@@ -1,8 +1,9 @@
-"""C kernels for CPU tensors: each `.c` file here is compiled on first use with the machine's C
-compiler (`$CC`, else `cc` or `gcc`; `-O3 -march=native`) into `~/.cache/splitserve/native/`
-(`$SPLITSERVE_NATIVE_CACHE`), keyed by the source, the flags and the CPU, and loaded with ctypes
-(which releases the GIL during each call). Without a compiler, or with `SPLITSERVE_CPU_NATIVE=0`,
-`open_library` returns None and every caller keeps its torch path.
+"""C kernels for CPU tensors: each `.c` file here (with the `native_cpu.h` they share) is compiled
+on first use with the machine's C compiler (`$CC`, else `cc` or `gcc`; `-O3 -march=native`) into
+`~/.cache/splitserve/native/` (`$SPLITSERVE_NATIVE_CACHE`), keyed by the source, the header, the
+flags and the CPU, and loaded with ctypes (which releases the GIL during each call). Without a
+compiler, or with `SPLITSERVE_CPU_NATIVE=0`, `open_library` returns None and every caller keeps its
+torch path.
 
 Plain C through ctypes rather than a torch C++ extension: no torch headers, no C++ toolchain, and a
 build of a few seconds (docs/architecture.md).
@@ -56,7 +57,9 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     if compiler is None:
         raise OSError("no C compiler (set CC)")
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *flags, platform.machine(), _cpu_flags())).encode())
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers
+                         + " ".join((compiler, *flags, platform.machine(), _cpu_flags())).encode())
     cache = Path(os.environ.get("SPLITSERVE_NATIVE_CACHE", Path.home() / ".cache" / "splitserve" / "native"))
     target = cache / f"{source.stem}_{key.hexdigest()[:16]}.so"
     if target.exists():

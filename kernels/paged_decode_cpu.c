@@ -15,10 +15,9 @@
  * multiple of LANES. Left to the auto-vectoriser, a dot product's final sum was a chain of 16
  * dependent scalar adds, and fp32 caches took a scalar loop: 2-6x slower (docs/benchmarks.md 23). */
 
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "native_cpu.h"
 
 #if defined(LANES)
 /* set by the build (the tests build every width) */
@@ -49,7 +48,6 @@ typedef struct {
 static inline int max_int(int a, int b) { return a > b ? a : b; }
 static inline int min_int(int a, int b) { return a < b ? a : b; }
 
-#define INLINE static inline __attribute__((always_inline))
 
 /* LANES values from `at` as fp32: loaded (fp32) or widened (bf16 is the top half of an fp32). */
 INLINE vec load_vec(const void *cache, int bf16, int64_t at) {
@@ -65,13 +63,6 @@ INLINE vec load_vec(const void *cache, int bf16, int64_t at) {
     return v;
 }
 
-INLINE float load_one(const void *cache, int bf16, int64_t at) {
-    if (!bf16) return ((const float *)cache)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)cache)[at] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
 
 /* The sum of a vector's lanes: a tree of log2(LANES) shuffles and adds. */
 INLINE float hsum(vec v) {
@@ -136,24 +127,6 @@ INLINE void row_scores(const Cache *c, const int32_t *table, int first, int len,
     }
 }
 
-/* e^x for x <= 0, vectorisable (libm's expf is not, and was most of the kernel's time): 2^(x log2 e)
- * as 2^n times a degree-6 polynomial of 2^f on f in [-0.5, 0.5]; relative error ~2e-7. Below -87
- * the result is 0 (fp32 underflow), as for expf's denormals, which a softmax sum does not notice. */
-static inline float exp_nonpositive(float x) {
-    float t = (x < -87.0f ? -87.0f : x) * 1.44269504088896341f;
-    float n = __builtin_floorf(t + 0.5f), f = t - n;
-    float p = 1.53533059e-4f;
-    p = p * f + 1.33989095e-3f;
-    p = p * f + 9.61813331e-3f;
-    p = p * f + 5.55041070e-2f;
-    p = p * f + 2.40226504e-1f;
-    p = p * f + 6.93147182e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(float));
-    return x < -87.0f ? 0.0f : p * scale;
-}
 
 /* Each head's scores become unnormalised probabilities; inv[hq] is 1 / their sum. */
 static void softmax_rows(float *scores, int heads, int n, float *inv) {
@@ -163,7 +136,7 @@ static void softmax_rows(float *scores, int heads, int n, float *inv) {
         for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            sh[i] = exp_nonpositive(sh[i] - top);
+            sh[i] = exp_fast(sh[i] - top);
             sum += sh[i];
         }
         inv[hq] = 1.0f / sum;
@@ -294,13 +267,12 @@ INLINE void tile_scores(const float *keys, const vec *qt, lane_ids pos, int firs
  * time as fit in TILE_REGS vectors. */
 INLINE void tile_values(const float *values, const float *scores, int first, int last, const float *inv, int count,
                         float *out, int64_t token_stride, int dims) {
-    enum { CH_MAX = MAX_CHUNKS };
     int ch = dims / LANES;
     int tg = ch >= TILE_REGS ? 1 : TILE_REGS / (ch > 0 ? ch : 1);
     if (tg > LANES) tg = LANES;
     for (int t0 = 0; t0 < count; t0 += tg) {
         int tn = min_int(tg, count - t0);
-        vec acc[LANES][CH_MAX];
+        vec acc[LANES][MAX_CHUNKS];
         for (int t = 0; t < tn; t++)
             for (int x = 0; x < ch; x++) acc[t][x] = (vec){0};
         float tail[LANES][LANES]; /* the head_dim values past the last whole vector */
@@ -348,7 +320,7 @@ INLINE void prefill_head(const float *q, const float *keys, const float *values,
         for (int i = 0; i < m; i++)
 #pragma omp simd
             for (int l = 0; l < LANES; l++) {
-                float e = exp_nonpositive(scores[i * LANES + l] - top[l]);
+                float e = exp_fast(scores[i * LANES + l] - top[l]);
                 scores[i * LANES + l] = e;
                 sum[l] += e;
             }

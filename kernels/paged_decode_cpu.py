@@ -36,46 +36,38 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Decode rows `q [R, Hq, D]` (each the last position of its context `lens[r]`) over the caches
     `[num_blocks, block_size, Hkv, D]` through `tables [R, >= ceil(len / block_size)]`; None when
     the native kernel is unavailable or does not take these tensors (the caller's path then)."""
-    library = _library()
-    if library is None or not _takes(q, k_cache, v_cache):
-        return None
-    num_rows, num_q_heads, head_dim = q.shape
-    query = q.float().contiguous()
-    out = torch.empty_like(query)
-    tables32 = tables.to(torch.int32).contiguous()
-    lens32 = torch.tensor(lens, dtype=torch.int32)
-    status = library.paged_decode(
-        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], k_cache.stride(0),
-        tables32.data_ptr(), tables32.stride(0), lens32.data_ptr(), num_rows, num_q_heads, k_cache.shape[2],
-        head_dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr())
-    _check(status, head_dim)
-    return out.to(q.dtype)
+    lens32 = torch.tensor(lens, dtype=torch.int32)  # held until the call returns
+    rows = (tables.shape[1], lens32.data_ptr(), q.shape[0])  # the int32 copy's row stride, lengths, row count
+    return _attend("paged_decode", q, k_cache, v_cache, tables, rows, scale, sliding_window)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, seq_len: int,
                   scale: float, sliding_window: int | None) -> torch.Tensor | None:
     """One request's query chunk `q [n, Hq, D]` (the last n positions of its context `seq_len`),
     causal, over its blocks `table [>= ceil(seq_len / block_size)]`; None when not taken."""
+    return _attend("paged_prefill", q, k_cache, v_cache, table, (seq_len, q.shape[0]), scale, sliding_window)
+
+
+def _attend(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+            own_args: tuple[int, ...], scale: float, sliding_window: int | None) -> torch.Tensor | None:
+    """Call the C function `name` on fp32 queries and a contiguous int32 copy of the block ids, with
+    `own_args` (its arguments between the tables and the head counts); the result in `q`'s dtype."""
     library = _library()
     if library is None or not _takes(q, k_cache, v_cache):
         return None
-    num_tokens, num_q_heads, head_dim = q.shape
+    head_dim = q.shape[2]
     query = q.float().contiguous()
     out = torch.empty_like(query)
-    table32 = table.to(torch.int32).contiguous()
-    status = library.paged_prefill(
+    tables32 = tables.to(torch.int32).contiguous()
+    status = getattr(library, name)(
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], k_cache.stride(0),
-        table32.data_ptr(), seq_len, num_tokens, num_q_heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale,
+        tables32.data_ptr(), *own_args, q.shape[1], k_cache.shape[2], head_dim, k_cache.shape[1], scale,
         sliding_window or 0, out.data_ptr())
-    _check(status, head_dim)
-    return out.to(q.dtype)
-
-
-def _check(status: int, head_dim: int) -> None:
     if status == -2:
         raise ValueError(f"paged attention in C: head_dim {head_dim} is beyond the kernel's {MAX_HEAD_DIM}")
     if status != 0:
         raise MemoryError("paged attention in C: no scratch memory")
+    return out.to(q.dtype)
 
 
 def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
