@@ -33,13 +33,16 @@ def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
-def assert_within_one_step(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """bf16 results equal but for a few elements, each one rounding step (2^-7 relative) away."""
+def assert_within_steps(out: torch.Tensor, ref: torch.Tensor, steps: int = 1) -> None:
+    """bf16 results equal but for a few elements, each at most `steps` rounding steps (2^-7
+    relative each) away. RMSNorm's reference rounds twice (the normalised row, then its product
+    with the weight), so a scale one fp32 ulp off, from another summation order (the vector width
+    differs between CPUs), can move an element by two steps."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     differ = out != ref
     assert differ.float().mean() <= 0.01
     gap = (out.float() - ref.float()).abs()[differ]
-    assert torch.all(gap <= ref.float().abs()[differ] * 2**-7 + 1e-30)
+    assert torch.all(gap <= ref.float().abs()[differ] * steps * 2**-7 + 1e-30)
 
 
 def test_the_library_builds_and_loads():
@@ -93,13 +96,13 @@ def test_rms_norm_in_bf16_agrees_with_the_reference(poison_outputs, hidden, with
     else:
         ref_normed = rms_norm.rms_norm_ref(x, weight, 1e-6)
         assert summed is None
-    assert_within_one_step(normed, ref_normed)
+    assert_within_steps(normed, ref_normed, steps=2)
 
 
 def test_rms_norm_reads_strided_rows():
     wide = randn(5, 512, dtype=torch.bfloat16, seed=3)
     x, weight = wide[:, 100:356], randn(256, dtype=torch.bfloat16, seed=4)
-    assert_within_one_step(elementwise_cpu.rms_norm(x, None, weight, 1e-5)[0], rms_norm.rms_norm_ref(x, weight, 1e-5))
+    assert_within_steps(elementwise_cpu.rms_norm(x, None, weight, 1e-5)[0], rms_norm.rms_norm_ref(x, weight, 1e-5), steps=2)
 
 
 @pytest.mark.parametrize("inter", [688, 1000, 5])
@@ -107,7 +110,7 @@ def test_silu_and_mul_in_bf16_agrees_with_the_reference(poison_outputs, inter):
     poison_outputs(elementwise_cpu)
     x = randn(17, 2 * inter, dtype=torch.bfloat16, seed=inter, scale=4.0)
     x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps and the signed zero
-    assert_within_one_step(elementwise_cpu.silu_and_mul(x), activation.silu_and_mul_ref(x))
+    assert_within_steps(elementwise_cpu.silu_and_mul(x), activation.silu_and_mul_ref(x))
 
 
 def test_fp32_norms_and_activations_stay_on_the_reference():
