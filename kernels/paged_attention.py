@@ -15,7 +15,9 @@ when given; the kernel does not even read the blocks that lie wholly before the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +85,16 @@ def paged_attention_ref(
 
 # ---------------------------------------------------------------- Triton kernel
 #
-# Grid: (query tiles, kv heads, kv splits). A query tile is BLOCK_Q tokens of one request times the
-# GROUP query heads that share a kv head, flattened into BLOCK_M = BLOCK_Q * GROUP_PAD rows, so a K/V
-# tile loaded once serves every head of its group. Tile ids are laid out so that request b's tiles
-# start at `query_start_loc[b] // BLOCK_Q + b`; `T // BLOCK_Q + B` ids cover every request without a
-# host-side pass over the query lengths, and ids past a request's last tile exit at once.
+# Grid: (query tiles, kv head groups, kv splits). A query tile is BLOCK_Q tokens of one request times
+# the GROUP query heads that share a kv head, times the KV_HEADS kv heads of the program, flattened
+# into BLOCK_M = BLOCK_Q * KV_HEADS * GROUP_PAD rows, so a K/V tile loaded once serves every head of
+# its group. With KV_HEADS > 1 a K/V tile is KV_HEADS heads wide (COLS = KV_HEADS * HEAD_DIM_PAD
+# columns, adjacent in the cache: one longer contiguous read a key), and each row's query is zero
+# outside its own head's columns, so q.k sums its own head only; of p.v, a row keeps its own head's
+# columns. The dots do KV_HEADS times the work, which decode, bound by reading K/V, has to spare.
+# Tile ids are laid out so that request b's tiles start at `query_start_loc[b] // BLOCK_Q + b`;
+# `T // BLOCK_Q + B` ids cover every request without a host-side pass over the query lengths, and
+# ids past a request's last tile exit at once.
 # With NUM_SPLITS > 1 each program covers a contiguous share of the tile's key range and writes its
 # normalised partial output plus its log2-sum-exp; `_combine_splits_kernel` merges them.
 
@@ -143,10 +150,12 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_HEADS: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    BLOCK_M: tl.constexpr = BLOCK_Q * KV_HEADS * GROUP_PAD
+    COLS: tl.constexpr = KV_HEADS * HEAD_DIM_PAD
     tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    first_kv_head = tl.program_id(1) * KV_HEADS
     split = tl.program_id(2)
 
     req = _request_of_tile(query_start_loc_ptr, tile, num_reqs, BLOCK_Q)
@@ -158,16 +167,24 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len
 
-    # Rows of the tile: token (q_tile_start + row // GROUP_PAD), head (row % GROUP_PAD) of the group.
+    # Rows of the tile: token (q_tile_start + row // (KV_HEADS * GROUP_PAD)), then the program's kv
+    # head (row // GROUP_PAD % KV_HEADS), then the head of its group (row % GROUP_PAD).
     rows = tl.arange(0, BLOCK_M)
-    tok = q_tile_start + rows // GROUP_PAD
-    head = kv_head * GROUP + rows % GROUP_PAD
+    tok = q_tile_start + rows // (KV_HEADS * GROUP_PAD)
+    row_kv = rows // GROUP_PAD % KV_HEADS
+    head = (first_kv_head + row_kv) * GROUP + rows % GROUP_PAD
     row_ok = (tok < q_len) & (rows % GROUP_PAD < GROUP)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # Columns: kv head (col // HEAD_DIM_PAD) of the program, dim (col % HEAD_DIM_PAD) of it.
+    cols = tl.arange(0, COLS)
+    col_kv = cols // HEAD_DIM_PAD
+    offs_d = cols % HEAD_DIM_PAD
     d_ok = offs_d < HEAD_DIM
+    own = (row_kv[:, None] == col_kv[None, :]) & row_ok[:, None] & d_ok[None, :]  # [BLOCK_M, COLS]
     tok64 = (q_start + tok).to(tl.int64)
     q_ptrs = q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, D]
+    q = tl.load(q_ptrs, mask=own, other=0.0)  # [BLOCK_M, COLS]
+    k_cols = (first_kv_head + col_kv) * stride_kh + offs_d  # [COLS] offsets within a key's slot
+    v_cols = (first_kv_head + col_kv) * stride_vh + offs_d
     q_pos = context_len + tok  # absolute position of each row's token
 
     # Keys this tile can see: [kv_begin, kv_end), then this split's share of whole BLOCK_N tiles.
@@ -181,7 +198,7 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M, COLS], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(split_begin, split_end, BLOCK_N):
         k_pos = start + offs_n
@@ -189,9 +206,8 @@ def _paged_attention_kernel(
         block_ids = tl.load(block_tables_ptr + req * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
         block_ids = block_ids.to(tl.int64)  # the pool can exceed 2**31 elements
         in_block = k_pos % BLOCK_SIZE
-        k_ptrs = (k_cache_ptr + block_ids[None, :] * stride_kb + in_block[None, :] * stride_ks
-                  + kv_head * stride_kh + offs_d[:, None])
-        k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
+        k_ptrs = k_cache_ptr + block_ids[None, :] * stride_kb + in_block[None, :] * stride_ks + k_cols[:, None]
+        k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [COLS, BLOCK_N]
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if USE_SOFTCAP:  # cap in natural-log units: cap * tanh(s / cap), s = scores / log2(e)
             scores = logit_softcap * _tanh(scores / (logit_softcap * 1.4426950408889634)) * 1.4426950408889634
@@ -205,9 +221,8 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = (v_cache_ptr + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vs
-                  + kv_head * stride_vh + offs_d[None, :])
-        v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
+        v_ptrs = v_cache_ptr + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vs + v_cols[None, :]
+        v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, COLS]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -215,9 +230,9 @@ def _paged_attention_kernel(
     out = acc / l_safe[:, None]
     o_ptrs = out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=own)
     else:
-        tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs + split * stride_os, out, mask=own)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(lse_ptr + tok64 * stride_lt + head * stride_lh + split, lse, mask=row_ok)
 
@@ -320,13 +335,20 @@ class LaunchConfig:
     """Keys per inner-loop iteration."""
     num_warps: int = 4
     num_stages: int = 3
+    kv_heads: int = 1
+    """Kv heads a program reads side by side (adjacent in the cache: a longer contiguous read a
+    key); a head count it does not divide takes their greatest common divisor."""
 
 
 def launch_config(head_dim: int, decode_only: bool, small_grid: bool = False) -> LaunchConfig:
     """The default tiles, from `loadtests/tune_attention.py` on an H100 and an H200 (docs/benchmarks.md).
 
-    Decode (every query one token) is bound by reading K/V: 16-row tiles, and for head_dim 64
-    32-key steps in 2 stages (88% of copy bandwidth against 82% with 64 keys, at 256 x 576 tokens).
+    Decode (every query one token) is bound by reading K/V: 16-row tiles of 32 keys in 2 stages,
+    a program reading 4 kv heads side by side at head_dim 64 (512 contiguous bytes a key) and 2 at
+    128 (when the batch fills the GPU with such programs: `_default_config`). On the H200 that took
+    256 x 576 tokens, head_dim 64, from 79 % of copy bandwidth to 90 % alone (100 -> 88 us a layer
+    in the 1B engine's step), and 128/256 x 1,024 tokens, head_dim 128, from 93-95 % to 97-99 %
+    alone (the 8B engine's forward unchanged; docs/benchmarks.md, section 24).
     Prefill is bound by the two dots: 128-row tiles on 8 warps in 2 stages gave 1.19x (head_dim 64)
     and 1.21x (head_dim 128) over 64-row tiles on 4 warps at 32 x 512 tokens. A prefill whose
     128-row grid leaves SMs idle (`small_grid`: one short prompt, e.g. an agent turn's new tokens
@@ -336,17 +358,20 @@ def launch_config(head_dim: int, decode_only: bool, small_grid: bool = False) ->
     if small_grid and not decode_only and head_dim <= 128:
         return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     if decode_only:
-        return LaunchConfig(block_m=16, block_n=32 if head_dim <= 64 else 64, num_warps=4,
-                            num_stages=2 if head_dim <= 64 else 3)
+        if head_dim <= 128:
+            return LaunchConfig(block_m=16, block_n=32, num_warps=4, num_stages=2, kv_heads=4 if head_dim <= 64 else 2)
+        return LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
         return LaunchConfig(block_m=128, block_n=64 if head_dim <= 64 else 32, num_warps=8, num_stages=2)
     return LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
-def query_tiles(num_tokens: int, num_reqs: int, config: LaunchConfig, group_pad: int) -> tuple[int, int]:
+def query_tiles(num_tokens: int, num_reqs: int, config: LaunchConfig, group_pad: int,
+                kv_heads: int = 1) -> tuple[int, int]:
     """(tokens a query tile, query tiles of the grid) under `config`: a tile holds `block_m` rows of
-    (token, group head), and each request may leave one tile part-filled."""
-    block_q = max(config.block_m, group_pad) // group_pad
+    (token, kv head, group head), and each request may leave one tile part-filled."""
+    heads = group_pad * kv_heads
+    block_q = max(config.block_m, heads) // heads
     return block_q, num_tokens // block_q + num_reqs
 
 
@@ -357,9 +382,16 @@ def is_small_grid(num_tiles: int, num_kv_heads: int, num_sms: int) -> bool:
 
 def _default_config(q: torch.Tensor, head_dim: int, decode_only: bool, num_reqs: int, num_kv_heads: int,
                     group_pad: int) -> LaunchConfig:
+    """`launch_config`'s tiles for this batch. On a GPU, a decode batch too small to fill it with
+    (request, kv head group) programs reads one kv head a program (its context is then split
+    across more of them, `_choose_num_splits`); a prefill that leaves SMs idle takes the small-grid tiles."""
     config = launch_config(head_dim, decode_only)
-    if decode_only or not q.is_cuda:
+    if not q.is_cuda:
         return config
+    if decode_only:
+        heads = math.gcd(config.kv_heads, num_kv_heads)
+        few = num_reqs * num_kv_heads // heads < 2 * _num_sms(q.device.index)
+        return dataclasses.replace(config, kv_heads=1) if few else config
     _, num_tiles = query_tiles(q.shape[0], num_reqs, config, group_pad)
     small = is_small_grid(num_tiles, num_kv_heads, _num_sms(q.device.index))
     return launch_config(head_dim, decode_only, small_grid=True) if small else config
@@ -396,9 +428,10 @@ def paged_attention(
     group_pad = triton.next_power_of_2(group)
     decode_only = max_query_len is not None and max_query_len <= 1
     config = config or _default_config(q, head_dim, decode_only, num_reqs, num_kv_heads, group_pad)
-    block_q, num_tiles = query_tiles(num_tokens, num_reqs, config, group_pad)
+    kv_heads = math.gcd(config.kv_heads, num_kv_heads)
+    block_q, num_tiles = query_tiles(num_tokens, num_reqs, config, group_pad, kv_heads)
     if num_splits is None:
-        num_splits = _choose_num_splits(q, num_reqs * num_kv_heads, max_query_len, max_seq_len)
+        num_splits = _choose_num_splits(q, num_reqs * num_kv_heads // kv_heads, max_query_len, max_seq_len)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
 
@@ -416,7 +449,7 @@ def paged_attention(
         lse_strides = (lse.stride(0), lse.stride(1))
 
     head_dim_pad = triton.next_power_of_2(head_dim)
-    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(num_tiles, num_kv_heads // kv_heads, num_splits)](
         partial, lse, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         num_reqs, scale * _LOG2E, sliding_window or 0, logit_softcap or 0.0,
         q.stride(0), q.stride(1),
@@ -427,7 +460,7 @@ def paged_attention(
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_N=config.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=logit_softcap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_HEADS=kv_heads,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

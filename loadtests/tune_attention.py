@@ -39,11 +39,11 @@ SHAPES = [
 
 
 def candidates(decode: bool) -> list[LaunchConfig]:
-    if decode:
-        grid = itertools.product([16], [32, 64, 128], [2, 4, 8], [1, 2, 3, 4])
+    if decode:  # kv heads a program: 1, or 2 and 4 side by side (a longer contiguous read a key)
+        grid = itertools.product([16], [32, 64], [2, 4], [2, 3], [1, 2, 4])
     else:
-        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3])
-    return [LaunchConfig(m, n, w, s) for m, n, w, s in grid]
+        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3], [1])
+    return [LaunchConfig(m, n, w, s, kv) for m, n, w, s, kv in grid]
 
 
 def main() -> int:
@@ -80,13 +80,14 @@ def main() -> int:
         results.sort(key=lambda r: r[0])
         base = next((r for r in results if r[1] == default), None)
         print(f"\n== {name}: B={len(seq_lens)} q={max(query_lens)} ctx={max(seq_lens)} Hq={hq} Hkv={hkv} D={d}")
-        print(f"{'config (block_m, block_n, warps, stages)':44s} {'us':>8s} {'rate':>14s} {'vs default':>10s}")
+        print(f"{'config (block_m, block_n, warps, stages, kv heads)':52s} {'us':>8s} {'rate':>14s} {'vs default':>10s}")
         for us, config, err in results[:5] + ([base] if base and base not in results[:5] else []):
             rate = (f"{kv_bytes / (us * 1e-6) / 1e9 / copy_gbps * 100:5.1f}% of copy" if decode
                     else f"{flops / (us * 1e-6) / 1e12:6.1f} TFLOP/s")
             tag = " (default)" if config == default else ""
             ratio = f"{base[0] / us:.2f}x" if base else "-"
-            print(f"{(config.block_m, config.block_n, config.num_warps, config.num_stages)!s:44s} {us:8.1f} {rate:>14s} {ratio:>10s}{tag}")
+            tiles = (config.block_m, config.block_n, config.num_warps, config.num_stages, config.kv_heads)
+            print(f"{tiles!s:52s} {us:8.1f} {rate:>14s} {ratio:>10s}{tag}")
         print_splits(inp, scale, hints, ref, flops)
     return 0
 

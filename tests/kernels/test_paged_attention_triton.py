@@ -66,6 +66,30 @@ def test_decode_tiles(poison_outputs, num_splits):
     _check(batch, max_query_len=1, max_seq_len=200, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,kv_heads,num_splits",
+                         [(8, 4, 64, 2, 3), (4, 4, 32, 4, 3), (12, 4, 48, 4, 1)])
+def test_several_kv_heads_a_program(poison_outputs, kv_heads, num_splits, num_q_heads, num_kv_heads, head_dim):
+    """A program reading 2 or 4 kv heads' K/V side by side gives each query head its own head's
+    attention: mixed decode and prefill rows, GQA and MHA, a head_dim padded to a power of two."""
+    from splitserve.kernels.paged_attention import LaunchConfig
+
+    poison_outputs(attention_module)
+    batch = make_paged_batch(*MIXED, num_q_heads, num_kv_heads, head_dim, seed=kv_heads + head_dim, strided_q=True)
+    _check(batch, config=LaunchConfig(16, 32, 4, 2, kv_heads=kv_heads), num_splits=num_splits)
+    _check(batch, sliding_window=24, logit_softcap=5.0, config=LaunchConfig(32, 16, 4, 2, kv_heads=kv_heads),
+           num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_kv_heads", [3, 6])
+def test_kv_heads_a_program_that_do_not_divide_the_heads(poison_outputs, num_kv_heads):
+    """4 a program over 3 kv heads reads one at a time, over 6 two at a time."""
+    from splitserve.kernels.paged_attention import LaunchConfig
+
+    poison_outputs(attention_module)
+    batch = make_paged_batch([1, 1, 1], [200, 3, 77], 2 * num_kv_heads, num_kv_heads, 64, seed=5)
+    _check(batch, config=LaunchConfig(16, 32, 4, 2, kv_heads=4), max_query_len=1, max_seq_len=200)
+
+
 def test_small_grid_rule_and_its_tiles(poison_outputs):
     """A short prefill over a long history on an under-filled GPU takes the small-grid tiles;
     a long chunk or a large batch does not; the small-grid tiles give the reference's output."""
