@@ -56,3 +56,15 @@ def test_fp32_and_autograd_take_f_linear():
     trained = randn(8, 16).requires_grad_()
     ops.linear(randn(3, 16), trained).sum().backward()  # outside inference: torch's op, with its gradient
     assert trained.grad is not None and not hasattr(trained, "_splitserve_reordered")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(caplog):
+    """On CPU, asking for bfloat16 logs a warning exactly when this CPU emulates bf16 matmuls."""
+    from splitserve.shared import engine_parts
+
+    engine_parts._warn_if_bf16_is_emulated.cache_clear()
+    with caplog.at_level("WARNING", logger="splitserve.shared.engine_parts"):
+        assert engine_parts.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        assert engine_parts.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    warned = [r for r in caplog.records if "no native bfloat16 matmul" in r.getMessage()]
+    assert len(warned) == (0 if linear_cpu.native_bf16() else 1)
