@@ -84,6 +84,7 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
 
     from splitserve.services.gateway.app import build_app
     from splitserve.shared import telemetry
+    from splitserve.shared.heap import freeze_startup_heap
 
     if args.processes < 1:
         raise SystemExit(f"--processes must be at least 1, got {args.processes}")
@@ -98,6 +99,7 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
     warn_if_open(secret_from_args(args), "gateway")
     app = build_app(config, client_interceptors=interceptors, api_key=api_key_from_args(args), security=security)
     telemetry.instrument_fastapi(app)
+    freeze_startup_heap()  # the app, its tokenizer and libraries: no full collection walks them again
     try:
         if args.reuse_port:
             server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
