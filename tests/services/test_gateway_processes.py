@@ -13,6 +13,7 @@ import time
 import httpx
 
 from stack import free_port, process_running, wait_until
+from worker_process import WATCHING_THE_FREEZE, frozen_count
 
 
 def _start(model_dir: str, processes: int) -> tuple[subprocess.Popen, str]:
@@ -66,3 +67,20 @@ def test_processes_need_a_fixed_port(demo_checkpoint_dir):
                              "--model", demo_checkpoint_dir, "--worker-urls", "127.0.0.1:1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "fixed --port" in result.stderr
+
+
+
+def test_a_gateway_process_freezes_its_start_up_heap(demo_checkpoint_dir):
+    """The real gateway process moves its start-up objects out of the collector's reach before it
+    serves: a full collection of them stalls every stream of the process (docs/benchmarks.md
+    section 24)."""
+    port = free_port()
+    argv = [*WATCHING_THE_FREEZE, "gateway", "--port", str(port), "--model", demo_checkpoint_dir,
+            "--worker-urls", f"127.0.0.1:{free_port()}"]
+    gateway = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _pids(f"http://127.0.0.1:{port}", 1)  # it serves, so it has started (and frozen, before serving)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        output, _ = gateway.communicate(timeout=30)
+    assert frozen_count(output) > 10_000, output[-2000:]  # the app, the tokenizer, the libraries

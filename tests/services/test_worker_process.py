@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from stack import all_up, process_running, wait_until
-from worker_process import colocated_worker, generate_stream
+from worker_process import WATCHING_THE_FREEZE, colocated_worker, frozen_count, generate_stream
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 def plain_workers(tmp_path_factory):
     """The workers (no failpoint) of two tests below, started at once so that their start-ups
     overlap; each test takes one of its own and ends it its way."""
-    with all_up(*(colocated_worker(tmp_path_factory.mktemp("cache")) for _ in range(2))) as workers:
+    with all_up(*(colocated_worker(tmp_path_factory.mktemp("cache"), cli=WATCHING_THE_FREEZE)
+                  for _ in range(2))) as workers:
         yield list(workers)
 
 
@@ -40,6 +41,8 @@ def test_sigterm_stops_the_worker_and_its_engine(plain_workers):
         # start-up and exit seconds of CPU slower, and every test stack pays for two workers.
         assert not loaded_libraries(worker.proc.pid, "libtorch"), "the worker's gRPC process loaded torch"
         assert loaded_libraries(engine, "libtorch")  # what the check above looks for does show torch
+        # Its start-up heap is frozen before it is ready: no full collection walks it while it serves.
+        assert frozen_count(worker.output()) > 5_000, worker.output()
         worker.terminate()
         assert worker.wait(60) == 0, worker.output()
         wait_until(lambda: not process_running(engine), 30, message="engine process gone")

@@ -33,14 +33,33 @@ READY_TIMEOUT_S = 180.0
 _READY = re.compile(r"splitserve \w+ ready on ([\d.]+):(\d+)")
 
 
+CLI = [sys.executable, "-m", "splitserve.cli"]
+WATCHING_THE_FREEZE = [sys.executable, "-c", """
+import gc, sys, threading, time
+def watch():
+    while not gc.get_freeze_count():
+        time.sleep(0.02)
+    print("frozen", gc.get_freeze_count(), flush=True)
+threading.Thread(target=watch, daemon=True).start()
+from splitserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""]
+"""The CLI with a thread beside it that prints `frozen N` once the process has frozen its heap
+(shared/heap.py): N objects moved out of the garbage collector's reach."""
+
+
+def frozen_count(output: str) -> int:
+    """N of the first `frozen N` line in a WATCHING_THE_FREEZE process's output, 0 if none."""
+    return next((int(line.split()[1]) for line in output.splitlines() if line.startswith("frozen ")), 0)
+
+
 class WorkerProcess:
     def __init__(self, command: str, model_dir: str | None, cache_dir, *extra_args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cli: list[str] = CLI) -> None:
         if model_dir is None:
             seed_demo(str(cache_dir))
         model = [] if model_dir is None else ["--model", model_dir]
-        argv = [sys.executable, "-m", "splitserve.cli", command, "--host", "127.0.0.1", "--port", "0", *model,
-                "--device", "cpu", *extra_args]
+        argv = [*cli, command, "--host", "127.0.0.1", "--port", "0", *model, "--device", "cpu", *extra_args]
         env = dict(os.environ, SPLITSERVE_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._lines: list[str] = []
@@ -92,9 +111,10 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) 
         time.sleep(interval_s)
 
 
-def colocated_worker(cache_dir, *extra_args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+def colocated_worker(cache_dir, *extra_args: str, env: dict[str, str] | None = None,
+                     cli: list[str] = CLI) -> WorkerProcess:
     """`splitserve worker` with no --model: the demo checkpoint from its cache."""
-    return WorkerProcess("worker", None, cache_dir, *extra_args, env=env)
+    return WorkerProcess("worker", None, cache_dir, *extra_args, env=env, cli=cli)
 
 
 def generate_stream(worker: WorkerProcess, request_id: str, max_tokens: int):
