@@ -29,7 +29,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
-            and weight.dim() == 2 and (bias is None or bias.dtype == torch.bfloat16) and _supported()
+            and weight.dim() == 2 and (bias is None or bias.dtype == torch.bfloat16) and native_bf16()
             and not torch.is_grad_enabled())
 
 
@@ -44,12 +44,8 @@ def _reordered(weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _supported() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as oneDNN reports it).
     Without, bf16 matmuls are emulated: on an AVX2-only EPYC the demo's bf16 linears ran 3x
     slower than float32 (docs/benchmarks.md section 24)."""
-    return _supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -375,6 +375,11 @@ def query_tiles(num_tokens: int, num_reqs: int, config: LaunchConfig, group_pad:
     return block_q, num_tokens // block_q + num_reqs
 
 
+def kv_heads_a_program(config: LaunchConfig, num_kv_heads: int) -> int:
+    """`config.kv_heads`, or the largest count that divides the model's kv heads as well."""
+    return math.gcd(config.kv_heads, num_kv_heads)
+
+
 def is_small_grid(num_tiles: int, num_kv_heads: int, num_sms: int) -> bool:
     """Fewer than two (query tile, kv head) programs per SM."""
     return num_tiles * num_kv_heads < 2 * num_sms
@@ -389,8 +394,8 @@ def _default_config(q: torch.Tensor, head_dim: int, decode_only: bool, num_reqs:
     if not q.is_cuda:
         return config
     if decode_only:
-        heads = math.gcd(config.kv_heads, num_kv_heads)
-        few = num_reqs * num_kv_heads // heads < 2 * _num_sms(q.device.index)
+        groups = num_kv_heads // kv_heads_a_program(config, num_kv_heads)
+        few = is_small_grid(num_reqs, groups, _num_sms(q.device.index))
         return dataclasses.replace(config, kv_heads=1) if few else config
     _, num_tiles = query_tiles(q.shape[0], num_reqs, config, group_pad)
     small = is_small_grid(num_tiles, num_kv_heads, _num_sms(q.device.index))
@@ -428,7 +433,7 @@ def paged_attention(
     group_pad = triton.next_power_of_2(group)
     decode_only = max_query_len is not None and max_query_len <= 1
     config = config or _default_config(q, head_dim, decode_only, num_reqs, num_kv_heads, group_pad)
-    kv_heads = math.gcd(config.kv_heads, num_kv_heads)
+    kv_heads = kv_heads_a_program(config, num_kv_heads)
     block_q, num_tiles = query_tiles(num_tokens, num_reqs, config, group_pad, kv_heads)
     if num_splits is None:
         num_splits = _choose_num_splits(q, num_reqs * num_kv_heads // kv_heads, max_query_len, max_seq_len)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from splitserve.kernels import linear_cpu, ops
 
-needs_bf16 = pytest.mark.skipif(not linear_cpu._supported(), reason="no oneDNN bf16 on this CPU")
+needs_bf16 = pytest.mark.skipif(not linear_cpu.native_bf16(), reason="no oneDNN bf16 on this CPU")
 
 
 def randn(*shape, seed=0):

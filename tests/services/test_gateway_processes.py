@@ -69,7 +69,6 @@ def test_processes_need_a_fixed_port(demo_checkpoint_dir):
     assert result.returncode != 0 and "fixed --port" in result.stderr
 
 
-
 def test_a_gateway_process_freezes_its_start_up_heap(demo_checkpoint_dir):
     """The real gateway process moves its start-up objects out of the collector's reach before it
     serves: a full collection of them stalls every stream of the process (docs/benchmarks.md
