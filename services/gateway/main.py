@@ -102,13 +102,26 @@ def run_gateway(args: argparse.Namespace, client_interceptors=()) -> int:
     freeze_startup_heap()  # the app, its tokenizer and libraries: no full collection walks them again
     try:
         if args.reuse_port:
-            server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+            server = uvicorn.Server(uvicorn.Config(app, loop=event_loop(), log_level="info", timeout_graceful_shutdown=5))
             server.run(sockets=[_reuse_port_socket(args.host, args.port)])
         else:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+            uvicorn.run(app, host=args.host, port=args.port, loop=event_loop(), log_level="info",
+                        timeout_graceful_shutdown=5)
     finally:
         telemetry.shutdown_tracing()
     return 0
+
+
+def event_loop() -> str:
+    """uvicorn's event loop: uvloop (a dependency, through uvicorn[standard]), or asyncio's own
+    with a warning where uvloop is missing, which uvicorn's "auto" would pick silently."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        logger.warning("uvloop is not installed: the gateway runs on asyncio's default event loop, which spends "
+                       "more CPU a streamed token (pip install uvloop)")
+        return "asyncio"
+    return "uvloop"
 
 
 def _reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -5,6 +5,9 @@ Every malformed request must get a 4xx with OpenAI's error JSON, never a 500.
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -170,3 +173,13 @@ def test_cli_args_become_a_config(tmp_path):
 ])
 def test_bad_prompt_cache_fields_are_400(client, path, extra, fields, param):
     _assert_error(client.post(path, json={"model": MODEL, **extra, **fields}), 400, param=param)
+
+
+def test_the_gateway_serves_on_uvloop_and_says_so_when_it_cannot(monkeypatch, caplog):
+    from splitserve.services.gateway.main import event_loop
+
+    assert event_loop() == "uvloop"  # a dependency, through uvicorn[standard]
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    with caplog.at_level(logging.WARNING):
+        assert event_loop() == "asyncio"
+    assert "uvloop is not installed" in caplog.text
