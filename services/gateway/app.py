@@ -38,7 +38,7 @@ from splitserve.services.gateway.discovery import Discovery
 from splitserve.services.gateway.dispatch import Dispatcher
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.openai_protocol import (
-    APIError, body_too_large, install_error_handlers, model_not_found, service_unavailable, to_api_error,
+    APIError, body_timeout, body_too_large, install_error_handlers, model_not_found, service_unavailable, to_api_error,
     unauthorized)
 from splitserve.services.gateway.prepare import (
     PrepareContext, PreparedRequest, longest_token_chars, name_after_client, prepare_chat, prepare_completion,
@@ -59,6 +59,9 @@ _COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/resp
                             "/metrics", "/tokenize", "/detokenize"})
 LONG_TEXT_CHARS = 32768
 """Requests with more text than this are tokenized on their own thread (`GatewayState`)."""
+BODY_TIMEOUT_S = 60.0
+"""Longest wait for a request's whole body once its headers are in (a client that sends less than
+its Content-Length, or trickles it, holds a connection and its buffer until then)."""
 
 
 @dataclass
@@ -344,9 +347,14 @@ class _RequestGuard:
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
             return await _send_error(send, body_too_large(self.max_body_bytes))
-        body = await self._read_body(receive)
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), BODY_TIMEOUT_S)
+        except TimeoutError:
+            return await _send_error(send, body_timeout(BODY_TIMEOUT_S))
         if body is None:
             return await _send_error(send, body_too_large(self.max_body_bytes))
+        if body and not _declares_json(headers.get(b"content-type")):
+            scope = {**scope, "headers": _json_content_type(scope["headers"])}
         replayed = False
 
         async def replay() -> dict:
@@ -371,6 +379,17 @@ class _RequestGuard:
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+def _declares_json(content_type: bytes | None) -> bool:
+    media = (content_type or b"application/json").split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _json_content_type(headers: list) -> list:
+    """Every body here is JSON: one sent as text/plain or form-urlencoded (curl -d without -H) is
+    read as JSON too, instead of failing as 'not a valid dictionary' (a JSON error names the fault)."""
+    return [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
 
 
 async def _send_error(send, error: APIError) -> None:

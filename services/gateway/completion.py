@@ -106,8 +106,8 @@ class ChoiceStream:
 
     def _echo(self, delta: ChoiceDelta) -> None:
         """Put the prompt (and with logprobs, its tokens' logprobs) before the choice's first text."""
-        if self.prep.echo_only:
-            delta.text, delta.logprobs = "", []
+        if self.prep.echo_only:  # the one token the worker made is not the client's: max_tokens 0
+            delta.text, delta.logprobs, delta.num_tokens, delta.token_ids = "", [], 0, []
         if self.prep.params.logprobs is not None:
             prompt = [TokenLogprob(self.prompt[0], None, None)]
             prompt += [TokenLogprob(t, lp, top) for t, lp, _, top in delta.prompt_logprobs or []]

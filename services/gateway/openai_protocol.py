@@ -60,6 +60,11 @@ def body_too_large(limit_bytes: int) -> APIError:
                     "invalid_request_error", None, "request_too_large")
 
 
+def body_timeout(timeout_s: float) -> APIError:
+    return APIError(408, f"The request body did not arrive within {timeout_s:g} s.", "invalid_request_error", None,
+                    "request_timeout")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found")
 

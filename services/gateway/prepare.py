@@ -146,8 +146,15 @@ def _apply_best_of(prep: PreparedRequest, best_of: int | None, stream: bool, max
     prep.params = replace(prep.params, n=best_of)
 
 
+MAX_CLIENT_REQUEST_ID_CHARS = 256
+
+
 def name_after_client(prep: PreparedRequest, client_request_id: str | None) -> None:
-    """vLLM names the response after the client's X-Request-Id; worker ids stay unique regardless."""
+    """vLLM names the response after the client's X-Request-Id; worker ids stay unique regardless.
+    The id travels into every worker's logs, traces and KV messages, so its length is bounded."""
+    if client_request_id and len(client_request_id) > MAX_CLIENT_REQUEST_ID_CHARS:
+        raise bad_request(f"X-Request-Id: at most {MAX_CLIENT_REQUEST_ID_CHARS} characters, got {len(client_request_id)}",
+                          "X-Request-Id")
     if client_request_id:
         prep.request_id = f"{prep.request_id.split('-', 1)[0]}-{client_request_id}"
         prep.worker_request_id = f"{prep.request_id}-{uuid.uuid4().hex[:8]}"
@@ -220,10 +227,15 @@ def check_request(body: GenerationFields, ctx: PrepareContext) -> None:
              "token ids")
     bias = body.logit_bias or {}
     _at_most("logit_bias", len(bias), limits.max_logit_bias_tokens, "--max-logit-bias-tokens", "token ids")
-    outside = [t for t in bias if t >= ctx.vocab_size]
+    _in_vocabulary("logit_bias", bias, ctx.vocab_size)
+    _in_vocabulary("stop_token_ids", body.stop_token_ids or (), ctx.vocab_size)
+
+
+def _in_vocabulary(param: str, token_ids, vocab_size: int) -> None:
+    """400 for an id no output can hold (a stop id there would never match, a bias never apply)."""
+    outside = [t for t in token_ids if t >= vocab_size]
     if outside:
-        raise bad_request(f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {ctx.vocab_size})",
-                          "logit_bias")
+        raise bad_request(f"{param}: token id {outside[0]} is outside the vocabulary [0, {vocab_size})", param)
 
 
 def _at_most(param: str, value: int, limit: int, flag: str, what: str = "") -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from splitserve.shared.sampling_params import FIELD_TYPES, INT32_MAX, MAX_LOGPROBS, FieldSpec, sampling_fields
@@ -177,6 +177,17 @@ class ChatMessage(OpenAIModel):
     """An assistant message's calls (sent back in the next turn of an agent loop)."""
     tool_call_id: str | None = None
     """A `tool` message: the call it answers."""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """An image, audio or file part is refused by its type, not as 'not a valid string'."""
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError("unsupported_content", "content part type '{kind}' is not supported: "
+                                          "this server serves text models (type 'text' only)", {"kind": kind})
+        return content
 
     def text(self) -> str:
         if self.content is None:

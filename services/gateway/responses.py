@@ -117,8 +117,9 @@ class ResponseBuilder:
             choice = {"index": delta.index, "delta": message or {}, "logprobs": logprobs}
         else:
             choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs}
-            if self.prep.echo_texts is not None and not self._role_sent[delta.index]:
-                self._role_sent[delta.index] = True  # vLLM's first echoed chunk names the prompt's tokens
+            names_prompt = self.prep.echo_texts is not None or self.prep.return_token_ids
+            if names_prompt and not self._role_sent[delta.index]:
+                self._role_sent[delta.index] = True  # vLLM's first chunk of an echo or return_token_ids
                 choice["prompt_token_ids"] = self.prep.prompts[delta.index // self.prep.params.n]
         choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
         if self.prep.return_token_ids:  # each chunk's new ids (vLLM puts the prompt's on the first one only)

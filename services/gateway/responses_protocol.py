@@ -7,9 +7,10 @@ outputs (`id`, `status`, `annotations`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, OpenAIModel
 
@@ -110,9 +111,20 @@ class ResponsesRequest(OpenAIModel):
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16)
+    """OpenAI's limits: 16 pairs, keys of at most 64 characters, values of at most 512."""
     user: str | None = None
     text: TextConfig | None = None
     truncation: Literal["disabled"] | None = None
-    include: list[str] | None = Field(None, max_length=0)
+    include: list[str] | None = None
     """Nothing extra is included; an empty list is accepted."""
+
+    @field_validator("include")
+    @classmethod
+    def _includes_nothing(cls, include: list[str] | None) -> list[str] | None:
+        if include:
+            raise PydanticCustomError("unsupported_include", "include '{item}' is not supported: this server adds "
+                                      "no extra data to a response (send an empty list or leave it out)",
+                                      {"item": include[0]})
+        return include

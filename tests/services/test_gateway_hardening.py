@@ -1,0 +1,108 @@
+"""What a black-box run of hostile and vLLM-scripted clients found at the gateway's edge, each
+against the real gateway in front of the scripted worker (scripted_tools.py): token ids in
+streams, echo with max_tokens 0, ids outside the vocabulary, an unbounded X-Request-Id, a body
+that never arrives, a JSON body under another content type, non-text content parts, and the
+Responses API's metadata and include."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from scripted_tools import MODEL
+from splitserve.services.gateway import app as gateway_app
+
+
+def _post(gateway, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{gateway.url}{path}", json=body, timeout=30, **kwargs)
+
+
+def _events(response: httpx.Response) -> list[dict]:
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    return [json.loads(line) for line in lines if line != "[DONE]"]
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_a_stream_with_return_token_ids_names_the_prompt_ids_on_each_choice_first_chunk(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "stream": True, "return_token_ids": True, "n": 2,
+            "temperature": 1.0}
+    chunks = [c["choices"][0] for c in _events(_post(gateway, "/v1/completions", body)) if c["choices"]]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["prompt_token_ids"] == [5, 6, 7]
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        assert sum(len(c["token_ids"]) for c in mine) == 4
+
+
+def test_an_echo_with_max_tokens_0_bills_no_completion_token(scripted_stack):
+    gateway, _, _ = scripted_stack
+    reply = _post(gateway, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 0, "echo": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == "hello"
+    assert reply.json()["usage"]["completion_tokens"] == 0
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_refused_by_name(scripted_stack):
+    gateway, _, tokenizer = scripted_stack
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "stop_token_ids": [len(tokenizer) + 10**6]}
+    error = _error(_post(gateway, "/v1/completions", body), 400)
+    assert error["param"] == "stop_token_ids" and "outside the vocabulary" in error["message"]
+
+
+def test_an_overlong_x_request_id_is_refused(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    error = _error(_post(gateway, "/v1/completions", body, headers={"X-Request-Id": "r" * 5000}), 400)
+    assert error["param"] == "X-Request-Id" and "at most 256" in error["message"]
+    named = _post(gateway, "/v1/completions", body, headers={"X-Request-Id": "client-7"})
+    assert named.status_code == 200 and named.json()["id"].endswith("client-7")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_is_read_as_json_whatever_its_content_type(scripted_stack, content_type):
+    gateway, _, _ = scripted_stack
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1})
+    reply = httpx.post(f"{gateway.url}/v1/completions", content=body, headers={"Content-Type": content_type}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    broken = httpx.post(f"{gateway.url}/v1/completions", content=body[:-1], headers={"Content-Type": content_type},
+                        timeout=30)
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+
+
+def test_a_body_shorter_than_its_content_length_times_out_with_408(scripted_stack, monkeypatch):
+    gateway, _, _ = scripted_stack
+    monkeypatch.setattr(gateway_app, "BODY_TIMEOUT_S", 0.5)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+
+
+def test_an_image_part_is_refused_by_its_type(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}
+    error = _error(_post(gateway, "/v1/chat/completions", body), 400)
+    assert "content part type 'image_url' is not supported" in error["message"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"metadata": {"k" * 65: "v"}}, "at most 64 characters"),
+    ({"metadata": {"k": "v" * 513}}, "at most 512 characters"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "at most 16 items"),
+    ({"include": ["reasoning.encrypted_content"]}, "include 'reasoning.encrypted_content' is not supported"),
+])
+def test_responses_metadata_limits_and_include_are_named(scripted_stack, extra, words):
+    gateway, _, _ = scripted_stack
+    error = _error(_post(gateway, "/v1/responses", {"model": MODEL, "input": "hi", **extra}), 400)
+    assert words in error["message"]
