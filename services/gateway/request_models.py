@@ -14,15 +14,37 @@ OpenAI fields this server does not implement are declared too, so that a client 
 
 from __future__ import annotations
 
+import json
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from splitserve.shared.sampling_params import FIELD_TYPES, INT32_MAX, MAX_LOGPROBS, FieldSpec, sampling_fields
 
-Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+
+def _a_number(value: Any) -> Any:
+    """JSON's true/false is no number and a string is no number: refused, where pydantic's lax
+    mode would run `max_tokens: true` as 1 and `n: "2"` as 2 (an integral 2.0 is still 2)."""
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("number_type", "Input should be a number, not {value}", {"value": json.dumps(value)})
+    return value
+
+
+def _a_boolean(value: Any) -> Any:
+    """Only true or false: pydantic's lax mode would take "yes", "on" and 1 for true."""
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be true or false, not {value}", {"value": json.dumps(value)})
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_a_number)]
+Float = Annotated[float, BeforeValidator(_a_number)]
+Flag = Annotated[bool, BeforeValidator(_a_boolean)]
+_EXACT = {int: Int, float: Float, bool: Flag}
+"""The request's scalar types: no coercion across JSON's kinds (the sampling fields get them too)."""
+Int32 = Annotated[Int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 MAX_PROMPT_CACHE_KEY_CHARS = 256
 RETENTION_S = {"in_memory": 600.0, "24h": 86400.0}
 """`prompt_cache_retention` -> seconds a keyed session's blocks are retained after its latest turn
@@ -64,11 +86,11 @@ def _constrained(name: str, spec: FieldSpec) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     items = Field(ge=spec.item_ge, le=spec.item_le)
     if origin is list:
-        return list[Annotated[args[0], items]] | None
-    if origin is dict:
-        return dict[Annotated[args[0], items], Annotated[args[1], Field(ge=spec.ge, le=spec.le)]] | None
+        return list[Annotated[_EXACT.get(args[0], args[0]), items]] | None
+    if origin is dict:  # keys stay lax: JSON object keys are strings ("50256")
+        return dict[Annotated[args[0], items], Annotated[_EXACT.get(args[1], args[1]), Field(ge=spec.ge, le=spec.le)]] | None
     scalar = next((a for a in args if a is not type(None)), kind)
-    return Annotated[scalar, Field(ge=spec.ge, gt=spec.gt, le=spec.le)] | None
+    return Annotated[_EXACT.get(scalar, scalar), Field(ge=spec.ge, gt=spec.gt, le=spec.le)] | None
 
 
 SamplingFields = create_model(
@@ -77,7 +99,7 @@ SamplingFields = create_model(
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -87,7 +109,7 @@ class JsonSchemaFormat(OpenAIModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: Flag | None = None
 
 
 class ResponseFormat(OpenAIModel):
@@ -105,7 +127,7 @@ class StructuredOutputsField(OpenAIModel):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
-    json_object: bool | None = None
+    json_object: Flag | None = None
     structural_tag: str | None = None
     """xgrammar's structural tag as JSON text (vLLM's field)."""
 
@@ -115,7 +137,7 @@ class GenerationFields(SamplingFields):
     string in the request (keys included) must be valid Unicode."""
 
     model: str | None = Field(None, description="None: the served model (vLLM).")
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
     priority: Int32 = Field(0, description="vLLM's: lower runs first under the priority scheduling policy.")
     user: str | None = Field(None, description="Accepted and ignored, as OpenAI and vLLM do.")
@@ -124,7 +146,7 @@ class GenerationFields(SamplingFields):
         "and its next turn is routed to the instance holding it."))
     prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description=(
         "OpenAI's: how long a keyed session's blocks are retained (in_memory: 600 s; 24h); needs prompt_cache_key."))
-    return_token_ids: bool = Field(False, description=(
+    return_token_ids: Flag = Field(False, description=(
         "vLLM's: each choice also lists prompt_token_ids and its generated token_ids (streamed: each chunk's "
         "new token_ids), so an agent builds its next turn from the exact ids."))
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: text, json_object or json_schema.")
@@ -139,16 +161,16 @@ class GenerationFields(SamplingFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX, description="None: 16; 0 only with echo (the prompt "
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    max_tokens: Int | None = Field(None, ge=0, le=INT32_MAX, description="None: 16; 0 only with echo (the prompt "
                                    "alone, as vLLM).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs when "
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Flag = Field(False, description="Return the prompt before the completion (with its logprobs when "
                                           "logprobs is set).")
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: each prompt token's "
+    prompt_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: each prompt token's "
                                         "logprob and this many alternatives (not with stream).")
     suffix: str | None = Field(None, description="Not supported: only null or empty is accepted.")
-    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="Sample this many per prompt and return the "
+    best_of: Int | None = Field(None, ge=1, le=INT32_MAX, description="Sample this many per prompt and return the "
                                 "n of highest cumulative logprob (not with stream).")
 
 
@@ -202,7 +224,7 @@ class FunctionDefinition(OpenAIModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     """A JSON schema of the arguments object."""
-    strict: bool | None = None
+    strict: Flag | None = None
 
 
 class ChatTool(OpenAIModel):
@@ -222,16 +244,16 @@ class NamedToolChoice(OpenAIModel):
 
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_completion_tokens: Int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: Flag = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: Flag = True
     tools: list[ChatTool] | None = Field(None, description="Function tools, rendered by the chat template.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description='Default: "auto" with tools, else "none". "auto" needs --enable-auto-tool-choice.')
     functions: list[Any] | None = Field(None, description="Not supported: only null or [] is accepted.")
     function_call: Any = Field(None, description="Not supported: only null or \"none\" is accepted.")
-    parallel_tool_calls: bool | None = Field(None, description="False: at most one call per response.")
+    parallel_tool_calls: Flag | None = Field(None, description="False: at most one call per response.")
 
 
 # Fields declared above that the server does not implement: the values that mean "off".

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, OpenAIModel
+from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, Flag, Float, Int, OpenAIModel
 
 
 class InputText(BaseModel):
@@ -65,7 +65,7 @@ class FunctionTool(OpenAIModel):
     name: str | None = None
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Flag | None = None
     """As on chat completions: under tool_choice auto, calls held to the schema (chat_tools.py)."""
 
     @model_validator(mode="before")
@@ -97,20 +97,20 @@ class ResponsesRequest(OpenAIModel):
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Flag | None = None
     previous_response_id: str | None = None
-    store: bool = True
+    store: Flag = True
     """Keep this response for a later `previous_response_id`, GET and input_items (bounded in count
     and time); false: nothing is kept."""
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CACHE_KEY_CHARS)
     """As on chat completions (session routing and retention). None with previous_response_id:
     the previous response's chain key."""
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    stream: bool = False
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    stream: Flag = False
+    max_output_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0.0)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    seed: Int | None = None
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16)
     """OpenAI's limits: 16 pairs, keys of at most 64 characters, values of at most 512."""

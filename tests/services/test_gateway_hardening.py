@@ -106,3 +106,29 @@ def test_responses_metadata_limits_and_include_are_named(scripted_stack, extra, 
     gateway, _, _ = scripted_stack
     error = _error(_post(gateway, "/v1/responses", {"model": MODEL, "input": "hi", **extra}), 400)
     assert words in error["message"]
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"max_tokens": "2"}, "max_tokens"),
+    ("/v1/completions", {"n": True}, "n"),
+    ("/v1/completions", {"stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": [True]}, "prompt"),
+    ("/v1/completions", {"stop_token_ids": [True]}, "stop_token_ids"),
+    ("/v1/completions", {"ignore_eos": 1}, "ignore_eos"),
+    ("/v1/chat/completions", {"logprobs": "true"}, "logprobs"),
+    ("/v1/chat/completions", {"temperature": "0.5"}, "temperature"),
+    ("/v1/responses", {"max_output_tokens": "8"}, "max_output_tokens"),
+])
+def test_no_value_is_coerced_across_json_kinds(scripted_stack, path, extra, param):
+    gateway, _, _ = scripted_stack
+    base = {"/v1/completions": {"prompt": "x", "max_tokens": 1}, "/v1/responses": {"input": "hi"},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}}[path]
+    error = _error(_post(gateway, path, {"model": MODEL, **base, **extra}), 400)
+    assert error["param"].split(".")[0] == param
+
+
+def test_integral_floats_and_integer_floats_still_pass(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2.0, "temperature": 1, "logit_bias": {"5": 1}}
+    assert _post(gateway, "/v1/completions", body).status_code == 200
