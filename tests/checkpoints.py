@@ -16,6 +16,7 @@ greedy argmax is never decided by 1e-6 differences and every tensor's loading is
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from typing import Any
@@ -115,8 +116,10 @@ def build_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    kwargs.update(ARCH_DEFAULTS[arch])
-    kwargs.update(overrides)
+    # copies: transformers fills nested rope dicts in place (e.g. partial_rotary_factor), which would
+    # leak into every later checkpoint of the architecture built in this process
+    kwargs.update(copy.deepcopy(ARCH_DEFAULTS[arch]))
+    kwargs.update(copy.deepcopy(overrides))
     config = config_cls(**kwargs)
     torch.manual_seed(ARCHITECTURES.index(arch) if seed is None else seed)
     model = model_cls(config).eval()

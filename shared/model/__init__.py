@@ -7,7 +7,7 @@
 """
 
 from splitserve.shared.model.attention import Attention, AttentionMetadata
-from splitserve.shared.model.layers import UnsupportedRopeError
+from splitserve.shared.model.layers import UnsupportedConfigError, UnsupportedRopeError
 from splitserve.shared.model.llama import LlamaForCausalLM
 from splitserve.shared.model.loader import CheckpointError, ModelInfo, load_hf_config, load_model, model_info
 from splitserve.shared.model.registry import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
@@ -21,6 +21,7 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelInfo",
     "UnsupportedArchitectureError",
+    "UnsupportedConfigError",
     "UnsupportedRopeError",
     "WeightLoadError",
     "load_hf_config",

@@ -8,9 +8,14 @@ What sets them apart from the Llama family, each read from the config:
 - GeGLU MLP (`hidden_activation`, gelu with the tanh approximation);
 - attention scale `query_pre_attn_scalar ** -0.5` instead of `head_dim ** -0.5`;
 - `layer_types` interleaves sliding-window ("sliding_attention") and global layers;
-- Gemma 2: attention scores soft-capped by `attn_logit_softcapping`, logits by `final_logit_softcapping`;
+- logits soft-capped by `final_logit_softcapping` (when set);
+- Gemma 2: attention scores soft-capped by `attn_logit_softcapping`;
 - Gemma 3: per-head q/k RMSNorm and a RoPE per layer kind (`rope_parameters["sliding_attention"]`,
-  the local base, and `["full_attention"]`; older configs: `rope_local_base_freq`).
+  the local base, and `["full_attention"]`; older configs: `rope_local_base_freq`). Its config
+  carries `attn_logit_softcapping` too, but transformers' Gemma 3 attention never applies it, nor here.
+
+`use_bidirectional_attention` (the encoder variants, e.g. EmbeddingGemma) is refused at load: every
+layer here attends causally over the paged cache.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import nn
 from splitserve.shared.model.attention import AttentionMetadata
 from splitserve.shared.model.causal_lm import CausalLM
 from splitserve.shared.model.parallel_layers import VocabParallelEmbedding
-from splitserve.shared.model.layers import GatedMLP, RMSNorm, SelfAttention, rope_parameters, rotary_embedding_for
+from splitserve.shared.model.layers import (GatedMLP, RMSNorm, SelfAttention, UnsupportedConfigError, rope_parameters,
+                                            rotary_embedding_for)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -47,6 +53,11 @@ def _activation(cfg: Any) -> str:
     return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "gelu_pytorch_tanh")
 
 
+def _check_causal(cfg: Any) -> None:
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedConfigError("use_bidirectional_attention=True is not supported: attention here is causal")
+
+
 def _layer_types(cfg: Any) -> list[str]:
     return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
 
@@ -62,8 +73,9 @@ def _rope_of(cfg: Any, layer_type: str) -> dict[str, Any]:
 
 
 class GemmaModel(nn.Module):
-    def __init__(self, cfg: Any, qk_norm: str | None) -> None:
+    def __init__(self, cfg: Any, qk_norm: str | None, attn_softcap: bool) -> None:
         super().__init__()
+        _check_causal(cfg)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.hidden_size = cfg.hidden_size
         kinds = _layer_types(cfg)
@@ -75,7 +87,7 @@ class GemmaModel(nn.Module):
             qk_norm=qk_norm,
             one_centered_norm=True,
             scale=float(cfg.query_pre_attn_scalar) ** -0.5,
-            logit_softcap=getattr(cfg, "attn_logit_softcapping", None),
+            logit_softcap=getattr(cfg, "attn_logit_softcapping", None) if attn_softcap else None,
         )
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(cfg, SelfAttention(cfg, i, self.rotary_embs[kind], **options,
@@ -94,12 +106,12 @@ class GemmaModel(nn.Module):
 
 
 class GemmaForCausalLM(CausalLM):
-    def __init__(self, hf_config: Any, qk_norm: str | None) -> None:
-        super().__init__(hf_config, GemmaModel(hf_config, qk_norm))
+    def __init__(self, hf_config: Any, qk_norm: str | None, attn_softcap: bool) -> None:
+        super().__init__(hf_config, GemmaModel(hf_config, qk_norm, attn_softcap))
         self.final_logit_softcap = getattr(hf_config, "final_logit_softcapping", None)
 
 
 ARCHITECTURES = {
-    "Gemma2ForCausalLM": lambda cfg: GemmaForCausalLM(cfg, qk_norm=None),
-    "Gemma3ForCausalLM": lambda cfg: GemmaForCausalLM(cfg, qk_norm="head"),
+    "Gemma2ForCausalLM": lambda cfg: GemmaForCausalLM(cfg, qk_norm=None, attn_softcap=True),
+    "Gemma3ForCausalLM": lambda cfg: GemmaForCausalLM(cfg, qk_norm="head", attn_softcap=False),
 }

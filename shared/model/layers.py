@@ -30,6 +30,11 @@ class UnsupportedRopeError(NotImplementedError):
     """The checkpoint asks for a RoPE scaling type this implementation does not compute."""
 
 
+class UnsupportedConfigError(ValueError):
+    """The checkpoint's config sets an option that this family does not compute (the message names
+    the field): refused at load rather than served with different tokens."""
+
+
 def head_dim_of(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
@@ -276,9 +281,16 @@ class SelfAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, attn))  # [T, Hq*D] -> [T, H]
 
 
-def rotary_embedding_for(cfg: Any, rope: dict[str, Any] | None = None) -> RotaryEmbedding:
-    """The config's RoPE (or the given `rope` settings) over `head_dim` channels."""
+def rotary_embedding_for(cfg: Any, rope: dict[str, Any] | None = None, *, partial: bool = False) -> RotaryEmbedding:
+    """The config's RoPE (or the given `rope` settings) over `head_dim` channels, or over the first
+    `partial_rotary_factor` of them in a family that rotates part of each head (`partial`, Phi-3).
+    The others' transformers implementations rotate the whole head whatever the factor says (or fail
+    under a scaled RoPE), so a factor below 1 is refused there rather than guessed at."""
     head_dim = head_dim_of(cfg)
     rope = rope or rope_parameters(cfg)
-    rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
-    return RotaryEmbedding(head_dim, rotary_dim, cfg.max_position_embeddings, rope)
+    factor = float(rope.get("partial_rotary_factor") or 1.0)
+    if factor != 1.0 and not partial:
+        raise UnsupportedConfigError(
+            f"partial_rotary_factor {factor} is not supported by {type(cfg).__name__} (its heads rotate whole)"
+        )
+    return RotaryEmbedding(head_dim, int(head_dim * factor), cfg.max_position_embeddings, rope)

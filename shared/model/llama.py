@@ -95,9 +95,11 @@ class PreNormDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, attention_options: AttentionOptions, make_mlp: MakeMLP = dense_mlp) -> None:
+    def __init__(self, cfg: Any, attention_options: AttentionOptions, make_mlp: MakeMLP = dense_mlp,
+                 partial_rotary: bool = False) -> None:
+        """`partial_rotary`: RoPE over the first `partial_rotary_factor` of each head (Phi-3)."""
         super().__init__()
-        self.rotary_emb: RotaryEmbedding = rotary_embedding_for(cfg)
+        self.rotary_emb: RotaryEmbedding = rotary_embedding_for(cfg, partial=partial_rotary)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             PreNormDecoderLayer(cfg, SelfAttention(cfg, i, self.rotary_emb, **options), make_mlp(cfg, i))
@@ -115,8 +117,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, hf_config: Any, attention_options: AttentionOptions = llama_attention) -> None:
-        super().__init__(hf_config, LlamaModel(hf_config, attention_options))
+    def __init__(self, hf_config: Any, attention_options: AttentionOptions = llama_attention,
+                 partial_rotary: bool = False) -> None:
+        super().__init__(hf_config, LlamaModel(hf_config, attention_options, partial_rotary=partial_rotary))
 
 
 ARCHITECTURES: dict[str, Callable[[Any], nn.Module]] = {

@@ -15,4 +15,4 @@ def phi3_attention(cfg: Any) -> list[dict[str, Any]]:
     return [dict(sliding_window=getattr(cfg, "sliding_window", None))] * cfg.num_hidden_layers
 
 
-ARCHITECTURES = {"Phi3ForCausalLM": lambda cfg: LlamaForCausalLM(cfg, phi3_attention)}
+ARCHITECTURES = {"Phi3ForCausalLM": lambda cfg: LlamaForCausalLM(cfg, phi3_attention, partial_rotary=True)}

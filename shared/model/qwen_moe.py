@@ -2,6 +2,9 @@
 
     embed -> N x [RMSNorm -> attention -> + -> RMSNorm -> MoE (or dense) MLP -> +] -> RMSNorm -> head
 
+Attention: Qwen2-MoE's q/k/v biases follow `qkv_bias` (Qwen2's are always on) and its windows
+`layer_types`; Qwen3-MoE has no `layer_types`: its `sliding_window` (None unless
+`use_sliding_window`) applies to every layer, as in Mistral.
 Layer i is sparse unless it is in `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0`.
 Routing: softmax over `num_experts`, the top `num_experts_per_tok`, renormalised when
 `norm_topk_prob`. Qwen2-MoE adds a shared expert of `shared_expert_intermediate_size`, gated by
@@ -22,6 +25,16 @@ from splitserve.shared.model.moe import SparseMoE, expert_name
 _EXPERT_PROJECTIONS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
+def qwen2_moe_attention(cfg: Any) -> list[dict[str, Any]]:
+    bias = bool(getattr(cfg, "qkv_bias", True))
+    return [dict(options, qkv_bias=bias) for options in qwen2_attention(cfg)]
+
+
+def qwen3_moe_attention(cfg: Any) -> list[dict[str, Any]]:
+    window = getattr(cfg, "sliding_window", None) or None
+    return [dict(options, sliding_window=window) for options in qwen3_attention(cfg)]
+
+
 def qwen_moe_mlp(cfg: Any, layer_idx: int) -> nn.Module:
     sparse = layer_idx not in (getattr(cfg, "mlp_only_layers", None) or []) and cfg.num_experts > 0 and (
         (layer_idx + 1) % getattr(cfg, "decoder_sparse_step", 1) == 0
@@ -40,10 +53,12 @@ class QwenMoeForCausalLM(CausalLM):
         super().__init__(hf_config, LlamaModel(hf_config, attention_options, qwen_moe_mlp))
 
     def checkpoint_name(self, hf_name: str) -> tuple[str, Hashable | None] | None:
+        if ".mlp.shared_expert" in hf_name and not getattr(self.config, "shared_expert_intermediate_size", 0):
+            return None  # transformers still saves a shared expert of 0 channels: its output is zero
         return expert_name(hf_name, _EXPERT_PROJECTIONS) or super().checkpoint_name(hf_name)
 
 
 ARCHITECTURES = {
-    "Qwen2MoeForCausalLM": lambda cfg: QwenMoeForCausalLM(cfg, qwen2_attention),
-    "Qwen3MoeForCausalLM": lambda cfg: QwenMoeForCausalLM(cfg, qwen3_attention),
+    "Qwen2MoeForCausalLM": lambda cfg: QwenMoeForCausalLM(cfg, qwen2_moe_attention),
+    "Qwen3MoeForCausalLM": lambda cfg: QwenMoeForCausalLM(cfg, qwen3_moe_attention),
 }
