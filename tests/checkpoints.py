@@ -27,8 +27,10 @@ NEW_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "gemma2", "gemma3", "phi3",
 ARCHITECTURES = LLAMA_FAMILY + NEW_FAMILIES
 
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-# Phi-3's LongRoPE: original length 48 < the 72 positions a parity test reaches, so both the short
-# and the long factors are used (per position; see layers._longrope_cos_sin_cache).
+# Phi-3's LongRoPE. Phi3Config's own original_max_position_embeddings (4096 by default) is what
+# both sides read, not the 48 here, so the parity tests exercise the short factors only: past that
+# length transformers' generate recomputes the whole cache with the long factors, which a paged
+# cache that keeps earlier keys cannot match (README, "LongRoPE picks ... per position").
 _LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=48,
                  short_factor=[1.0 + 0.1 * i for i in range(4)], long_factor=[1.0 + 0.5 * i for i in range(4)])
 
