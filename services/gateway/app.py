@@ -353,6 +353,9 @@ class _RequestGuard:
             return await _send_error(send, body_timeout(BODY_TIMEOUT_S))
         if body is None:
             return await _send_error(send, body_too_large(self.max_body_bytes))
+        if not _is_utf8(body):
+            return await _send_error(send, APIError(400, "The request body is not valid UTF-8 (JSON text must be).",
+                                                    "invalid_request_error", None, "invalid_encoding"))
         if body and not _declares_json(headers.get(b"content-type")):
             scope = {**scope, "headers": _json_content_type(scope["headers"])}
         replayed = False
@@ -379,6 +382,14 @@ class _RequestGuard:
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _declares_json(content_type: bytes | None) -> bool:

@@ -132,3 +132,12 @@ def test_integral_floats_and_integer_floats_still_pass(scripted_stack):
     gateway, _, _ = scripted_stack
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2.0, "temperature": 1, "logit_bias": {"5": 1}}
     assert _post(gateway, "/v1/completions", body).status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_named_so(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = b'{"model": "' + MODEL.encode() + b'", "prompt": "\xff\xfe", "max_tokens": 1}'
+    reply = httpx.post(f"{gateway.url}/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                       timeout=30)
+    error = _error(reply, 400)
+    assert "not valid UTF-8" in error["message"] and error["code"] == "invalid_encoding"
