@@ -89,7 +89,9 @@ class PreparedRequest:
     echo_texts: list[str] | None = None
     """Completions with echo: each prompt's text, returned before its completion."""
     echo_only: bool = False
-    """echo with max_tokens 0: one token is generated (and counted, as vLLM does) but not returned."""
+    """echo with max_tokens 0: one token is generated but neither returned nor counted (vLLM counts it)."""
+    continuous_usage: bool = False
+    """stream_options.continuous_usage_stats: each chunk carries its choice's usage so far (vLLM's)."""
     best_of_n: int | None = None
     """best_of > n: `params.n` candidates run per prompt and the best `best_of_n` are returned."""
     worker_request_id: str = ""
@@ -295,9 +297,10 @@ def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[l
         raise bad_request("stream_options can only be given with stream=true", "stream_options")
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    continuous_usage = bool(body.stream and body.stream_options and body.stream_options.continuous_usage_stats)
     return PreparedRequest(kind, request_id, body.model, prompts, params, body.stream, include_usage, body.priority,
                            worker_request_id=request_id, session=_session(body),
-                           return_token_ids=body.return_token_ids)
+                           return_token_ids=body.return_token_ids, continuous_usage=continuous_usage)
 
 
 def _session(body: GenerationFields) -> SessionHint | None:

@@ -100,6 +100,8 @@ SamplingFields = create_model(
 
 class StreamOptions(OpenAIModel):
     include_usage: Flag = False
+    continuous_usage_stats: Flag = False
+    """vLLM's: every chunk carries its choice's usage so far."""
 
 
 class JsonSchemaFormat(OpenAIModel):

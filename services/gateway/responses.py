@@ -41,6 +41,7 @@ class ResponseBuilder:
         self.num_cached_tokens = 0
         self._text_offsets = [0] * num
         self._role_sent = [False] * num
+        self._choice_tokens = [0] * num
         parses = prep.kind == "chat" and prep.output.parses
         self._outputs = [ChatOutputStream(prep.output) for _ in range(num)] if parses and prep.stream else None
 
@@ -53,6 +54,7 @@ class ResponseBuilder:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs[delta.index] = delta.prompt_logprobs
         self.num_completion_tokens += delta.num_tokens
+        self._choice_tokens[delta.index] += delta.num_tokens
         self.num_cached_tokens += delta.num_cached_tokens
         if delta.finish_reason is not None:
             self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
@@ -124,7 +126,15 @@ class ResponseBuilder:
         choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
         if self.prep.return_token_ids:  # each chunk's new ids (vLLM puts the prompt's on the first one only)
             choice["token_ids"] = delta.token_ids
-        return {**self._envelope(stream=True), "choices": [choice]}
+        return {**self._envelope(stream=True), "choices": [choice], **self._usage_so_far(delta.index)}
+
+    def _usage_so_far(self, index: int, completion_tokens: int | None = None) -> dict[str, Any]:
+        """vLLM's continuous usage stats: the choice's prompt and its tokens so far (none asked: {})."""
+        if not self.prep.continuous_usage:
+            return {}
+        prompt = len(self.prep.prompts[index // self.prep.params.n])
+        done = self._choice_tokens[index] if completion_tokens is None else completion_tokens
+        return {"usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
 
     def _chat_delta(self, delta: ChoiceDelta) -> dict[str, Any] | None:
         if self._outputs is None:
@@ -141,7 +151,7 @@ class ResponseBuilder:
             self._role_sent[delta.index] = True
             role = {"index": delta.index, "delta": {"role": self.prep.response_role, "content": ""},
                     "logprobs": None, "finish_reason": None}
-            events.append(sse_event({**self._envelope(stream=True), "choices": [role]}))
+            events.append(sse_event({**self._envelope(stream=True), "choices": [role], **self._usage_so_far(delta.index, 0)}))
         chunk = self.chunk(delta)
         return events + ([sse_event(chunk)] if chunk is not None else [])
 

@@ -141,3 +141,22 @@ def test_a_body_that_is_not_utf8_is_named_so(scripted_stack):
                        timeout=30)
     error = _error(reply, 400)
     assert "not valid UTF-8" in error["message"] and error["code"] == "invalid_encoding"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}),
+])
+def test_continuous_usage_stats_puts_each_choice_usage_so_far_on_every_chunk(scripted_stack, path, body):
+    gateway, _, _ = scripted_stack
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = _events(_post(gateway, path, {"model": MODEL, **body, "stream": True, "stream_options": options}))
+    *choices, final = chunks
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
+    done = [c["usage"]["completion_tokens"] for c in choices]
+    assert done == sorted(done) and done[-1] == 5
+    assert all(c["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for c in choices)
+    assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+               for c in choices)
+    plain = _events(_post(gateway, path, {"model": MODEL, **body, "stream": True}))
+    assert all("usage" not in c for c in plain)
