@@ -9,6 +9,7 @@ turn out to be the start of a stop string.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -73,14 +74,25 @@ def apply_chat_template(
 
 def render_chat_prompt(
     tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-    tools: Sequence[dict[str, Any]] | None = None,
+    tools: Sequence[dict[str, Any]] | None = None, continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The chat template's text for `messages` (and `tools`, OpenAI's tool objects)."""
+    """The chat template's text for `messages` (and `tools`, OpenAI's tool objects); `template_kwargs`
+    are extra template variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking), none
+    of them a parameter of apply_chat_template (`reserved_template_kwargs`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template; send a plain completion prompt instead")
     return tokenizer.apply_chat_template(
         list(messages), tools=list(tools) if tools else None, tokenize=False,
-        add_generation_prompt=add_generation_prompt)
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+        **(template_kwargs or {}))
+
+
+def reserved_template_kwargs(tokenizer: Any) -> frozenset[str]:
+    """Names a template variable may not take: apply_chat_template's own parameters (the request
+    sets messages, tools and the generation prompt through its own fields)."""
+    parameters = inspect.signature(tokenizer.apply_chat_template).parameters
+    return frozenset(name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD) | {"messages"}
 
 
 def backend_decoder(tokenizer: Any):

@@ -34,7 +34,7 @@ from splitserve.services.gateway.request_models import (
     RETENTION_S, ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
 from splitserve.shared.request import SessionHint
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
-from splitserve.shared.tokenizer import render_chat_prompt
+from splitserve.shared.tokenizer import render_chat_prompt, reserved_template_kwargs
 
 # A token's text is at most its vocabulary entry's length (byte-level BPE: one character per byte;
 # SentencePiece: one per character); the margin covers normalizers that merge characters.
@@ -172,8 +172,10 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     # `name` goes to the template as vLLM passes it (templates that have no use for it skip it).
     messages = template_messages(body.messages)
     _check_text_length(sum(len(m["content"]) for m in messages), ctx, "messages")
+    _check_template_options(body, ctx.tokenizer)
     try:
-        prompt_text = render_chat_prompt(ctx.tokenizer, messages, body.add_generation_prompt, use.tools)
+        prompt_text = render_chat_prompt(ctx.tokenizer, messages, body.add_generation_prompt, use.tools,
+                                         body.continue_final_message, body.chat_template_kwargs)
     except Exception as exc:  # jinja errors of a template that rejects these messages
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
     prompt = _chat_prompt_ids(prompt_text, body.prompt_cache_key, ctx)
@@ -187,6 +189,18 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     prep.output = output
     prep.response_role = "assistant" if body.add_generation_prompt else body.messages[-1].role
     return prep
+
+
+def _check_template_options(body: ChatCompletionRequest, tokenizer: Any) -> None:
+    """vLLM's rules: continue_final_message leaves the last message open, so no generation prompt
+    may follow it; a template variable may not shadow a parameter of the render itself."""
+    if body.continue_final_message and body.add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true "
+                          "(send add_generation_prompt: false)", "continue_final_message")
+    reserved = sorted(set(body.chat_template_kwargs or ()) & reserved_template_kwargs(tokenizer))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request itself, not a template "
+                          "variable", "chat_template_kwargs")
 
 
 def _chat_prompt_ids(prompt_text: str, key: str | None, ctx: PrepareContext) -> list[int]:

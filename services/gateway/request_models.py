@@ -250,6 +250,11 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: Flag = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: Flag = True
+    continue_final_message: Flag = Field(False, description=(
+        "vLLM's: render the last message open-ended (no end-of-turn), so the output continues it; "
+        "needs add_generation_prompt false."))
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "vLLM's: extra variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3."))
     tools: list[ChatTool] | None = Field(None, description="Function tools, rendered by the chat template.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description='Default: "auto" with tools, else "none". "auto" needs --enable-auto-tool-choice.')
