@@ -8,7 +8,9 @@ JSON text the model wrote, growing as the model writes it. `ToolCallStream` diff
 into OpenAI's deltas (content, then per call: index, id and name first, then argument fragments),
 so streamed and whole responses carry the same calls by construction. A call that turns out
 malformed (bad JSON, unfinished at the end) is given back as plain text; if that is only found
-after its name was streamed, the stream has already sent a call (no model can be un-sent).
+after its name was streamed, the stream has already sent a call (no model can be un-sent). A
+parser may instead end (`final`) with an unfinished call it means: the forced parsers' call cut
+off by the token limit (forced.py), whose arguments are the text written so far.
 
 Whitespace-only text between or around calls is dropped when the output has calls.
 """
@@ -126,7 +128,7 @@ class ToolCallStream:
         self._content_sent = max(self._content_sent, len(content))
         calls = [c for c in items if isinstance(c, CallSnapshot)][:self.max_calls]
         for index, call in enumerate(calls):
-            if call.name is None or (final and not call.complete):
+            if call.name is None:
                 break
             if index == len(self._arguments_sent):
                 self.call_ids.append(self.parser.new_call_id())

@@ -3,6 +3,12 @@ function), whatever the model family:
 
     required:  [{"name": "f", "parameters": {...}}, ...]      (forced_call_schema in chat_tools.py)
     named:     {...}                                          (the arguments object only)
+
+The grammar lets the model write nothing else, so output that ends inside the JSON was cut off
+(max_tokens, a stop string), not malformed: it is read as the calls it got to, the last one with
+the arguments text written so far (unfinished JSON, as OpenAI returns a call cut by the token
+limit), and a call whose name was not finished yet is dropped. The wrapper (`[{"name": ...`) is
+never content. Output that is not the forced shape at all (a worker without the grammar) is.
 """
 
 from __future__ import annotations
@@ -19,22 +25,24 @@ class RequiredCallsParser(ToolParser):
         items = Items()
         pos = skip_whitespace(text, 0)
         if pos >= len(text):
-            return items if not final else Items([text] if text else [])
+            return items
         if text[pos] != "[":
             items.text(text)
             return items
         try:
-            self._calls(text, pos + 1, final, items)
+            self._calls(text, pos + 1, items)
         except Malformed:
             return Items([text])
+        if final and items and items[-1].name is None:
+            items.pop()  # cut off inside its name: nothing to call
         return items
 
-    def _calls(self, text: str, pos: int, final: bool, items: Items) -> None:
+    def _calls(self, text: str, pos: int, items: Items) -> None:
         while True:
             pos = skip_whitespace(text, pos)
             if pos >= len(text) or text[pos] == "]":
                 return
-            call, end = scan_call_object(text, pos, final)
+            call, end = scan_call_object(text, pos, final=False)  # unfinished at the end: cut off
             items.call(call)
             if end is None:
                 return
@@ -56,9 +64,7 @@ class NamedCallParser(ToolParser):
             if start < len(text) and text[start] != "{":
                 raise Malformed("the arguments must be a JSON object")
             end = scan_value(text, start).end
-            if end is None:
-                if final:
-                    raise Malformed("unfinished arguments")
+            if end is None:  # still being written, or cut off
                 return Items([CallSnapshot(self.function_name, text[start:], False)])
             call = CallSnapshot(self.function_name, checked_arguments(text[start:end]), True)
         except Malformed:
