@@ -5,7 +5,8 @@ becomes output items, in order: `reasoning`, `message` (output_text), `function_
 each item is opened (`response.output_item.added`), grows by deltas (`response.reasoning_text.delta`,
 `response.output_text.delta`, `response.function_call_arguments.delta`) and is closed (`*.done`,
 `response.output_item.done`) when the next kind begins or the output ends; `response.created`
-comes first and `response.completed` (or `response.incomplete` at max_output_tokens) last.
+comes first and `response.completed` (or `response.incomplete` at max_output_tokens, the item
+the limit cut marked `incomplete`) last.
 A finished response with `store` true leaves its `record` (the response, its input items and
 the conversation so far) for the caller to keep in the ResponseStore, before the client gets it.
 """
@@ -77,6 +78,8 @@ class ResponsesBuilder:
         if output.content:
             items.append(message_item(_item_id("msg"), output.content, "completed"))
         items += [call_item(_item_id("fc"), c.id, c.name, c.arguments, "completed") for c in output.tool_calls]
+        if items and self.finish_reason == "length":
+            items[-1]["status"] = "incomplete"  # the item the token limit cut
         return self._finished(items)
 
     def _finished(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,7 +127,7 @@ class ResponsesBuilder:
         parsed = self._stream.feed(delta.text, final=delta.finish_reason is not None)
         events += self._item_events(parsed)
         if delta.finish_reason is not None:
-            events += self._close()
+            events += self._close("incomplete" if delta.finish_reason == "length" else "completed")
         return events
 
     def sse_closing(self) -> list[bytes]:
@@ -133,12 +136,18 @@ class ResponsesBuilder:
         return [self._event(kind, response=response)]
 
     def _item_events(self, parsed: ChatDelta) -> list[bytes]:
+        """One delta's events: reasoning, the rest of the call being streamed, text, new calls.
+        Text in a delta that continues a call was written after that call (text before a call
+        goes out before the call opens), so the call's fragments go first, while it is open."""
         events = []
         if parsed.reasoning:
             events += self._open_item("reasoning") + self._grow("reasoning", parsed.reasoning)
+        calls = list(parsed.tool_calls)
+        while calls and calls[0].id is None:
+            events += self._grow("function_call", calls.pop(0).arguments)
         if parsed.content:
             events += self._open_item("message") + self._grow("message", parsed.content)
-        for call in parsed.tool_calls:
+        for call in calls:
             if call.id is not None:
                 events += self._close() + self._open_call(call.id, call.name)
             else:
@@ -167,6 +176,7 @@ class ResponsesBuilder:
 
     def _grow(self, kind: str, text: str) -> list[bytes]:
         item, where = self._open, {"item_id": self._open["id"], "output_index": len(self._items)}
+        assert item["type"] == kind, f"a {kind} delta while a {item['type']} item is open"
         if kind == "function_call":
             item["arguments"] += text
             return [self._event("response.function_call_arguments.delta", **where, delta=text)]
@@ -175,12 +185,12 @@ class ResponsesBuilder:
         extra = {} if kind == "reasoning" else {"logprobs": []}
         return [self._event(event, **where, content_index=0, delta=text, **extra)]
 
-    def _close(self) -> list[bytes]:
+    def _close(self, status: str = "completed") -> list[bytes]:
         item = self._open
         if item is None:
             return []
         self._open = None
-        item["status"] = "completed"
+        item["status"] = status
         where = {"item_id": item["id"], "output_index": len(self._items)}
         events = []
         if item["type"] == "function_call":

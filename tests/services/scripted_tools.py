@@ -20,15 +20,21 @@ TOOLS = [{"type": "function", "function": {
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 ANSWER = "It is sunny in Paris."
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
+    "type": "object", "properties": {"time": {"type": "string"}, "label": {"type": "string"}}}}}
+ALARM_CALL = '[{"name": "set_alarm", "parameters": {"time": "07:30", "label": "wake up"}}]'
+"""What a forced call (tool_choice "required") to ALARM looks like: the grammar's shape."""
 
 
 def _reply(tokenizer):
     """The scripted model: a call (after a reasoning block and a sentence) until the prompt holds a
-    tool result, then the answer."""
+    tool result, then the answer; with ALARM offered, ALARM_CALL."""
     def reply(prompt: list[int]) -> list[int]:
         prompt_text = tokenizer.decode(prompt)
         if "<tool_response>" in prompt_text:
             return tokenizer.encode(ANSWER, add_special_tokens=False)
+        if "set_alarm" in prompt_text:
+            return tokenizer.encode(ALARM_CALL, add_special_tokens=False)
         if "get_time" in prompt_text:  # two tools offered: call both
             two = CALL + "\n" + CALL.replace("get_weather", "get_time").replace('"city": "Paris"', '"tz": "CET"')
             return tokenizer.encode(two, add_special_tokens=False)

@@ -1,6 +1,7 @@
 """The Responses API (`POST /v1/responses`) through the real gateway and the `openai` client, in
 front of the scripted tool-calling worker (scripted_tools.py); and the OpenAI Agents SDK's default
-model class, which speaks this API, running a two-turn tool loop."""
+model class, which speaks this API, running a two-turn tool loop. Streams of chosen deltas (a
+forced call cut off by max_output_tokens) drive the builder itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import httpx
 import pytest
 
 from scripted_tools import ANSWER, MODEL, client as make_client, run_weather_agent
+from splitserve.services.gateway.chat_output import OutputSpec
+from splitserve.services.gateway.completion import ChoiceDelta
+from splitserve.services.gateway.prepare import PreparedRequest
+from splitserve.services.gateway.responses_output import ResponsesBuilder
+from splitserve.services.gateway.responses_protocol import ResponsesRequest
+from splitserve.services.gateway.tool_parsers import TOOL_PARSERS
+from splitserve.services.gateway.tool_parsers.forced import RequiredCallsParser
+from splitserve.shared.sampling_params import SamplingParams
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -99,3 +108,76 @@ def test_agents_sdk_loop_over_the_responses_api(scripted_stack, streamed):
     from agents import OpenAIResponsesModel
 
     run_weather_agent(scripted_stack, OpenAIResponsesModel, streamed)
+
+
+def _builder(parser, stream: bool) -> ResponsesBuilder:
+    body = ResponsesRequest(model=MODEL, input=ASK, tools=TOOLS, stream=stream, store=False)
+    prep = PreparedRequest("chat", "chatcmpl-test", MODEL, [[1, 2]], SamplingParams(), stream, False,
+                           output=OutputSpec(parser))
+    return ResponsesBuilder(prep, body, [], [], None, tokenizer=None)
+
+
+def _events(chunks: list[bytes]) -> list[dict]:
+    """The typed events of SSE chunks, each checked to name its type on its `event:` line."""
+    events = []
+    for chunk in chunks:
+        kind, data = chunk.decode().removesuffix("\n\n").split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {event['type']}", chunk
+        events.append(event)
+    return events
+
+
+def _streamed(parser, deltas: list[ChoiceDelta]) -> list[dict]:
+    builder, chunks = _builder(parser, stream=True), []
+    for delta in deltas:
+        builder.add(delta)
+        chunks += builder.sse_chunks(delta)
+    return _events(chunks + builder.sse_closing())
+
+
+def _without_ids(items: list[dict]) -> list[dict]:
+    return [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in items]
+
+
+@pytest.mark.parametrize("text,arguments", [
+    ('[{"name": "get_weather", "parameters": {"city": "Par', '{"city": "Par'),
+    ('[{"name": "get_weather", ', ""),
+    ('[{"na', None)])  # cut before the name: no call, no content
+def test_forced_call_cut_off_by_max_output_tokens_is_the_same_call_streamed_and_whole(text, arguments):
+    """A function_call item with the arguments written so far, marked incomplete, in a response
+    that is incomplete (max_output_tokens), closed by response.incomplete after the item's done
+    events; never the grammar's wrapper as output_text."""
+    deltas = [ChoiceDelta(0, ch, 1, finish_reason="length" if k == len(text) - 1 else None)
+              for k, ch in enumerate(text)]  # one delta per character
+    whole = _builder(RequiredCallsParser, stream=False)
+    for delta in deltas:
+        whole.add(delta)
+    body = whole.final_body()
+    events = _streamed(RequiredCallsParser, deltas)
+    final = events[-1]["response"]
+    expected = ([{"type": "function_call", "name": "get_weather", "arguments": arguments, "status": "incomplete"}]
+                if arguments is not None else [])
+    assert _without_ids(body["output"]) == _without_ids(final["output"]) == expected
+    for response in (body, final):
+        assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
+    kinds = [e["type"] for e in events]
+    closing = ["response.function_call_arguments.done", "response.output_item.done"] if expected else []
+    assert kinds[-len(closing) - 1:] == [*closing, "response.incomplete"] and "error" not in kinds
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    assert streamed == (arguments or "")
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_a_calls_last_fragment_and_the_text_after_it_in_one_delta():
+    """The rest of a streamed call and text after it arrive together (hermes): the fragment goes
+    to the call, then the text opens a message."""
+    deltas = [ChoiceDelta(0, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', 1),
+              ChoiceDelta(0, 'ris"}}\n</tool_call> Done.', 1, finish_reason="stop")]
+    events = _streamed(TOOL_PARSERS["hermes"], deltas)
+    output = events[-1]["response"]["output"]
+    assert events[-1]["type"] == "response.completed"
+    assert [(i["type"], i.get("arguments"), i["status"]) for i in output] == [
+        ("function_call", '{"city": "Paris"}', "completed"), ("message", None, "completed")]
+    assert output[1]["content"][0]["text"] == " Done."
+

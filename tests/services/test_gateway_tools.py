@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from checkpoints import demo_tokenizer
-from scripted_tools import ANSWER, ASK, MODEL, TOOLS, client as _client, run_weather_agent, tool_stack
+from scripted_tools import (ALARM, ALARM_CALL, ANSWER, ASK, MODEL, TOOLS, client as _client, run_weather_agent,
+                           tool_stack)
 from splitserve.services.gateway.app import build_app
 from splitserve.services.gateway.config import AgentApiConfig, GatewayConfig
 
@@ -192,3 +193,31 @@ def test_forced_calls_need_structured_outputs(offline_client, choice):
         assert "structured outputs" in resp.json()["error"]["message"]
     else:
         assert resp.status_code == 503  # accepted; no worker behind the offline app
+
+
+def test_forced_call_cut_off_by_max_tokens_over_both_apis(scripted_stack):
+    """The same call, with the same unfinished arguments, whole and streamed, from chat completions
+    (finish_reason length) and the Responses API (an incomplete function_call in an incomplete
+    response); the grammar's `[{"name": ...` wrapper never shows as content."""
+    gateway, _, tokenizer = scripted_stack
+    client = _client(gateway)
+    max_tokens = len(tokenizer.encode(ALARM_CALL[:ALARM_CALL.index("07")], add_special_tokens=False)) + 1
+    chat = dict(model=MODEL, messages=ASK, tools=[ALARM], tool_choice="required", max_tokens=max_tokens)
+    whole = client.chat.completions.create(**chat).choices[0]
+    (call,) = whole.message.tool_calls
+    assert whole.finish_reason == "length" and not whole.message.content and call.function.name == "set_alarm"
+    arguments = call.function.arguments
+    assert arguments.startswith('{"time": "') and '{"time": "07:30", "label": "wake up"}'.startswith(arguments)
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert "".join(d.function.arguments or "" for c in chunks for d in c.choices[0].delta.tool_calls or []) == arguments
+    assert chunks[-1].choices[0].finish_reason == "length"
+    responses = dict(model=MODEL, input=ASK[0]["content"], tools=[{"type": "function", **ALARM["function"]}],
+                     tool_choice="required", max_output_tokens=max_tokens)
+    events = list(client.responses.create(**responses, stream=True))
+    assert events[-1].type == "response.incomplete"
+    for response in (client.responses.create(**responses), events[-1].response):
+        (item,) = response.output
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+        assert (item.type, item.name, item.arguments, item.status) == ("function_call", "set_alarm", arguments,
+                                                                       "incomplete")
