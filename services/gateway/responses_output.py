@@ -6,7 +6,7 @@ each item is opened (`response.output_item.added`), grows by deltas (`response.r
 `response.output_text.delta`, `response.function_call_arguments.delta`) and is closed (`*.done`,
 `response.output_item.done`) when the next kind begins or the output ends; `response.created`
 comes first and `response.completed` (or `response.incomplete` at max_output_tokens, the item
-the limit cut marked `incomplete`) last.
+the limit cut marked `incomplete`) last; a failure after the start is an `error` event instead.
 A finished response with `store` true leaves its `record` (the response, its input items and
 the conversation so far) for the caller to keep in the ResponseStore, before the client gets it.
 """
@@ -134,6 +134,12 @@ class ResponsesBuilder:
         response = self._finished(self._items)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return [self._event(kind, response=response)]
+
+    def sse_error(self, error: dict[str, Any]) -> bytes:
+        """The Responses stream's `error` event for a failure after the stream began (`error`:
+        the OpenAI error object, {"message", "type", "param", "code"})."""
+        return self._event("error", code=error.get("code") or error.get("type"), message=error.get("message"),
+                           param=error.get("param"))
 
     def _item_events(self, parsed: ChatDelta) -> list[bytes]:
         """One delta's events: reasoning, the rest of the call being streamed, text, new calls.

@@ -19,6 +19,7 @@ chain is then one session: routed back to the instance holding the last turn, an
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
@@ -133,13 +134,20 @@ def _no_include(include: list[str]) -> None:
         raise bad_request("include is not supported by this server: nothing extra is kept", "include")
 
 
+_ERROR_EVENT = b'data: {"error":'
+"""How the generation path reports a failure inside a stream (app._sse_events: chat's format)."""
+
+
 async def _kept_before_next(events: AsyncIterator[bytes], builder: ResponsesBuilder,
                             store: ResponseStore) -> AsyncIterator[bytes]:
     """The stream's events; once the builder has its record (the closing event is next), it is
-    stored before that event goes out."""
+    stored before that event goes out. A failure reported in chat's format becomes the Responses
+    stream's typed `error` event."""
     async with contextlib.aclosing(events):  # closed with us (a client that hangs up)
         async for event in events:
             if builder.record is not None:
                 record, builder.record = builder.record, None
                 await store.put(record)
+            if event.startswith(_ERROR_EVENT):
+                event = builder.sse_error(json.loads(event[len(b"data: "):])["error"])
             yield event

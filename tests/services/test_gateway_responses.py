@@ -1,7 +1,7 @@
 """The Responses API (`POST /v1/responses`) through the real gateway and the `openai` client, in
 front of the scripted tool-calling worker (scripted_tools.py); and the OpenAI Agents SDK's default
 model class, which speaks this API, running a two-turn tool loop. Streams of chosen deltas (a
-forced call cut off by max_output_tokens) drive the builder itself."""
+forced call cut off by max_output_tokens, a failure mid-stream) drive the builder itself."""
 
 from __future__ import annotations
 
@@ -181,3 +181,27 @@ def test_a_calls_last_fragment_and_the_text_after_it_in_one_delta():
         ("function_call", '{"city": "Paris"}', "completed"), ("message", None, "completed")]
     assert output[1]["content"][0]["text"] == " Done."
 
+
+def test_a_failure_inside_a_stream_is_a_typed_error_event():
+    """After the stream began, a failure (here the worker's stream) ends it with the Responses
+    API's `error` event (OpenAI's shape, an `event:` line, the next sequence number)."""
+    import asyncio
+
+    from splitserve.services.gateway.app import _sse_events
+    from splitserve.services.gateway.responses_routes import _kept_before_next
+
+    async def worker_stream():
+        yield ChoiceDelta(0, "Hel", 1)
+        raise RuntimeError("the worker went away")
+
+    async def run():
+        builder = _builder(None, stream=True)
+        events = _sse_events(None, builder.prep, builder, [worker_stream()])
+        return [chunk async for chunk in _kept_before_next(events, builder, store=None)]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    events = _events(chunks[:-1])
+    assert [e["type"] for e in events][-2:] == ["response.output_text.delta", "error"]
+    assert events[-1] == {"type": "error", "sequence_number": len(events) - 1, "code": "internal_error",
+                          "message": "internal error: RuntimeError", "param": None}
