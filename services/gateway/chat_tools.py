@@ -7,6 +7,9 @@
     required      RequiredCallsParser                     constrained to forced_call_schema
     named         NamedCallParser (output = arguments)    constrained to the tool's parameters
 
+A forced call with the request's own response_format / structured_outputs is a 400 (two output
+constraints). A forced output cut off by max_tokens is read as the calls it got to (forced.py).
+
 Forcing a call relies on structured outputs (the grammar-constrained sampler): the JSON schema
 of the call goes to the workers as the request's `structured_outputs`, as vLLM does it.
 
@@ -64,6 +67,7 @@ def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> Too
                               "--tool-call-parser NAME", "tool_choice")
         parser = TOOL_PARSERS[config.tool_call_parser]
         return ToolUse("auto", tools, parser, max_calls, strict_calls_spec(tools, parser, max_calls))
+    _check_no_output_constraint(body, choice)
     if choice == "required":
         return ToolUse("required", tools, RequiredCallsParser, max_calls,
                        StructuredOutputsParams(json=forced_call_schema(tools, max_calls)))
@@ -72,6 +76,19 @@ def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> Too
     if tool is None:
         raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
     return ToolUse("named", tools, lambda: NamedCallParser(name), 1, StructuredOutputsParams(json=_parameters(tool)))
+
+
+def _check_no_output_constraint(body: ChatCompletionRequest, choice: Any) -> None:
+    """A forced call IS an output constraint (the calls' schema), so a request that constrains
+    its output itself as well is refused rather than one of the two silently dropped (vLLM lets
+    the tools' schema win, undocumented; OpenAI users expect conflicting constraints refused)."""
+    forced = '"required"' if choice == "required" else "a named function"
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(f"response_format {body.response_format.type!r} cannot be combined with tool_choice "
+                          f"{forced}: the forced call already fixes the output's shape", "response_format")
+    if body.structured_outputs is not None:
+        raise bad_request(f"structured_outputs cannot be combined with tool_choice {forced}: the forced call "
+                          "already fixes the output's shape", "structured_outputs")
 
 
 def _function_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:

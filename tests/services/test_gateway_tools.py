@@ -195,6 +195,18 @@ def test_forced_calls_need_structured_outputs(offline_client, choice):
         assert resp.status_code == 503  # accepted; no worker behind the offline app
 
 
+@pytest.mark.parametrize("constraint,param", [({"response_format": {"type": "json_object"}}, "response_format"),
+                                              ({"structured_outputs": {"regex": "a+"}}, "structured_outputs")])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_with_its_own_output_constraint_is_a_400(offline_client, choice, constraint, param):
+    """Two output constraints (the forced call's schema and the request's own) are refused by name,
+    not one of them silently dropped."""
+    resp = offline_client.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "tools": TOOLS,
+                                                             "tool_choice": choice, **constraint})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    assert "tool_choice" in resp.json()["error"]["message"]
+
+
 def test_forced_call_cut_off_by_max_tokens_over_both_apis(scripted_stack):
     """The same call, with the same unfinished arguments, whole and streamed, from chat completions
     (finish_reason length) and the Responses API (an incomplete function_call in an incomplete
