@@ -110,7 +110,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 def prepare_completion(body: CompletionRequest, ctx: PrepareContext) -> PreparedRequest:
     check_request(body, ctx)
-    prompts = _completion_prompts(body.prompt, ctx)
+    prompts = _completion_prompts(body.prompt, ctx, body.add_special_tokens)
+    truncated = truncate_prompts(prompts, body.truncate_prompt_tokens, ctx.max_model_len)
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with echo)", "max_tokens")
@@ -121,7 +122,7 @@ def prepare_completion(body: CompletionRequest, ctx: PrepareContext) -> Prepared
     params = _sampling_params(body, max(max_tokens, 1), body.logprobs, prompt_logprobs=prompt_logprobs)
     prep = _prepared("completion", "cmpl", body, prompts, params, ctx)
     if body.echo:
-        prep.echo_texts = _prompt_texts(body.prompt, prompts, ctx.tokenizer)
+        prep.echo_texts = _prompt_texts(body.prompt if not truncated else prompts, prompts, ctx.tokenizer)
         prep.echo_only = max_tokens == 0
     _apply_best_of(prep, body.best_of, body.stream, ctx.limits.max_n)
     return prep
@@ -178,14 +179,15 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
                                          body.continue_final_message, body.chat_template_kwargs)
     except Exception as exc:  # jinja errors of a template that rejects these messages
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-    prompt = _chat_prompt_ids(prompt_text, body.prompt_cache_key, ctx)
+    prompts = [_chat_prompt_ids(prompt_text, body.prompt_cache_key, ctx, body.add_special_tokens)]
+    truncate_prompts(prompts, body.truncate_prompt_tokens, ctx.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling_params(body, max_tokens, logprobs)
     output = _output_spec(use, ctx.agent_api, prompt_text)
     if getattr(output.tool_parser, "keeps_special_tokens", False):
         params.skip_special_tokens = False  # the call markers are special tokens
-    prep = _prepared("chat", "chatcmpl", body, [prompt], constrained(params, use), ctx)
+    prep = _prepared("chat", "chatcmpl", body, prompts, constrained(params, use), ctx)
     prep.output = output
     prep.response_role = "assistant" if body.add_generation_prompt else body.messages[-1].role
     return prep
@@ -203,9 +205,11 @@ def _check_template_options(body: ChatCompletionRequest, tokenizer: Any) -> None
                           "variable", "chat_template_kwargs")
 
 
-def _chat_prompt_ids(prompt_text: str, key: str | None, ctx: PrepareContext) -> list[int]:
-    if ctx.chat_prompts is None:
-        return list(ctx.tokenizer.encode(prompt_text, add_special_tokens=False))
+def _chat_prompt_ids(prompt_text: str, key: str | None, ctx: PrepareContext, add_special_tokens: bool = False
+                     ) -> list[int]:
+    """The template writes the special tokens it wants; `add_special_tokens` adds the tokenizer's too."""
+    if ctx.chat_prompts is None or add_special_tokens:
+        return list(ctx.tokenizer.encode(prompt_text, add_special_tokens=add_special_tokens))
     return ctx.chat_prompts.encode(key, prompt_text)
 
 
@@ -269,7 +273,24 @@ def _check_text_length(num_chars: int, ctx: PrepareContext, param: str) -> None:
 
 # ---- prompts and params ------------------------------------------------------------------------
 
-def _completion_prompts(prompt: str | list, ctx: PrepareContext) -> list[list[int]]:
+def truncate_prompts(prompts: list[list[int]], keep: int | None, max_model_len: int) -> bool:
+    """vLLM's truncate_prompt_tokens: each prompt keeps its last `keep` tokens (-1: the context
+    length) in place; whether any was cut."""
+    if keep is None:
+        return False
+    keep = max_model_len if keep == -1 else keep
+    if keep > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens: at most the context length {max_model_len}, got {keep}",
+                          "truncate_prompt_tokens")
+    if keep == 0:
+        raise bad_request("truncate_prompt_tokens: 0 would leave no prompt", "truncate_prompt_tokens")
+    cut = [i for i, prompt in enumerate(prompts) if len(prompt) > keep]
+    for i in cut:
+        prompts[i] = prompts[i][-keep:]
+    return bool(cut)
+
+
+def _completion_prompts(prompt: str | list, ctx: PrepareContext, add_special_tokens: bool = True) -> list[list[int]]:
     """str | list[str] | list[int] | list[list[int]] -> token ids of each prompt."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -283,7 +304,7 @@ def _completion_prompts(prompt: str | list, ctx: PrepareContext) -> list[list[in
             _check_text_length(len(p), ctx, "prompt")
     prompts = []
     for p in prompt:
-        ids = list(ctx.tokenizer.encode(p)) if isinstance(p, str) else list(p)
+        ids = list(ctx.tokenizer.encode(p, add_special_tokens=add_special_tokens)) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request("prompt must not be empty", "prompt")
         prompts.append(ids)

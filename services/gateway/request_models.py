@@ -151,6 +151,8 @@ class GenerationFields(SamplingFields):
     return_token_ids: Flag = Field(False, description=(
         "vLLM's: each choice also lists prompt_token_ids and its generated token_ids (streamed: each chunk's "
         "new token_ids), so an agent builds its next turn from the exact ids."))
+    truncate_prompt_tokens: Int | None = Field(None, ge=-1, le=INT32_MAX, description=(
+        "vLLM's: keep only the prompt's last k tokens (-1: the context length)."))
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: text, json_object or json_schema.")
     structured_outputs: StructuredOutputsField | None = Field(None, description="vLLM's: json, regex, choice, "
                                                               "grammar or json_object.")
@@ -174,6 +176,8 @@ class CompletionRequest(GenerationFields):
     suffix: str | None = Field(None, description="Not supported: only null or empty is accepted.")
     best_of: Int | None = Field(None, ge=1, le=INT32_MAX, description="Sample this many per prompt and return the "
                                 "n of highest cumulative logprob (not with stream).")
+    add_special_tokens: Flag = Field(True, description="vLLM's: the tokenizer's special tokens (BOS) around a text "
+                                                       "prompt.")
 
 
 class TextContentPart(OpenAIModel):
@@ -253,6 +257,8 @@ class ChatCompletionRequest(GenerationFields):
     continue_final_message: Flag = Field(False, description=(
         "vLLM's: render the last message open-ended (no end-of-turn), so the output continues it; "
         "needs add_generation_prompt false."))
+    add_special_tokens: Flag = Field(False, description=(
+        "vLLM's: the tokenizer's special tokens on top of what the chat template writes (default: none)."))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
         "vLLM's: extra variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3."))
     tools: list[ChatTool] | None = Field(None, description="Function tools, rendered by the chat template.")

@@ -1,6 +1,8 @@
-"""vLLM's chat-template options on /v1/chat/completions: `chat_template_kwargs` reach the template
-as variables (Qwen3's enable_thinking), `continue_final_message` leaves the last message open, and
-both refuse what vLLM refuses — through prepare_chat, the gateway's own path from body to prompt."""
+"""vLLM's prompt options: on chat, `chat_template_kwargs` reach the template as variables (Qwen3's
+enable_thinking) and `continue_final_message` leaves the last message open; on both endpoints
+`add_special_tokens` (vLLM's defaults: on for completions, off for chat) and
+`truncate_prompt_tokens`; each refusing what vLLM refuses — through prepare_chat and
+prepare_completion, the gateway's own path from body to prompt."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import pytest
 from checkpoints import demo_tokenizer
 from splitserve.services.gateway.config import RequestLimits
 from splitserve.services.gateway.openai_protocol import APIError
-from splitserve.services.gateway.prepare import PrepareContext, prepare_chat
-from splitserve.services.gateway.request_models import ChatCompletionRequest
+from splitserve.services.gateway.prepare import PrepareContext, prepare_chat, prepare_completion
+from splitserve.services.gateway.request_models import ChatCompletionRequest, CompletionRequest
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
             "{% if not (continue_final_message and loop.last) %}<|end|>{% endif %}{% endfor %}"
@@ -55,3 +57,45 @@ def test_continue_final_message_leaves_the_last_message_open_and_answers_in_its_
     with pytest.raises(APIError) as raised:
         prepare_chat(ChatCompletionRequest(model="m", **{**body, "add_generation_prompt": True}), ctx)
     assert raised.value.param == "continue_final_message"
+
+
+@pytest.fixture(scope="module")
+def bos_ctx():
+    """The demo tokenizer with a post-processor that puts BOS first, as Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(demo_tokenizer())
+    tokenizer.chat_template = TEMPLATE
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PrepareContext(tokenizer, 64, RequestLimits(), 8), bos
+
+
+def test_add_special_tokens_follows_vllm_defaults_on_each_endpoint(bos_ctx):
+    ctx, bos = bos_ctx
+    completion = prepare_completion(CompletionRequest(model="m", prompt="hello world"), ctx).prompts[0]
+    assert completion[0] == bos
+    bare = prepare_completion(CompletionRequest(model="m", prompt="hello world", add_special_tokens=False), ctx)
+    assert bare.prompts[0] == completion[1:]
+    chat = prepare_chat(ChatCompletionRequest(model="m", messages=ASK), ctx).prompts[0]
+    assert chat[0] != bos  # the template writes what it wants
+    assert prepare_chat(ChatCompletionRequest(model="m", messages=ASK, add_special_tokens=True), ctx).prompts[0] == \
+        [bos, *chat]
+
+
+def test_truncate_prompt_tokens_keeps_each_prompt_s_last_tokens(bos_ctx):
+    ctx, _ = bos_ctx
+    long, short = list(range(100, 140)), [7, 8, 9]
+    prep = prepare_completion(CompletionRequest(model="m", prompt=[long, short], truncate_prompt_tokens=10, max_tokens=4,
+                                                echo=True), ctx)
+    assert prep.prompts == [long[-10:], short]
+    assert prep.echo_texts[0] == ctx.tokenizer.decode(long[-10:], skip_special_tokens=False)
+    chat = prepare_chat(ChatCompletionRequest(model="m", messages=ASK, truncate_prompt_tokens=3), ctx).prompts[0]
+    assert chat == prepare_chat(ChatCompletionRequest(model="m", messages=ASK), ctx).prompts[0][-3:]
+    for keep, words in ((65, "at most the context length 64"), (0, "no prompt")):
+        with pytest.raises(APIError) as raised:
+            prepare_completion(CompletionRequest(model="m", prompt=short, truncate_prompt_tokens=keep), ctx)
+        assert raised.value.param == "truncate_prompt_tokens" and words in raised.value.message
+    full = prepare_completion(CompletionRequest(model="m", prompt=long + long, truncate_prompt_tokens=-1, max_tokens=None,
+                                                echo=False), PrepareContext(ctx.tokenizer, 128, RequestLimits(), 8))
+    assert full.prompts == [long + long]  # -1: the context length (128), longer than the prompt
