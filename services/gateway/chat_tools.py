@@ -7,8 +7,10 @@
     required      RequiredCallsParser                     constrained to forced_call_schema
     named         NamedCallParser (output = arguments)    constrained to the tool's parameters
 
-A forced call with the request's own response_format / structured_outputs is a 400 (two output
-constraints). A forced output cut off by max_tokens is read as the calls it got to (forced.py).
+A forced call decides the output's shape: the request's response_format, which OpenAI applies to a
+text reply, has none to apply to (accepted, as OpenAI and vLLM do, so an Agents SDK agent with an
+output type may force a tool); vLLM's structured_outputs beside it is a 400 (two grammars for the
+same tokens). A forced output cut off by max_tokens is read as the calls it got to (forced.py).
 
 Forcing a call relies on structured outputs (the grammar-constrained sampler): the JSON schema
 of the call goes to the workers as the request's `structured_outputs`, as vLLM does it.
@@ -79,13 +81,10 @@ def resolve_tool_use(body: ChatCompletionRequest, config: AgentApiConfig) -> Too
 
 
 def _check_no_output_constraint(body: ChatCompletionRequest, choice: Any) -> None:
-    """A forced call IS an output constraint (the calls' schema), so a request that constrains
-    its output itself as well is refused rather than one of the two silently dropped (vLLM lets
-    the tools' schema win, undocumented; OpenAI users expect conflicting constraints refused)."""
+    """A forced call IS an output constraint (the calls' schema): vLLM's explicit decoding
+    constraint beside it is refused rather than one of the two silently dropped. response_format
+    is not: it shapes a text reply, and a forced call has none (OpenAI accepts the pair)."""
     forced = '"required"' if choice == "required" else "a named function"
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(f"response_format {body.response_format.type!r} cannot be combined with tool_choice "
-                          f"{forced}: the forced call already fixes the output's shape", "response_format")
     if body.structured_outputs is not None:
         raise bad_request(f"structured_outputs cannot be combined with tool_choice {forced}: the forced call "
                           "already fixes the output's shape", "structured_outputs")
