@@ -393,13 +393,14 @@ def _is_utf8(body: bytes) -> bool:
 
 
 def _declares_json(content_type: bytes | None) -> bool:
-    media = (content_type or b"application/json").split(b";", 1)[0].strip().lower()
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def _json_content_type(headers: list) -> list:
-    """Every body here is JSON: one sent as text/plain or form-urlencoded (curl -d without -H) is
-    read as JSON too, instead of failing as 'not a valid dictionary' (a JSON error names the fault)."""
+    """Every body here is JSON: one sent without a type, or as text/plain or form-urlencoded (curl -d
+    without -H), is read as JSON too, instead of failing as 'not a valid dictionary' (a JSON error
+    names the fault)."""
     return [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
 
 

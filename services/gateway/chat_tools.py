@@ -84,7 +84,7 @@ def _check_no_output_constraint(body: ChatCompletionRequest, choice: Any) -> Non
     """A forced call IS an output constraint (the calls' schema): vLLM's explicit decoding
     constraint beside it is refused rather than one of the two silently dropped. response_format
     is not: it shapes a text reply, and a forced call has none (OpenAI accepts the pair)."""
-    forced = '"required"' if choice == "required" else "a named function"
+    forced = '"required"' if choice == "required" else "naming a function"
     if body.structured_outputs is not None:
         raise bad_request(f"structured_outputs cannot be combined with tool_choice {forced}: the forced call "
                           "already fixes the output's shape", "structured_outputs")
@@ -161,19 +161,21 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.tool_calls:
             if message.role != "assistant":
                 raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
-            entry["tool_calls"] = [_template_call(i, j, call) for j, call in enumerate(message.tool_calls)]
+            entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
         if message.name:
             entry["name"] = message.name
         out.append(entry)
     return out
 
 
-def _template_call(i: int, j: int, call) -> dict[str, Any]:
+def _template_call(call) -> dict[str, Any]:
+    """Arguments as an object, as HF templates expect; arguments that are not JSON (a call cut off
+    by max_tokens, sent back as this server returned it) stay the string OpenAI treats them as,
+    which templates render as is or as a JSON string."""
     try:
         arguments = json.loads(call.function.arguments or "{}")
     except ValueError:
-        raise bad_request(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
-                          f"messages.{i}.tool_calls.{j}.function.arguments") from None
+        arguments = call.function.arguments
     return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 

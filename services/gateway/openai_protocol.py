@@ -138,7 +138,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request")
-    first = errors[0]
+    # A part refused by its type is the answer even where a union (input: str | items) fails first.
+    first = next((e for e in errors if e.get("type") == "unsupported_content"), errors[0])
     if first.get("type") == "extra_forbidden":
         name = ".".join(str(p) for p in first.get("loc", ()) if p not in _LOCATIONS)
         return bad_request(f"{name} is not supported by this server (unknown field)", name)

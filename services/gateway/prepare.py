@@ -29,11 +29,12 @@ from splitserve.services.gateway.chat_tools import (
 from splitserve.services.gateway.config import AgentApiConfig, RequestLimits
 from splitserve.services.gateway.openai_protocol import bad_request
 from splitserve.services.gateway.reasoning_parsers import REASONING_PARSERS
-from splitserve.services.gateway.structured_outputs import structured_outputs_spec
+from splitserve.services.gateway.structured_outputs import spec_depth, spec_size_bytes, structured_outputs_spec
 from splitserve.services.gateway.request_models import (
     RETENTION_S, ChatCompletionRequest, CompletionRequest, GenerationFields, unsupported_field)
 from splitserve.shared.request import SessionHint
 from splitserve.shared.sampling_params import SamplingParams, sampling_fields
+from splitserve.shared.structured_outputs import StructuredOutputsParams
 from splitserve.shared.tokenizer import render_chat_prompt, reserved_template_kwargs
 
 # A token's text is at most its vocabulary entry's length (byte-level BPE: one character per byte;
@@ -119,7 +120,7 @@ def prepare_completion(body: CompletionRequest, ctx: PrepareContext) -> Prepared
         raise bad_request("prompt_logprobs are not available when streaming (use echo with logprobs)", "prompt_logprobs")
     # vLLM: echo with logprobs returns the prompt's logprobs too.
     prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs if body.echo else None
-    params = _sampling_params(body, max(max_tokens, 1), body.logprobs, prompt_logprobs=prompt_logprobs)
+    params = _sampling_params(body, ctx.limits, max(max_tokens, 1), body.logprobs, prompt_logprobs=prompt_logprobs)
     prep = _prepared("completion", "cmpl", body, prompts, params, ctx)
     if body.echo:
         prep.echo_texts = _prompt_texts(body.prompt if not truncated else prompts, prompts, ctx.tokenizer)
@@ -168,6 +169,9 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     use = resolve_tool_use(body, ctx.agent_api)
+    if use.constraint is not None:  # the tools' schemas: a 400 about it names `tools`
+        use.constraint = replace(use.constraint, param="tools")
+        check_structured_outputs(use.constraint, ctx.limits)
     if use.tools:
         check_template_renders_tools(ctx.tokenizer)
     # `name` goes to the template as vLLM passes it (templates that have no use for it skip it).
@@ -183,7 +187,7 @@ def prepare_chat(body: ChatCompletionRequest, ctx: PrepareContext) -> PreparedRe
     truncate_prompts(prompts, body.truncate_prompt_tokens, ctx.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling_params(body, max_tokens, logprobs)
+    params = _sampling_params(body, ctx.limits, max_tokens, logprobs)
     output = _output_spec(use, ctx.agent_api, prompt_text)
     if getattr(output.tool_parser, "keeps_special_tokens", False):
         params.skip_special_tokens = False  # the call markers are special tokens
@@ -251,6 +255,24 @@ def check_request(body: GenerationFields, ctx: PrepareContext) -> None:
     _in_vocabulary("stop_token_ids", body.stop_token_ids or (), ctx.vocab_size)
 
 
+def check_structured_outputs(spec: StructuredOutputsParams | None, limits: RequestLimits) -> None:
+    """400 for a spec past the size or nesting limits, before any worker compiles it: a compile
+    cannot be stopped once begun, and a schema nested a few hundred deep takes a compile thread
+    for tens of seconds (RequestLimits)."""
+    if spec is None:
+        return
+    param = spec.param or "structured_outputs"
+    what = "JSON schema" if spec.kind == "json" else spec.kind
+    _at_most(param, spec_size_bytes(spec), limits.max_structured_outputs_bytes, "--max-structured-outputs-bytes",
+             f"bytes of {what}")
+    try:
+        depth = spec_depth(spec)
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from None
+    _at_most(param, depth, limits.max_structured_outputs_depth, "--max-structured-outputs-depth",
+             "levels of JSON nesting")
+
+
 def _in_vocabulary(param: str, token_ids, vocab_size: int) -> None:
     """400 for an id no output can hold (a stop id there would never match, a bias never apply)."""
     outside = [t for t in token_ids if t >= vocab_size]
@@ -311,15 +333,17 @@ def _completion_prompts(prompt: str | list, ctx: PrepareContext, add_special_tok
     return prompts
 
 
-def _sampling_params(body: GenerationFields, max_tokens: int | None, logprobs: int | None,
+def _sampling_params(body: GenerationFields, limits: RequestLimits, max_tokens: int | None, logprobs: int | None,
                      **endpoint_fields: Any) -> SamplingParams:
     """Every sampling field the request set (null: the dataclass default), by its table name;
     `endpoint_fields`: the fields an endpoint maps itself (openai=False in the table)."""
     given = {name: getattr(body, name) for name, _ in sampling_fields(openai=True)}
     given = {name: value for name, value in given.items() if value is not None}
+    spec = structured_outputs_spec(body)
+    check_structured_outputs(spec, limits)
     try:
         return SamplingParams(**{**given, "max_tokens": max_tokens, "logprobs": logprobs, **endpoint_fields,
-                                 "structured_outputs": structured_outputs_spec(body)})
+                                 "structured_outputs": spec})
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
 
@@ -332,7 +356,7 @@ def _prepared(kind: str, id_prefix: str, body: GenerationFields, prompts: list[l
         raise bad_request("stream_options can only be given with stream=true", "stream_options")
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    continuous_usage = bool(body.stream and body.stream_options and body.stream_options.continuous_usage_stats)
+    continuous_usage = include_usage and body.stream_options.continuous_usage_stats  # with include_usage, as vLLM
     return PreparedRequest(kind, request_id, body.model, prompts, params, body.stream, include_usage, body.priority,
                            worker_request_id=request_id, session=_session(body),
                            return_token_ids=body.return_token_ids, continuous_usage=continuous_usage)

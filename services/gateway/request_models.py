@@ -180,6 +180,17 @@ class CompletionRequest(GenerationFields):
                                                        "prompt.")
 
 
+def text_parts_only(content: Any, text_types: tuple[str, ...]) -> Any:
+    """An image, audio or file part is refused by its type, not as 'not a valid string'."""
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in text_types:
+            raise PydanticCustomError("unsupported_content", "content part type '{kind}' is not supported: this "
+                                      "server serves text models (types {types})",
+                                      {"kind": kind, "types": ", ".join(text_types)})
+    return content
+
+
 class TextContentPart(OpenAIModel):
     type: Literal["text"]
     text: str
@@ -209,13 +220,7 @@ class ChatMessage(OpenAIModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
-        """An image, audio or file part is refused by its type, not as 'not a valid string'."""
-        for part in content if isinstance(content, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise PydanticCustomError("unsupported_content", "content part type '{kind}' is not supported: "
-                                          "this server serves text models (type 'text' only)", {"kind": kind})
-        return content
+        return text_parts_only(content, ("text",))
 
     def text(self) -> str:
         if self.content is None:

@@ -151,6 +151,8 @@ class ResponseBuilder:
             self._role_sent[delta.index] = True
             role = {"index": delta.index, "delta": {"role": self.prep.response_role, "content": ""},
                     "logprobs": None, "finish_reason": None}
+            if self.prep.return_token_ids:  # where the whole body has them: on the choice
+                role["prompt_token_ids"] = self.prep.prompts[delta.index // self.prep.params.n]
             events.append(sse_event({**self._envelope(stream=True), "choices": [role], **self._usage_so_far(delta.index, 0)}))
         chunk = self.chunk(delta)
         return events + ([sse_event(chunk)] if chunk is not None else [])

@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from splitserve.services.gateway.request_models import MAX_PROMPT_CACHE_KEY_CHARS, Flag, Float, Int, OpenAIModel
+from splitserve.services.gateway.request_models import (MAX_PROMPT_CACHE_KEY_CHARS, Flag, Float, Int, OpenAIModel,
+                                                        text_parts_only)
+
+
+TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
 
 class InputText(BaseModel):
@@ -26,6 +30,11 @@ class MessageItem(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[InputText]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        return text_parts_only(content, TEXT_PART_TYPES)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

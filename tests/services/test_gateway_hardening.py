@@ -66,14 +66,14 @@ def test_an_overlong_x_request_id_is_refused(scripted_stack):
     assert named.status_code == 200 and named.json()["id"].endswith("client-7")
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_a_json_body_is_read_as_json_whatever_its_content_type(scripted_stack, content_type):
     gateway, _, _ = scripted_stack
     body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1})
-    reply = httpx.post(f"{gateway.url}/v1/completions", content=body, headers={"Content-Type": content_type}, timeout=30)
+    headers = {"Content-Type": content_type} if content_type else {}
+    reply = httpx.post(f"{gateway.url}/v1/completions", content=body, headers=headers, timeout=30)
     assert reply.status_code == 200, reply.text
-    broken = httpx.post(f"{gateway.url}/v1/completions", content=body[:-1], headers={"Content-Type": content_type},
-                        timeout=30)
+    broken = httpx.post(f"{gateway.url}/v1/completions", content=body[:-1], headers=headers, timeout=30)
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
 
 
@@ -162,3 +162,22 @@ def test_continuous_usage_stats_puts_each_choice_usage_so_far_on_every_chunk(scr
                for c in choices)
     plain = _events(_post(gateway, path, {"model": MODEL, **body, "stream": True}))
     assert all("usage" not in c for c in plain)
+    alone = {"continuous_usage_stats": True}  # vLLM: only together with include_usage
+    assert all("usage" not in c for c in _events(_post(gateway, path, {"model": MODEL, **body, "stream": True,
+                                                                         "stream_options": alone})))
+
+
+def test_a_chat_stream_with_return_token_ids_names_the_prompt_ids_on_its_first_chunk(scripted_stack):
+    gateway, _, _ = scripted_stack
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "return_token_ids": True}
+    whole = _post(gateway, "/v1/chat/completions", body).json()["choices"][0]
+    first, *rest = [c["choices"][0] for c in _events(_post(gateway, "/v1/chat/completions", {**body, "stream": True}))]
+    assert first["prompt_token_ids"] == whole["prompt_token_ids"] and first["delta"]["role"] == "assistant"
+    assert all("prompt_token_ids" not in c for c in rest)
+
+
+def test_a_responses_image_part_is_refused_by_its_type(scripted_stack):
+    gateway, _, _ = scripted_stack
+    item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}
+    error = _error(_post(gateway, "/v1/responses", {"model": MODEL, "input": [item]}), 400)
+    assert "content part type 'input_image' is not supported" in error["message"]
