@@ -5,15 +5,21 @@ or a JSON string), `regex`, `choice` (the output is one of these strings), `gram
 xgrammar reads it), `json_object` (any JSON object) or `structural_tag` (free text with
 constrained tool calls). The engine compiles it into a grammar (shared/grammar.py) and masks
 every sampled token with it.
+
+`param` is the gateway's note of the request field the spec came from, so that a 400 about it
+names that field; it is not part of the spec (not compared, not sent to the workers).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+INVALID = "invalid structured_outputs"
+"""How every error message about a request's own spec begins (the gateway recognises them by it)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,9 @@ class StructuredOutputsParams:
     structural_tag: str | None = None
     """xgrammar's structural tag, as JSON text: text is free until a trigger, and each tag that
     begins there is held to its content's schema (the gateway builds it for strict tool calls)."""
+    param: str | None = field(default=None, compare=False)
+    """The request field this came from (`response_format`, `structured_outputs`, `tools`): what
+    a 400 about it names. The gateway's note, not part of the spec."""
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, list):
@@ -39,11 +48,11 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+        return next(name for name in KINDS if getattr(self, name) not in (None, False))
 
     def validate(self) -> None:
         """Raise ValueError naming the problem (shape only: compiling finds the rest)."""
-        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        given = [name for name in KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs must set exactly one of {', '.join(KINDS)}; got "
                              f"{', '.join(given) or 'none'}")
@@ -62,12 +71,12 @@ class StructuredOutputsParams:
 
     def json_text(self) -> str:
         """The schema as canonical JSON text (raises ValueError if a string holds no JSON)."""
-        if isinstance(self.json, str):
-            try:
-                return json.dumps(json.loads(self.json), sort_keys=True)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
-        return json.dumps(self.json, sort_keys=True)
+        try:
+            return json.dumps(json.loads(self.json) if isinstance(self.json, str) else self.json, sort_keys=True)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        except RecursionError:  # Python's json recurses per level: about 1000 is as deep as it goes
+            raise ValueError("structured_outputs.json nests too deeply to be read") from None
 
 
 def _check_types(spec: StructuredOutputsParams) -> None:

@@ -35,6 +35,17 @@ class RequestLimits:
     """Token ids in `stop_token_ids`."""
     max_logit_bias_tokens: int = 300
     """Token ids in `logit_bias` (OpenAI's own limit)."""
+    max_structured_outputs_bytes: int = 64 * 2**10
+    """Size of the spec the workers compile: a JSON schema's canonical text (a forced tool call's:
+    every tool's parameters together), a regex, a grammar, the choices, a structural tag. xgrammar's
+    compile time grows faster than the size (88 KB of a wide schema: 0.4 s on a 4k vocabulary,
+    350 KB: 5.7 s)."""
+    max_structured_outputs_depth: int = 64
+    """Nesting of a JSON schema or structural tag (objects and arrays inside each other, a forced
+    tool call's wrapper included). xgrammar's compile time grows with its cube (arrays of arrays
+    64 deep: 0.02 s, 400: 3.3 s, 900: 36 s on one core), and a compile cannot be stopped;
+    llguidance refuses past about 128. OpenAI's structured outputs stop at 10 levels of schema
+    nesting (about 20 of JSON)."""
 
     def validate(self) -> None:
         for f in fields(self):
