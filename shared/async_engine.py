@@ -58,6 +58,16 @@ class RequestFailedInEngine(RuntimeError):
     """A step failed on this request and aborted it; the engine goes on (EngineCore.step)."""
 
 
+class EngineBusyError(RuntimeError):
+    """The engine could not take this request in time (its grammar's compile waited behind other
+    compiles: GrammarWaitlist); sent again, it may succeed."""
+
+
+_REJECTIONS = {"abort": RequestError, "busy": EngineBusyError}
+"""What `generate` raises for a request the engine ended with an error and this finish reason
+(Emitter.reject); 'error', a failed step, is RequestFailedInEngine."""
+
+
 class EngineStartupError(RuntimeError):
     """The engine process could not start (a bad checkpoint, say); the message says why."""
 
@@ -281,9 +291,10 @@ class AsyncEngine:
             target = self._queues.get(request_id)
             if target is not None:
                 # finish_reason 'abort' with an error: the request as given cannot run (its grammar
-                # does not compile), raised as RequestError; 'error' (a failed step) is raised in generate.
-                if isinstance(item, EngineOutput) and item.error is not None and item.finish_reason == "abort":
-                    item = RequestError(item.error)
+                # does not compile), raised as RequestError; 'busy' as EngineBusyError; 'error' (a
+                # failed step) is raised in generate.
+                if isinstance(item, EngineOutput) and item.error is not None and item.finish_reason in _REJECTIONS:
+                    item = _REJECTIONS[item.finish_reason](item.error)
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, items in by_loop.items():
             _call_in(loop, _put_all, items)

@@ -96,7 +96,9 @@ class SchedulerConfig:
     with the GPU; tokens are identical either way. Unset (None): on for CUDA, off on CPU, where the
     forward runs on the same cores and there is nothing to overlap."""
     grammar_compile_timeout_s: float = 30.0
-    """A structured-output request whose grammar has not compiled after this long fails."""
+    """A grammar still compiling this long after its compile began fails its requests (a 400: the
+    spec is too complex); a request whose compile has not begun this long after it came (the
+    compile threads busy with others) fails as busy (429: try again)."""
     structured_outputs_threads: int | None = None
     """Threads of the engine's grammar pool: each takes a slice of a step's structured-output
     rows, advances their matchers by the new tokens and fills their token masks (two xgrammar

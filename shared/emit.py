@@ -103,7 +103,8 @@ class Emitter:
         return None
 
     def reject(self, req: Request, message: str, outputs: dict[str, EngineOutput], reason: str = "abort") -> None:
-        """End a request that cannot go on; 'abort': as given (a 400), 'error': an engine fault."""
+        """End a request that cannot go on; 'abort': as given (a 400), 'error': an engine fault,
+        'busy': the engine could not take it in time (AsyncEngine's EngineBusyError: try again)."""
         self.finish(req, RequestStatus.FINISHED_ABORTED)
         outputs[req.request_id] = EngineOutput(req.request_id, finished=True, finish_reason=reason, error=message)
 

@@ -160,8 +160,9 @@ class EngineCore:
             freeze_startup_heap()
         backend = config.scheduler.structured_outputs_backend
         compiler = GrammarCompiler(parts.model_dir, parts.info.vocab_size, backend=backend,
-                                   eos_token_ids=sorted(self.model_info.eos_token_ids))
-        self.grammars = GrammarWaitlist(compiler, config.scheduler.grammar_compile_timeout_s)
+                                   eos_token_ids=sorted(self.model_info.eos_token_ids),
+                                   timeout_s=config.scheduler.grammar_compile_timeout_s)
+        self.grammars = GrammarWaitlist(compiler)
         self._bitmasks = make_filler(backend, parts.info.vocab_size, parts.device,
                                      config.scheduler.structured_outputs_threads)
         self._trace = StepTrace(config.scheduler.step_trace) if config.scheduler.step_trace else None

@@ -15,9 +15,11 @@ and makes a request's grammar from what it compiled (the same interface as Reque
 `grammar_fill.make_filler` picks the filler of its steps' bitmasks. The bitmask format is the
 same for both (bit t of a row: token t allowed), so the sampler's mask kernel is one.
 
-The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on the
+The compiler is bound to the engine's tokenizer (loaded from the checkpoint on first use, on a
 compile thread) and to the model's vocabulary size, which can exceed the tokenizer's: ids past
-the tokenizer are never allowed. Compiling runs on a worker thread so the step loop never waits.
+the tokenizer are never allowed. Compiling runs on compile threads (shared/grammar_compile.py) so
+the step loop never waits; a compile that runs past the timeout fails its spec, counted from when
+it started, so a request that waited behind others is not blamed for their compile.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 import xgrammar as xgr
 
+from splitserve.shared.grammar_compile import COMPILE_THREADS, CompilePool, CompileTimeout
 from splitserve.shared.request import Request, RequestStatus
-from splitserve.shared.structured_outputs import StructuredOutputsParams
+from splitserve.shared.structured_outputs import INVALID, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +57,21 @@ def bitmask_width(vocab_size: int) -> int:
 
 
 class GrammarCompiler:
-    """Compiles specs for one tokenizer on a worker thread; results are cached per spec."""
+    """Compiles specs for one tokenizer on compile threads; results are cached per spec."""
 
-    def __init__(self, model_dir: str, vocab_size: int, num_threads: int = 1, backend: str = "xgrammar",
-                 eos_token_ids: Sequence[int] = ()) -> None:
+    def __init__(self, model_dir: str, vocab_size: int, num_threads: int = COMPILE_THREADS,
+                 backend: str = "xgrammar", eos_token_ids: Sequence[int] = (), timeout_s: float = 30.0) -> None:
         self.model_dir, self.vocab_size, self.eos_token_ids = model_dir, vocab_size, tuple(eos_token_ids)
-        self.backend_name = backend
-        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="grammar")
-        self._backend = None  # built from the tokenizer on the compile thread, on first use
+        self.backend_name, self.timeout_s = backend, timeout_s
+        self._pool = CompilePool(num_threads, timeout_s)
+        self._backend = None  # built from the tokenizer on a compile thread, on first use
+        self._backend_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
 
     def submit(self, spec: StructuredOutputsParams) -> Future:
-        """A future of the compiled grammar (raises GrammarError from `result()` if it does not compile)."""
+        """A future of the compiled grammar: `result()` raises GrammarError if the spec does not
+        compile, CompileTimeout if its compile ran past `timeout_s` (cached like any failure)."""
         key = spec.key()
         with self._lock:
             future = self._cache.get(key)
@@ -78,7 +83,7 @@ class GrammarCompiler:
         return future
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     def request_grammar(self, compiled, stop_token_ids: Sequence[int], token_ids: Sequence[int] = ()):
         """The grammar of one request from what `submit` compiled (after its future is done)."""
@@ -89,17 +94,18 @@ class GrammarCompiler:
         try:
             return backend.compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise GrammarError(f"invalid structured_outputs.{spec.kind}: {_clean(exc)}") from None
+            raise GrammarError(f"{INVALID}.{spec.kind}: {_clean(exc)}") from None
 
     def _built_backend(self):
-        if self._backend is None:  # only the compile thread gets here
-            from splitserve.shared.tokenizer import load_tokenizer
+        with self._backend_lock:  # the first compiles may start on several threads at once
+            if self._backend is None:
+                from splitserve.shared.tokenizer import load_tokenizer
 
-            try:
-                tokenizer = load_tokenizer(self.model_dir)
-            except Exception as exc:  # a config-only checkpoint (benchmarks) has no tokenizer
-                raise GrammarError(f"structured outputs need the model's tokenizer: {exc}") from None
-            self._backend = backend_class(self.backend_name)(tokenizer, self.vocab_size, self.eos_token_ids)
+                try:
+                    tokenizer = load_tokenizer(self.model_dir)
+                except Exception as exc:  # a config-only checkpoint (benchmarks) has no tokenizer
+                    raise GrammarError(f"structured outputs need the model's tokenizer: {exc}") from None
+                self._backend = backend_class(self.backend_name)(tokenizer, self.vocab_size, self.eos_token_ids)
         return self._backend
 
 
@@ -212,20 +218,29 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tenso
 
 
 class GrammarWaitlist:
-    """Requests of one engine waiting for their grammar (WAITING_FOR_GRAMMAR), out of the scheduler."""
+    """Requests of one engine waiting for their grammar (WAITING_FOR_GRAMMAR), out of the scheduler.
 
-    def __init__(self, compiler: GrammarCompiler, timeout_s: float) -> None:
-        self.compiler, self.timeout_s = compiler, timeout_s
-        self._waiting: dict[str, tuple[Request, Future, RequestStatus, float]] = {}
-        """In the order added, which is the order of the deadlines (one timeout for all)."""
+    Whose fault a failure is decides how it ends: a spec that does not compile, or whose compile
+    ran past the timeout (counted from when it started: CompilePool), is the request's ('abort':
+    a 400); a request whose compile had not even started `timeout_s` after it arrived waited for
+    the server ('busy': try again), and its compile stays queued, so a retry may find it done."""
+
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self.compiler, self.timeout_s = compiler, compiler.timeout_s
+        self._waiting: dict[str, tuple[Request, Future, RequestStatus]] = {}
         self._compiled: deque[str] = deque()
         """Ids whose future finished, appended by the future's callback (a compile thread)."""
+        self._queued: deque[tuple[float, str, Future]] = deque()
+        """(deadline, id, future) of the requests whose compile was queued when they came, in the
+        order added, which is the order of the deadlines (one timeout for all)."""
 
     def add(self, req: Request) -> None:
         """Start compiling; the request's status is restored once its grammar is ready."""
         future = self.compiler.submit(req.sampling_params.structured_outputs)
-        self._waiting[req.request_id] = (req, future, req.status, time.monotonic() + self.timeout_s)
+        self._waiting[req.request_id] = (req, future, req.status)
         req.status = RequestStatus.WAITING_FOR_GRAMMAR
+        if not (future.running() or future.done()):
+            self._queued.append((time.monotonic() + self.timeout_s, req.request_id, future))
         future.add_done_callback(lambda _, request_id=req.request_id: self._compiled.append(request_id))
 
     def remove(self, request_id: str) -> None:
@@ -237,11 +252,12 @@ class GrammarWaitlist:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def poll(self) -> tuple[list[Request], list[tuple[Request, str]]]:
-        """(requests whose matcher is now built, (request, why) of those that cannot have one).
-        Runs every step: it visits the requests whose compile finished since the last poll, and
-        the overdue ones at the front, never every waiting request (scanning every waiting future
-        was ~8 % of the step loop's samples in a profile of the 1B JSON run on the H200)."""
+    def poll(self) -> tuple[list[Request], list[tuple[Request, str, str]]]:
+        """(requests whose matcher is now built, (request, why, 'abort' | 'busy') of those that
+        cannot have one). Runs every step: it visits the requests whose compile finished since
+        the last poll, and the overdue ones at the front of `_queued`, never every waiting
+        request (scanning every waiting future was ~8 % of the step loop's samples in a profile
+        of the 1B JSON run on the H200)."""
         ready, failed = [], []
         while self._compiled:
             request_id = self._compiled.popleft()
@@ -249,26 +265,35 @@ class GrammarWaitlist:
             if entry is None or not entry[1].done():  # removed, or the id reused by a newer request
                 continue
             del self._waiting[request_id]
-            req, future, status, _ = entry
+            req, future, status = entry
             try:  # the decode side's outputs already hold the first token: the matcher accepts it
                 req.grammar = self.compiler.request_grammar(future.result(), sorted(req.eos_token_ids),
                                                             req.output_token_ids)
             except GrammarError as exc:
-                failed.append((req, str(exc)))
+                failed.append((req, str(exc), "abort"))
+                continue
+            except CompileTimeout:
+                failed.append((req, self._overran(req), "abort"))
                 continue
             req.status = status
             ready.append(req)
-        failed.extend(self._overdue())
+        failed.extend(self._unstarted())
         return ready, failed
 
-    def _overdue(self) -> list[tuple[Request, str]]:
-        """The requests past their deadline whose compile has not finished, from the front of the
-        waitlist (the oldest). One that finished late is served by the next poll, as before."""
-        now, overdue = time.monotonic(), []
-        for request_id, (_, future, _, deadline) in self._waiting.items():
-            if now <= deadline:
-                break
-            if not future.done():
-                overdue.append(request_id)
-        message = f"the structured_outputs grammar did not compile within {self.timeout_s} s"
-        return [(self._waiting.pop(request_id)[0], message) for request_id in overdue]
+    def _overran(self, req: Request) -> str:
+        kind = req.sampling_params.structured_outputs.kind
+        return f"{INVALID}.{kind}: it did not compile within {self.timeout_s:g} s (too large or too complex)"
+
+    def _unstarted(self) -> list[tuple[Request, str, str]]:
+        """The requests whose compile, queued behind others, has not started by their deadline."""
+        now, late = time.monotonic(), []
+        while self._queued and self._queued[0][0] < now:
+            _, request_id, future = self._queued.popleft()
+            entry = self._waiting.get(request_id)
+            if entry is not None and entry[1] is future and not (future.running() or future.done()):
+                late.append(self._waiting.pop(request_id)[0])
+        if not late:
+            return []
+        message = (f"the server is busy compiling other requests' grammars: this request's did not start "
+                   f"within {self.timeout_s:g} s; try again")
+        return [(req, message, "busy") for req in late]

@@ -24,8 +24,8 @@ def admit_compiled(grammars: GrammarWaitlist, scheduler: Scheduler, emitter: Emi
                    outputs: dict[str, EngineOutput]) -> None:
     """Requests whose grammar is ready join the scheduler; those that cannot have one fail."""
     ready, failed = grammars.poll()
-    for req, message in failed:
-        emitter.reject(req, message, outputs)
+    for req, message, reason in failed:
+        emitter.reject(req, message, outputs, reason)
     for req in ready:
         scheduler.add(req)
 

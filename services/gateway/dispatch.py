@@ -31,6 +31,7 @@ from opentelemetry import trace
 
 from splitserve.services.gateway.metrics import GatewayMetrics
 from splitserve.services.gateway.router import Instance, Router
+from splitserve.services.gateway.structured_outputs import spec_error
 from splitserve.services.gateway.worker_client import WorkerClient, WorkerError, WorkerRequest
 from splitserve.shared.protocol.convert import TokenChunk
 
@@ -65,7 +66,7 @@ class Dispatcher:
                 return
             except WorkerError as exc:
                 if started or attempt > 0 or not exc.worker_failed:
-                    raise
+                    raise spec_error(exc, req.params.structured_outputs) or exc  # a bad spec: a 400 naming it
                 logger.warning("request %s: %s; routing it to another instance", req.request_id, exc)
             finally:
                 await chunks.aclose()

@@ -7,8 +7,8 @@
     structured_outputs {"json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag": ...}  as given
 
 Only the shape is checked here (the gateway imports no torch, and xgrammar does): whether a
-schema, regex or grammar compiles is found by the worker, whose INVALID_ARGUMENT becomes a 400.
-The output is always held to the schema, so `strict: false` gets the same strict enforcement.
+schema, regex or grammar compiles is found by the worker, whose INVALID_ARGUMENT becomes a 400
+naming the field the spec came from (`spec_error`, applied by dispatch.py). The output is always held to the schema, so `strict: false` gets the same strict enforcement.
 What the gateway can measure without compiling, a spec's size and nesting depth (`spec_size_bytes`,
 `spec_depth`), it bounds (prepare.py, RequestLimits): the compile time of a schema grows with the
 cube of its depth, and a compile cannot be stopped once begun.
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 
-from splitserve.services.gateway.openai_protocol import bad_request
+import grpc
+
+from splitserve.services.gateway.openai_protocol import APIError, bad_request
 from splitserve.services.gateway.request_models import GenerationFields
-from splitserve.shared.structured_outputs import StructuredOutputsParams
+from splitserve.services.gateway.worker_client import WorkerError
+from splitserve.shared.structured_outputs import INVALID, StructuredOutputsParams
 
 
 def structured_outputs_spec(body: GenerationFields) -> StructuredOutputsParams | None:
@@ -50,6 +53,14 @@ def _from_response_format(fmt) -> StructuredOutputsParams:
         raise bad_request("response_format.json_schema is required when type is json_schema",
                           "response_format.json_schema")
     return StructuredOutputsParams(json=fmt.json_schema.schema_, param="response_format")
+
+
+def spec_error(exc: WorkerError, spec: StructuredOutputsParams | None) -> APIError | None:
+    """A worker's verdict on the request's own spec (it does not compile, or not within the
+    compile timeout) as a 400 naming the field the spec came from; None for any other failure."""
+    if spec is None or exc.code != grpc.StatusCode.INVALID_ARGUMENT or not exc.details.startswith(INVALID):
+        return None
+    return bad_request(exc.details, spec.param or "structured_outputs")
 
 
 def spec_size_bytes(spec: StructuredOutputsParams) -> int:

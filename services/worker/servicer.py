@@ -25,7 +25,7 @@ from opentelemetry.trace import Status, StatusCode
 from splitserve.services.worker.config import SessionConfig
 from splitserve.services.worker.session import RequestFailed, serve_session
 from splitserve.shared import telemetry
-from splitserve.shared.async_engine import AsyncEngine, EngineDeadError, RequestFailedInEngine
+from splitserve.shared.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedInEngine
 from splitserve.shared.protocol import convert
 from splitserve.shared.protocol import worker_pb2 as pb
 from splitserve.shared.protocol import worker_pb2_grpc as pb_grpc
@@ -75,7 +75,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
                                                       priority=request.priority, hold_kv=True, session=session):
                     final = out
-            except (ValueError, EngineDeadError, RequestFailedInEngine) as exc:
+            except (ValueError, EngineDeadError, RequestFailedInEngine, EngineBusyError) as exc:
                 await _abort_for(context, exc)
             if final is None or final.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
@@ -116,6 +116,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
                 except RequestFailedInEngine as exc:  # this request only: the worker is fine
                     raise RequestFailed(grpc.StatusCode.ABORTED, str(exc)) from None
+                except EngineBusyError as exc:  # the gateway answers 429: try again
+                    raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
                 except ValueError as exc:
                     raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -203,4 +205,6 @@ async def _abort_for(context, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, RequestFailedInEngine):
         await context.abort(grpc.StatusCode.ABORTED, str(exc))
+    if isinstance(exc, EngineBusyError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -124,3 +124,25 @@ def test_a_structural_tag_too_deep_to_parse_is_a_400(offline_client) -> None:
     resp = offline_client.post("/v1/completions", json={"model": "m", "prompt": "x",
                                                         "structured_outputs": {"structural_tag": tag}})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "structured_outputs", resp.text
+
+
+def test_a_workers_verdict_on_the_spec_is_a_400_naming_its_field() -> None:
+    """A compile error or a compile past its time names the field the spec came from; the engine
+    being busy (RESOURCE_EXHAUSTED) is a 429, never a 400 that blames the request."""
+    import grpc
+
+    from splitserve.services.gateway.openai_protocol import to_api_error
+    from splitserve.services.gateway.structured_outputs import spec_error
+    from splitserve.services.gateway.worker_client import WorkerError
+
+    spec = structured_outputs_spec(_chat(response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "x", "schema": SCHEMA}}))
+    overran = WorkerError("w", "Generate", grpc.StatusCode.INVALID_ARGUMENT,
+                          "invalid structured_outputs.json: it did not compile within 30 s (too large or too complex)")
+    error = spec_error(overran, spec)
+    assert (error.status_code, error.param, error.message) == (400, "response_format", overran.details)
+    assert spec_error(overran, Spec(regex="a")).param == "structured_outputs"  # built offline: no field noted
+    other = WorkerError("w", "Generate", grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
+    assert spec_error(other, spec) is None and spec_error(overran, None) is None
+    busy = WorkerError("w", "Generate", grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy compiling")
+    assert spec_error(busy, spec) is None and to_api_error(busy).status_code == 429

@@ -69,7 +69,8 @@ def test_compiled_once_per_spec(compiler) -> None:
     assert compiler.submit(Spec(regex="[0-9]*")) is not first
 
 
-def test_compiling_runs_off_the_calling_thread(compiler) -> None:
+def test_compiling_runs_off_the_calling_thread(demo_checkpoint_dir) -> None:
+    compiler = GrammarCompiler(demo_checkpoint_dir, VOCAB, num_threads=1)
     release = threading.Event()
     blocker = compiler._pool.submit(release.wait)  # occupy the compile thread with real work
     future = compiler.submit(Spec(regex="never-before-seen-[0-9]+"))
@@ -77,6 +78,7 @@ def test_compiling_runs_off_the_calling_thread(compiler) -> None:
     release.set()
     blocker.result(timeout=10)
     assert future.result(timeout=60) is not None
+    compiler.close()
 
 
 def _text_tokens(tokenizer, text: str) -> list[int]:
@@ -324,3 +326,109 @@ def test_pool_threads_take_their_slices_and_stop_on_close(compiler) -> None:
     bitmask, filled = filler.start([], grammars).result()
     assert torch.equal(bitmask, expected) and filler._pool[0] is not threads[0]
     filler.close()
+
+
+# ---- the waitlist: whose fault a compile that does not finish is ---------------------------------
+
+class _GatedBackend:
+    """A backend whose compile of a spec waits until the test opens that spec's gate."""
+
+    def __init__(self) -> None:
+        self.gates: dict[tuple[str, str], threading.Event] = {}
+
+    def gate(self, spec: Spec) -> threading.Event:
+        return self.gates.setdefault(spec.key(), threading.Event())
+
+    def compile(self, spec: Spec):
+        self.gate(spec).wait()
+        return spec.key()
+
+    @staticmethod
+    def request_grammar(compiled, stop_token_ids, token_ids=()):
+        return compiled
+
+
+def _gated_waitlist(timeout_s: float, max_abandoned: int = 4):
+    from splitserve.shared.grammar import GrammarWaitlist
+    from splitserve.shared.grammar_compile import CompilePool
+
+    compiler = GrammarCompiler("/nonexistent", VOCAB, timeout_s=timeout_s)
+    compiler._pool.close()
+    compiler._pool = CompilePool(1, timeout_s, max_abandoned)  # one thread: a stuck compile holds it
+    compiler._backend = _GatedBackend()
+    return GrammarWaitlist(compiler), compiler._backend
+
+
+def _request(request_id: str, spec: Spec):
+    from splitserve.shared.request import Request
+
+    return Request(request_id, [1, 2], SamplingParams(structured_outputs=spec), 8)
+
+
+def _poll_until(waitlist, done, guard_s: float = 10.0) -> tuple[list, list]:
+    """Poll as the step loop does until `done(ready, failed)` (all seen so far)."""
+    ready, failed, pause = [], [], threading.Event()
+    for _ in range(int(guard_s / 0.01)):
+        new_ready, new_failed = waitlist.poll()
+        ready, failed = ready + new_ready, failed + new_failed
+        if done(ready, failed):
+            return ready, failed
+        pause.wait(0.01)
+    raise AssertionError(f"still waiting: ready {ready}, failed {failed}")
+
+
+STUCK, OTHER = Spec(regex="stuck-[0-9]"), Spec(regex="other-[0-9]")
+
+
+def test_a_request_queued_behind_a_stuck_compile_gets_its_own_grammar() -> None:
+    """The stuck compile overruns: it fails its own request (a 400: too complex), its thread is
+    replaced, and the request queued behind it compiles: it is not failed for the other's time."""
+    waitlist, backend = _gated_waitlist(0.2)
+    backend.gate(OTHER).set()
+    stuck, other = _request("stuck", STUCK), _request("other", OTHER)
+    waitlist.add(stuck)
+    waitlist.add(other)
+    ready, failed = _poll_until(waitlist, lambda ready, failed: ready and failed)
+    assert ready == [other] and other.grammar == OTHER.key()
+    assert [(req.request_id, reason) for req, _, reason in failed] == [("stuck", "abort")]
+    assert failed[0][1] == "invalid structured_outputs.regex: it did not compile within 0.2 s (too large or too complex)"
+    assert waitlist.compiler.submit(STUCK).exception() is not None  # the failure is cached: no new thread
+    backend.gate(STUCK).set()
+    waitlist.compiler.close()
+
+
+def test_a_request_whose_compile_never_started_is_busy_not_blamed() -> None:
+    """No thread to compile on (the only one stuck, none to replace it): the waiting request
+    fails as busy (429, try again), not as a spec that does not compile (400)."""
+    waitlist, backend = _gated_waitlist(0.1, max_abandoned=0)
+    waitlist.add(_request("stuck", STUCK))
+    waitlist.add(_request("waiting", OTHER))
+    _, failed = _poll_until(waitlist, lambda ready, failed: len(failed) == 2)
+    reasons = {req.request_id: (reason, message) for req, message, reason in failed}
+    assert reasons["stuck"][0] == "abort" and reasons["waiting"][0] == "busy"
+    assert "busy" in reasons["waiting"][1] and "try again" in reasons["waiting"][1]
+    backend.gate(STUCK).set()
+    backend.gate(OTHER).set()
+    waitlist.compiler.close()
+
+
+def test_the_compile_timeout_counts_from_when_the_compile_starts() -> None:
+    """The request's compile starts only once the stuck one is abandoned, near its own queue
+    deadline; past that deadline it is still compiling, within its own time: it is not failed."""
+    import time
+
+    timeout_s = 0.3
+    waitlist, backend = _gated_waitlist(timeout_s)
+    waitlist.add(_request("stuck", STUCK))
+    waitlist.add(_request("late", OTHER))
+    added_s = time.monotonic()
+    future = waitlist.compiler.submit(OTHER)
+    _poll_until(waitlist, lambda ready, failed: future.running())
+    threading.Event().wait(max(0.0, added_s + timeout_s - time.monotonic()) + 0.02)  # past its queue deadline
+    _, failed = waitlist.poll()
+    assert "late" not in [req.request_id for req, _, _ in failed]
+    backend.gate(OTHER).set()
+    ready, _ = _poll_until(waitlist, lambda ready, failed: ready)
+    assert [req.request_id for req in ready] == ["late"]
+    backend.gate(STUCK).set()
+    waitlist.compiler.close()

@@ -1,6 +1,6 @@
 """Structured outputs through the real engine and the demo model: generated JSON schemas, regex
 and choice, with async scheduling on and off, chunked prefill, preemption, n > 1, stop strings,
-max_tokens, and specs that do not compile (or not in time)."""
+max_tokens, specs that do not compile, and requests whose compile never starts."""
 
 from __future__ import annotations
 
@@ -170,14 +170,18 @@ def test_a_bad_spec_fails_its_request_and_the_engine_goes_on(llm) -> None:
     assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks
 
 
-def test_compile_timeout_and_abort_while_compiling(demo_checkpoint_dir) -> None:
+def test_a_compile_that_never_starts_is_busy_and_abort_while_compiling(demo_checkpoint_dir) -> None:
+    """The compile threads are taken (one, stuck, and no replacement): the request whose compile
+    never starts ends as busy (AsyncEngine: EngineBusyError, a 429), not as a bad spec."""
     from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from splitserve.shared.engine import EngineCore
+    from splitserve.shared.grammar_compile import CompilePool
 
     core = EngineCore(EngineConfig(ModelConfig(demo_checkpoint_dir), CacheConfig(),
                                    SchedulerConfig(grammar_compile_timeout_s=0.2)))
     release = threading.Event()
-    core.grammars.compiler._pool.submit(release.wait)  # the compile thread is busy: nothing compiles
+    core.grammars.compiler._pool = CompilePool(1, 0.2, max_abandoned=0)
+    core.grammars.compiler._pool.submit(release.wait)  # the one compile thread is stuck: nothing compiles
     try:
         core.add_request("late", [5, 6, 7], SamplingParams(structured_outputs=Spec(regex="late-[0-9]")))
         core.add_request("gone", [5, 6, 7], SamplingParams(structured_outputs=Spec(regex="gone-[0-9]")))
@@ -186,8 +190,9 @@ def test_compile_timeout_and_abort_while_compiling(demo_checkpoint_dir) -> None:
         while core.has_unfinished_requests():
             outputs += core.step()
             release.wait(0.01)
-        assert [(o.request_id, o.error) for o in outputs] == [
-            ("late", "the structured_outputs grammar did not compile within 0.2 s")]
+        assert [(o.request_id, o.finish_reason, o.error) for o in outputs] == [
+            ("late", "busy", "the server is busy compiling other requests' grammars: this request's did not "
+                             "start within 0.2 s; try again")]
     finally:
         release.set()
         core.close()
