@@ -14,6 +14,7 @@ import logging
 
 from splitserve.shared.engine_output import EngineOutput
 from splitserve.shared.external_kv import ExternalKV
+from splitserve.shared.grammar import unsatisfiable
 from splitserve.shared.request import Request, RequestStatus
 from splitserve.shared.runner import ModelRunner, SampledToken
 from splitserve.shared.sampler import SamplerOutput
@@ -59,10 +60,7 @@ class Emitter:
         """Report a request's new token (its `num_outputs`-th) and finish it if that ends it. Its
         grammar, if any, has taken the token already (shared/grammar_booking.py)."""
         if grammar_rejected:
-            # Cannot happen for a token sampled under the grammar's own mask: a bug, not input.
-            logger.error("request %s: sampled token %d violates its grammar", req.request_id, token.token_id)
-            self.scheduler.remove(req.request_id)
-            self.reject(req, f"sampled token {token.token_id} violates the grammar", outputs, "error")
+            self.reject_by_grammar(req, token.token_id, num_outputs, outputs)
             return
         out = outputs.get(req.request_id)
         if out is None:  # the common case, built in one call: this runs for every request every step
@@ -88,6 +86,19 @@ class Emitter:
         else:
             self.finish(req, status)
         self.fill_final(req, out)
+
+    def reject_by_grammar(self, req: Request, token_id: int, num_outputs: int,
+                          outputs: dict[str, EngineOutput]) -> None:
+        """The request's grammar refused its sampled token. If its mask allows no token at all (the
+        grammar dead-ends: one whose "a" must be followed by an empty character class), no output
+        satisfies it: the request's fault, a 400. Otherwise a token sampled under the grammar's own
+        mask was refused: a bug."""
+        self.scheduler.remove(req.request_id)
+        if req.grammar.admits_no_token():
+            self.reject(req, unsatisfiable(req.sampling_params.structured_outputs.kind, num_outputs - 1), outputs)
+            return
+        logger.error("request %s: sampled token %d violates its grammar", req.request_id, token_id)
+        self.reject(req, f"sampled token {token_id} violates the grammar", outputs, "error")
 
     def stop_status(self, req: Request, token_id: int, num_outputs: int) -> RequestStatus | None:
         min_tokens = req.sampling_params.min_tokens

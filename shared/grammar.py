@@ -5,6 +5,8 @@
         .fill(bitmask, row)   the tokens allowed next, as one row of a [N, ceil(V/32)] int32 bitmask
         .accept(token)        advance; False if the grammar forbids the token
         .terminated           the grammar is complete (the request ends with finish_reason stop)
+        .admits_no_token()    no token may come next, yet the grammar is not complete: no output
+                              satisfies it (checked once at compile time, and when a token is rejected)
 
 A step's bitmask, all rows at once and off the step loop's thread, is grammar_fill.py's.
 
@@ -92,9 +94,14 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutputsParams):
         backend = self._built_backend()
         try:
-            return backend.compile(spec)
+            compiled = backend.compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GrammarError(f"{INVALID}.{spec.kind}: {_clean(exc)}") from None
+        # A grammar no token can begin (`root ::= root`) compiles; caught here, once per spec, it
+        # is the request's 400 rather than a rejected first token.
+        if backend.request_grammar(compiled, self.eos_token_ids).admits_no_token():
+            raise GrammarError(unsatisfiable(spec.kind, 0))
+        return compiled
 
     def _built_backend(self):
         with self._backend_lock:  # the first compiles may start on several threads at once
@@ -168,6 +175,12 @@ def choice_grammar(choices: Sequence[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def unsatisfiable(kind: str, num_tokens: int) -> str:
+    """Why a request fails whose grammar admits no token after its first `num_tokens`."""
+    where = "no token may begin it" if num_tokens == 0 else f"no token may follow the {num_tokens} generated"
+    return f"{INVALID}.{kind}: no output can satisfy it ({where})"
+
+
 def _clean(exc: BaseException) -> str:
     """xgrammar's C++ messages start with a time stamp and a source location: keep the reason."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
@@ -184,6 +197,7 @@ class RequestGrammar:
                                           terminate_without_stop_token=not stop_token_ids)
         self.handle = self.matcher._handle
         """What the batched calls take (grammar_fill.py calls xgrammar below its Python wrapper)."""
+        self._compiled = compiled
         self.stop_token_ids = frozenset(stop_token_ids)
         """The tokens that end the grammar once accepted (none: it ends when complete)."""
         self.terminated = self.matcher.is_terminated()
@@ -207,6 +221,16 @@ class RequestGrammar:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def admits_no_token(self) -> bool:
+        """No token may come next and the grammar is not complete: no output satisfies it from
+        here. Fills a mask of its own on this thread, so only while no step's fill works on the
+        matcher (the rare paths: compiling, a rejected token)."""
+        if self.terminated:
+            return False
+        mask = xgr.allocate_token_bitmask(1, self._compiled.tokenizer_info.vocab_size)
+        self.matcher.fill_next_token_bitmask(mask)
+        return not bool(mask.any())
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int]) -> None:

@@ -58,8 +58,10 @@ def start_fill(bitmasks: BitmaskFiller, launched: list, sampled: SamplerOutput, 
 
 
 def rejected_ids(fill: StepFill, new_tokens: list[tuple[Request, int]]) -> set[str]:
-    """Wait for `fill`'s accepts; the requests whose grammar rejected its token."""
+    """Wait for `fill`'s accepts; the requests whose grammar rejected its token. If there are
+    any, wait for the fill too: the emitter reads a rejecting grammar's mask (admits_no_token)."""
     accepted = fill.wait_accepted()
     if all(accepted):  # the rule: a grammar's mask let only its tokens through
         return set()
+    fill.filler.wait()
     return {req.request_id for (req, _), ok in zip(new_tokens, accepted) if not ok}

@@ -139,6 +139,15 @@ class GuidanceGrammar:
         row_mask = bitmask[row]
         self.matcher.unsafe_compute_mask_ptr(row_mask.data_ptr(), row_mask.numel() * row_mask.element_size())
 
+    def admits_no_token(self) -> bool:
+        """RequestGrammar's: llguidance's matcher at a dead end (`root ::= root`) goes into error
+        and allows EOS alone, which would end the output unfinished. Only while no fill works on
+        the matcher."""
+        if self.terminated:
+            return False
+        self.matcher.compute_bitmask()
+        return self.matcher.is_error()
+
 
 class GuidanceFiller(BitmaskFiller):
     """BitmaskFiller over llguidance's executor: a step is one slice, accepted and filled by

@@ -345,7 +345,15 @@ class _GatedBackend:
 
     @staticmethod
     def request_grammar(compiled, stop_token_ids, token_ids=()):
-        return compiled
+        return _CompiledKey(compiled)
+
+
+class _CompiledKey(tuple):
+    """What the gated backend "compiles" a spec to: its key, a grammar with a way on."""
+
+    @staticmethod
+    def admits_no_token() -> bool:
+        return False
 
 
 def _gated_waitlist(timeout_s: float, max_abandoned: int = 4):

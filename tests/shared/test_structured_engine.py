@@ -170,6 +170,42 @@ def test_a_bad_spec_fails_its_request_and_the_engine_goes_on(llm) -> None:
     assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks
 
 
+def test_a_grammar_no_output_satisfies_is_a_request_error(llm, caplog) -> None:
+    """Grammars that compile but admit no output are the request's error (a 400 at the gateway,
+    n > 1 too), found when compiling, not a sampled token the grammar rejects (a 503 before)."""
+    for spec in (Spec(grammar="root ::= root"), Spec(regex=r"[^\s\S]")):
+        with pytest.raises(ValueError, match=r"invalid structured_outputs\.\w+: no output can satisfy it "
+                                             r"\(no token may begin it\)"):
+            llm.generate("x", SamplingParams(n=2, temperature=1.0, max_tokens=4, structured_outputs=spec))
+    assert "violates its grammar" not in caplog.text
+    out = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=Spec(regex="[xy]{4}")))
+    assert re.fullmatch("[xy]{4}", out[0].outputs[0].text)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_grammar_that_dead_ends_fails_as_the_requests_error(demo_checkpoint_dir, async_scheduling) -> None:
+    """xgrammar lets "a" through, then allows no token: the rejection path finds the grammar's
+    mask empty and ends the request as the request's error ('abort', a 400), not an engine fault."""
+    from splitserve.shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from splitserve.shared.engine import EngineCore
+
+    core = EngineCore(EngineConfig(ModelConfig(demo_checkpoint_dir), CacheConfig(),
+                                   SchedulerConfig(async_scheduling=async_scheduling)))
+    try:
+        spec = Spec(grammar='root ::= "a" [^\\x00-\\U0010FFFF]')
+        core.add_request("dead", [5, 6, 7], SamplingParams(max_tokens=8, structured_outputs=spec))
+        core.add_request("fine", [5, 6, 7], SamplingParams(max_tokens=8, structured_outputs=Spec(regex="[xy]{3}")))
+        outputs = []
+        while core.has_unfinished_requests():
+            outputs += core.step()
+        final = {o.request_id: (o.finish_reason, o.error) for o in outputs if o.finished}
+        assert final["dead"] == ("abort", "invalid structured_outputs.grammar: no output can satisfy it "
+                                          "(no token may follow the 1 generated)")
+        assert final["fine"] == ("stop", None)
+    finally:
+        core.close()
+
+
 def test_a_compile_that_never_starts_is_busy_and_abort_while_compiling(demo_checkpoint_dir) -> None:
     """The compile threads are taken (one, stuck, and no replacement): the request whose compile
     never starts ends as busy (AsyncEngine: EngineBusyError, a 429), not as a bad spec."""
