@@ -119,7 +119,7 @@ class ChoiceStream:
         token_ids = chunk.token_ids
         if chunk.finish_reason == "stop" and token_ids and token_ids[-1] in self._hidden_stop_ids:
             token_ids = token_ids[:-1]
-        text = self.detokenizer.add(token_ids)
+        text, used = self._detokenize(token_ids)
         finish, stop_reason = None, None
         if self.detokenizer.stopped is None and chunk.finish_reason is not None:
             text += self.detokenizer.finish()
@@ -127,13 +127,27 @@ class ChoiceStream:
             finish, stop_reason = "stop", self.detokenizer.stopped
         elif chunk.finish_reason is not None:
             finish, stop_reason = chunk.finish_reason, chunk.stop_token_id
+        kept = list(chunk.token_ids) if self.detokenizer.stopped is None else list(chunk.token_ids[:used])
         logprobs = []
         if self.collect_logprobs:
             tops = chunk.top_logprobs or [[] for _ in chunk.token_ids]
-            logprobs = [TokenLogprob(t, lp, top) for t, lp, top in zip(chunk.token_ids, chunk.logprobs, tops)]
-        return ChoiceDelta(self.index, text, len(chunk.token_ids), logprobs, finish, stop_reason,
-                           chunk.num_cache_hit_tokens if finish is not None else 0, list(chunk.token_ids),
+            logprobs = [TokenLogprob(t, lp, top) for t, lp, top in zip(kept, chunk.logprobs, tops)]
+        return ChoiceDelta(self.index, text, len(kept), logprobs, finish, stop_reason,
+                           chunk.num_cache_hit_tokens if finish is not None else 0, kept,
                            prompt_logprobs=chunk.prompt_logprobs or None)
+
+    def _detokenize(self, token_ids) -> tuple[str, int]:
+        """The text that became final, and how many of `token_ids` it took. With stop strings a
+        merged chunk is added a token at a time: the token that completes a stop string is the
+        last one counted, as vLLM counts, however the worker merged the tokens after it."""
+        if not self.detokenizer.watches_stop_strings or len(token_ids) <= 1:
+            return self.detokenizer.add(token_ids), len(token_ids)
+        parts = []
+        for used, token_id in enumerate(token_ids, 1):
+            parts.append(self.detokenizer.add([token_id]))
+            if self.detokenizer.stopped is not None:
+                return "".join(parts), used
+        return "".join(parts), len(token_ids)
 
     def _observe_latency(self, now: float, last_token_s: float | None, num_tokens: int) -> None:
         if last_token_s is None:

@@ -181,3 +181,28 @@ def test_a_responses_image_part_is_refused_by_its_type(scripted_stack):
     item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}
     error = _error(_post(gateway, "/v1/responses", {"model": MODEL, "input": [item]}), 400)
     assert "content part type 'input_image' is not supported" in error["message"]
+
+
+def test_a_stop_string_inside_a_merged_chunk_counts_the_tokens_up_to_it():
+    """A worker merges a lagging stream's tokens into one chunk; the stop string's token is still
+    the last one counted (vLLM's count), whatever came after it in the chunk."""
+    from types import SimpleNamespace
+
+    from checkpoints import demo_tokenizer
+    from splitserve.services.gateway.completion import ChoiceStream
+    from splitserve.services.gateway.config import RequestLimits
+    from splitserve.services.gateway.prepare import PrepareContext, prepare_completion
+    from splitserve.services.gateway.request_models import CompletionRequest
+
+    tokenizer = demo_tokenizer()
+    ids = tokenizer.encode(" alpha beta gamma delta", add_special_tokens=False)
+    upto = next(n for n in range(1, len(ids) + 1) if "beta" in tokenizer.decode(ids[:n]))
+    assert upto < len(ids)
+    prep = prepare_completion(CompletionRequest(model="m", prompt="x", stop=["beta"], logprobs=0),
+                              PrepareContext(tokenizer, 256, RequestLimits(), 8))
+    stream = ChoiceStream(0, prep, prep.prompts[0], tokenizer, None, None)
+    chunk = SimpleNamespace(token_ids=ids, finish_reason=None, logprobs=[-0.5] * len(ids), top_logprobs=None,
+                            num_cache_hit_tokens=0, prompt_logprobs=None, stop_token_id=None)
+    delta = stream._delta(chunk)
+    assert delta.finish_reason == "stop" and delta.text == " alpha "
+    assert delta.num_tokens == upto == len(delta.token_ids) == len(delta.logprobs)
