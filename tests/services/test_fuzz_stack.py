@@ -144,7 +144,7 @@ SAMPLING_FIELDS = {
     "repetition_penalty": st.one_of(st.just(1.0), st.floats(1e-3, 10.0), st.just(1e6)),
     "min_tokens": st.integers(0, MAX_TOKENS),
     "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=3)),
-    "stop_token_ids": st.lists(_edges_and_inside(0, INT32_MAX, st.integers(0, 4095)), max_size=4),
+    "stop_token_ids": st.lists(_edges_and_inside(0, 4095, st.integers(0, 4095)), max_size=4),  # the vocabulary
     "ignore_eos": st.booleans(),
     "logit_bias": st.dictionaries(st.integers(0, 4095).map(str), st.floats(-100, 100), max_size=4),
     "skip_special_tokens": st.booleans(),
