@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from splitserve.shared.kv import KVCacheManager
 from splitserve.shared.kv.block_hash import hash_prompt_blocks
@@ -28,6 +28,16 @@ BS, NUM_BLOCKS, NUM_HOST = 2, 8, 5
 
 def value_of(block_hash: bytes) -> float:
     return float(int.from_bytes(block_hash[:2], "little"))
+
+
+PICK = st.integers(0, 63)
+"""Which of the rule's candidates it takes. The candidates depend on the tier's copy threads (what
+has landed by now), so a rule draws the same kind of value whatever they are: hypothesis refuses
+a strategy whose draws depend on such state (FlakyStrategyDefinition)."""
+
+
+def _one_of(candidates: list, pick: int):
+    return candidates[pick % len(candidates)]
 
 
 class TieredKVMachine(RuleBasedStateMachine):
@@ -59,10 +69,11 @@ class TieredKVMachine(RuleBasedStateMachine):
         self.next_id += 1
         self.compute(f"r{self.next_id}", tokens)
 
-    @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def finish(self, data):
-        rid = data.draw(st.sampled_from(sorted(self.running)))
+    @rule(pick=PICK)
+    def finish(self, pick):
+        if not self.running:
+            return
+        rid = _one_of(sorted(self.running), pick)
         del self.running[rid]
         self.kv.free(rid)
 
@@ -71,12 +82,12 @@ class TieredKVMachine(RuleBasedStateMachine):
         pairs = self.kv.take_newly_cached()
         self.kv.pin(self.tier.save_blocks([b for b, _ in pairs], [h for _, h in pairs]))
 
-    @rule(data=st.data())
-    def restore(self, data):
+    @rule(pick=PICK)
+    def restore(self, pick):
         on_host = sorted(self.tier._slot_of)
         if not on_host:
             return
-        block_hash = data.draw(st.sampled_from(on_host))
+        block_hash = _one_of(on_host, pick)
         rid = f"load{self.next_id}"
         self.next_id += 1
         assert self.tier.lookup([block_hash]) == 1
@@ -86,18 +97,20 @@ class TieredKVMachine(RuleBasedStateMachine):
         self.tier.start_load(rid, HostBlocks((block_hash,)), table)
         self.loading[rid] = ("loading", [block_hash])
 
-    @precondition(lambda self: any(s == "loading" for s, _ in self.loading.values()))
-    @rule(data=st.data())
-    def abort(self, data):
-        rid = data.draw(st.sampled_from(sorted(r for r, (s, _) in self.loading.items() if s == "loading")))
+    @rule(pick=PICK)
+    def abort(self, pick):
+        loading = sorted(r for r, (s, _) in self.loading.items() if s == "loading")
+        if not loading:
+            return
+        rid = _one_of(loading, pick)
         self.tier.abort(rid)
         self.loading[rid] = ("aborted", self.loading[rid][1])
 
-    @rule(key=st.sampled_from(["a", "b"]), data=st.data())
-    def retain(self, key, data):
+    @rule(key=st.sampled_from(["a", "b"]), picks=st.lists(PICK, max_size=3), ttl_s=st.sampled_from([-1.0, 60.0]))
+    def retain(self, key, picks, ttl_s):
         hashes = sorted(self.tier._slot_of)
-        chosen = data.draw(st.lists(st.sampled_from(hashes), max_size=3)) if hashes else []
-        self.tier.retain(key, chosen, time.monotonic() + data.draw(st.sampled_from([-1.0, 60.0])))
+        chosen = [_one_of(hashes, p) for p in picks] if hashes else []
+        self.tier.retain(key, chosen, time.monotonic() + ttl_s)
         self.tier.sessions.expire(time.monotonic())
 
     @rule(wait=st.booleans())
