@@ -203,7 +203,8 @@ def _check_template_options(body: ChatCompletionRequest, tokenizer: Any) -> None
     if body.continue_final_message and body.add_generation_prompt:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true "
                           "(send add_generation_prompt: false)", "continue_final_message")
-    reserved = sorted(set(body.chat_template_kwargs or ()) & reserved_template_kwargs(tokenizer))
+    reserved = sorted(set(body.chat_template_kwargs) & reserved_template_kwargs(tokenizer)) if (
+        body.chat_template_kwargs) else []  # the render's signature is read only when there are variables
     if reserved:
         raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request itself, not a template "
                           "variable", "chat_template_kwargs")

@@ -37,7 +37,6 @@ class ResponseBuilder:
         self.token_ids: list[list[int]] = [[] for _ in range(num)]
         self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * num
         self.prompt_logprobs: list[list | None] = [None] * num
-        self.num_completion_tokens = 0
         self.num_cached_tokens = 0
         self._text_offsets = [0] * num
         self._role_sent = [False] * num
@@ -53,11 +52,18 @@ class ResponseBuilder:
             self.token_ids[delta.index].extend(delta.token_ids)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs[delta.index] = delta.prompt_logprobs
-        self.num_completion_tokens += delta.num_tokens
         self._choice_tokens[delta.index] += delta.num_tokens
         self.num_cached_tokens += delta.num_cached_tokens
         if delta.finish_reason is not None:
             self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(self._choice_tokens)
+
+    def _prompt_of(self, index: int) -> list[int]:
+        """Choice `index`'s prompt (choice index = prompt index * n + k)."""
+        return self.prep.prompts[index // self.prep.params.n]
 
     def usage(self) -> dict[str, Any]:
         """OpenAI's usage; cached_tokens: prompt tokens whose KV was reused instead of computed.
@@ -88,7 +94,7 @@ class ResponseBuilder:
                                 "finish_reason": finish_reason, "stop_reason": stop_reason,
                                 "prompt_logprobs": self._prompt_logprobs(self.prompt_logprobs[index])})
             if self.prep.return_token_ids:
-                choices[-1].update(prompt_token_ids=self.prep.prompts[index // self.prep.params.n],
+                choices[-1].update(prompt_token_ids=self._prompt_of(index),
                                    token_ids=self.token_ids[index])
         if self.prep.best_of_n is not None:
             choices = self._best_of(choices)
@@ -122,7 +128,7 @@ class ResponseBuilder:
             names_prompt = self.prep.echo_texts is not None or self.prep.return_token_ids
             if names_prompt and not self._role_sent[delta.index]:
                 self._role_sent[delta.index] = True  # vLLM's first chunk of an echo or return_token_ids
-                choice["prompt_token_ids"] = self.prep.prompts[delta.index // self.prep.params.n]
+                choice["prompt_token_ids"] = self._prompt_of(delta.index)
         choice.update(finish_reason=finish_reason, stop_reason=delta.stop_reason)
         if self.prep.return_token_ids:  # each chunk's new ids (vLLM puts the prompt's on the first one only)
             choice["token_ids"] = delta.token_ids
@@ -132,7 +138,7 @@ class ResponseBuilder:
         """vLLM's continuous usage stats: the choice's prompt and its tokens so far (none asked: {})."""
         if not self.prep.continuous_usage:
             return {}
-        prompt = len(self.prep.prompts[index // self.prep.params.n])
+        prompt = len(self._prompt_of(index))
         done = self._choice_tokens[index] if completion_tokens is None else completion_tokens
         return {"usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
 
@@ -152,7 +158,7 @@ class ResponseBuilder:
             role = {"index": delta.index, "delta": {"role": self.prep.response_role, "content": ""},
                     "logprobs": None, "finish_reason": None}
             if self.prep.return_token_ids:  # where the whole body has them: on the choice
-                role["prompt_token_ids"] = self.prep.prompts[delta.index // self.prep.params.n]
+                role["prompt_token_ids"] = self._prompt_of(delta.index)
             events.append(sse_event({**self._envelope(stream=True), "choices": [role], **self._usage_so_far(delta.index, 0)}))
         chunk = self.chunk(delta)
         return events + ([sse_event(chunk)] if chunk is not None else [])
